@@ -1,0 +1,243 @@
+//! Fault injection for crash tests: a storage that records every write and
+//! flush, and can rebuild what the disk could hold after a power cut.
+//!
+//! Writes are recorded in 4 KiB-aligned pieces, so a cut can tear a large
+//! write. A crash image at cut point `k` holds every operation up to the last
+//! flush before `k`, plus any chosen subset of the writes after that flush
+//! (the disk cache may have persisted some of them, in any order).
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use std::sync::Mutex;
+
+/// One recorded storage operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Bytes written at an offset (never crossing a 4 KiB boundary).
+    Write {
+        /// File offset.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The length changed.
+    SetLen(u64),
+    /// A flush completed: everything before it is durable.
+    Flush,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    current: Vec<u8>,
+    ops: Vec<Op>,
+    recording: bool,
+    fail_writes_after: Option<usize>,
+}
+
+/// A recording in-memory storage; see the module docs.
+#[derive(Debug)]
+pub struct RecordingStorage {
+    base: Mutex<Vec<u8>>,
+    inner: Mutex<Inner>,
+    name: String,
+}
+
+const PIECE: u64 = 4096;
+
+impl RecordingStorage {
+    /// Start from `initial` bytes; recording is on.
+    pub fn new(name: impl Into<String>, initial: Vec<u8>) -> Self {
+        RecordingStorage {
+            base: Mutex::new(initial.clone()),
+            inner: Mutex::new(Inner {
+                current: initial,
+                ops: Vec::new(),
+                recording: true,
+                fail_writes_after: None,
+            }),
+            name: name.into(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forget the recorded operations: the current contents become the base.
+    pub fn reset_recording(&self) {
+        let mut g = self.lock();
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = g.current.clone();
+        g.ops.clear();
+    }
+
+    /// Make every write after the next `n` fail with an I/O error (None: never).
+    pub fn fail_writes_after(&self, n: Option<usize>) {
+        self.lock().fail_writes_after = n;
+    }
+
+    /// Number of recorded operations.
+    pub fn op_count(&self) -> usize {
+        self.lock().ops.len()
+    }
+
+    /// The recorded operations.
+    pub fn ops(&self) -> Vec<Op> {
+        self.lock().ops.clone()
+    }
+
+    /// The current contents (as if nothing was lost).
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().current.clone()
+    }
+
+    /// What the disk may hold after a power cut just before operation `cut`:
+    /// all operations before the last flush preceding `cut`, then those
+    /// unflushed writes (and length changes) among `[last_flush, cut)` for
+    /// which `keep(index)` is true, in order.
+    pub fn crash_image(&self, cut: usize, mut keep: impl FnMut(usize) -> bool) -> Vec<u8> {
+        let g = self.lock();
+        let cut = cut.min(g.ops.len());
+        let last_flush = g.ops[..cut]
+            .iter()
+            .rposition(|op| *op == Op::Flush)
+            .map_or(0, |i| i + 1);
+        let mut img = self.base.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (i, op) in g.ops[..cut].iter().enumerate() {
+            if i >= last_flush && !keep(i) {
+                continue;
+            }
+            apply(&mut img, op);
+        }
+        img
+    }
+
+    /// Indices of the flush operations.
+    pub fn flush_points(&self) -> Vec<usize> {
+        self.lock()
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| **op == Op::Flush)
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+fn apply(img: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::Write { offset, data } => {
+            let start = *offset as usize;
+            let end = start + data.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            img[start..end].copy_from_slice(data);
+        }
+        Op::SetLen(len) => img.resize(*len as usize, 0),
+        Op::Flush => {}
+    }
+}
+
+impl Storage for RecordingStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let g = self.lock();
+        let s = offset as usize;
+        match s.checked_add(buf.len()).and_then(|e| g.current.get(s..e)) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(Error::io(
+                format!("read of {} bytes at offset {offset:#x}", buf.len()),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            )
+            .in_file(&self.name, 0)),
+        }
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut g = self.lock();
+        if let Some(n) = g.fail_writes_after {
+            if n == 0 {
+                return Err(Error::io(
+                    format!("injected failure writing at offset {offset:#x}"),
+                    std::io::Error::other("injected fault"),
+                )
+                .in_file(&self.name, 0));
+            }
+            g.fail_writes_after = Some(n - 1);
+        }
+        let mut pos = offset;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let room = (PIECE - pos % PIECE) as usize;
+            let (piece, tail) = rest.split_at(room.min(rest.len()));
+            let op = Op::Write {
+                offset: pos,
+                data: piece.to_vec(),
+            };
+            apply(&mut g.current, &op);
+            if g.recording {
+                g.ops.push(op);
+            }
+            pos += piece.len() as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        let mut g = self.lock();
+        if g.recording {
+            g.ops.push(Op::Flush);
+        }
+        Ok(())
+    }
+    fn len(&self) -> Result<u64> {
+        Ok(self.lock().current.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        let mut g = self.lock();
+        let op = Op::SetLen(len);
+        apply(&mut g.current, &op);
+        if g.recording {
+            g.ops.push(op);
+        }
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_image_keeps_flushed_and_chosen_writes() {
+        let s = RecordingStorage::new("t", vec![0; 8192]);
+        s.write_at(&[1; 10], 0).unwrap(); // op 0
+        s.flush().unwrap(); // op 1
+        s.write_at(&[2; 8192], 0).unwrap(); // ops 2, 3 (two pieces)
+        assert_eq!(s.op_count(), 4);
+        let none = s.crash_image(4, |_| false);
+        assert_eq!(&none[..10], &[1; 10]);
+        assert_eq!(none[10], 0);
+        let torn = s.crash_image(4, |i| i == 3);
+        assert_eq!(&torn[..10], &[1; 10]);
+        assert_eq!(torn[4096], 2);
+        let all = s.crash_image(4, |_| true);
+        assert_eq!(all, s.contents());
+    }
+
+    #[test]
+    fn injected_write_failure() {
+        let s = RecordingStorage::new("t", vec![]);
+        s.fail_writes_after(Some(1));
+        s.write_at(&[1], 0).unwrap();
+        let e = s.write_at(&[1], 1).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Io);
+    }
+}

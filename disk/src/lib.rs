@@ -1,0 +1,30 @@
+//! The shared virtual-disk layer under the `vhd` and `vhdx` crates.
+//!
+//! - [`Storage`]: positional byte storage under an image ([`FileStorage`],
+//!   [`MemStorage`], and [`fault::RecordingStorage`] for crash tests).
+//! - [`VirtualDisk`]: what every format, chain, mount and VMM uses. A format
+//!   driver answers where a range lives ([`VirtualDisk::map`]); the provided
+//!   `read_at`/`write_at` are the one I/O loop shared by all formats.
+//! - [`Error`]: the error type of the disk crates, with an [`ErrorKind`].
+//!
+//! ```
+//! use disk::{MemStorage, RawDisk, VirtualDisk};
+//! let raw = RawDisk::create(MemStorage::new("scratch"), 4096).unwrap();
+//! raw.write_at(b"hello", 510).unwrap();
+//! let mut buf = [0u8; 7];
+//! raw.read_at(&mut buf, 509).unwrap();
+//! assert_eq!(&buf, b"\0hello\0");
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod error;
+pub mod fault;
+mod raw;
+mod storage;
+mod virtual_disk;
+
+pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use raw::RawDisk;
+pub use storage::{FileStorage, MemStorage, Storage};
+pub use virtual_disk::{Cursor, Extent, FileOffset, Geometry, Mapping, VirtualDisk, WriteExtent};

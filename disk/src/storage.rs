@@ -1,0 +1,290 @@
+//! Backing storage: where a format driver's bytes live (a file, memory, or a
+//! fault-injecting recorder in tests). Positional I/O only, `&self` everywhere.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+/// Positional byte storage under a virtual disk image.
+///
+/// Implementations must be `Send + Sync`; concurrent calls on disjoint ranges
+/// must not interfere.
+pub trait Storage: Send + Sync {
+    /// A name for error messages (usually the file path).
+    fn name(&self) -> &str;
+    /// Read exactly `buf.len()` bytes at `offset`. Reading past the end is an error.
+    ///
+    /// # Errors
+    /// I/O errors, or a short read past the end of storage.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Write all of `buf` at `offset`, growing the storage if needed.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Make every completed write durable.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn flush(&self) -> Result<()>;
+    /// Current length in bytes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn len(&self) -> Result<u64>;
+    /// Whether the storage is empty.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncate or extend (with zeros) to `len` bytes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Whether writes are allowed.
+    fn is_writable(&self) -> bool;
+}
+
+/// A file on the host file system.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    name: String,
+    writable: bool,
+}
+
+impl FileStorage {
+    /// Open an existing file, read-only or read-write.
+    ///
+    /// # Errors
+    /// The file cannot be opened.
+    pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io("cannot open", e).in_file(&name, 0))?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            name,
+            writable,
+        })
+    }
+
+    /// Create a new file (failing if it exists unless `overwrite`).
+    ///
+    /// # Errors
+    /// The file cannot be created.
+    pub fn create(path: impl AsRef<Path>, overwrite: bool) -> Result<Self> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true);
+        if overwrite {
+            opts.create(true).truncate(true);
+        } else {
+            opts.create_new(true);
+        }
+        let file = opts
+            .open(path)
+            .map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            name,
+            writable: true,
+        })
+    }
+
+    /// The path this storage was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("read of {} bytes at offset {offset:#x}", buf.len()),
+                e,
+            )
+            .in_file(&self.name, 0)
+        })
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("write of {} bytes at offset {offset:#x}", buf.len()),
+                e,
+            )
+            .in_file(&self.name, 0)
+        })
+    }
+    fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fsync", e).in_file(&self.name, 0))
+    }
+    fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", e).in_file(&self.name, 0))?
+            .len())
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(format!("resize to {len} bytes"), e).in_file(&self.name, 0))
+    }
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+/// Storage in memory, for tests and scratch images.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+    name: String,
+}
+
+impl MemStorage {
+    /// An empty in-memory storage.
+    pub fn new(name: impl Into<String>) -> Self {
+        MemStorage {
+            data: RwLock::new(Vec::new()),
+            name: name.into(),
+        }
+    }
+    /// In-memory storage holding `bytes`.
+    pub fn from_vec(name: impl Into<String>, bytes: Vec<u8>) -> Self {
+        MemStorage {
+            data: RwLock::new(bytes),
+            name: name.into(),
+        }
+    }
+    /// A copy of the current contents.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Storage for MemStorage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        let start = usize::try_from(offset).ok();
+        let src = start
+            .and_then(|s| Some((s, s.checked_add(buf.len())?)))
+            .and_then(|(s, e)| data.get(s..e));
+        match src {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(Error::io(
+                format!("read of {} bytes at offset {offset:#x}", buf.len()),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            )
+            .in_file(&self.name, 0)),
+        }
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let end = usize::try_from(offset)
+            .ok()
+            .and_then(|s| s.checked_add(buf.len()))
+            .ok_or_else(|| Error::invalid("write beyond addressable memory"))?;
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        let len = usize::try_from(len).map_err(|_| Error::invalid("length too large"))?;
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len, 0);
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        (**self).set_len(len)
+    }
+    fn is_writable(&self) -> bool {
+        (**self).is_writable()
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for Box<S> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        (**self).set_len(len)
+    }
+    fn is_writable(&self) -> bool {
+        (**self).is_writable()
+    }
+}

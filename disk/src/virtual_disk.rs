@@ -1,0 +1,301 @@
+//! The virtual-disk trait and the one I/O loop every format shares.
+//!
+//! A format driver only answers "where does this range live?"
+//! ([`VirtualDisk::map`]) and "where may I write this range?"
+//! ([`VirtualDisk::map_write`]); the provided [`VirtualDisk::read_at`] and
+//! [`VirtualDisk::write_at`] do the actual byte moving, outside any driver lock.
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// An offset in a backing file (as opposed to a virtual-disk offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FileOffset(pub u64);
+
+/// Where a range of the virtual disk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Stored in this layer's storage, starting at this file offset.
+    Data(FileOffset),
+    /// Explicitly zero in this layer (e.g. a VHDX block in state ZERO).
+    Zero,
+    /// Not stored in this layer: the parent holds it.
+    Parent,
+    /// Not allocated and no parent: reads as zeros.
+    Unallocated,
+}
+
+/// A run of the virtual disk with one [`Mapping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Virtual offset where the run starts.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// Where it lives.
+    pub mapping: Mapping,
+}
+
+/// File space a driver handed out for a write; see [`VirtualDisk::map_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteExtent {
+    /// Virtual offset where the run starts.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// Where the bytes go in this layer's storage.
+    pub file_offset: FileOffset,
+    /// Sectors only partly covered by this write must first be filled with
+    /// their current virtual content (a differencing layer whose sector is
+    /// still in the parent).
+    pub fill_partial_sectors: bool,
+    /// Driver-private value handed back to [`VirtualDisk::commit_write`].
+    pub token: u64,
+}
+
+/// Sizes that describe a virtual disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Logical sector size in bytes (512 or 4096).
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes (512 or 4096).
+    pub physical_sector_size: u32,
+}
+
+/// A virtual disk: the abstraction every format, chain, mount and VMM uses.
+///
+/// Implementations are `Send + Sync`; all I/O takes `&self`.
+pub trait VirtualDisk: Send + Sync {
+    /// Virtual size and sector sizes.
+    fn geometry(&self) -> Geometry;
+
+    /// The storage holding this layer's bytes.
+    fn storage(&self) -> &dyn Storage;
+
+    /// The parent disk of a differencing layer.
+    fn parent(&self) -> Option<&dyn VirtualDisk> {
+        None
+    }
+
+    /// Where the range starting at `offset` lives: an extent starting at
+    /// `offset`, at most `len` (> 0) bytes long.
+    ///
+    /// # Errors
+    /// Corrupt metadata or I/O errors while looking it up.
+    fn map(&self, offset: u64, len: u64) -> Result<Extent>;
+
+    /// Make room for writing the range starting at `offset` (allocating if
+    /// needed) and say where its first run goes: an extent starting at
+    /// `offset`, at most `len` bytes long.
+    ///
+    /// # Errors
+    /// Read-only disk, out of space, corrupt metadata, I/O errors.
+    fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
+        let _ = (offset, len);
+        Err(Error::invalid("disk is read-only").in_file(self.storage().name(), 0))
+    }
+
+    /// Called once the bytes of `ext` have been written to storage.
+    ///
+    /// # Errors
+    /// I/O errors while recording the write.
+    fn commit_write(&self, ext: &WriteExtent) -> Result<()> {
+        let _ = ext;
+        Ok(())
+    }
+
+    /// Make every completed write durable.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn flush(&self) -> Result<()>;
+
+    /// Tell the disk that the range's contents are no longer needed. Drivers
+    /// may deallocate whole blocks inside it; afterwards the range reads as
+    /// zeros or as its old contents, block by block.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Whether [`VirtualDisk::write_at`] may succeed.
+    fn is_writable(&self) -> bool {
+        self.storage().is_writable()
+    }
+
+    /// Virtual size in bytes.
+    fn virtual_size(&self) -> u64 {
+        self.geometry().virtual_size
+    }
+
+    /// Read `buf.len()` bytes of the virtual disk at `offset` (any alignment).
+    ///
+    /// # Errors
+    /// Out-of-range requests, corrupt metadata, I/O errors.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self, offset, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let want = (buf.len() - done) as u64;
+            let ext = self.map(pos, want)?;
+            let n = usize::try_from(ext.len.min(want)).unwrap_or(usize::MAX);
+            if ext.offset != pos || n == 0 {
+                return Err(Error::corrupt(
+                    "block mapping",
+                    pos,
+                    "driver returned an empty or misplaced extent",
+                )
+                .in_file(self.storage().name(), 0));
+            }
+            let chunk = &mut buf[done..done + n];
+            match ext.mapping {
+                Mapping::Data(FileOffset(fo)) => self.storage().read_at(chunk, fo)?,
+                Mapping::Zero | Mapping::Unallocated => chunk.fill(0),
+                Mapping::Parent => match self.parent() {
+                    Some(p) => p.read_at(chunk, pos)?,
+                    None => chunk.fill(0),
+                },
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `buf` to the virtual disk at `offset` (any alignment).
+    ///
+    /// # Errors
+    /// Read-only disk, out-of-range requests, I/O errors.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(self, offset, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let want = (buf.len() - done) as u64;
+            let ext = self.map_write(pos, want)?;
+            let n = usize::try_from(ext.len.min(want)).unwrap_or(usize::MAX);
+            if ext.offset != pos || n == 0 {
+                return Err(Error::corrupt(
+                    "block mapping",
+                    pos,
+                    "driver returned an empty or misplaced write extent",
+                )
+                .in_file(self.storage().name(), 0));
+            }
+            let chunk = &buf[done..done + n];
+            if ext.fill_partial_sectors {
+                write_with_sector_fill(self, chunk, pos, ext.file_offset)?;
+            } else {
+                self.storage().write_at(chunk, ext.file_offset.0)?;
+            }
+            self.commit_write(&WriteExtent {
+                len: n as u64,
+                ..ext
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn check_range<D: VirtualDisk + ?Sized>(disk: &D, offset: u64, len: usize) -> Result<()> {
+    let end = offset.checked_add(len as u64);
+    match end {
+        Some(end) if end <= disk.virtual_size() => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "range {offset:#x}+{len:#x} is beyond the virtual size {:#x}",
+            disk.virtual_size()
+        ))
+        .in_file(disk.storage().name(), 0)),
+    }
+}
+
+/// Write `chunk` at virtual `pos` / file `fo`, first merging the sectors it
+/// only partly covers with their current virtual contents.
+fn write_with_sector_fill<D: VirtualDisk + ?Sized>(
+    disk: &D,
+    chunk: &[u8],
+    pos: u64,
+    fo: FileOffset,
+) -> Result<()> {
+    let ss = u64::from(disk.geometry().logical_sector_size.max(1));
+    let start = pos - pos % ss;
+    let end = (pos + chunk.len() as u64).div_ceil(ss) * ss;
+    if start == pos && end == pos + chunk.len() as u64 {
+        return disk.storage().write_at(chunk, fo.0);
+    }
+    let mut merged = vec![0u8; (end - start) as usize];
+    let head = (pos - start) as usize;
+    // Current contents of the first and last partial sectors.
+    disk.read_at(&mut merged[..ss as usize], start)?;
+    let last = merged.len() - ss as usize;
+    if last > 0 {
+        disk.read_at(&mut merged[last..], end - ss)?;
+    }
+    merged[head..head + chunk.len()].copy_from_slice(chunk);
+    disk.storage().write_at(&merged, fo.0 - (pos - start))
+}
+
+/// A thin `std::io` adapter (Read/Write/Seek) over a virtual disk.
+pub struct Cursor<'a, D: ?Sized> {
+    disk: &'a D,
+    pos: u64,
+}
+
+impl<'a, D: VirtualDisk + ?Sized> Cursor<'a, D> {
+    /// A cursor at offset 0.
+    pub fn new(disk: &'a D) -> Self {
+        Cursor { disk, pos: 0 }
+    }
+}
+
+fn to_io(e: Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+impl<D: VirtualDisk + ?Sized> std::io::Read for Cursor<'_, D> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.disk.virtual_size().saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        self.disk.read_at(&mut buf[..n], self.pos).map_err(to_io)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<D: VirtualDisk + ?Sized> std::io::Write for Cursor<'_, D> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.disk.write_at(buf, self.pos).map_err(to_io)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.disk.flush().map_err(to_io)
+    }
+}
+
+impl<D: VirtualDisk + ?Sized> std::io::Seek for Cursor<'_, D> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let size = self.disk.virtual_size();
+        let new = match to {
+            std::io::SeekFrom::Start(p) => Some(p),
+            std::io::SeekFrom::End(d) => size.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the disk",
+            )),
+        }
+    }
+}

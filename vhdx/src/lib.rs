@@ -1,0 +1,2 @@
+//! VHDX
+pub use disk::{Error, ErrorKind, Result};
