@@ -37,10 +37,7 @@ impl FileIdentifier {
             return Err(Error::corrupt(
                 NAME,
                 0,
-                format!(
-                    "structure truncated: {} bytes, need {USED_SIZE}",
-                    buf.len()
-                ),
+                format!("structure truncated: {} bytes, need {USED_SIZE}", buf.len()),
             ));
         };
         if used[..8] != SIGNATURE {
@@ -63,8 +60,8 @@ impl FileIdentifier {
         })
     }
 
-    /// Write the signature and the creator (truncated to 255 UTF-16 units so
-    /// a terminating NUL always fits) into `buf[..520]`, zero-padding the
+    /// Write the signature and the creator (truncated to whole characters
+    /// within 255 UTF-16 units, so a terminating NUL always fits) into `buf[..520]`, zero-padding the
     /// creator field. Bytes beyond 520 are left untouched.
     ///
     /// # Panics
@@ -73,14 +70,18 @@ impl FileIdentifier {
         let out = &mut buf[..USED_SIZE];
         out.fill(0);
         out[..8].copy_from_slice(&SIGNATURE);
-        for (i, unit) in self
-            .creator
-            .encode_utf16()
-            .take(CREATOR_BYTES / 2 - 1)
-            .enumerate()
-        {
-            let at = 8 + 2 * i;
-            out[at..at + 2].copy_from_slice(&unit.to_le_bytes());
+        // Whole characters only, so a surrogate pair is never split.
+        let mut at = 8;
+        for c in self.creator.chars() {
+            let mut units = [0u16; 2];
+            let units = c.encode_utf16(&mut units);
+            if at + 2 * units.len() > USED_SIZE - 2 {
+                break;
+            }
+            for u in units.iter() {
+                out[at..at + 2].copy_from_slice(&u.to_le_bytes());
+                at += 2;
+            }
         }
     }
 }
@@ -112,6 +113,15 @@ mod tests {
         let back = FileIdentifier::parse(&buf).unwrap();
         assert_eq!(back.creator.len(), 255);
         assert_eq!(&buf[518..520], &[0, 0]);
+        // A surrogate pair that does not fit whole is dropped, not split.
+        let id = FileIdentifier {
+            creator: format!("{}\u{1F600}", "y".repeat(254)),
+        };
+        id.write_to(&mut buf);
+        assert_eq!(
+            FileIdentifier::parse(&buf).unwrap().creator,
+            "y".repeat(254)
+        );
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub fn put_u64(buf: &mut [u8], at: usize, v: u64) {
     buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Whether `v` is a multiple of `align`, which must be a power of two.
+pub fn is_aligned(v: u64, align: u64) -> bool {
+    debug_assert!(align.is_power_of_two());
+    v & align.wrapping_sub(1) == 0
+}
+
 /// CRC-32C of `buf` with the four bytes at `checksum_at` taken as zero,
 /// without copying `buf`.
 pub fn crc32c_zeroed(buf: &[u8], checksum_at: usize) -> u32 {
@@ -83,8 +89,8 @@ mod tests {
         assert_eq!(
             &buf[2..18],
             &[
-                0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b,
-                0xfd, 0x4a, 0x08
+                0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd,
+                0x4a, 0x08
             ]
         );
         assert_eq!(read_guid(&buf, 2), g);
@@ -100,6 +106,12 @@ mod tests {
         assert_eq!(le_u16(&buf, 0), 0x0102);
         assert_eq!(le_u32(&buf, 2), 0x0304_0506);
         assert_eq!(le_u64(&buf, 6), 0x0708_090a_0b0c_0d0e);
+    }
+
+    #[test]
+    fn alignment() {
+        assert!(is_aligned(0, 4096) && is_aligned(8192, 4096) && is_aligned(u64::MAX, 1));
+        assert!(!is_aligned(4097, 4096) && !is_aligned(u64::MAX, 2));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! 4 KiB with the checksum field taken as zero.
 
 use crate::guid::{
-    crc32c_zeroed, le_u16, le_u32, le_u64, put_u16, put_u32, put_u64, read_guid, show_signature,
-    write_guid,
+    crc32c_zeroed, is_aligned, le_u16, le_u32, le_u64, put_u16, put_u32, put_u64, read_guid,
+    show_signature, write_guid,
 };
 use crate::{Error, Result};
 use uuid::Uuid;
@@ -108,7 +108,7 @@ impl Header {
                 format!("LogVersion is {} (expected {LOG_VERSION})", h.log_version),
             ));
         }
-        if h.log_length == 0 || u64::from(h.log_length) % MIB != 0 {
+        if h.log_length == 0 || !is_aligned(u64::from(h.log_length), MIB) {
             return Err(Error::corrupt(
                 NAME,
                 68,
@@ -118,7 +118,7 @@ impl Header {
                 ),
             ));
         }
-        if h.log_offset < MIB || h.log_offset % MIB != 0 {
+        if h.log_offset < MIB || !is_aligned(h.log_offset, MIB) {
             return Err(Error::corrupt(
                 NAME,
                 72,
@@ -274,7 +274,10 @@ mod tests {
         let e = select_current(bad(), Header::parse(&[0u8; 10])).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         let s = e.to_string();
-        assert!(s.contains("bad signature") && s.contains("truncated"), "{s}");
+        assert!(
+            s.contains("bad signature") && s.contains("truncated"),
+            "{s}"
+        );
     }
 
     #[test]

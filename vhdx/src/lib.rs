@@ -1,2 +1,29 @@
-//! VHDX
+//! Read and write Microsoft VHDX virtual disks, exactly as MS-VHDX v1.0
+//! specifies and as Hyper-V writes them, including the metadata log.
+//!
+//! ```
+//! use disk::{MemStorage, VirtualDisk};
+//! use vhdx::{CreateOptions, Vhdx};
+//! let disk = Vhdx::create_on(Box::new(MemStorage::new("doc.vhdx")), &CreateOptions::new(64 << 20)).unwrap();
+//! disk.write_at(b"hello", 1 << 20).unwrap();
+//! disk.flush().unwrap();
+//! let mut buf = [0u8; 5];
+//! disk.read_at(&mut buf, 1 << 20).unwrap();
+//! assert_eq!(&buf, b"hello");
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod bat;
+mod bat_cache;
+pub mod file_identifier;
+pub mod guid;
+pub mod header;
+mod image;
+pub mod log;
+pub mod metadata;
+pub mod parent_locator;
+pub mod region_table;
+mod replay;
+
 pub use disk::{Error, ErrorKind, Result};
+pub use image::{AllocationStats, CreateOptions, Info, OpenOptions, Vhdx, DEFAULT_BAT_CACHE_PAGES};

@@ -1,0 +1,880 @@
+//! The metadata log (MS-VHDX 2.3): a circular buffer of 4 KiB sectors
+//! holding log entries that describe pending updates of the file's
+//! metadata structures.
+//!
+//! A log entry (MS-VHDX 2.3.1) is a whole number of sectors:
+//!
+//! * the entry header (2.3.1.1, 64 bytes): `Signature` "loge" (0),
+//!   `Checksum` (4), `EntryLength` (8), `Tail` (12), `SequenceNumber` (16),
+//!   `DescriptorCount` (24), reserved (28), `LogGuid` (32),
+//!   `FlushedFileOffset` (48), `LastFileOffset` (56);
+//! * right after it, `DescriptorCount` descriptors of 32 bytes, continuing
+//!   over as many sectors as needed (126 fit in the first sector, 128 in
+//!   each further one): zero descriptors (2.3.1.2: "zero", reserved,
+//!   `ZeroLength`, `FileOffset`, `SequenceNumber`) and data descriptors
+//!   (2.3.1.3: "desc", `TrailingBytes` u32, `LeadingBytes` u64, `FileOffset`,
+//!   `SequenceNumber`);
+//! * then one data sector (2.3.1.4) per data descriptor, in descriptor
+//!   order: "data", `SequenceHigh` (4), 4084 data bytes (8..4092),
+//!   `SequenceLow` (4092). A data descriptor's 4 KiB page is its
+//!   `LeadingBytes` (page bytes 0..8), the sector's data (page bytes
+//!   8..4092) and its `TrailingBytes` (page bytes 4092..4096).
+//!
+//! `Checksum` is CRC-32C over the `EntryLength` bytes of the entry with the
+//! checksum field taken as zero. Finding the entries to replay (the active
+//! sequence) is MS-VHDX 2.3.2 and 2.3.3, see [`find_active_sequence`].
+
+use crate::guid::{
+    is_aligned, le_u32, le_u64, put_u32, put_u64, read_guid, show_signature, write_guid,
+};
+use crate::{Error, Result};
+use uuid::Uuid;
+
+/// Bytes of one log sector.
+pub const LOG_SECTOR: usize = 4096;
+/// `Signature` of a log entry header: "loge".
+pub const ENTRY_SIGNATURE: [u8; 4] = *b"loge";
+/// Signature of a zero descriptor: "zero".
+pub const ZERO_SIGNATURE: [u8; 4] = *b"zero";
+/// Signature of a data descriptor: "desc".
+pub const DESC_SIGNATURE: [u8; 4] = *b"desc";
+/// Signature of a data sector: "data".
+pub const DATA_SIGNATURE: [u8; 4] = *b"data";
+/// Bytes of the log entry header.
+pub const HEADER_SIZE: usize = 64;
+/// Bytes of one descriptor.
+pub const DESCRIPTOR_SIZE: usize = 32;
+
+/// Structure name used in error messages.
+const NAME: &str = "VHDX log entry";
+const CHECKSUM_AT: usize = 4;
+const SECTOR: u64 = LOG_SECTOR as u64;
+
+/// One update described by a log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogOp {
+    /// Zero `length` bytes at `file_offset` (both multiples of 4 KiB).
+    Zero {
+        /// File offset of the range (4 KiB-aligned).
+        file_offset: u64,
+        /// Bytes to zero (multiple of 4 KiB).
+        length: u64,
+    },
+    /// Write one 4 KiB page at `file_offset`.
+    Data {
+        /// File offset of the page (4 KiB-aligned).
+        file_offset: u64,
+        /// The page's full contents.
+        page: Box<[u8; LOG_SECTOR]>,
+    },
+}
+
+/// A log entry (MS-VHDX 2.3.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The entry's sequence number; consecutive entries of a sequence
+    /// increase it by one.
+    pub sequence_number: u64,
+    /// Must equal the header's `LogGuid` for the entry to be valid.
+    pub log_guid: Uuid,
+    /// Offset in the log of the oldest entry still needed for replay.
+    pub tail: u32,
+    /// File size that was guaranteed flushed when the entry was written.
+    pub flushed_file_offset: u64,
+    /// File size that all allocated structures fit in when the entry was written.
+    pub last_file_offset: u64,
+    /// Bytes of the entry as stored (computed by [`LogEntry::encode`]).
+    pub entry_length: u32,
+    /// The updates, in descriptor order.
+    pub ops: Vec<LogOp>,
+}
+
+/// Header fields of an entry that passed every validity check.
+#[derive(Clone, Copy, Debug)]
+struct ValidHeader {
+    sequence_number: u64,
+    tail: u32,
+    entry_length: u32,
+    descriptor_count: u32,
+    descriptor_sectors: usize,
+}
+
+impl LogEntry {
+    /// Sectors an entry with `descriptors` descriptors of which `data_pages`
+    /// are data descriptors occupies: the header and descriptor sectors plus
+    /// one data sector per page.
+    pub fn sectors_needed(descriptors: usize, data_pages: usize) -> usize {
+        (HEADER_SIZE + DESCRIPTOR_SIZE * descriptors).div_ceil(LOG_SECTOR) + data_pages
+    }
+
+    /// Serialize the entry: header, descriptor sectors, data sectors, with
+    /// `EntryLength` computed from the ops (`self.entry_length` is ignored)
+    /// and the checksum filled in. The ops are written as given; their
+    /// alignment is checked only when decoding.
+    ///
+    /// # Panics
+    /// If the entry would exceed 4 GiB (`EntryLength` is a u32).
+    pub fn encode(&self) -> Vec<u8> {
+        let data_pages = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, LogOp::Data { .. }))
+            .count();
+        let descriptor_sectors = Self::sectors_needed(self.ops.len(), 0);
+        let total = Self::sectors_needed(self.ops.len(), data_pages) * LOG_SECTOR;
+        let mut buf = vec![0u8; total];
+        buf[..4].copy_from_slice(&ENTRY_SIGNATURE);
+        put_u32(
+            &mut buf,
+            8,
+            u32::try_from(total).expect("log entry fits in u32"),
+        );
+        put_u32(&mut buf, 12, self.tail);
+        put_u64(&mut buf, 16, self.sequence_number);
+        put_u32(
+            &mut buf,
+            24,
+            u32::try_from(self.ops.len()).expect("descriptor count fits in u32"),
+        );
+        write_guid(&mut buf, 32, self.log_guid);
+        put_u64(&mut buf, 48, self.flushed_file_offset);
+        put_u64(&mut buf, 56, self.last_file_offset);
+        let seq = self.sequence_number;
+        let mut data_index = 0;
+        for (i, op) in self.ops.iter().enumerate() {
+            let d = HEADER_SIZE + DESCRIPTOR_SIZE * i;
+            match op {
+                LogOp::Zero {
+                    file_offset,
+                    length,
+                } => {
+                    buf[d..d + 4].copy_from_slice(&ZERO_SIGNATURE);
+                    put_u64(&mut buf, d + 8, *length);
+                    put_u64(&mut buf, d + 16, *file_offset);
+                    put_u64(&mut buf, d + 24, seq);
+                }
+                LogOp::Data { file_offset, page } => {
+                    buf[d..d + 4].copy_from_slice(&DESC_SIGNATURE);
+                    buf[d + 4..d + 8].copy_from_slice(&page[LOG_SECTOR - 4..]);
+                    buf[d + 8..d + 16].copy_from_slice(&page[..8]);
+                    put_u64(&mut buf, d + 16, *file_offset);
+                    put_u64(&mut buf, d + 24, seq);
+                    let s = (descriptor_sectors + data_index) * LOG_SECTOR;
+                    let sector = &mut buf[s..s + LOG_SECTOR];
+                    sector[..4].copy_from_slice(&DATA_SIGNATURE);
+                    put_u32(sector, 4, (seq >> 32) as u32);
+                    sector[8..LOG_SECTOR - 4].copy_from_slice(&page[8..LOG_SECTOR - 4]);
+                    put_u32(sector, LOG_SECTOR - 4, seq as u32);
+                    data_index += 1;
+                }
+            }
+        }
+        let crc = crate::guid::crc32c_zeroed(&buf, CHECKSUM_AT);
+        put_u32(&mut buf, CHECKSUM_AT, crc);
+        buf
+    }
+
+    /// Decode and fully validate the entry starting at byte `at` of `log`
+    /// (the whole log region); the entry may wrap around the end of `log`.
+    ///
+    /// Checks: signature; `EntryLength` a non-zero multiple of 4 KiB not
+    /// larger than the log; `Tail` 4 KiB-aligned and inside the log;
+    /// `LogGuid` equal to `log_guid`; the descriptors and one data sector per
+    /// data descriptor fit in `EntryLength`; every descriptor's signature and
+    /// `SequenceNumber`; every data sector's signature, `SequenceHigh` and
+    /// `SequenceLow`; data file offsets 4 KiB-aligned; zero ranges 4 KiB
+    /// aligned and sized, without overflow; the checksum. Error offsets are
+    /// relative to the start of `log`. `FlushedFileOffset` and
+    /// `LastFileOffset` are returned unchecked (they need the file size).
+    pub fn decode_at(log: &[u8], at: usize, log_guid: Uuid) -> Result<LogEntry> {
+        let h = validate_at(log, at, log_guid)?;
+        let hdr = &log[at..at + HEADER_SIZE];
+        // Bounded by the entry length, itself at most the log length.
+        let mut ops = Vec::with_capacity(h.descriptor_count as usize);
+        let mut data_index = 0;
+        for i in 0..h.descriptor_count as usize {
+            let d = descriptor(log, at, i);
+            let file_offset = le_u64(d, 16);
+            if d[..4] == ZERO_SIGNATURE {
+                ops.push(LogOp::Zero {
+                    file_offset,
+                    length: le_u64(d, 8),
+                });
+            } else {
+                let s = sector(log, at, h.descriptor_sectors + data_index);
+                data_index += 1;
+                let mut page = Box::new([0u8; LOG_SECTOR]);
+                page[..8].copy_from_slice(&d[8..16]);
+                page[8..LOG_SECTOR - 4].copy_from_slice(&s[8..LOG_SECTOR - 4]);
+                page[LOG_SECTOR - 4..].copy_from_slice(&d[4..8]);
+                ops.push(LogOp::Data { file_offset, page });
+            }
+        }
+        Ok(LogEntry {
+            sequence_number: h.sequence_number,
+            log_guid: read_guid(hdr, 32),
+            tail: h.tail,
+            flushed_file_offset: le_u64(hdr, 48),
+            last_file_offset: le_u64(hdr, 56),
+            entry_length: h.entry_length,
+            ops,
+        })
+    }
+}
+
+/// The 4 KiB sector `k` sectors after `at`, wrapping around the log.
+/// `log.len()` is a non-zero multiple of 4 KiB and `at` is sector-aligned.
+fn sector(log: &[u8], at: usize, k: usize) -> &[u8] {
+    let n = log.len() / LOG_SECTOR;
+    let s = (at / LOG_SECTOR + k % n) % n * LOG_SECTOR;
+    &log[s..s + LOG_SECTOR]
+}
+
+/// Descriptor `i` of the entry at `at` (descriptors never straddle sectors).
+fn descriptor(log: &[u8], at: usize, i: usize) -> &[u8] {
+    let off = HEADER_SIZE + DESCRIPTOR_SIZE * i;
+    let within = off % LOG_SECTOR;
+    &sector(log, at, off / LOG_SECTOR)[within..within + DESCRIPTOR_SIZE]
+}
+
+/// Offset in the log of byte `off` of the entry at `at`, for errors.
+fn log_offset(log: &[u8], at: usize, off: usize) -> u64 {
+    (at as u64 + off as u64) % log.len().max(1) as u64
+}
+
+/// Every validity check of [`LogEntry::decode_at`], without building the ops.
+/// The cheap structural checks run before the checksum.
+fn validate_at(log: &[u8], at: usize, log_guid: Uuid) -> Result<ValidHeader> {
+    let n = log.len();
+    if n == 0 || !is_aligned(n as u64, SECTOR) {
+        return Err(Error::invalid(format!(
+            "log region of {n} bytes is not a non-zero multiple of 4 KiB"
+        )));
+    }
+    if at >= n || !is_aligned(at as u64, SECTOR) {
+        return Err(Error::invalid(format!(
+            "log entry offset {at:#x} is not a 4 KiB-aligned offset inside the {n:#x}-byte log"
+        )));
+    }
+    let err = |off: usize, msg: String| Err(Error::corrupt(NAME, log_offset(log, at, off), msg));
+    let hdr = &log[at..at + HEADER_SIZE];
+    if hdr[..4] != ENTRY_SIGNATURE {
+        return err(
+            0,
+            format!(
+                "bad signature \"{}\" (expected \"loge\")",
+                show_signature(&hdr[..4])
+            ),
+        );
+    }
+    let entry_length = le_u32(hdr, 8);
+    let len = entry_length as usize;
+    if len == 0 || !is_aligned(len as u64, SECTOR) || len > n {
+        return err(
+            8,
+            format!(
+                "EntryLength {entry_length:#x} is not a non-zero multiple of 4 KiB within the {n:#x}-byte log"
+            ),
+        );
+    }
+    let tail = le_u32(hdr, 12);
+    if !is_aligned(u64::from(tail), SECTOR) || tail as usize >= n {
+        return err(
+            12,
+            format!("Tail {tail:#x} is not a 4 KiB-aligned offset inside the {n:#x}-byte log"),
+        );
+    }
+    let sequence_number = le_u64(hdr, 16);
+    let guid = read_guid(hdr, 32);
+    if guid != log_guid {
+        return err(
+            32,
+            format!("LogGuid {guid} does not match the header's LogGuid {log_guid}"),
+        );
+    }
+    let descriptor_count = le_u32(hdr, 24);
+    let entry_sectors = len / LOG_SECTOR;
+    // In u64: a huge count must not overflow before the comparison.
+    let descriptor_sectors = (HEADER_SIZE as u64
+        + DESCRIPTOR_SIZE as u64 * u64::from(descriptor_count))
+    .div_ceil(SECTOR);
+    if descriptor_sectors > entry_sectors as u64 {
+        return err(
+            24,
+            format!(
+                "DescriptorCount {descriptor_count} needs {descriptor_sectors} sectors but EntryLength {entry_length:#x} has {entry_sectors}"
+            ),
+        );
+    }
+    let descriptor_sectors = descriptor_sectors as usize;
+    let mut data_descriptors = 0usize;
+    for i in 0..descriptor_count as usize {
+        let d = descriptor(log, at, i);
+        let off = HEADER_SIZE + DESCRIPTOR_SIZE * i;
+        let file_offset = le_u64(d, 16);
+        let desc_seq = le_u64(d, 24);
+        let is_zero = d[..4] == ZERO_SIGNATURE;
+        if !is_zero && d[..4] != DESC_SIGNATURE {
+            return err(
+                off,
+                format!(
+                    "descriptor {i}: bad signature \"{}\" (expected \"zero\" or \"desc\")",
+                    show_signature(&d[..4])
+                ),
+            );
+        }
+        if desc_seq != sequence_number {
+            return err(
+                off + 24,
+                format!(
+                    "descriptor {i}: SequenceNumber {desc_seq:#x} differs from the entry's {sequence_number:#x}"
+                ),
+            );
+        }
+        if !is_aligned(file_offset, SECTOR) {
+            return err(
+                off + 16,
+                format!("descriptor {i}: FileOffset {file_offset:#x} is not 4 KiB-aligned"),
+            );
+        }
+        if is_zero {
+            let length = le_u64(d, 8);
+            if !is_aligned(length, SECTOR) || file_offset.checked_add(length).is_none() {
+                return err(
+                    off + 8,
+                    format!(
+                        "descriptor {i}: ZeroLength {length:#x} at {file_offset:#x} is not a multiple of 4 KiB or overflows"
+                    ),
+                );
+            }
+            continue;
+        }
+        if file_offset.checked_add(SECTOR).is_none() {
+            return err(
+                off + 16,
+                format!("descriptor {i}: FileOffset {file_offset:#x} overflows"),
+            );
+        }
+        let k = descriptor_sectors + data_descriptors;
+        data_descriptors += 1;
+        if k >= entry_sectors {
+            return err(
+                24,
+                format!(
+                    "{data_descriptors}+ data sectors after {descriptor_sectors} descriptor sectors exceed EntryLength {entry_length:#x}"
+                ),
+            );
+        }
+        let s = sector(log, at, k);
+        let soff = k * LOG_SECTOR;
+        if s[..4] != DATA_SIGNATURE {
+            return err(
+                soff,
+                format!(
+                    "data sector {} (descriptor {i}): bad signature \"{}\" (expected \"data\")",
+                    data_descriptors - 1,
+                    show_signature(&s[..4])
+                ),
+            );
+        }
+        let high = le_u32(s, 4);
+        let low = le_u32(s, LOG_SECTOR - 4);
+        if (u64::from(high) << 32 | u64::from(low)) != sequence_number {
+            return err(
+                soff + 4,
+                format!(
+                    "data sector {} (descriptor {i}): SequenceHigh/Low {high:#x}/{low:#x} do not match the entry's SequenceNumber {sequence_number:#x}",
+                    data_descriptors - 1
+                ),
+            );
+        }
+    }
+    // Checksum over the entry, which may wrap: [at..end of log] + [0..rest].
+    let first = &log[at..n.min(at + len)];
+    let rest = &log[..len - first.len()];
+    let crc = crc32c::crc32c_append(crate::guid::crc32c_zeroed(first, CHECKSUM_AT), rest);
+    let stored = le_u32(hdr, CHECKSUM_AT);
+    if crc != stored {
+        return err(
+            CHECKSUM_AT,
+            format!("checksum mismatch: stored {stored:#010x}, computed {crc:#010x}"),
+        );
+    }
+    Ok(ValidHeader {
+        sequence_number,
+        tail,
+        entry_length,
+        descriptor_count,
+        descriptor_sectors,
+    })
+}
+
+/// Find the active sequence of the log (MS-VHDX 2.3.2, 2.3.3) and return its
+/// entries in replay order, each with its offset in `log`; empty when the log
+/// holds no valid sequence (or `log_guid` is nil, which means an empty log).
+///
+/// Rules followed:
+/// * an entry is valid when [`LogEntry::decode_at`] accepts it at a sector
+///   boundary (this includes matching `log_guid`);
+/// * a sequence is a run of valid entries, each starting right after the
+///   previous one (circularly) with a sequence number one greater; runs are
+///   extended as far as possible, so its head is a valid entry with no valid
+///   successor;
+/// * a sequence is valid when the `Tail` of its head entry is the offset of
+///   one of its entries and the entries from there to the head fit in the
+///   log without overlapping themselves;
+/// * the active sequence is the valid sequence whose head has the largest
+///   sequence number; it is replayed from the tail entry to the head.
+///
+/// Choices where the spec is silent: a run that would be valid if cut short
+/// before its head is not considered (the spec extends the current sequence
+/// as far as it goes before testing it); two valid sequences whose heads have
+/// the same sequence number (impossible for a correct writer) resolve to the
+/// one whose head is at the lower offset.
+///
+/// Cost: every sector is validated once (checksums over at most the entry
+/// length each) and each candidate is walked at most once around the log.
+pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)> {
+    if log.is_empty() || !is_aligned(log.len() as u64, SECTOR) || log_guid.is_nil() {
+        return Vec::new();
+    }
+    let n = log.len() / LOG_SECTOR;
+    let valid: Vec<Option<ValidHeader>> = (0..n)
+        .map(|s| validate_at(log, s * LOG_SECTOR, log_guid).ok())
+        .collect();
+    let sectors = |h: &ValidHeader| h.entry_length as usize / LOG_SECTOR;
+    // The successor of the entry at sector s, when it continues the run.
+    let next = |s: usize| -> Option<usize> {
+        let h = valid[s]?;
+        let t = (s + sectors(&h)) % n;
+        let nh = valid[t]?;
+        (Some(nh.sequence_number) == h.sequence_number.checked_add(1)).then_some(t)
+    };
+    let mut best: Option<(u64, usize, usize)> = None; // (head sequence, tail sector, head sector)
+    for head in 0..n {
+        let Some(h) = valid[head] else { continue };
+        if next(head).is_some() {
+            continue;
+        }
+        if best.is_some_and(|(seq, _, _)| seq >= h.sequence_number) {
+            continue;
+        }
+        let tail = h.tail as usize / LOG_SECTOR;
+        let mut cur = tail;
+        let mut used = 0usize;
+        let reached = loop {
+            let Some(c) = valid[cur] else { break false };
+            used += sectors(&c);
+            if used > n {
+                break false;
+            }
+            if cur == head {
+                break true;
+            }
+            match next(cur) {
+                Some(t) => cur = t,
+                None => break false,
+            }
+        };
+        if reached {
+            best = Some((h.sequence_number, tail, head));
+        }
+    }
+    let Some((_, tail, head)) = best else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut cur = tail;
+    loop {
+        // Already validated above, so decoding succeeds.
+        let Ok(e) = LogEntry::decode_at(log, cur * LOG_SECTOR, log_guid) else {
+            return Vec::new();
+        };
+        out.push((cur * LOG_SECTOR, e));
+        if cur == head {
+            return out;
+        }
+        match next(cur) {
+            Some(t) if out.len() < n => cur = t,
+            _ => return Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    const LOG_LEN: usize = 64 * LOG_SECTOR;
+    const GUID: Uuid = Uuid::from_u128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+
+    fn page(seed: u8) -> Box<[u8; LOG_SECTOR]> {
+        let mut p = Box::new([0u8; LOG_SECTOR]);
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+        }
+        p[..8].copy_from_slice(&[seed, 1, 2, 3, 4, 5, 6, 7]);
+        p[LOG_SECTOR - 4..].copy_from_slice(&[0xF0, 0xF1, seed, 0xF3]);
+        p
+    }
+
+    fn entry(seq: u64, tail: u32, data_pages: usize) -> LogEntry {
+        let mut ops = vec![LogOp::Zero {
+            file_offset: 0x300000,
+            length: 0x2000,
+        }];
+        for i in 0..data_pages {
+            ops.push(LogOp::Data {
+                file_offset: 0x200000 + 0x1000 * i as u64,
+                page: page(i as u8 + seq as u8),
+            });
+        }
+        ops.push(LogOp::Zero {
+            file_offset: 0x400000,
+            length: 0,
+        });
+        let mut e = LogEntry {
+            sequence_number: seq,
+            log_guid: GUID,
+            tail,
+            flushed_file_offset: 0x500000,
+            last_file_offset: 0x600000,
+            entry_length: 0,
+            ops,
+        };
+        e.entry_length = (LogEntry::sectors_needed(e.ops.len(), data_pages) * LOG_SECTOR) as u32;
+        e
+    }
+
+    /// Write `e` into `log` at `at`, wrapping around.
+    fn place(log: &mut [u8], at: usize, e: &LogEntry) -> usize {
+        let bytes = e.encode();
+        for (i, b) in bytes.iter().enumerate() {
+            let n = log.len();
+            log[(at + i) % n] = *b;
+        }
+        (at + bytes.len()) % log.len()
+    }
+
+    #[test]
+    fn sectors_needed() {
+        assert_eq!(LogEntry::sectors_needed(0, 0), 1);
+        assert_eq!(LogEntry::sectors_needed(126, 0), 1);
+        assert_eq!(LogEntry::sectors_needed(127, 0), 2);
+        assert_eq!(LogEntry::sectors_needed(126 + 128, 3), 5);
+        assert_eq!(LogEntry::sectors_needed(126 + 129, 3), 6);
+    }
+
+    #[test]
+    fn encode_layout_and_round_trip() {
+        let e = entry(0x1_0000_0002, 0, 2);
+        let bytes = e.encode();
+        assert_eq!(bytes.len(), 3 * LOG_SECTOR);
+        assert_eq!(&bytes[..4], b"loge");
+        assert_eq!(le_u32(&bytes, 8), 3 * LOG_SECTOR as u32);
+        assert_eq!(le_u32(&bytes, 24), 4);
+        // Data descriptor 0 (descriptor index 1): trailing then leading bytes.
+        let d = &bytes[HEADER_SIZE + DESCRIPTOR_SIZE..];
+        assert_eq!(&d[..4], b"desc");
+        let LogOp::Data { page: p, .. } = &e.ops[1] else {
+            unreachable!()
+        };
+        assert_eq!(&d[4..8], &p[4092..]);
+        assert_eq!(&d[8..16], &p[..8]);
+        // Its data sector.
+        let s = &bytes[LOG_SECTOR..2 * LOG_SECTOR];
+        assert_eq!(&s[..4], b"data");
+        assert_eq!(le_u32(s, 4), 1);
+        assert_eq!(le_u32(s, 4092), 2);
+        assert_eq!(&s[8..4092], &p[8..4092]);
+
+        let mut log = vec![0u8; LOG_LEN];
+        place(&mut log, 5 * LOG_SECTOR, &e);
+        let back = LogEntry::decode_at(&log, 5 * LOG_SECTOR, GUID).unwrap();
+        assert_eq!(back, e);
+        // Pages come back byte for byte, first 8 and last 4 bytes included.
+        for (a, b) in back.ops.iter().zip(&e.ops) {
+            if let (LogOp::Data { page: pa, .. }, LogOp::Data { page: pb, .. }) = (a, b) {
+                assert_eq!(pa[..], pb[..]);
+            }
+        }
+        // encode ignores entry_length.
+        let mut e2 = e.clone();
+        e2.entry_length = 12345;
+        assert_eq!(e2.encode(), bytes);
+    }
+
+    #[test]
+    fn many_descriptors_span_sectors() {
+        let mut e = entry(9, 0, 0);
+        e.ops = (0..300)
+            .map(|i| LogOp::Zero {
+                file_offset: i * 0x1000,
+                length: 0x1000,
+            })
+            .chain((0..3).map(|i| LogOp::Data {
+                file_offset: 0x10_0000 + i * 0x1000,
+                page: page(i as u8),
+            }))
+            .collect();
+        e.entry_length = (LogEntry::sectors_needed(303, 3) * LOG_SECTOR) as u32;
+        let mut log = vec![0u8; LOG_LEN];
+        place(&mut log, 0, &e);
+        assert_eq!(LogEntry::decode_at(&log, 0, GUID).unwrap(), e);
+    }
+
+    #[test]
+    fn wrapped_entry() {
+        let e = entry(7, (LOG_LEN - 2 * LOG_SECTOR) as u32, 3); // 4 sectors
+        let mut log = vec![0u8; LOG_LEN];
+        let at = LOG_LEN - 2 * LOG_SECTOR;
+        assert_eq!(place(&mut log, at, &e), 2 * LOG_SECTOR);
+        assert_eq!(LogEntry::decode_at(&log, at, GUID).unwrap(), e);
+        // Header at the very last sector.
+        let at = LOG_LEN - LOG_SECTOR;
+        let mut log = vec![0u8; LOG_LEN];
+        place(&mut log, at, &e);
+        assert_eq!(LogEntry::decode_at(&log, at, GUID).unwrap(), e);
+    }
+
+    #[test]
+    fn any_corrupted_byte_fails() {
+        let e = entry(3, 0, 1); // 2 sectors
+        let mut log = vec![0u8; 4 * LOG_SECTOR];
+        let at = 3 * LOG_SECTOR; // wraps
+        place(&mut log, at, &e);
+        LogEntry::decode_at(&log, at, GUID).unwrap();
+        for i in 0..2 * LOG_SECTOR {
+            let p = (at + i) % log.len();
+            log[p] ^= 0x01;
+            let r = LogEntry::decode_at(&log, at, GUID);
+            assert!(r.is_err(), "flip at entry byte {i} not detected");
+            log[p] ^= 0x01;
+        }
+    }
+
+    #[test]
+    fn field_errors() {
+        let mut log = vec![0u8; LOG_LEN];
+        place(&mut log, 0, &entry(3, 0, 1));
+        let other = Uuid::from_u128(1);
+        let e = LogEntry::decode_at(&log, 0, other).unwrap_err();
+        assert!(e.to_string().contains("LogGuid"), "{e}");
+        assert_eq!(
+            LogEntry::decode_at(&log, 100, GUID).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            LogEntry::decode_at(&log, LOG_LEN, GUID).unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            LogEntry::decode_at(&log[..100], 0, GUID)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidInput
+        );
+        assert!(LogEntry::decode_at(&log, LOG_SECTOR, GUID)
+            .unwrap_err()
+            .to_string()
+            .contains("signature"));
+
+        // Re-encode with a bad field and a fixed-up checksum.
+        let fix = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = entry(3, 0, 1).encode();
+            f(&mut b);
+            b[4..8].fill(0);
+            let crc = crc32c::crc32c(&b);
+            put_u32(&mut b, 4, crc);
+            let mut log = vec![0u8; LOG_LEN];
+            log[..b.len()].copy_from_slice(&b);
+            LogEntry::decode_at(&log, 0, GUID).unwrap_err().to_string()
+        };
+        assert!(fix(&|b| put_u32(b, 8, 0)).contains("EntryLength 0x0"));
+        assert!(fix(&|b| put_u32(b, 8, 0x1800)).contains("EntryLength 0x1800"));
+        assert!(fix(&|b| put_u32(b, 8, (LOG_LEN + LOG_SECTOR) as u32)).contains("EntryLength"));
+        assert!(fix(&|b| put_u32(b, 12, 0x800)).contains("Tail 0x800"));
+        assert!(fix(&|b| put_u32(b, 12, LOG_LEN as u32)).contains("Tail"));
+        assert!(fix(&|b| put_u32(b, 24, u32::MAX)).contains("DescriptorCount"));
+        assert!(fix(&|b| put_u32(b, 24, 4)).contains("descriptor 3: bad signature"));
+        assert!(fix(&|b| b[HEADER_SIZE] = b'Z').contains("descriptor 0: bad signature"));
+        assert!(fix(&|b| put_u64(b, HEADER_SIZE + 24, 4)).contains("descriptor 0: SequenceNumber"));
+        assert!(fix(&|b| put_u64(b, HEADER_SIZE + 16, 0x300200)).contains("not 4 KiB-aligned"));
+        assert!(fix(&|b| put_u64(b, HEADER_SIZE + 8, 0x1001)).contains("ZeroLength"));
+        assert!(fix(&|b| put_u64(b, HEADER_SIZE + 16, !0xFFF)).contains("ZeroLength"));
+        assert!(fix(&|b| put_u64(b, HEADER_SIZE + 48, !0xFFF)).contains("overflows"));
+        assert!(
+            fix(&|b| b[LOG_SECTOR] = b'D').contains("data sector 0 (descriptor 1): bad signature")
+        );
+        assert!(fix(&|b| put_u32(b, LOG_SECTOR + 4, 1)).contains("SequenceHigh/Low"));
+        assert!(fix(&|b| put_u32(b, 2 * LOG_SECTOR - 4, 4)).contains("SequenceHigh/Low"));
+        // A data descriptor without room for its data sector.
+        assert!(fix(&|b| {
+            put_u32(b, 8, LOG_SECTOR as u32);
+            b.truncate(LOG_SECTOR);
+        })
+        .contains("exceed EntryLength"));
+        // Checksum itself.
+        let mut log2 = log.clone();
+        log2[200] ^= 1;
+        assert!(LogEntry::decode_at(&log2, 0, GUID)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+    }
+
+    fn seqs(found: &[(usize, LogEntry)]) -> Vec<(usize, u64)> {
+        found
+            .iter()
+            .map(|(o, e)| (*o / LOG_SECTOR, e.sequence_number))
+            .collect()
+    }
+
+    #[test]
+    fn active_sequence_empty_and_simple() {
+        let mut log = vec![0u8; LOG_LEN];
+        assert!(find_active_sequence(&log, GUID).is_empty());
+        let end = place(&mut log, 0, &entry(10, 0, 1));
+        let end = place(&mut log, end, &entry(11, 0, 2));
+        place(&mut log, end, &entry(12, 0, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(0, 10), (2, 11), (5, 12)]
+        );
+        assert!(find_active_sequence(&log, Uuid::nil()).is_empty());
+        assert!(find_active_sequence(&log, Uuid::from_u128(5)).is_empty());
+        assert!(find_active_sequence(&log[..100], GUID).is_empty());
+    }
+
+    #[test]
+    fn replay_starts_at_the_heads_tail() {
+        let mut log = vec![0u8; LOG_LEN];
+        let end = place(&mut log, 0, &entry(10, 0, 1));
+        let end = place(&mut log, end, &entry(11, 0, 1));
+        place(&mut log, end, &entry(12, 4 * LOG_SECTOR as u32, 0));
+        // Entries 10 and 11 are already flushed: replay only 12... unless
+        // its tail were not an entry boundary of the run.
+        assert_eq!(seqs(&find_active_sequence(&log, GUID)), vec![(4, 12)]);
+        place(&mut log, end, &entry(12, 2 * LOG_SECTOR as u32, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(2, 11), (4, 12)]
+        );
+    }
+
+    #[test]
+    fn picks_the_higher_sequence() {
+        let mut log = vec![0u8; LOG_LEN];
+        let end = place(&mut log, 0, &entry(20, 0, 1));
+        place(&mut log, end, &entry(21, 0, 1));
+        let b = 30 * LOG_SECTOR;
+        let end = place(&mut log, b, &entry(5, b as u32, 0));
+        place(&mut log, end, &entry(6, b as u32, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(0, 20), (2, 21)]
+        );
+        // Make the second run newer.
+        let end = place(&mut log, b, &entry(40, b as u32, 0));
+        place(&mut log, end, &entry(41, b as u32, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(30, 40), (31, 41)]
+        );
+    }
+
+    #[test]
+    fn ignores_entries_with_another_log_guid() {
+        let mut log = vec![0u8; LOG_LEN];
+        let end = place(&mut log, 0, &entry(20, 0, 1));
+        let mut foreign = entry(21, 0, 0);
+        foreign.log_guid = Uuid::from_u128(77);
+        place(&mut log, end, &foreign);
+        place(&mut log, 40 * LOG_SECTOR, &{
+            let mut e = entry(99, 40 * LOG_SECTOR as u32, 0);
+            e.log_guid = Uuid::from_u128(77);
+            e
+        });
+        assert_eq!(seqs(&find_active_sequence(&log, GUID)), vec![(0, 20)]);
+    }
+
+    #[test]
+    fn ignores_a_sequence_whose_tail_is_outside_it() {
+        let mut log = vec![0u8; LOG_LEN];
+        let end = place(&mut log, 0, &entry(20, 0, 1));
+        place(&mut log, end, &entry(21, 0, 1));
+        // A newer run whose head points at a sector that is not one of its entries.
+        let b = 30 * LOG_SECTOR;
+        let end = place(&mut log, b, &entry(50, b as u32, 2)); // sectors 30..33
+        place(&mut log, end, &entry(51, 20 * LOG_SECTOR as u32, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(0, 20), (2, 21)]
+        );
+        // A tail inside an entry (its data sector at 31) is outside too.
+        place(&mut log, end, &entry(51, 31 * LOG_SECTOR as u32, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(0, 20), (2, 21)]
+        );
+        // With the tail at entry 50 the newer run wins.
+        place(&mut log, end, &entry(51, b as u32, 0));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(30, 50), (33, 51)]
+        );
+    }
+
+    #[test]
+    fn torn_newer_entry_leaves_the_older_one() {
+        let mut log = vec![0u8; LOG_LEN];
+        let end = place(&mut log, 0, &entry(20, 0, 1));
+        let end2 = place(&mut log, end, &entry(21, 0, 2));
+        assert_eq!(find_active_sequence(&log, GUID).len(), 2);
+        // Tear the last data sector of entry 21.
+        log[end2 - 100] ^= 0xFF;
+        assert_eq!(seqs(&find_active_sequence(&log, GUID)), vec![(0, 20)]);
+        // Entry 21 never written past its header sector.
+        log[end..end2].fill(0);
+        place(&mut log, end, &entry(21, 0, 2));
+        log[end + LOG_SECTOR..end2].fill(0);
+        assert_eq!(seqs(&find_active_sequence(&log, GUID)), vec![(0, 20)]);
+    }
+
+    #[test]
+    fn sequence_wrapping_around_the_log() {
+        let mut log = vec![0u8; LOG_LEN];
+        let a = 62 * LOG_SECTOR;
+        let end = place(&mut log, a, &entry(100, a as u32, 2)); // 3 sectors: 62, 63, 0
+        assert_eq!(end, LOG_SECTOR);
+        let end = place(&mut log, end, &entry(101, a as u32, 0));
+        place(&mut log, end, &entry(102, a as u32, 1));
+        assert_eq!(
+            seqs(&find_active_sequence(&log, GUID)),
+            vec![(62, 100), (1, 101), (2, 102)]
+        );
+        // Stale older entries of the same log before the tail do not matter.
+        place(
+            &mut log,
+            10 * LOG_SECTOR,
+            &entry(50, 10 * LOG_SECTOR as u32, 0),
+        );
+        assert_eq!(find_active_sequence(&log, GUID).len(), 3);
+    }
+
+    #[test]
+    fn self_overlapping_run_is_rejected() {
+        // One entry as long as the whole log, its own tail: valid.
+        let mut e = entry(1, 0, 0);
+        e.ops = (0..15)
+            .map(|i| LogOp::Data {
+                file_offset: i * 0x1000,
+                page: page(i as u8),
+            })
+            .collect();
+        let mut log = vec![0u8; 16 * LOG_SECTOR];
+        place(&mut log, 0, &e);
+        assert_eq!(seqs(&find_active_sequence(&log, GUID)), vec![(0, 1)]);
+    }
+}
