@@ -875,32 +875,49 @@ fn write_header_pair(storage: &dyn Storage, h: &mut Header, current_slot: usize)
     Ok(slot)
 }
 
+/// The error for opening a differencing disk (chains are not implemented
+/// yet): says whether its parent exists, naming every path tried.
 fn missing_parent_error(name: &str, m: &Metadata) -> Error {
-    let paths: Vec<String> = m
-        .parent_locator
-        .as_ref()
-        .map(|pl| {
-            ["relative_path", "volume_path", "absolute_win32_path"]
-                .iter()
-                .filter_map(|k| pl.get(k).map(|v| format!("{k}={v}")))
-                .collect()
-        })
-        .unwrap_or_default();
-    let linkage = m
-        .parent_locator
-        .as_ref()
-        .and_then(|pl| pl.get("parent_linkage"))
-        .unwrap_or("?");
-    Error::unsupported(format!(
-        "differencing VHDX: opening its parent (parent_linkage {linkage}; {}) is not implemented yet; \
-         `vdisk info` shows its metadata",
-        if paths.is_empty() {
-            "no parent paths in its locator".to_string()
+    let child_dir = Path::new(name).parent().unwrap_or(Path::new("."));
+    let pl = m.parent_locator.as_ref();
+    let linkage = pl.and_then(|pl| pl.get("parent_linkage")).unwrap_or("?");
+    let mut tried = Vec::new();
+    let mut found = None;
+    for key in ["relative_path", "volume_path", "absolute_win32_path"] {
+        let Some(v) = pl.and_then(|pl| pl.get(key)) else {
+            continue;
+        };
+        // Windows paths: backslashes; a relative one is relative to the child.
+        let unix = v.replace('\\', "/");
+        let candidate = if key == "relative_path" {
+            child_dir.join(unix.trim_start_matches("./"))
         } else {
-            paths.join(", ")
+            // "C:/dir/x.vhdx" or a volume path: try the file name beside the child.
+            child_dir.join(unix.rsplit('/').next().unwrap_or(&unix))
+        };
+        tried.push(format!("{key}={v} (looked for {})", candidate.display()));
+        if found.is_none() && candidate.is_file() {
+            found = Some(candidate);
         }
-    ))
-    .in_file(name, 0)
+    }
+    let paths = if tried.is_empty() {
+        "its parent locator names no path".to_string()
+    } else {
+        tried.join(", ")
+    };
+    match found {
+        None => Error::invalid(format!(
+            "differencing VHDX whose parent is missing: parent not found \
+             (parent_linkage {linkage}; {paths})"
+        ))
+        .in_file(name, 0),
+        Some(p) => Error::unsupported(format!(
+            "differencing VHDX (parent {} found, parent_linkage {linkage}): \
+             opening parent chains is not implemented yet",
+            p.display()
+        ))
+        .in_file(name, 0),
+    }
 }
 
 fn validate_create(o: &CreateOptions) -> Result<()> {
