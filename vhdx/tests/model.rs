@@ -45,7 +45,7 @@ fn rw() -> OpenOptions {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn matches_vec_model(
         lss in prop_oneof![Just(512u32), Just(4096u32)],
