@@ -43,15 +43,15 @@ pub enum Error {
         msg: String,
     },
     /// An I/O failure.
-    #[error("{}{context}: {source}", file_prefix(.file))]
+    #[error("{}{context}: {os_error}", file_prefix(.file))]
     Io {
         /// File name.
         file: String,
         /// What we were doing.
         context: String,
-        /// The OS error.
-        #[source]
-        source: io::Error,
+        /// The OS error (part of the message, so not also a `source()`:
+        /// `{:#}` chains would print it twice).
+        os_error: io::Error,
     },
     /// Bad arguments from the caller.
     #[error("{}{msg}", file_prefix(.file))]
@@ -107,7 +107,15 @@ impl Error {
         Error::Io {
             file: String::new(),
             context: context.to_string(),
-            source,
+            os_error: source,
+        }
+    }
+
+    /// The operating-system error behind an [`ErrorKind::Io`] error.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { os_error, .. } => Some(os_error),
+            _ => None,
         }
     }
 

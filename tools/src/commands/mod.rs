@@ -1,0 +1,98 @@
+//! One module per subcommand, plus helpers they share.
+
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod rw;
+
+use disk::{Extent, Mapping, VirtualDisk};
+
+/// Bytes moved per read or write: large enough for streaming speed, and a
+/// multiple of every VHDX block size up to 4 MiB (larger ones are multiples of it).
+pub const CHUNK: usize = 4 << 20;
+
+/// The extent at `pos` (up to the end of the disk), checked to start at `pos`.
+pub fn extent_at(d: &dyn VirtualDisk, pos: u64) -> disk::Result<Extent> {
+    let size = d.virtual_size();
+    let ext = d.map(pos, size - pos)?;
+    if ext.offset != pos || ext.len == 0 {
+        return Err(disk::Error::corrupt(
+            "block mapping",
+            pos,
+            "driver returned an empty or misplaced extent",
+        )
+        .in_file(d.storage().name(), 0));
+    }
+    Ok(Extent {
+        len: ext.len.min(size - pos),
+        ..ext
+    })
+}
+
+/// Whether an extent reads as zeros without looking at any data.
+pub fn reads_as_zero(ext: &Extent) -> bool {
+    matches!(ext.mapping, Mapping::Zero | Mapping::Unallocated)
+}
+
+/// Whether `buf` is all zeros, 64 bytes at a time (the inner loop vectorises).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut blocks = buf.chunks_exact(64);
+    for b in &mut blocks {
+        let acc = b.chunks_exact(8).fold(0u64, |a, w| {
+            a | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+        });
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Index of the first byte where `a` and `b` differ (they have equal length).
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    const PIECE: usize = 4096;
+    let mut at = 0;
+    for (pa, pb) in a.chunks(PIECE).zip(b.chunks(PIECE)) {
+        if pa != pb {
+            return pa.iter().zip(pb).position(|(x, y)| x != y).map(|i| at + i);
+        }
+        at += pa.len();
+    }
+    None
+}
+
+/// Index of the first nonzero byte of `buf`.
+pub fn first_nonzero(buf: &[u8]) -> Option<usize> {
+    const PIECE: usize = 4096;
+    let mut at = 0;
+    for p in buf.chunks(PIECE) {
+        if !is_zero(p) {
+            return p.iter().position(|&b| b != 0).map(|i| at + i);
+        }
+        at += p.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_tests() {
+        let mut v = vec![0u8; 10_000];
+        assert!(is_zero(&v));
+        assert_eq!(first_nonzero(&v), None);
+        for at in [0, 7, 63, 64, 4095, 4096, 9999] {
+            v[at] = 1;
+            assert!(!is_zero(&v));
+            assert_eq!(first_nonzero(&v), Some(at));
+            let z = vec![0u8; v.len()];
+            assert_eq!(first_difference(&v, &z), Some(at));
+            v[at] = 0;
+        }
+        assert_eq!(first_difference(&v, &v.clone()), None);
+        assert!(is_zero(&[]));
+    }
+}

@@ -1,0 +1,58 @@
+//! An optional progress bar on stderr (`-p`), counting virtual bytes done.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::time::Duration;
+
+/// A progress bar that draws nothing unless enabled. Cheap to share between
+/// threads (`inc` takes `&self`).
+#[derive(Clone)]
+pub struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    /// A bar for `total` bytes, drawn on stderr when `enabled`.
+    pub fn new(enabled: bool, total: u64, message: &str) -> Self {
+        if !enabled {
+            return Progress {
+                bar: ProgressBar::hidden(),
+            };
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(message.to_string());
+        // Keep redrawing while a long flush runs with no bytes moving.
+        bar.enable_steady_tick(Duration::from_millis(250));
+        Progress { bar }
+    }
+
+    /// `n` more bytes are done.
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    /// Show what is happening now (e.g. "flushing" once the bytes are copied).
+    pub fn set_message(&self, message: &str) {
+        self.bar.set_message(message.to_string());
+    }
+
+    /// The work is complete: draw the bar full and leave it on screen, with
+    /// the cursor on the next line.
+    pub fn finish(&self) {
+        if self.bar.is_hidden() {
+            return;
+        }
+        self.bar.finish();
+        eprintln!();
+    }
+
+    /// The work stopped early: remove the bar so an error message reads cleanly.
+    pub fn abandon(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,690 @@
+//! End-to-end tests of the `vdisk` binary.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const MIB: u64 = 1 << 20;
+
+fn vdisk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vdisk"))
+}
+
+/// Run `vdisk args...` and return its output.
+fn run(args: &[&str]) -> Output {
+    vdisk().args(args).output().expect("run vdisk")
+}
+
+/// Run `vdisk args...`, which must succeed, and return stdout.
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?} failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Run `vdisk args...`, which must fail with exit code `code`; return stderr.
+fn fails(code: i32, args: &[&str]) -> String {
+    let out = run(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "vdisk {args:?}: stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn info_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&["info", "--output", "json", p(path)])).expect("valid JSON")
+}
+
+/// A sparse raw file of `size` bytes with `data` written at each offset.
+fn raw_file(path: &Path, size: u64, data: &[(u64, &[u8])]) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (off, bytes) in data {
+        f.write_all_at(bytes, *off).unwrap();
+    }
+}
+
+/// `n` bytes of a deterministic pattern that is never all zero.
+fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as u8 | 1
+        })
+        .collect()
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn create_and_info_human_and_json() {
+    let dir = tmp();
+    let img = dir.path().join("a.vhdx");
+    ok(&["create", "-f", "vhdx", p(&img), "64M"]);
+
+    let human = ok(&["info", p(&img)]);
+    for want in [
+        "file format: vhdx",
+        "subformat: dynamic",
+        "virtual size: 64 MiB (67108864 bytes)",
+        "block size: 32 MiB (33554432 bytes)",
+        "logical sector size: 512",
+        "physical sector size: 4096",
+        "allocated bytes: 0 B (0 bytes)",
+        "log: clean",
+        "creator: vdisk",
+        "virtual disk id: ",
+        "data write guid: ",
+    ] {
+        assert!(human.contains(want), "missing {want:?} in:\n{human}");
+    }
+
+    let j = info_json(&img);
+    let keys: Vec<&str> = j.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    for k in [
+        "filename",
+        "format",
+        "subformat",
+        "virtual_size",
+        "block_size",
+        "logical_sector_size",
+        "physical_sector_size",
+        "file_size",
+        "allocated_bytes",
+        "log",
+        "creator",
+        "virtual_disk_id",
+        "parent",
+    ] {
+        assert!(keys.contains(&k), "missing key {k} in {j}");
+    }
+    assert_eq!(j["filename"], p(&img));
+    assert_eq!(j["format"], "vhdx");
+    assert_eq!(j["subformat"], "dynamic");
+    assert_eq!(j["virtual_size"], 64 * MIB);
+    assert_eq!(j["block_size"], 32 * MIB);
+    assert_eq!(j["logical_sector_size"], 512);
+    assert_eq!(j["physical_sector_size"], 4096);
+    assert_eq!(j["file_size"], fs::metadata(&img).unwrap().len());
+    assert_eq!(j["allocated_bytes"], 0);
+    assert_eq!(j["log"], "clean");
+    assert!(j["creator"].as_str().unwrap().starts_with("vdisk"));
+    assert_eq!(j["virtual_disk_id"].as_str().unwrap().len(), 36);
+    assert!(j["parent"].is_null());
+}
+
+#[test]
+fn create_and_info_raw() {
+    let dir = tmp();
+    let img = dir.path().join("a.raw");
+    ok(&["create", "-f", "raw", p(&img), "10M"]);
+    assert_eq!(fs::metadata(&img).unwrap().len(), 10 * MIB);
+    let j = info_json(&img);
+    assert_eq!(j["format"], "raw");
+    assert_eq!(j["virtual_size"], 10 * MIB);
+    assert_eq!(j["file_size"], 10 * MIB);
+    assert!(j["allocated_bytes"].as_u64().unwrap() < MIB, "sparse: {j}");
+    assert!(j["parent"].is_null());
+    let human = ok(&["info", p(&img)]);
+    assert!(human.contains("file format: raw"), "{human}");
+}
+
+#[test]
+fn create_with_each_option() {
+    let dir = tmp();
+    let img = dir.path().join("o.vhdx");
+    let cases: &[(&str, &str, serde_json::Value)] = &[
+        ("subformat=fixed", "subformat", "fixed".into()),
+        ("subformat=dynamic", "subformat", "dynamic".into()),
+        ("block_size=1M", "block_size", (MIB).into()),
+        ("block_size=256MiB", "block_size", (256 * MIB).into()),
+        (
+            "logical_sector_size=4096",
+            "logical_sector_size",
+            4096.into(),
+        ),
+        ("logical_sector_size=4k", "logical_sector_size", 4096.into()),
+        (
+            "physical_sector_size=512",
+            "physical_sector_size",
+            512.into(),
+        ),
+    ];
+    for (opt, key, want) in cases {
+        ok(&["create", "-f", "vhdx", "-o", opt, p(&img), "64M"]);
+        let j = info_json(&img);
+        assert_eq!(&j[*key], want, "-o {opt}: {j}");
+    }
+    // log_size is not in the info output: check the file grew by the extra log.
+    ok(&["create", "-f", "vhdx", p(&img), "64M"]);
+    let small = fs::metadata(&img).unwrap().len();
+    ok(&["create", "-f", "vhdx", "-o", "log_size=8M", p(&img), "64M"]);
+    assert_eq!(fs::metadata(&img).unwrap().len(), small + 7 * MIB);
+
+    // Several options at once, and -o repeated.
+    ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "subformat=fixed,block_size=2M",
+        "-o",
+        "logical_sector_size=512,physical_sector_size=4096,log_size=2M",
+        p(&img),
+        "16M",
+    ]);
+    let j = info_json(&img);
+    assert_eq!(j["subformat"], "fixed");
+    assert_eq!(j["block_size"], 2 * MIB);
+    assert_eq!(j["allocated_bytes"], 16 * MIB);
+}
+
+#[test]
+fn create_rejects_bad_options() {
+    let dir = tmp();
+    let img = dir.path().join("bad.vhdx");
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=3M",
+            p(&img),
+            "64M",
+        ],
+    );
+    assert!(e.contains("block size 3145728"), "{e}");
+    assert!(e.contains("bad.vhdx"), "{e}");
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=512M",
+            p(&img),
+            "64M",
+        ],
+    );
+    assert!(e.contains("block size"), "{e}");
+    let e = fails(
+        1,
+        &["create", "-f", "vhdx", "-o", "colour=blue", p(&img), "64M"],
+    );
+    assert!(e.contains("unknown option 'colour'"), "{e}");
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=sparse",
+            p(&img),
+            "64M",
+        ],
+    );
+    assert!(e.contains("'sparse'"), "{e}");
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "logical_sector_size=1000",
+            p(&img),
+            "64M",
+        ],
+    );
+    assert!(e.contains("1000"), "{e}");
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "log_size=1000K",
+            p(&img),
+            "64M",
+        ],
+    );
+    assert!(e.contains("log size"), "{e}");
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=lots",
+            p(&img),
+            "64M",
+        ],
+    );
+    assert!(e.contains("'lots'"), "{e}");
+    let e = fails(
+        1,
+        &["create", "-f", "raw", "-o", "block_size=1M", p(&img), "64M"],
+    );
+    assert!(e.contains("'block_size'"), "{e}");
+    let e = fails(1, &["create", "-f", "vhdx", p(&img), "12Q"]);
+    assert!(e.contains("'12Q'"), "{e}");
+    let e = fails(1, &["create", "-f", "vhd", p(&img), "64M"]);
+    assert!(e.contains("VHD support is not implemented yet"), "{e}");
+    let e = fails(1, &["create", "-f", "qcow2", p(&img), "64M"]);
+    assert!(e.contains("qcow2"), "{e}");
+}
+
+#[test]
+fn create_overwrites_like_qemu_img() {
+    let dir = tmp();
+    let img = dir.path().join("again.vhdx");
+    ok(&["create", "-f", "vhdx", p(&img), "64M"]);
+    ok(&["create", "-f", "vhdx", p(&img), "128M"]);
+    assert_eq!(info_json(&img)["virtual_size"], 128 * MIB);
+}
+
+#[test]
+fn write_read_round_trip_unaligned() {
+    let dir = tmp();
+    for fmt in ["vhdx", "raw"] {
+        let img = dir.path().join(format!("rw.{fmt}"));
+        ok(&["create", "-f", fmt, "-o", "", p(&img), "64M"]);
+        let data = pattern(100_000, 7);
+        let input = dir.path().join("input.bin");
+        fs::write(&input, &data).unwrap();
+        // From a file, straddling the 32 MiB block boundary at an odd offset.
+        let at = 32 * MIB - 12_345;
+        ok(&["write", p(&img), &at.to_string(), p(&input)]);
+        let back = vdisk()
+            .args(["read", p(&img), &at.to_string(), "100000"])
+            .output()
+            .unwrap();
+        assert!(back.status.success());
+        assert_eq!(back.stdout, data, "{fmt}");
+        // From stdin, with a size suffix for the offset.
+        let mut child = vdisk()
+            .args(["write", p(&img), "1K"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"hello").unwrap();
+        assert!(child.wait().unwrap().success());
+        let back = vdisk()
+            .args(["read", p(&img), "1023", "7"])
+            .output()
+            .unwrap();
+        assert_eq!(back.stdout, b"\0hello\0", "{fmt}");
+        // Out of range.
+        let e = fails(1, &["read", p(&img), "64M", "1"]);
+        assert!(e.contains(p(&img)), "{e}");
+        let e = fails(1, &["write", p(&img), "67058864", p(&input)]);
+        assert!(e.contains("beyond the virtual size"), "{e}");
+        let e = fails(1, &["read", p(&img), "1X", "1"]);
+        assert!(e.contains("'1X'"), "{e}");
+    }
+    let img = dir.path().join("rw.vhdx");
+    assert_eq!(info_json(&img)["log"], "clean");
+    assert_eq!(info_json(&img)["allocated_bytes"], 64 * MIB);
+}
+
+#[test]
+fn convert_round_trip_raw_vhdx_raw() {
+    let dir = tmp();
+    let src = dir.path().join("src.raw");
+    let a = pattern(3 * MIB as usize + 777, 1);
+    let b = pattern(4096, 2);
+    raw_file(
+        &src,
+        96 * MIB,
+        &[(5 * MIB + 3, &a), (40 * MIB, &b), (96 * MIB - 1, &[9])],
+    );
+    let mid = dir.path().join("mid.vhdx");
+    let back = dir.path().join("back.raw");
+    ok(&["convert", "-O", "vhdx", p(&src), p(&mid)]);
+    ok(&[
+        "convert",
+        "-p",
+        "-f",
+        "vhdx",
+        "-O",
+        "raw",
+        p(&mid),
+        p(&back),
+    ]);
+    assert_eq!(
+        ok(&["compare", p(&src), p(&mid)]).trim(),
+        "Images are identical."
+    );
+    ok(&["compare", p(&src), p(&back)]);
+    ok(&["compare", "-f", "raw", "-F", "vhdx", p(&src), p(&mid)]);
+    assert!(
+        fs::read(&src).unwrap() == fs::read(&back).unwrap(),
+        "files differ"
+    );
+    let j = info_json(&mid);
+    assert_eq!(j["virtual_size"], 96 * MIB);
+    assert_eq!(j["log"], "clean");
+    // Blocks 0 and 1 (data at 5-8 MiB and 40 MiB) and block 2 (last byte).
+    assert_eq!(j["allocated_bytes"], 96 * MIB);
+    // vhdx -> vhdx with other options.
+    let small = dir.path().join("small.vhdx");
+    ok(&[
+        "convert",
+        "-O",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        p(&mid),
+        p(&small),
+    ]);
+    ok(&["compare", p(&small), p(&src)]);
+    assert_eq!(info_json(&small)["allocated_bytes"], 4 * MIB + MIB + MIB);
+}
+
+#[test]
+fn convert_skips_zeros() {
+    let dir = tmp();
+    let src = dir.path().join("sparse.raw");
+    let data = pattern(MIB as usize, 3);
+    raw_file(&src, 64 * MIB, &[(MIB, &data)]);
+    // Explicit zeros are skipped too, not only holes.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&vec![0u8; 8 * MIB as usize], 40 * MIB)
+        .unwrap();
+    let dst = dir.path().join("sparse.vhdx");
+    ok(&["convert", "-O", "vhdx", p(&src), p(&dst)]);
+    let j = info_json(&dst);
+    let block = j["block_size"].as_u64().unwrap();
+    assert!(j["allocated_bytes"].as_u64().unwrap() <= block, "{j}");
+    ok(&["compare", p(&src), p(&dst)]);
+    // And back to raw: the target file stays sparse.
+    let back = dir.path().join("back.raw");
+    ok(&["convert", "-O", "raw", p(&dst), p(&back)]);
+    let j = info_json(&back);
+    assert_eq!(j["virtual_size"], 64 * MIB);
+    assert!(j["allocated_bytes"].as_u64().unwrap() <= 2 * MIB, "{j}");
+    assert!(fs::read(&src).unwrap() == fs::read(&back).unwrap());
+}
+
+#[test]
+fn convert_errors() {
+    let dir = tmp();
+    let src = dir.path().join("s.raw");
+    raw_file(&src, MIB, &[]);
+    let e = fails(1, &["convert", "-O", "vhdx", p(&src), p(&src)]);
+    assert!(e.contains("same file"), "{e}");
+    let dst = dir.path().join("d.vhdx");
+    let e = fails(
+        1,
+        &["convert", "-O", "vhdx", "-o", "nope=1", p(&src), p(&dst)],
+    );
+    assert!(e.contains("'nope'"), "{e}");
+    let e = fails(1, &["convert", "-O", "vpc", p(&src), p(&dst)]);
+    assert!(e.contains("VHD support is not implemented yet"), "{e}");
+    let missing = dir.path().join("missing.raw");
+    let e = fails(1, &["convert", "-O", "vhdx", p(&missing), p(&dst)]);
+    assert!(e.contains(p(&missing)), "{e}");
+    // A source size VHDX cannot hold: the error names the target, no file left.
+    let odd = dir.path().join("odd.raw");
+    raw_file(&odd, 1000, &[]);
+    let e = fails(1, &["convert", "-O", "vhdx", p(&odd), p(&dst)]);
+    assert!(e.contains(p(&dst)), "{e}");
+    assert!(!dst.exists());
+}
+
+#[test]
+fn compare_exit_codes() {
+    let dir = tmp();
+    let a = dir.path().join("a.raw");
+    let b = dir.path().join("b.vhdx");
+    raw_file(&a, 8 * MIB, &[(MIB, b"abc")]);
+    ok(&["convert", "-O", "vhdx", "-o", "block_size=1M", p(&a), p(&b)]);
+    let out = run(&["compare", p(&a), p(&b)]);
+    assert_eq!(out.status.code(), Some(0));
+
+    // One byte differs, in a block only the raw image has data in.
+    ok(&["write", p(&b), "3M", "/dev/null"]);
+    let ff = dir.path().join("ff");
+    fs::write(&ff, [0xff]).unwrap();
+    ok(&["write", p(&a), "5242887", p(&ff)]);
+    let out = run(&["compare", p(&a), p(&b)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Content mismatch at offset 5242887!"
+    );
+    // Differing where both have data.
+    ok(&["write", p(&b), "5242887", p(&ff)]);
+    ok(&["compare", p(&a), p(&b)]);
+    ok(&["write", p(&b), "1048577", p(&ff)]);
+    let out = run(&["compare", p(&b), p(&a)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("offset 1048577!"));
+
+    // Sizes differ.
+    let c = dir.path().join("c.raw");
+    raw_file(&c, 4 * MIB, &[]);
+    let out = run(&["compare", p(&a), p(&c)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Image size mismatch!"
+    );
+
+    // Errors: exit 2.
+    let missing = dir.path().join("missing.vhdx");
+    let e = fails(2, &["compare", p(&a), p(&missing)]);
+    assert!(e.contains(p(&missing)), "{e}");
+    fails(2, &["compare", p(&a)]);
+    fails(2, &["compare", "-f", "vhdx", p(&a), p(&b)]);
+}
+
+#[test]
+fn errors_name_the_file() {
+    let dir = tmp();
+    let missing = dir.path().join("nonexistent.vhdx");
+    for args in [
+        vec!["info", p(&missing)],
+        vec!["read", p(&missing), "0", "1"],
+        vec!["write", p(&missing), "0", "/dev/null"],
+    ] {
+        let e = fails(1, &args);
+        assert!(e.starts_with("vdisk: "), "{e}");
+        assert!(e.contains(p(&missing)), "{e}");
+        assert!(e.contains("No such file"), "{e}");
+        assert_eq!(e.matches("No such file").count(), 1, "{e}");
+    }
+
+    // Garbage read as VHDX (forced, or because it claims to be one).
+    let garbage = dir.path().join("garbage.bin");
+    fs::write(&garbage, pattern(1 << 20, 5)).unwrap();
+    let e = fails(1, &["info", "-f", "vhdx", p(&garbage)]);
+    assert!(e.contains(p(&garbage)), "{e}");
+    assert!(e.contains("vhdxfile"), "{e}");
+    let fake = dir.path().join("fake.vhdx");
+    let mut bytes = b"vhdxfile".to_vec();
+    bytes.extend(pattern(1 << 20, 6));
+    fs::write(&fake, bytes).unwrap();
+    let e = fails(1, &["info", p(&fake)]);
+    assert!(e.contains(p(&fake)), "{e}");
+    assert!(e.contains("corrupt"), "{e}");
+    // Without -f, garbage is a raw image.
+    assert_eq!(info_json(&garbage)["format"], "raw");
+
+    // A VHD is recognised but not supported yet.
+    let vhd = dir.path().join("disk.vhd");
+    fs::write(&vhd, b"conectix and more").unwrap();
+    let e = fails(1, &["info", p(&vhd)]);
+    assert!(e.contains("VHD support is not implemented yet"), "{e}");
+}
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    for cmd in ["info", "create", "convert", "compare", "read", "write"] {
+        let out = ok(&[cmd, "--help"]);
+        assert!(out.contains("Example"), "{cmd}: {out}");
+        assert!(out.contains(&format!("vdisk {cmd} ")), "{cmd}: {out}");
+    }
+    fails(1, &["frobnicate"]);
+}
+
+#[test]
+fn info_dirty_log_is_replayed_in_memory() {
+    use disk::VirtualDisk;
+    let dir = tmp();
+    let img = dir.path().join("dirty.vhdx");
+    let d = vhdx::Vhdx::create(&img, &vhdx::CreateOptions::new(64 * MIB), false).unwrap();
+    d.write_at(b"data", MIB).unwrap();
+    d.flush().unwrap();
+    // Crash: no clean close, the log still holds the BAT update.
+    std::mem::forget(d);
+    let human = ok(&["info", p(&img)]);
+    assert!(human.contains("log: dirty ("), "{human}");
+    assert!(human.contains("replayed in memory)"), "{human}");
+    let j = info_json(&img);
+    assert_eq!(j["log"], "dirty");
+    assert_eq!(j["allocated_bytes"], 32 * MIB);
+    let out = vdisk().args(["read", p(&img), "1M", "4"]).output().unwrap();
+    assert_eq!(out.stdout, b"data");
+}
+
+#[test]
+fn info_differencing_disk_without_parent() {
+    use vhdx::parent_locator::{ParentLocator, VHDX_PARENT_LOCATOR_TYPE};
+    let dir = tmp();
+    let img = dir.path().join("child.vhdx");
+    vhdx::Vhdx::create(&img, &vhdx::CreateOptions::new(64 * MIB), false)
+        .unwrap()
+        .close()
+        .unwrap();
+    // Turn it into a differencing disk whose parent does not exist.
+    let info = vhdx::Vhdx::inspect(&img).unwrap();
+    let region = info
+        .regions
+        .iter()
+        .find(|r| r.guid == vhdx::region_table::METADATA_REGION)
+        .unwrap();
+    let mut m = info.metadata.clone();
+    m.file_parameters.has_parent = true;
+    m.parent_locator = Some(ParentLocator {
+        locator_type: VHDX_PARENT_LOCATOR_TYPE,
+        entries: vec![
+            (
+                "parent_linkage".into(),
+                "{83f8638b-8dca-4152-9eda-2ca8b33039b4}".into(),
+            ),
+            ("relative_path".into(), ".\\base.vhdx".into()),
+        ],
+    });
+    let bytes = m.build_region(region.length).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&bytes, region.file_offset)
+        .unwrap();
+
+    let j = info_json(&img);
+    assert_eq!(j["subformat"], "differencing");
+    assert_eq!(j["parent"]["relative_path"], ".\\base.vhdx");
+    assert_eq!(
+        j["parent"]["parent_linkage"],
+        "{83f8638b-8dca-4152-9eda-2ca8b33039b4}"
+    );
+    assert!(j["allocated_bytes"].is_null());
+    let human = ok(&["info", p(&img)]);
+    assert!(human.contains("subformat: differencing"), "{human}");
+    assert!(human.contains("relative_path=.\\base.vhdx"), "{human}");
+    // Reading it needs the parent: a clear error naming the file.
+    let e = fails(1, &["read", p(&img), "0", "1"]);
+    assert!(e.contains(p(&img)), "{e}");
+}
+
+fn qemu_img() -> Option<PathBuf> {
+    let q = PathBuf::from("/usr/bin/qemu-img");
+    if q.exists() {
+        Some(q)
+    } else {
+        println!("qemu-img not found at /usr/bin/qemu-img: skipping the interop test");
+        None
+    }
+}
+
+#[test]
+fn qemu_img_accepts_converted_vhdx() {
+    let Some(qemu) = qemu_img() else { return };
+    let dir = tmp();
+    let src = dir.path().join("src.raw");
+    let data = pattern(2 * MIB as usize + 5, 9);
+    raw_file(
+        &src,
+        80 * MIB,
+        &[(3 * MIB + 1, &data), (70 * MIB, &data[..4096])],
+    );
+    for (name, opts) in [
+        ("dyn.vhdx", ""),
+        ("small.vhdx", "block_size=1M"),
+        ("fixed.vhdx", "subformat=fixed"),
+    ] {
+        let dst = dir.path().join(name);
+        ok(&["convert", "-O", "vhdx", "-o", opts, p(&src), p(&dst)]);
+        let check = Command::new(&qemu)
+            .args(["check", p(&dst)])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "qemu-img check {name}: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let cmp = Command::new(&qemu)
+            .args(["compare", "-f", "raw", "-F", "vhdx", p(&src), p(&dst)])
+            .output()
+            .unwrap();
+        assert!(
+            cmp.status.success(),
+            "qemu-img compare {name}: {}{}",
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+    }
+    // And the other way: a VHDX written by qemu-img reads back identically.
+    let theirs = dir.path().join("qemu.vhdx");
+    let st = Command::new(&qemu)
+        .args(["convert", "-f", "raw", "-O", "vhdx", p(&src), p(&theirs)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(&["compare", p(&src), p(&theirs)]);
+}
