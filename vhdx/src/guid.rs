@@ -77,6 +77,63 @@ pub(crate) fn show_signature(sig: &[u8]) -> String {
     sig.escape_ascii().to_string()
 }
 
+/// The common start of parsing a checksummed structure: `buf` must hold
+/// `size` bytes, begin with `signature`, and carry a valid CRC-32C at
+/// `checksum_at` (computed with that field as zero). Returns `buf[..size]`.
+pub(crate) fn checked_structure<'a>(
+    buf: &'a [u8],
+    name: &'static str,
+    size: usize,
+    signature: &[u8],
+    checksum_at: usize,
+) -> crate::Result<&'a [u8]> {
+    let Some(buf) = buf.get(..size) else {
+        return Err(crate::Error::corrupt(
+            name,
+            0,
+            format!("structure truncated: {} bytes, need {size}", buf.len()),
+        ));
+    };
+    if buf[..signature.len()] != *signature {
+        return Err(crate::Error::corrupt(
+            name,
+            0,
+            format!(
+                "bad signature \"{}\" (expected \"{}\")",
+                show_signature(&buf[..signature.len()]),
+                show_signature(signature)
+            ),
+        ));
+    }
+    let stored = le_u32(buf, checksum_at);
+    let computed = crc32c_zeroed(buf, checksum_at);
+    if stored != computed {
+        return Err(crate::Error::corrupt(
+            name,
+            checksum_at as u64,
+            format!("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Test support: a structure sample from `../shared/corpus/structs`, or
+/// `None` (with a message) when the corpus is absent.
+#[cfg(test)]
+pub(crate) fn corpus_struct(name: &str) -> Option<Vec<u8>> {
+    let path = format!(
+        "{}/../../shared/corpus/structs/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    match std::fs::read(&path) {
+        Ok(b) => Some(b),
+        Err(_) => {
+            eprintln!("skipping: {path} not found");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

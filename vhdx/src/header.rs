@@ -8,8 +8,8 @@
 //! 4 KiB with the checksum field taken as zero.
 
 use crate::guid::{
-    crc32c_zeroed, is_aligned, le_u16, le_u32, le_u64, put_u16, put_u32, put_u64, read_guid,
-    show_signature, write_guid,
+    checked_structure, crc32c_zeroed, is_aligned, le_u16, le_u32, le_u64, put_u16, put_u32,
+    put_u64, read_guid, write_guid,
 };
 use crate::{Error, Result};
 use uuid::Uuid;
@@ -54,36 +54,7 @@ impl Header {
 
     /// Parse and fully validate one header from `buf[..4096]`.
     pub fn parse(buf: &[u8]) -> Result<Self> {
-        let Some(buf) = buf.get(..Self::SIZE) else {
-            return Err(Error::corrupt(
-                NAME,
-                0,
-                format!(
-                    "structure truncated: {} bytes, need {}",
-                    buf.len(),
-                    Self::SIZE
-                ),
-            ));
-        };
-        if buf[..4] != SIGNATURE {
-            return Err(Error::corrupt(
-                NAME,
-                0,
-                format!(
-                    "bad signature \"{}\" (expected \"head\")",
-                    show_signature(&buf[..4])
-                ),
-            ));
-        }
-        let stored = le_u32(buf, CHECKSUM_AT);
-        let computed = crc32c_zeroed(buf, CHECKSUM_AT);
-        if stored != computed {
-            return Err(Error::corrupt(
-                NAME,
-                CHECKSUM_AT as u64,
-                format!("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"),
-            ));
-        }
+        let buf = checked_structure(buf, NAME, Self::SIZE, &SIGNATURE, CHECKSUM_AT)?;
         let h = Header {
             sequence_number: le_u64(buf, 8),
             file_write_guid: read_guid(buf, 16),

@@ -794,23 +794,9 @@ mod tests {
         assert!(e.to_string().contains(&want), "{e}");
     }
 
-    fn corpus(name: &str) -> Option<Vec<u8>> {
-        let path = format!(
-            "{}/../../shared/corpus/structs/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        match std::fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(_) => {
-                eprintln!("skipping: {path} not found");
-                None
-            }
-        }
-    }
-
     #[test]
     fn corpus_table_header_and_entry() {
-        if let Some(h) = corpus("metadata_table_header.1") {
+        if let Some(h) = crate::guid::corpus_struct("metadata_table_header.1") {
             assert_eq!(&h[..8], b"metadata");
             assert_eq!(le_u16(&h, 10), 5);
             // A table of five zeroed entries after this header parses.
@@ -819,7 +805,7 @@ mod tests {
             let e = MetadataTable::parse(&buf, MIB as u64).unwrap_err();
             assert!(e.to_string().contains("listed twice"), "{e}");
         }
-        if let Some(e) = corpus("metadata_table_entry.1") {
+        if let Some(e) = crate::guid::corpus_struct("metadata_table_entry.1") {
             let raw: &[u8; ENTRY_SIZE] = e[..ENTRY_SIZE].try_into().unwrap();
             let e = MetadataEntry::parse(raw);
             assert_eq!(

@@ -349,30 +349,16 @@ mod tests {
         assert!(p.validate().is_err());
     }
 
-    fn corpus(name: &str) -> Option<Vec<u8>> {
-        let path = format!(
-            "{}/../../shared/corpus/structs/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        match std::fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(_) => {
-                eprintln!("skipping: {path} not found");
-                None
-            }
-        }
-    }
-
     #[test]
     fn corpus_header_and_entry() {
-        if let Some(h) = corpus("parent_locator_header.1") {
+        if let Some(h) = crate::guid::corpus_struct("parent_locator_header.1") {
             assert_eq!(read_guid(&h, 0), VHDX_PARENT_LOCATOR_TYPE);
             assert_eq!(le_u16(&h, 16), 0);
             assert_eq!(le_u16(&h, 18), 5);
             // With five entries the strings start right after the table, at 80.
             assert_eq!(HEADER_SIZE + 5 * ENTRY_SIZE, 0x50);
         }
-        if let Some(e) = corpus("parent_locator_entry.1") {
+        if let Some(e) = crate::guid::corpus_struct("parent_locator_entry.1") {
             let raw: &[u8; ENTRY_SIZE] = e[..ENTRY_SIZE].try_into().unwrap();
             let e = LocatorEntry::parse(raw);
             assert_eq!(

@@ -8,7 +8,7 @@
 //! the u32 at 28).
 
 use crate::guid::{
-    crc32c_zeroed, is_aligned, le_u32, le_u64, put_u32, put_u64, read_guid, show_signature,
+    checked_structure, crc32c_zeroed, is_aligned, le_u32, le_u64, put_u32, put_u64, read_guid,
     write_guid,
 };
 use crate::{Error, Result};
@@ -129,36 +129,7 @@ impl RegionTable {
     /// optional regions are kept in `entries` (the driver must not allocate
     /// over them).
     pub fn parse(buf: &[u8]) -> Result<Self> {
-        let Some(buf) = buf.get(..Self::SIZE) else {
-            return Err(Error::corrupt(
-                NAME,
-                0,
-                format!(
-                    "structure truncated: {} bytes, need {}",
-                    buf.len(),
-                    Self::SIZE
-                ),
-            ));
-        };
-        if buf[..4] != SIGNATURE {
-            return Err(Error::corrupt(
-                NAME,
-                0,
-                format!(
-                    "bad signature \"{}\" (expected \"regi\")",
-                    show_signature(&buf[..4])
-                ),
-            ));
-        }
-        let stored = le_u32(buf, CHECKSUM_AT);
-        let computed = crc32c_zeroed(buf, CHECKSUM_AT);
-        if stored != computed {
-            return Err(Error::corrupt(
-                NAME,
-                CHECKSUM_AT as u64,
-                format!("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"),
-            ));
-        }
+        let buf = checked_structure(buf, NAME, Self::SIZE, &SIGNATURE, CHECKSUM_AT)?;
         let count = le_u32(buf, 8);
         if count > MAX_ENTRIES {
             return Err(Error::corrupt(
@@ -382,24 +353,10 @@ mod tests {
             .contains("EntryCount 2048"));
     }
 
-    fn corpus(name: &str) -> Option<Vec<u8>> {
-        let path = format!(
-            "{}/../../shared/corpus/structs/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        match std::fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(_) => {
-                eprintln!("skipping: {path} not found");
-                None
-            }
-        }
-    }
-
     #[test]
     fn corpus_region_table() {
         // The sample holds the used prefix of a table; the rest is zero.
-        let Some(prefix) = corpus("region_table.1") else {
+        let Some(prefix) = crate::guid::corpus_struct("region_table.1") else {
             return;
         };
         let mut buf = vec![0u8; RegionTable::SIZE];
@@ -413,12 +370,12 @@ mod tests {
 
     #[test]
     fn corpus_region_table_header_and_entry() {
-        if let Some(h) = corpus("region_table_header.1") {
+        if let Some(h) = crate::guid::corpus_struct("region_table_header.1") {
             assert_eq!(&h[..4], b"regi");
             assert_eq!(le_u32(&h, 4), 0xc66b_8cae);
             assert_eq!(le_u32(&h, 8), 2);
         }
-        if let Some(e) = corpus("region_table_entry.1") {
+        if let Some(e) = crate::guid::corpus_struct("region_table_entry.1") {
             let raw: &[u8; ENTRY_SIZE] = e[..ENTRY_SIZE].try_into().unwrap();
             let e = RegionEntry::parse(raw);
             assert_eq!(e, entry(BAT_REGION, 3, 1));
