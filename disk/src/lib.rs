@@ -22,6 +22,8 @@ mod error;
 pub mod fault;
 mod raw;
 mod storage;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod virtual_disk;
 
 pub use error::{Error, ErrorKind, Result, ResultExt};

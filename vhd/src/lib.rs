@@ -1,4 +1,24 @@
-//! Microsoft VHD (Virtual Hard Disk Image Format Specification, 2006).
+//! Read and write Microsoft VHD (Virtual Hard Disk Image Format
+//! Specification, 2006) images: fixed and dynamic disks. Differencing disks
+//! are parsed (for `info`) but not opened for I/O yet.
+//!
+//! ```
+//! use disk::{MemStorage, VirtualDisk};
+//! use vhd::{CreateOptions, Vhd};
+//! let disk = Vhd::create_on(Box::new(MemStorage::new("doc.vhd")), &CreateOptions::new(64 << 20)).unwrap();
+//! disk.write_at(b"hello", 1 << 20).unwrap();
+//! disk.flush().unwrap();
+//! let mut buf = [0u8; 5];
+//! disk.read_at(&mut buf, 1 << 20).unwrap();
+//! assert_eq!(&buf, b"hello");
+//! ```
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bat;
+pub mod dynamic_header;
+pub mod footer;
+mod image;
 
 pub use disk::{Error, ErrorKind, Result};
+pub use image::{CreateOptions, FooterSource, Info, OpenOptions, Vhd, MAX_VIRTUAL_SIZE};

@@ -12,17 +12,17 @@ use vhdx::{OpenOptions, Vhdx};
 fn check_image(src: &Path, tmp: &Path) {
     let img = decompress(src, tmp);
     let name = img.file_name().unwrap().to_string_lossy().into_owned();
-    let before = file_crc(&img);
+    let before = file_hash(&img);
 
     // Our read-only view (a dirty log is replayed in memory only).
     let d = Vhdx::open(&img, &OpenOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let dirty = d.info().log_replayed;
     let ours = tmp.join(format!("{name}.ours.raw"));
-    dump_raw(&d, &ours);
+    dump_raw(&d, &ours, d.virtual_size());
     drop(d);
     assert_eq!(
         before,
-        file_crc(&img),
+        file_hash(&img),
         "{name}: read-only open changed the file"
     );
 
@@ -64,7 +64,7 @@ fn check_image(src: &Path, tmp: &Path) {
         assert!(!d.info().log_replayed, "{name}: log not empty after replay");
         assert!(d.info().header.log_guid.is_nil());
         let after = tmp.join(format!("{name}.replayed.raw"));
-        dump_raw(&d, &after);
+        dump_raw(&d, &after, d.virtual_size());
         if let Err(e) = qemu_compare(&after, "raw", &theirs, "raw") {
             panic!("{name}: after writable replay: {e}");
         }

@@ -9,18 +9,6 @@ use vhdx::{CreateOptions, OpenOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// qemu-img creates (and qemu-io writes), we read the same bytes.
 #[test]
 fn qemu_made_images_read_identically() {

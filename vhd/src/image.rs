@@ -1,0 +1,1263 @@
+//! An open VHD image: open, create, the block mapping, allocation, flush and
+//! close.
+//!
+//! # Layout
+//! - Fixed: the virtual disk's bytes from offset 0, then the footer.
+//! - Dynamic: a footer copy at 0, the dynamic disk header at the footer's
+//!   data offset, the BAT, then blocks (sector bitmap + data) in allocation
+//!   order, then the footer. New blocks go where the trailing footer is.
+//!
+//! # Write protocol and why each sync is there
+//! The in-memory BAT and sector bitmaps are the truth while the image is
+//! open; the BAT on disk only ever points at blocks that are durable.
+//!
+//! Allocating block `b` (under the state lock), with `E` the offset of the
+//! trailing footer and `E' = E + bitmap + block_size`:
+//! 1. write the footer at `E'` (the file grows; the new block reads as zeros);
+//! 2. **sync**: the file's tail must already be a valid footer before any
+//!    byte of the new block can reach the disk. Otherwise a power cut could
+//!    persist the block's bitmap (which overwrites the old footer) or data
+//!    (which extends the file) without the new footer, leaving no footer at
+//!    the end of the file. This is the one sync per allocation, and the only
+//!    sync outside `flush`.
+//! 3. write the block's sector bitmap at `E`, all ones (the block is
+//!    zero-filled, so for a disk without a parent every sector is present);
+//! 4. set `BAT[b] = E / 512` in memory only (the BAT sector is dirty).
+//!
+//! Writing to an allocated block whose bitmap has zero bits (images made by
+//! other tools) merges partly covered sectors with their current (zero)
+//! contents and sets the bits in an in-memory copy of the bitmap.
+//!
+//! `flush` (under the flush lock): snapshot the dirty BAT sectors and
+//! bitmaps, **sync** (every payload write, bitmap and footer the snapshot
+//! refers to is now durable: a BAT entry or bitmap bit must never reach the
+//! disk before the data it describes), write the snapshot, **sync** (the
+//! flush's promise). A power cut before the second sync leaves each BAT
+//! entry either old (unallocated: the unflushed writes are lost, the block's
+//! space leaks) or new (pointing at a durable block): either way the image
+//! opens and every write acknowledged by an earlier flush reads back.
+//!
+//! `discard` is a no-op: VHD has no way to deallocate a block without
+//! moving others, and zeroing would not free space.
+//!
+//! # Locks
+//! `flush_lock` → `state`. Payload reads and writes hold no lock.
+
+use crate::bat::{self, Bat, SECTOR, UNALLOCATED};
+use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::footer::{
+    fourcc, ChsGeometry, DiskType, Footer, FEATURES_RESERVED, FIXED_DATA_OFFSET, FOOTER_SIZE,
+    OLD_FOOTER_SIZE, VERSION,
+};
+use crate::{Error, Result};
+use disk::{
+    Extent, FileOffset, FileStorage, Geometry, Mapping, ResultExt, Storage, VirtualDisk,
+    WriteExtent,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use uuid::Uuid;
+
+const MIB: u64 = 1 << 20;
+/// The largest virtual size this library creates: 2040 GiB, the limit of
+/// the format as Virtual PC, Virtual Server and Hyper-V implement it.
+pub const MAX_VIRTUAL_SIZE: u64 = 2040 << 30;
+/// Largest parent locator we read (real ones are a few hundred bytes).
+const MAX_LOCATOR: u32 = 64 * 1024;
+/// BAT entries per 512-byte BAT sector.
+const ENTRIES_PER_SECTOR: u64 = SECTOR / 4;
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open for writing.
+    pub writable: bool,
+}
+
+/// How to create an image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes, at most [`MAX_VIRTUAL_SIZE`]. Unless `azure`,
+    /// it is rounded up to the next size a CHS geometry describes exactly
+    /// (as Virtual PC and `qemu-img` do), so that every reader agrees on it.
+    pub virtual_size: u64,
+    /// Fixed (data stored flat) or dynamic.
+    pub fixed: bool,
+    /// Dynamic disks: bytes per block, a power of two from 4 KiB to 256 MiB
+    /// (default 2 MiB, the only size Windows creates).
+    pub block_size: u32,
+    /// Azure mode: a fixed disk whose virtual size is a whole number of MiB
+    /// and whose footer current size is exactly that size (no CHS rounding).
+    /// Sizes that are not a whole number of MiB are refused.
+    pub azure: bool,
+}
+
+impl CreateOptions {
+    /// Dynamic, 2 MiB blocks.
+    pub fn new(virtual_size: u64) -> Self {
+        CreateOptions {
+            virtual_size,
+            fixed: false,
+            block_size: 2 * MIB as u32,
+            azure: false,
+        }
+    }
+}
+
+/// Where the footer in use was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FooterSource {
+    /// The last 512 bytes of the file.
+    End,
+    /// The last 511 bytes (images made before Virtual PC 2004).
+    End511,
+    /// The trailing footer is damaged; the copy at offset 0 of a dynamic
+    /// disk is used and the image is read-only.
+    CopyAtStart,
+}
+
+/// What `info` shows about an image.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// The footer in use.
+    pub footer: Footer,
+    /// Its file offset.
+    pub footer_offset: u64,
+    /// Where it came from.
+    pub footer_source: FooterSource,
+    /// The dynamic disk header (dynamic and differencing disks).
+    pub header: Option<DynamicHeader>,
+    /// The virtual size ([`Footer::disk_size`]).
+    pub virtual_size: u64,
+    /// File length in bytes at open.
+    pub file_size: u64,
+    /// Allocated blocks at open (dynamic and differencing disks).
+    pub allocated_blocks: u64,
+    /// Differencing disks: the parent paths the locators name, with their
+    /// platform codes.
+    pub parent_locators: Vec<(String, String)>,
+    /// Anomalies that did not prevent opening (e.g. a damaged trailing footer).
+    pub warnings: Vec<String>,
+}
+
+impl Info {
+    /// "fixed", "dynamic" or "differencing".
+    pub fn subformat(&self) -> &'static str {
+        self.footer.disk_type.name()
+    }
+
+    /// The block size of a dynamic or differencing disk.
+    pub fn block_size(&self) -> Option<u32> {
+        self.header.as_ref().map(|h| h.block_size)
+    }
+}
+
+struct Overlay {
+    bits: Vec<u8>,
+    dirty: bool,
+}
+
+struct DynState {
+    bat: Bat,
+    /// Per block: its bitmap is known to mark every sector present.
+    full: Vec<bool>,
+    /// Bitmaps changed in memory (bits set by writes), by block.
+    overlay: HashMap<u64, Overlay>,
+    /// BAT sectors (index = entry / 128) changed in memory.
+    dirty_bat: BTreeSet<u64>,
+    /// Offset of the trailing footer: where the next block goes.
+    end: u64,
+}
+
+struct Dyn {
+    table_offset: u64,
+    block_size: u64,
+    bitmap_size: u64,
+    state: Mutex<DynState>,
+}
+
+/// An open VHD image. `Send + Sync`; see the module docs for the write
+/// protocol.
+pub struct Vhd {
+    storage: Box<dyn Storage>,
+    writable: bool,
+    read_only_reason: Option<String>,
+    footer_bytes: [u8; FOOTER_SIZE],
+    virtual_size: u64,
+    dynamic: Option<Dyn>,
+    flush_lock: Mutex<()>,
+    closed: AtomicBool,
+    info: Info,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_vec(storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let n = usize::try_from(len).map_err(|_| Error::invalid("read too large"))?;
+    let mut v = vec![0u8; n];
+    storage.read_at(&mut v, offset)?;
+    Ok(v)
+}
+
+fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
+    a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
+/// Whether sectors `[0, n)` are all marked present.
+fn all_set(bits: &[u8], n: u64) -> bool {
+    let whole = usize::try_from(n / 8).unwrap_or(usize::MAX);
+    match bits.get(..whole) {
+        Some(b) if b.iter().all(|&x| x == 0xff) => (whole as u64 * 8..n).all(|i| bat::bit(bits, i)),
+        _ => false,
+    }
+}
+
+impl Vhd {
+    /// Open the VHD file at `path`.
+    ///
+    /// # Errors
+    /// The file cannot be opened, is not a VHD, is corrupt, or is a
+    /// differencing disk (not supported yet: the error says whether its
+    /// parent was found).
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
+        let storage = FileStorage::open(path.as_ref(), opts.writable)?;
+        Self::open_storage(Box::new(storage), opts)
+    }
+
+    /// Open a VHD on any storage.
+    ///
+    /// # Errors
+    /// As [`Vhd::open`].
+    pub fn open_storage(storage: Box<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
+        Self::open_inner(storage, opts, false)
+    }
+
+    /// Read an image's footer, header and BAT without opening it for I/O:
+    /// works for differencing disks too.
+    ///
+    /// # Errors
+    /// Not a VHD, or corrupt structures.
+    pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
+        let storage = FileStorage::open(path.as_ref(), false)?;
+        let v = Self::open_inner(Box::new(storage), &OpenOptions::default(), true)?;
+        Ok(v.info.clone())
+    }
+
+    /// Find the footer: the last 512 bytes, else the last 511, else (dynamic
+    /// disks) the copy at offset 0.
+    fn find_footer(
+        storage: &dyn Storage,
+        file_len: u64,
+    ) -> Result<(Footer, u64, FooterSource, Vec<String>)> {
+        let name = storage.name();
+        if file_len < OLD_FOOTER_SIZE as u64 {
+            return Err(Error::corrupt(
+                "VHD footer",
+                0,
+                format!("file is {file_len} bytes, too short to hold a VHD footer"),
+            )
+            .in_file(name, 0));
+        }
+        let tail_len = file_len.min(FOOTER_SIZE as u64);
+        let tail_off = file_len - tail_len;
+        let tail = read_vec(storage, tail_off, tail_len)?;
+        let first_err = match Footer::parse(&tail) {
+            Ok(f) if tail.len() == FOOTER_SIZE => {
+                return Ok((f, tail_off, FooterSource::End, vec![]))
+            }
+            Ok(_) => None,
+            Err(e) => Some(e.in_file(name, tail_off)),
+        };
+        if let Some(t511) = tail.get(tail.len().saturating_sub(OLD_FOOTER_SIZE)..) {
+            if let Ok(f) = Footer::parse(t511) {
+                return Ok((
+                    f,
+                    file_len - OLD_FOOTER_SIZE as u64,
+                    FooterSource::End511,
+                    vec![],
+                ));
+            }
+        }
+        let first_err = first_err.unwrap_or_else(|| {
+            Error::corrupt("VHD footer", 0, "no valid footer at the end of the file")
+                .in_file(name, tail_off)
+        });
+        if file_len >= 2 * FOOTER_SIZE as u64 {
+            let head = read_vec(storage, 0, FOOTER_SIZE as u64)?;
+            if let Ok(f) = Footer::parse(&head) {
+                if f.disk_type != DiskType::Fixed {
+                    let w = format!(
+                        "the trailing footer is damaged ({first_err}); using the footer copy at \
+                         offset 0, read-only"
+                    );
+                    return Ok((f, 0, FooterSource::CopyAtStart, vec![w]));
+                }
+            }
+        }
+        Err(first_err)
+    }
+
+    fn open_inner(
+        storage: Box<dyn Storage>,
+        opts: &OpenOptions,
+        inspect_only: bool,
+    ) -> Result<Self> {
+        let name = storage.name().to_string();
+        let file_len = storage.len()?;
+        let (footer, footer_offset, source, mut warnings) = Self::find_footer(&*storage, file_len)?;
+        let mut writable = opts.writable && storage.is_writable();
+        let mut read_only_reason = None;
+        if source == FooterSource::CopyAtStart {
+            writable = false;
+            read_only_reason = warnings.first().cloned();
+        }
+        let virtual_size = footer.disk_size();
+        // Where the payload area ends (the trailing footer, or the file end).
+        let end = if source == FooterSource::CopyAtStart {
+            file_len
+        } else {
+            footer_offset
+        };
+        let mut info = Info {
+            footer: footer.clone(),
+            footer_offset,
+            footer_source: source,
+            header: None,
+            virtual_size,
+            file_size: file_len,
+            allocated_blocks: 0,
+            parent_locators: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let mut footer_bytes = [0u8; FOOTER_SIZE];
+        footer.clone().write_to(&mut footer_bytes);
+
+        let dynamic = match footer.disk_type {
+            DiskType::Fixed => {
+                if virtual_size > end {
+                    return Err(Error::corrupt(
+                        "VHD footer",
+                        48,
+                        format!(
+                            "disk size {virtual_size} exceeds the {end} bytes of data before the footer"
+                        ),
+                    )
+                    .in_file(&name, footer_offset));
+                }
+                None
+            }
+            DiskType::Dynamic | DiskType::Differencing => {
+                let hdr_off = footer.data_offset;
+                if hdr_off >= FOOTER_SIZE as u64 && hdr_off < end {
+                    if let Some(e) = truncated_header_error(&*storage, hdr_off, end, file_len)? {
+                        return Err(e);
+                    }
+                }
+                if hdr_off < FOOTER_SIZE as u64
+                    || hdr_off
+                        .checked_add(HEADER_SIZE as u64)
+                        .is_none_or(|e| e > end)
+                {
+                    return Err(Error::corrupt(
+                        "VHD footer",
+                        16,
+                        format!(
+                            "data offset {hdr_off:#x}: the dynamic disk header would lie outside \
+                             the file's {end:#x} bytes before the footer"
+                        ),
+                    )
+                    .in_file(&name, footer_offset));
+                }
+                let hbuf = read_vec(&*storage, hdr_off, HEADER_SIZE as u64)?;
+                let header = DynamicHeader::parse(&hbuf).in_file(&name, hdr_off)?;
+                info.header = Some(header.clone());
+                let hcorrupt = |field_off: u64, msg: String| {
+                    Error::corrupt("VHD dynamic disk header", field_off, msg)
+                        .in_file(&name, hdr_off)
+                };
+                let bs = u64::from(header.block_size);
+                let needed = virtual_size.div_ceil(bs);
+                let entries = u64::from(header.max_table_entries);
+                if entries < needed {
+                    return Err(hcorrupt(
+                        28,
+                        format!(
+                            "max table entries {entries} is too small: a {virtual_size}-byte disk \
+                             with {bs}-byte blocks needs {needed}"
+                        ),
+                    ));
+                }
+                let table_off = header.table_offset;
+                let table_bytes = entries * 4;
+                if table_off < FOOTER_SIZE as u64
+                    || table_off.checked_add(table_bytes).is_none_or(|e| e > end)
+                {
+                    return Err(hcorrupt(
+                        28,
+                        format!(
+                            "max table entries {entries:#x} ({table_bytes} bytes of BAT at table \
+                             offset {table_off:#x}) does not fit in the file ({file_len} bytes)"
+                        ),
+                    ));
+                }
+                let plausible = needed.max((2u64 << 40) / bs).saturating_mul(2);
+                if entries > plausible {
+                    return Err(hcorrupt(
+                        28,
+                        format!(
+                            "max table entries {entries:#x} is far beyond the {needed} blocks a \
+                             {virtual_size}-byte disk needs"
+                        ),
+                    ));
+                }
+                if overlaps(table_off, table_bytes, hdr_off, HEADER_SIZE as u64) {
+                    return Err(hcorrupt(
+                        16,
+                        format!("the BAT at {table_off:#x} overlaps the dynamic disk header"),
+                    ));
+                }
+                // Only the entries the disk uses are kept (bounded by the file).
+                let tbuf = read_vec(&*storage, table_off, needed * 4)?;
+                let batv = Bat::parse(&tbuf).in_file(&name, table_off)?;
+                let bm = bat::bitmap_size(header.block_size);
+                let mut allocated = 0u64;
+                let mut max_end = table_off + table_bytes;
+                for (i, &e) in batv.entries.iter().enumerate() {
+                    if e == UNALLOCATED {
+                        continue;
+                    }
+                    allocated += 1;
+                    let start = u64::from(e) * SECTOR;
+                    let len = bm + bs;
+                    let bad = if start < FOOTER_SIZE as u64 {
+                        Some("overlaps the footer copy at offset 0".to_string())
+                    } else if start.checked_add(len).is_none_or(|x| x > end) {
+                        Some(format!(
+                            "extends past the end of the data area ({end:#x}, where the footer is)"
+                        ))
+                    } else if overlaps(start, len, hdr_off, HEADER_SIZE as u64) {
+                        Some("overlaps the dynamic disk header".to_string())
+                    } else if overlaps(start, len, table_off, table_bytes) {
+                        Some("overlaps the BAT".to_string())
+                    } else {
+                        None
+                    };
+                    if let Some(why) = bad {
+                        return Err(Error::corrupt(
+                            "VHD BAT",
+                            table_off + i as u64 * 4,
+                            format!("block {i} at sector {e:#x} (offset {start:#x}) {why}"),
+                        )
+                        .in_file(&name, 0));
+                    }
+                    max_end = max_end.max(start + len);
+                }
+                info.allocated_blocks = allocated;
+                if footer.disk_type == DiskType::Differencing {
+                    info.parent_locators = read_locators(&*storage, &header, file_len);
+                    if !inspect_only {
+                        return Err(differencing_error(&name, &header, &info.parent_locators));
+                    }
+                }
+                let nblocks = batv.len();
+                Some(Dyn {
+                    table_offset: table_off,
+                    block_size: bs,
+                    bitmap_size: bm,
+                    state: Mutex::new(DynState {
+                        bat: batv,
+                        full: vec![false; nblocks],
+                        overlay: HashMap::new(),
+                        dirty_bat: BTreeSet::new(),
+                        end: end.div_ceil(SECTOR).max(max_end.div_ceil(SECTOR)) * SECTOR,
+                    }),
+                })
+            }
+        };
+        warnings.append(&mut info.warnings);
+        info.warnings = warnings;
+        Ok(Vhd {
+            storage,
+            writable,
+            read_only_reason,
+            footer_bytes,
+            virtual_size,
+            dynamic,
+            flush_lock: Mutex::new(()),
+            closed: AtomicBool::new(false),
+            info,
+        })
+    }
+
+    /// Create a new VHD file at `path` (failing if it exists unless
+    /// `overwrite`).
+    ///
+    /// # Errors
+    /// Invalid options (size 0 or above 2040 GiB, bad block size, an Azure
+    /// size that is not a whole number of MiB), or I/O errors.
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions, overwrite: bool) -> Result<Self> {
+        validate_create(opts).map_err(|e| e.in_file(&path.as_ref().display().to_string(), 0))?;
+        let storage = FileStorage::create(path.as_ref(), overwrite)?;
+        Self::create_on(Box::new(storage), opts)
+    }
+
+    /// Create a new VHD on empty storage; the image is open read-write.
+    ///
+    /// # Errors
+    /// As [`Vhd::create`].
+    pub fn create_on(storage: Box<dyn Storage>, opts: &CreateOptions) -> Result<Self> {
+        let name = storage.name().to_string();
+        validate_create(opts).in_file(&name, 0)?;
+        let (size, geometry) = if opts.azure {
+            (
+                opts.virtual_size,
+                ChsGeometry::from_sectors(opts.virtual_size / SECTOR),
+            )
+        } else {
+            ChsGeometry::round_up(opts.virtual_size)
+        };
+        let mut footer = Footer {
+            features: FEATURES_RESERVED,
+            version: VERSION,
+            data_offset: if opts.fixed {
+                FIXED_DATA_OFFSET
+            } else {
+                FOOTER_SIZE as u64
+            },
+            timestamp: Footer::now_timestamp(),
+            creator_application: *b"vdsk",
+            creator_version: (env!("CARGO_PKG_VERSION_MAJOR").parse::<u32>().unwrap_or(0) << 16)
+                | env!("CARGO_PKG_VERSION_MINOR").parse::<u32>().unwrap_or(0),
+            creator_host_os: *b"Wi2k",
+            original_size: size,
+            current_size: size,
+            geometry,
+            disk_type: if opts.fixed {
+                DiskType::Fixed
+            } else {
+                DiskType::Dynamic
+            },
+            checksum: 0,
+            unique_id: Uuid::new_v4(),
+            saved_state: 0,
+        };
+        let mut fbuf = [0u8; FOOTER_SIZE];
+        footer.write_to(&mut fbuf);
+        storage.set_len(0)?;
+        if opts.fixed {
+            storage.set_len(size)?;
+            storage.write_at(&fbuf, size)?;
+        } else {
+            let table_offset = 3 * SECTOR;
+            let entries = size.div_ceil(u64::from(opts.block_size));
+            let entries32 = u32::try_from(entries)
+                .map_err(|_| Error::invalid("too many blocks for a VHD BAT").in_file(&name, 0))?;
+            let mut header = DynamicHeader::new(table_offset, entries32, opts.block_size);
+            let mut hbuf = [0u8; HEADER_SIZE];
+            header.write_to(&mut hbuf);
+            storage.write_at(&fbuf, 0)?;
+            storage.write_at(&hbuf, FOOTER_SIZE as u64)?;
+            let table_len = (entries * 4).div_ceil(SECTOR) * SECTOR;
+            let ones = vec![0xffu8; MIB as usize];
+            let mut done = 0;
+            while done < table_len {
+                let n = (table_len - done).min(MIB);
+                storage.write_at(&ones[..n as usize], table_offset + done)?;
+                done += n;
+            }
+            storage.write_at(&fbuf, table_offset + table_len)?;
+        }
+        storage.flush()?;
+        Self::open_storage(storage, &OpenOptions { writable: true })
+    }
+
+    /// Footer, header and layout as read at open.
+    pub fn info(&self) -> &Info {
+        &self.info
+    }
+
+    /// The block size of a dynamic disk.
+    pub fn block_size(&self) -> Option<u64> {
+        self.dynamic.as_ref().map(|d| d.block_size)
+    }
+
+    fn name(&self) -> &str {
+        self.storage.name()
+    }
+
+    /// Flush. Also done on drop, where errors can only be ignored; call this
+    /// to see them.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn close(self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let r = if self.writable {
+            self.flush_inner()
+        } else {
+            Ok(())
+        };
+        self.closed.store(true, Ordering::Release);
+        r
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            let why = self
+                .read_only_reason
+                .as_deref()
+                .map_or(String::new(), |r| format!(" ({r})"));
+            return Err(
+                Error::invalid(format!("image is open read-only{why}")).in_file(self.name(), 0)
+            );
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::invalid("image is closed").in_file(self.name(), 0));
+        }
+        Ok(())
+    }
+
+    /// Sectors of `block` that lie inside the virtual disk.
+    fn block_sectors(&self, d: &Dyn, block: u64) -> u64 {
+        let start = block * d.block_size;
+        (self.virtual_size - start)
+            .min(d.block_size)
+            .div_ceil(SECTOR)
+    }
+
+    fn read_bitmap(&self, d: &Dyn, block_off: u64) -> Result<Vec<u8>> {
+        read_vec(&*self.storage, block_off, d.bitmap_size)
+    }
+
+    fn map_dynamic(&self, d: &Dyn, offset: u64, run: u64) -> Result<Extent> {
+        let block = offset / d.block_size;
+        let within = offset % d.block_size;
+        let (block_off, full, overlay) = {
+            let st = lock(&d.state);
+            let Some(off) = st.bat.block_offset(block) else {
+                return Ok(Extent {
+                    offset,
+                    len: run,
+                    mapping: Mapping::Unallocated,
+                });
+            };
+            let full = st.full.get(block as usize).copied().unwrap_or(false);
+            let ov = if full {
+                None
+            } else {
+                st.overlay.get(&block).map(|o| o.bits.clone())
+            };
+            (off, full, ov)
+        };
+        let data = block_off + d.bitmap_size;
+        if full {
+            return Ok(Extent {
+                offset,
+                len: run,
+                mapping: Mapping::Data(FileOffset(data + within)),
+            });
+        }
+        let bits = match overlay {
+            Some(b) => b,
+            None => {
+                let b = self.read_bitmap(d, block_off)?;
+                if all_set(&b, self.block_sectors(d, block)) {
+                    let mut st = lock(&d.state);
+                    if st.bat.block_offset(block) == Some(block_off) {
+                        if let Some(f) = st.full.get_mut(block as usize) {
+                            *f = true;
+                        }
+                    }
+                }
+                b
+            }
+        };
+        let end = within + run;
+        let s0 = within / SECTOR;
+        let last = (end - 1) / SECTOR;
+        let present = bat::bit(&bits, s0);
+        let mut s = s0 + 1;
+        while s <= last && bat::bit(&bits, s) == present {
+            s += 1;
+        }
+        let len = end.min(s * SECTOR) - within;
+        Ok(Extent {
+            offset,
+            len,
+            mapping: if present {
+                Mapping::Data(FileOffset(data + within))
+            } else {
+                Mapping::Unallocated
+            },
+        })
+    }
+
+    /// Allocate `block` at the end of the file (see the module docs) and
+    /// return its file offset. Called with the state lock held.
+    fn allocate(&self, d: &Dyn, st: &mut DynState, block: u64) -> Result<u64> {
+        let at = st.end;
+        let new_end = at
+            .checked_add(d.bitmap_size + d.block_size)
+            .filter(|e| e / SECTOR < u64::from(UNALLOCATED))
+            .ok_or_else(|| {
+                Error::invalid("the file would exceed the VHD maximum").in_file(self.name(), 0)
+            })?;
+        let sector = u32::try_from(at / SECTOR)
+            .ok()
+            .filter(|&s| s != UNALLOCATED)
+            .ok_or_else(|| {
+                Error::invalid("the file would exceed the VHD maximum").in_file(self.name(), 0)
+            })?;
+        // 1. The new footer at the new end; 2. sync (see the module docs).
+        self.storage.write_at(&self.footer_bytes, new_end)?;
+        self.storage.flush()?;
+        // 3. The bitmap, all sectors present (over the old footer).
+        let ones = vec![0xffu8; d.bitmap_size as usize];
+        self.storage.write_at(&ones, at)?;
+        // 4. The BAT entry, in memory until the next flush.
+        let idx = usize::try_from(block).map_err(|_| Error::invalid("block out of range"))?;
+        if let Some(e) = st.bat.entries.get_mut(idx) {
+            *e = sector;
+        }
+        if let Some(f) = st.full.get_mut(idx) {
+            *f = true;
+        }
+        st.overlay.remove(&block);
+        st.dirty_bat.insert(block / ENTRIES_PER_SECTOR);
+        st.end = new_end;
+        Ok(at)
+    }
+
+    fn map_write_dynamic(&self, d: &Dyn, offset: u64, run: u64) -> Result<WriteExtent> {
+        let block = offset / d.block_size;
+        let within = offset % d.block_size;
+        let mut st = lock(&d.state);
+        let (block_off, full) = match st.bat.block_offset(block) {
+            Some(o) => (o, st.full.get(block as usize).copied().unwrap_or(false)),
+            None => (self.allocate(d, &mut st, block)?, true),
+        };
+        Ok(WriteExtent {
+            offset,
+            len: run,
+            file_offset: FileOffset(block_off + d.bitmap_size + within),
+            // Sectors not yet present hold undefined bytes on disk: merge a
+            // partly covered one with its (zero) contents before writing.
+            fill_partial_sectors: !full,
+            token: if full { 0 } else { block + 1 },
+        })
+    }
+
+    fn commit_dynamic(&self, d: &Dyn, ext: &WriteExtent) -> Result<()> {
+        if ext.token == 0 {
+            return Ok(());
+        }
+        let block = ext.token - 1;
+        let within = ext.offset % d.block_size;
+        let first = within / SECTOR;
+        let end = (within + ext.len).div_ceil(SECTOR);
+        let mut st = lock(&d.state);
+        if st.full.get(block as usize).copied().unwrap_or(true) {
+            return Ok(());
+        }
+        let Some(block_off) = st.bat.block_offset(block) else {
+            return Ok(());
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = st.overlay.entry(block) {
+            let bits = self.read_bitmap(d, block_off)?;
+            v.insert(Overlay { bits, dirty: false });
+        }
+        let n = self.block_sectors(d, block);
+        let now_full = match st.overlay.get_mut(&block) {
+            Some(o) => {
+                bat::set_bits(&mut o.bits, first, end);
+                o.dirty = true;
+                all_set(&o.bits, n)
+            }
+            None => false,
+        };
+        if now_full {
+            if let Some(f) = st.full.get_mut(block as usize) {
+                *f = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        let _f = lock(&self.flush_lock);
+        let Some(d) = &self.dynamic else {
+            return self.storage.flush();
+        };
+        // Snapshot what this flush will write.
+        let (sectors, bitmaps) = {
+            let mut st = lock(&d.state);
+            let ids: Vec<u64> = std::mem::take(&mut st.dirty_bat).into_iter().collect();
+            let mut sectors = Vec::with_capacity(ids.len());
+            for s in ids {
+                let first = s * ENTRIES_PER_SECTOR;
+                let n = (st.bat.len() as u64 - first).min(ENTRIES_PER_SECTOR);
+                let mut buf = vec![0u8; (n * 4) as usize];
+                st.bat.write_to(first as usize, &mut buf);
+                sectors.push((s, buf));
+            }
+            let mut bitmaps = Vec::new();
+            let st = &mut *st;
+            for (b, o) in st.overlay.iter_mut().filter(|(_, o)| o.dirty) {
+                o.dirty = false;
+                if let Some(off) = st.bat.block_offset(*b) {
+                    bitmaps.push((*b, off, o.bits.clone()));
+                }
+            }
+            (sectors, bitmaps)
+        };
+        let result = (|| {
+            // Everything the snapshot points at is durable first.
+            self.storage.flush()?;
+            if sectors.is_empty() && bitmaps.is_empty() {
+                return Ok(());
+            }
+            for (_, off, bits) in &bitmaps {
+                self.storage.write_at(bits, *off)?;
+            }
+            for (s, buf) in &sectors {
+                self.storage.write_at(buf, d.table_offset + s * SECTOR)?;
+            }
+            self.storage.flush()
+        })();
+        let mut st = lock(&d.state);
+        if result.is_err() {
+            st.dirty_bat.extend(sectors.iter().map(|(s, _)| *s));
+            for (b, _, _) in &bitmaps {
+                if let Some(o) = st.overlay.get_mut(b) {
+                    o.dirty = true;
+                }
+            }
+        } else {
+            st.overlay.retain(|_, o| o.dirty);
+        }
+        result
+    }
+}
+
+/// When the dynamic disk header at `hdr_off` is cut short by the end of the
+/// data area, the error to report: its table size if that cannot fit the
+/// file either (the more telling field), else the truncation itself.
+fn truncated_header_error(
+    storage: &dyn Storage,
+    hdr_off: u64,
+    end: u64,
+    file_len: u64,
+) -> Result<Option<Error>> {
+    let avail = end - hdr_off;
+    if avail >= HEADER_SIZE as u64 {
+        return Ok(None);
+    }
+    let name = storage.name();
+    let buf = read_vec(storage, hdr_off, avail)?;
+    let note = format!("the header itself is truncated ({avail} of 1024 bytes before the end)");
+    if buf.len() >= 32 {
+        let table_off = crate::footer::be64(&buf, 16);
+        let entries = u64::from(crate::footer::be32(&buf, 28));
+        if table_off.checked_add(entries * 4).is_none_or(|e| e > end) {
+            return Ok(Some(
+                Error::corrupt(
+                    "VHD dynamic disk header",
+                    28,
+                    format!(
+                        "max table entries {entries:#x} ({} bytes of BAT at table offset \
+                         {table_off:#x}) does not fit in the file ({file_len} bytes); {note}",
+                        entries * 4
+                    ),
+                )
+                .in_file(name, hdr_off),
+            ));
+        }
+    }
+    Ok(Some(
+        Error::corrupt("VHD dynamic disk header", 0, note).in_file(name, hdr_off),
+    ))
+}
+
+/// Read and decode the parent locators of a differencing disk (bounded;
+/// undecodable or out-of-file entries are skipped).
+fn read_locators(storage: &dyn Storage, h: &DynamicHeader, file_len: u64) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (_, l) in h.locators() {
+        if l.data_length == 0 || l.data_length > MAX_LOCATOR {
+            continue;
+        }
+        let len = u64::from(l.data_length);
+        if l.data_offset.checked_add(len).is_none_or(|e| e > file_len) {
+            continue;
+        }
+        let Ok(data) = read_vec(storage, l.data_offset, len) else {
+            continue;
+        };
+        if let Some(p) = l.decode_path(&data) {
+            out.push((fourcc(&l.platform_code), p));
+        }
+    }
+    out
+}
+
+/// The error for opening a differencing VHD (chains are not implemented
+/// yet): says whether its parent exists, naming every path tried.
+fn differencing_error(name: &str, h: &DynamicHeader, locators: &[(String, String)]) -> Error {
+    let child_dir = Path::new(name).parent().unwrap_or(Path::new("."));
+    let mut tried = Vec::new();
+    let mut found = None;
+    for (code, path) in locators {
+        let unix = path.replace('\\', "/");
+        let unix = unix.strip_prefix("file://").unwrap_or(&unix).to_string();
+        let relative = matches!(code.as_str(), "W2ru" | "Wi2r");
+        let candidate = if relative {
+            child_dir.join(unix.trim_start_matches("./"))
+        } else {
+            // "C:/dir/x.vhd": try the file name beside the child.
+            child_dir.join(unix.rsplit('/').next().unwrap_or(&unix))
+        };
+        tried.push(format!(
+            "{code}={path} (looked for {})",
+            candidate.display()
+        ));
+        if found.is_none() && candidate.is_file() {
+            found = Some(candidate);
+        }
+    }
+    let pname = h.parent_name();
+    let paths = if tried.is_empty() {
+        "no parent locator names a path".to_string()
+    } else {
+        tried.join(", ")
+    };
+    match found {
+        None => Error::invalid(format!(
+            "differencing VHD whose parent is missing: parent \"{pname}\" (id {}) not found; {paths}",
+            h.parent_unique_id
+        ))
+        .in_file(name, 0),
+        Some(p) => Error::unsupported(format!(
+            "differencing VHD (parent \"{pname}\" found at {}): opening parent chains is not \
+             implemented yet",
+            p.display()
+        ))
+        .in_file(name, 0),
+    }
+}
+
+fn validate_create(o: &CreateOptions) -> Result<()> {
+    if o.virtual_size == 0 || o.virtual_size > MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid(format!(
+            "virtual size {} must be from 1 byte to 2040 GiB ({MAX_VIRTUAL_SIZE} bytes), the VHD limit",
+            o.virtual_size
+        )));
+    }
+    if o.azure {
+        if !o.fixed {
+            return Err(Error::invalid("Azure mode creates fixed VHDs only"));
+        }
+        if !o.virtual_size.is_multiple_of(MIB) {
+            return Err(Error::invalid(format!(
+                "Azure needs a virtual size that is a whole number of MiB; {} bytes is not \
+                 (use {} bytes)",
+                o.virtual_size,
+                o.virtual_size.div_ceil(MIB) * MIB
+            )));
+        }
+    }
+    if !o.fixed
+        && (!o.block_size.is_power_of_two() || !(4096..=256 * MIB as u32).contains(&o.block_size))
+    {
+        return Err(Error::invalid(format!(
+            "block size {} is not a power of two from 4 KiB to 256 MiB",
+            o.block_size
+        )));
+    }
+    Ok(())
+}
+
+impl VirtualDisk for Vhd {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            virtual_size: self.virtual_size,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+        }
+    }
+
+    fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        if len == 0 || offset >= self.virtual_size {
+            return Err(Error::invalid(format!(
+                "map of {offset:#x}+{len:#x} outside the virtual size {:#x}",
+                self.virtual_size
+            ))
+            .in_file(self.name(), 0));
+        }
+        let run = len.min(self.virtual_size - offset);
+        match &self.dynamic {
+            None => Ok(Extent {
+                offset,
+                len: run,
+                mapping: Mapping::Data(FileOffset(offset)),
+            }),
+            Some(d) => {
+                let run = run.min(d.block_size - offset % d.block_size);
+                self.map_dynamic(d, offset, run)
+            }
+        }
+    }
+
+    fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
+        self.check_writable()?;
+        if len == 0 || offset >= self.virtual_size {
+            return Err(Error::invalid(format!(
+                "write of {offset:#x}+{len:#x} outside the virtual size {:#x}",
+                self.virtual_size
+            ))
+            .in_file(self.name(), 0));
+        }
+        let run = len.min(self.virtual_size - offset);
+        match &self.dynamic {
+            None => Ok(WriteExtent {
+                offset,
+                len: run,
+                file_offset: FileOffset(offset),
+                fill_partial_sectors: false,
+                token: 0,
+            }),
+            Some(d) => {
+                let run = run.min(d.block_size - offset % d.block_size);
+                self.map_write_dynamic(d, offset, run)
+            }
+        }
+    }
+
+    fn commit_write(&self, ext: &WriteExtent) -> Result<()> {
+        match &self.dynamic {
+            Some(d) => self.commit_dynamic(d, ext),
+            None => Ok(()),
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.flush_inner()
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Drop for Vhd {
+    fn drop(&mut self) {
+        let _ = self.close_inner();
+    }
+}
+
+impl std::fmt::Debug for Vhd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhd")
+            .field("file", &self.name())
+            .field("type", &self.info.subformat())
+            .field("virtual_size", &self.virtual_size)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::MemStorage;
+    use std::sync::Arc;
+
+    fn mem(size: u64, fixed: bool) -> (Arc<MemStorage>, Vhd) {
+        let st = Arc::new(MemStorage::new("mem.vhd"));
+        let mut o = CreateOptions::new(size);
+        o.fixed = fixed;
+        let d = Vhd::create_on(Box::new(st.clone()), &o).unwrap();
+        (st, d)
+    }
+
+    fn reopen(st: &MemStorage) -> Vhd {
+        Vhd::open_storage(
+            Box::new(MemStorage::from_vec("again.vhd", st.to_vec())),
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn write_read_reopen_both_types() {
+        for fixed in [false, true] {
+            let (st, d) = mem(20 * MIB, fixed);
+            assert_eq!(d.virtual_size(), ChsGeometry::round_up(20 * MIB).0);
+            let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8 + 1).collect();
+            d.write_at(&data, 3 * MIB - 77).unwrap();
+            d.write_at(&data, 2 * MIB - 5000).unwrap(); // across a block boundary
+            let mut back = vec![0u8; data.len()];
+            d.read_at(&mut back, 2 * MIB - 5000).unwrap();
+            assert_eq!(back, data);
+            d.close().unwrap();
+            let d2 = reopen(&st);
+            let mut back = vec![0u8; data.len() + 2];
+            d2.read_at(&mut back, 3 * MIB - 78).unwrap();
+            assert_eq!(&back[1..data.len() + 1], &data[..]);
+            assert_eq!(back[0], 0);
+            assert_eq!(
+                d2.info().subformat(),
+                if fixed { "fixed" } else { "dynamic" }
+            );
+            if !fixed {
+                assert_eq!(d2.info().allocated_blocks, 2);
+                let f = d2.info().footer.clone();
+                // The copy at 0 equals the trailing footer.
+                let v = st.to_vec();
+                assert_eq!(Footer::parse(&v[..512]).unwrap(), f);
+            }
+        }
+    }
+
+    #[test]
+    fn partial_bitmap_reads_zero_and_write_sets_bits() {
+        let (st, d) = mem(8 * MIB, false);
+        d.write_at(&[7u8; 1024], 0).unwrap();
+        d.close().unwrap();
+        // Clear every bitmap bit except sector 1 (a foreign tool's image).
+        let mut v = st.to_vec();
+        let bat0 = u32::from_be_bytes([v[1536], v[1537], v[1538], v[1539]]) as usize * 512;
+        v[bat0..bat0 + 512].fill(0);
+        v[bat0] = 0x40;
+        let st2 = Arc::new(MemStorage::from_vec("p.vhd", v));
+        let d = Vhd::open_storage(Box::new(st2.clone()), &OpenOptions { writable: true }).unwrap();
+        let e = d.map(0, 4096).unwrap();
+        assert_eq!((e.len, e.mapping), (512, Mapping::Unallocated));
+        let e = d.map(512, 4096).unwrap();
+        assert_eq!(e.len, 512);
+        assert!(matches!(e.mapping, Mapping::Data(_)));
+        let mut b = [1u8; 1024];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[..512], &[0u8; 512]);
+        assert_eq!(&b[512..], &[7u8; 512]);
+        // A partial-sector write into a non-present sector keeps the rest zero.
+        d.write_at(&[9u8; 10], 2048 + 100).unwrap();
+        let mut b = [1u8; 512];
+        d.read_at(&mut b, 2048).unwrap();
+        assert!(b[..100].iter().all(|&x| x == 0) && b[100..110] == [9; 10]);
+        assert!(b[110..].iter().all(|&x| x == 0));
+        d.close().unwrap();
+        let d = reopen(&st2);
+        let mut b = [1u8; 512];
+        d.read_at(&mut b, 2048).unwrap();
+        assert_eq!(&b[100..110], &[9u8; 10]);
+        assert!(matches!(
+            d.map(2048, 512).unwrap().mapping,
+            Mapping::Data(_)
+        ));
+    }
+
+    #[test]
+    fn create_validation() {
+        let st = || Box::new(MemStorage::new("v.vhd"));
+        let e = Vhd::create_on(st(), &CreateOptions::new(2041 << 30)).unwrap_err();
+        assert!(e.to_string().contains("2040 GiB"), "{e}");
+        let mut o = CreateOptions::new(10 * MIB + 512);
+        o.fixed = true;
+        o.azure = true;
+        let e = Vhd::create_on(st(), &o).unwrap_err();
+        assert!(e.to_string().contains("whole number of MiB"), "{e}");
+        o.virtual_size = 10 * MIB;
+        let d = Vhd::create_on(st(), &o).unwrap();
+        assert_eq!(d.virtual_size(), 10 * MIB);
+        assert_eq!(d.info().footer.current_size, 10 * MIB);
+        let mut o = CreateOptions::new(10 * MIB);
+        o.block_size = 3 << 20;
+        assert!(Vhd::create_on(st(), &o).is_err());
+    }
+
+    #[test]
+    fn damaged_trailing_footer_uses_copy_read_only() {
+        let (st, d) = mem(8 * MIB, false);
+        d.write_at(&[5u8; 512], 4096).unwrap();
+        d.close().unwrap();
+        let mut v = st.to_vec();
+        let n = v.len();
+        v[n - 512] ^= 0xff;
+        let s2 = MemStorage::from_vec("dmg.vhd", v);
+        let d = Vhd::open_storage(Box::new(s2), &OpenOptions { writable: true }).unwrap();
+        assert_eq!(d.info().footer_source, FooterSource::CopyAtStart);
+        assert!(!d.is_writable());
+        assert!(d.info().warnings[0].contains("offset 0"));
+        let mut b = [0u8; 512];
+        d.read_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [5u8; 512]);
+        let e = d.write_at(&b, 0).unwrap_err();
+        assert!(e.to_string().contains("read-only"), "{e}");
+    }
+
+    #[test]
+    fn old_511_byte_footer() {
+        let (st, d) = mem(4 * MIB, true);
+        d.write_at(&[3u8; 512], 0).unwrap();
+        d.close().unwrap();
+        let mut v = st.to_vec();
+        v.pop(); // drop the last reserved byte
+        let d = Vhd::open_storage(
+            Box::new(MemStorage::from_vec("old.vhd", v)),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(d.info().footer_source, FooterSource::End511);
+        let mut b = [0u8; 512];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [3u8; 512]);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Every byte of a small dynamic image flipped in turn: open and read
+        // either succeed or fail cleanly.
+        let (st, d) = mem(MIB * 4, false);
+        d.write_at(&[1u8; 4096], 0).unwrap();
+        d.close().unwrap();
+        let v = st.to_vec();
+        for n in (0..v.len()).step_by(509) {
+            let w = v[..n].to_vec();
+            if let Ok(d) = Vhd::open_storage(
+                Box::new(MemStorage::from_vec("t.vhd", w)),
+                &OpenOptions::default(),
+            ) {
+                let mut b = vec![0u8; d.virtual_size() as usize];
+                let _ = d.read_at(&mut b, 0);
+            }
+        }
+        for i in (0..2048).chain(v.len() - 512..v.len()) {
+            let mut w = v.clone();
+            w[i] ^= 0x5a;
+            if let Ok(d) = Vhd::open_storage(
+                Box::new(MemStorage::from_vec("g.vhd", w)),
+                &OpenOptions::default(),
+            ) {
+                let mut b = vec![0u8; d.virtual_size() as usize];
+                let _ = d.read_at(&mut b, 0);
+            }
+        }
+    }
+}
