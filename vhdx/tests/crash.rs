@@ -1,33 +1,15 @@
 //! Crash test: record the backing file's writes and flushes during a
 //! workload, cut the stream at every point (dropping, keeping or tearing the
 //! writes not yet covered by a flush), reopen, and check that every write
-//! acknowledged by a completed flush reads back.
+//! acknowledged by a completed flush reads back (`disk::testing::crash`).
 
 use disk::fault::RecordingStorage;
-use disk::{MemStorage, VirtualDisk};
-use std::collections::BTreeMap;
+use disk::testing::crash::{for_each_crash, Workload, PAGE};
+use disk::MemStorage;
 use std::sync::Arc;
 use vhdx::{CreateOptions, OpenOptions, Vhdx};
 
-const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
-
-struct Write {
-    start_op: usize,
-    page: u64,
-    data: Vec<u8>,
-}
-
-struct Flush {
-    start_op: usize,
-    done_op: usize,
-}
-
-fn fill(seed: u64) -> Vec<u8> {
-    (0..PAGE)
-        .map(|i| ((i * 31 + seed * 17) % 251) as u8 + 1)
-        .collect()
-}
 
 fn base_image(size: u64, block: u32) -> Vec<u8> {
     let st = Arc::new(MemStorage::new("base"));
@@ -40,43 +22,16 @@ fn base_image(size: u64, block: u32) -> Vec<u8> {
     st.to_vec()
 }
 
-fn check(img: Vec<u8>, writes: &[Write], flushes: &[Flush], cut: usize, what: &str) {
-    // The last flush that completed before the cut.
-    let acked = flushes.iter().rev().find(|f| f.done_op <= cut);
-    let ack_start = acked.map_or(0, |f| f.start_op);
-    let mut required: BTreeMap<u64, &[u8]> = BTreeMap::new();
-    let mut extras: BTreeMap<u64, Vec<&[u8]>> = BTreeMap::new();
-    for w in writes {
-        if acked.is_some() && w.start_op < ack_start {
-            required.insert(w.page, &w.data);
-        } else if w.start_op < cut {
-            extras.entry(w.page).or_default().push(&w.data);
-        }
-    }
-    let zero = vec![0u8; PAGE as usize];
-    let verify = |d: &Vhdx, stage: &str| {
-        let pages: std::collections::BTreeSet<u64> =
-            required.keys().chain(extras.keys()).copied().collect();
-        for p in pages {
-            let mut got = vec![0u8; PAGE as usize];
-            d.read_at(&mut got, p * PAGE).unwrap_or_else(|e| {
-                panic!("{what} cut {cut} {stage}: read of page {p} failed: {e}")
-            });
-            let req: &[u8] = required.get(&p).copied().unwrap_or(&zero);
-            let ok = got == req || extras.get(&p).is_some_and(|v| v.iter().any(|x| got == *x));
-            assert!(
-                ok,
-                "{what} cut {cut} {stage}: page {p} lost an acknowledged write (or holds garbage)"
-            );
-        }
-    };
+fn check(img: Vec<u8>, w: &Workload, what: &str, cut: usize) {
+    // The log entry and the payload are 4 KiB-aligned: writes tear per page.
+    let tear = PAGE as usize;
     // Read-only open: replays in memory.
     let ro = Vhdx::open_storage(
         Box::new(MemStorage::from_vec("crash-ro", img.clone())),
         &OpenOptions::default(),
     )
-    .unwrap_or_else(|e| panic!("{what} cut {cut}: read-only open failed: {e}"));
-    verify(&ro, "read-only");
+    .unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
+    w.verify(&ro, cut, tear, &format!("{what} read-only"));
     drop(ro);
     // Writable open: replays into the file; then a clean reopen.
     let st = Arc::new(MemStorage::from_vec("crash-rw", img));
@@ -87,8 +42,8 @@ fn check(img: Vec<u8>, writes: &[Write], flushes: &[Flush], cut: usize, what: &s
             ..Default::default()
         },
     )
-    .unwrap_or_else(|e| panic!("{what} cut {cut}: writable open failed: {e}"));
-    verify(&rw, "writable");
+    .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
+    w.verify(&rw, cut, tear, &format!("{what} writable"));
     rw.close().unwrap();
     let again = Vhdx::open_storage(
         Box::new(MemStorage::from_vec("crash-again", st.to_vec())),
@@ -97,9 +52,9 @@ fn check(img: Vec<u8>, writes: &[Write], flushes: &[Flush], cut: usize, what: &s
     .unwrap();
     assert!(
         !again.info().log_replayed,
-        "{what} cut {cut}: log left dirty after close"
+        "{what}: log left dirty after close"
     );
-    verify(&again, "reopened");
+    w.verify(&again, cut, tear, &format!("{what} reopened"));
 }
 
 fn run_workload(block: u32, size: u64, seed: u64) {
@@ -112,75 +67,11 @@ fn run_workload(block: u32, size: u64, seed: u64) {
         },
     )
     .unwrap();
-    let mut writes = Vec::new();
-    let mut flushes = Vec::new();
-    let pages = size / PAGE;
-    let mut x = seed | 1;
-    for i in 0..48u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // Mostly fresh pages across many blocks, some overwrites.
-        let page = if i % 5 == 4 && !writes.is_empty() {
-            let w: &Write = &writes[(x as usize) % writes.len()];
-            w.page
-        } else {
-            x % pages
-        };
-        let data = fill(i + seed);
-        let start_op = rec.op_count();
-        d.write_at(&data, page * PAGE).unwrap();
-        writes.push(Write {
-            start_op,
-            page,
-            data,
-        });
-        if i % 7 == 6 {
-            let start_op = rec.op_count();
-            d.flush().unwrap();
-            flushes.push(Flush {
-                start_op,
-                done_op: rec.op_count(),
-            });
-        }
-    }
-    let start_op = rec.op_count();
-    d.flush().unwrap();
-    flushes.push(Flush {
-        start_op,
-        done_op: rec.op_count(),
-    });
+    let w = Workload::run(&rec, &d, size / PAGE, seed);
     std::mem::forget(d); // a crash: no clean close
-    let total = rec.op_count();
-    for cut in 0..=total {
-        check(
-            rec.crash_image(cut, |_| false),
-            &writes,
-            &flushes,
-            cut,
-            "drop-unflushed",
-        );
-        check(
-            rec.crash_image(cut, |_| true),
-            &writes,
-            &flushes,
-            cut,
-            "keep-unflushed",
-        );
-        let mut h = seed ^ cut as u64;
-        check(
-            rec.crash_image(cut, |_| {
-                h = h
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                h >> 63 == 1
-            }),
-            &writes,
-            &flushes,
-            cut,
-            "torn",
-        );
-    }
+    for_each_crash(&rec, seed, |img, cut, strategy| {
+        check(img, &w, &format!("{strategy} cut {cut}"), cut)
+    });
 }
 
 #[test]
