@@ -15,11 +15,12 @@ use std::process::ExitCode;
 #[command(
     name = "vdisk",
     version,
-    about = "Inspect, create, convert and compare VHDX and raw disk images",
+    about = "Inspect, create, convert and compare VHDX, VHD and raw disk images",
     after_help = "Examples:\n  \
         vdisk create -f vhdx disk.vhdx 64G\n  \
         vdisk info disk.vhdx\n  \
         vdisk convert -p -O vhdx disk.raw disk.vhdx\n  \
+        vdisk convert -O vhd -o subformat=fixed disk.vhdx disk.vhd\n  \
         vdisk compare disk.raw disk.vhdx"
 )]
 struct Cli {
@@ -32,38 +33,51 @@ enum Command {
     /// Show the format, sizes, allocation and metadata of an image
     #[command(after_help = "Examples:\n  \
         vdisk info disk.vhdx\n  \
-        vdisk info --output json disk.vhdx")]
+        vdisk info --output json disk.vhdx\n  \
+        vdisk info -f vpc disk.vhd\n\n\
+        The format is detected from the content when -f is absent (a fixed VHD by its \
+        trailing footer).")]
     Info(InfoArgs),
     /// Create a new image (an existing file is overwritten, like qemu-img)
     #[command(after_help = "Examples:\n  \
         vdisk create -f vhdx disk.vhdx 64G\n  \
         vdisk create -f vhdx -o subformat=fixed,block_size=1M disk.vhdx 10G\n  \
+        vdisk create -f vhd -o subformat=fixed disk.vhd 10G\n  \
+        vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
         vdisk create -f raw disk.raw 1G\n\n\
         VHDX options (-o): subformat=fixed|dynamic, block_size=SIZE (1M..256M, power of two), \
-        logical_sector_size=512|4096, physical_sector_size=512|4096, log_size=SIZE (multiple of 1M)")]
+        logical_sector_size=512|4096, physical_sector_size=512|4096, log_size=SIZE (multiple of 1M)\n\
+        VHD options (-o, format vhd or vpc): subformat=fixed|dynamic, block_size=SIZE (dynamic only; \
+        4K..256M, power of two, default 2M), azure=on|off (a fixed VHD of exactly SIZE, a whole \
+        number of MiB, as Azure requires). Without azure=on, a VHD's size is rounded up to a whole \
+        CHS geometry, like qemu-img does.")]
     Create(CreateArgs),
     /// Copy an image into a new image, possibly of another format
     #[command(after_help = "Examples:\n  \
         vdisk convert -O vhdx disk.raw disk.vhdx\n  \
         vdisk convert -p -f vhdx -O raw disk.vhdx disk.raw\n  \
-        vdisk convert -O vhdx -o block_size=1M disk.raw small-blocks.vhdx\n\n\
+        vdisk convert -O vhdx -o block_size=1M disk.raw small-blocks.vhdx\n  \
+        vdisk convert -O vpc -o azure=on disk.raw azure.vhd\n\n\
         Zero ranges of the source are not allocated in the target.")]
     Convert(ConvertArgs),
     /// Check whether two images have the same virtual contents
     #[command(after_help = "Examples:\n  \
         vdisk compare disk.raw disk.vhdx\n  \
-        vdisk compare -f raw -F vhdx disk.raw disk.vhdx\n\n\
+        vdisk compare -f raw -F vhdx disk.raw disk.vhdx\n  \
+        vdisk compare disk.vhd disk.vhdx\n\n\
         Exit status: 0 identical, 1 different, 2 error.")]
     Compare(CompareArgs),
     /// Copy virtual bytes of an image to stdout
     #[command(after_help = "Examples:\n  \
         vdisk read disk.vhdx 0 512 > mbr.bin\n  \
-        vdisk read disk.vhdx 1M 4K | hexdump -C")]
+        vdisk read disk.vhdx 1M 4K | hexdump -C\n  \
+        vdisk read -f vhd disk.vhd 0 512 > mbr.bin")]
     Read(ReadArgs),
     /// Write bytes from a file or stdin into an image
     #[command(after_help = "Examples:\n  \
         vdisk write disk.vhdx 0 mbr.bin\n  \
-        printf hello | vdisk write disk.vhdx 1M")]
+        printf hello | vdisk write disk.vhdx 1M\n  \
+        vdisk write disk.vhd 0 mbr.bin")]
     Write(WriteArgs),
 }
 
@@ -90,7 +104,7 @@ struct InfoArgs {
 
 #[derive(Args, Debug)]
 struct CreateArgs {
-    /// Image format: vhdx or raw
+    /// Image format: vhdx, vhd (alias vpc) or raw
     #[arg(short = 'f', long = "format", value_parser = Format::parse_arg, default_value = "raw")]
     format: Format,
     /// Format options, comma-separated key=value (may be repeated)
@@ -107,7 +121,7 @@ struct ConvertArgs {
     /// Source format (detected from the content when absent)
     #[arg(short = 'f', value_parser = Format::parse_arg)]
     format: Option<Format>,
-    /// Target format: raw or vhdx
+    /// Target format: raw, vhdx or vhd (alias vpc)
     #[arg(short = 'O', value_parser = Format::parse_arg, default_value = "raw")]
     output_format: Format,
     /// Target format options, comma-separated key=value (may be repeated)

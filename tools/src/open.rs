@@ -1,12 +1,13 @@
 //! Image formats: naming them, detecting them from content, opening and
 //! creating images, and closing them durably.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::Result;
 use disk::{FileStorage, RawDisk, VirtualDisk};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use vhdx::{CreateOptions, OpenOptions, Vhdx};
+use vhd::Vhd;
+use vhdx::Vhdx;
 
 /// An image format name as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +16,7 @@ pub enum Format {
     Raw,
     /// Microsoft VHDX.
     Vhdx,
-    /// Microsoft VHD ("vpc" in qemu-img); recognised but not implemented yet.
+    /// Microsoft VHD ("vpc" in qemu-img): fixed, dynamic or differencing.
     Vhd,
 }
 
@@ -36,58 +37,69 @@ impl Format {
             "vhdx" => Ok(Format::Vhdx),
             "vhd" | "vpc" => Ok(Format::Vhd),
             _ => Err(format!(
-                "unknown image format '{s}' (known formats: raw, vhdx, vhd)"
+                "unknown image format '{s}' (known formats: raw, vhdx, vhd (alias vpc))"
             )),
         }
     }
 }
 
-/// The error for every VHD request until VHD support lands.
-pub fn vhd_unsupported() -> anyhow::Error {
-    anyhow!("VHD support is not implemented yet")
-}
-
 /// VHDX file type identifier signature (MS-VHDX 2.2.1).
 const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
-/// VHD footer cookie; dynamic VHDs start with a copy of the footer.
+/// VHD footer cookie; dynamic VHDs start with a copy of the footer, every
+/// VHD ends with the footer.
 const VHD_COOKIE: &[u8; 8] = b"conectix";
+/// The VHD footer, and its size in images made before Virtual PC 2004.
+const VHD_FOOTER: u64 = 512;
+const VHD_OLD_FOOTER: u64 = 511;
 
-/// Guess the format of the file at `path` from its first bytes: VHDX when
-/// they are "vhdxfile", VHD when they are "conectix", else raw.
+/// Guess the format of the file at `path` from its content: VHDX when it
+/// starts with "vhdxfile"; VHD when it starts with "conectix" (dynamic and
+/// differencing disks) or its last 512 (or, for old images, 511) bytes
+/// start with it (fixed disks); else raw.
 pub fn detect(path: &Path) -> Result<Format> {
     let name = path.display().to_string();
+    let read_err = |e| disk::Error::io("cannot read", e).in_file(&name, 0);
     let mut file =
         File::open(path).map_err(|e| disk::Error::io("cannot open", e).in_file(&name, 0))?;
     let mut magic = Vec::with_capacity(8);
     file.by_ref()
         .take(8)
         .read_to_end(&mut magic)
-        .map_err(|e| disk::Error::io("cannot read the first bytes", e).in_file(&name, 0))?;
-    Ok(if magic == VHDX_SIGNATURE {
-        Format::Vhdx
-    } else if magic == VHD_COOKIE {
-        Format::Vhd
-    } else {
-        Format::Raw
-    })
+        .map_err(read_err)?;
+    if magic == VHDX_SIGNATURE {
+        return Ok(Format::Vhdx);
+    }
+    if magic == VHD_COOKIE {
+        return Ok(Format::Vhd);
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| disk::Error::io("cannot stat", e).in_file(&name, 0))?
+        .len();
+    if len >= VHD_OLD_FOOTER {
+        let tail_len = len.min(VHD_FOOTER);
+        let mut tail = Vec::with_capacity(tail_len as usize);
+        file.seek(SeekFrom::Start(len - tail_len))
+            .map_err(read_err)?;
+        file.by_ref()
+            .take(tail_len)
+            .read_to_end(&mut tail)
+            .map_err(read_err)?;
+        let old = tail.len().saturating_sub(VHD_OLD_FOOTER as usize);
+        let cookie_at = |at: usize| tail.get(at..at + VHD_COOKIE.len()) == Some(&VHD_COOKIE[..]);
+        if (tail.len() as u64 == VHD_FOOTER && cookie_at(0)) || cookie_at(old) {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(Format::Raw)
 }
 
 /// The format to use for `path`: `given`, or detected from the content.
 pub fn resolve(path: &Path, given: Option<Format>) -> Result<Format> {
-    let fmt = match given {
-        Some(f) => f,
-        None => detect(path)?,
-    };
-    if fmt == Format::Vhd {
-        if given.is_none() {
-            bail!(
-                "{}: this is a VHD image; VHD support is not implemented yet",
-                path.display()
-            );
-        }
-        return Err(vhd_unsupported());
+    match given {
+        Some(f) => Ok(f),
+        None => detect(path),
     }
-    Ok(fmt)
 }
 
 /// An open image of any supported format.
@@ -96,6 +108,8 @@ pub enum Image {
     Raw(RawDisk<FileStorage>),
     /// A VHDX image (boxed: it is much larger than a raw disk).
     Vhdx(Box<Vhdx>),
+    /// A VHD image.
+    Vhd(Box<Vhd>),
 }
 
 impl Image {
@@ -104,6 +118,7 @@ impl Image {
         match self {
             Image::Raw(d) => d,
             Image::Vhdx(d) => &**d,
+            Image::Vhd(d) => &**d,
         }
     }
 
@@ -112,6 +127,7 @@ impl Image {
         match self {
             Image::Raw(d) => d.flush()?,
             Image::Vhdx(d) => d.close()?,
+            Image::Vhd(d) => d.close()?,
         }
         Ok(())
     }
@@ -123,12 +139,12 @@ pub fn open(path: &Path, format: Option<Format>, writable: bool) -> Result<Image
         Format::Raw => Image::Raw(RawDisk::new(FileStorage::open(path, writable)?)?),
         Format::Vhdx => Image::Vhdx(Box::new(Vhdx::open(
             path,
-            &OpenOptions {
+            &vhdx::OpenOptions {
                 writable,
-                ..OpenOptions::default()
+                ..vhdx::OpenOptions::default()
             },
         )?)),
-        Format::Vhd => return Err(vhd_unsupported()),
+        Format::Vhd => Image::Vhd(Box::new(Vhd::open(path, &vhd::OpenOptions { writable })?)),
     })
 }
 
@@ -139,10 +155,17 @@ pub fn create_raw(path: &Path, size: u64) -> Result<Image> {
 }
 
 /// Create (or overwrite, like qemu-img) a VHDX image.
-pub fn create_vhdx(path: &Path, opts: &CreateOptions) -> Result<Image> {
+pub fn create_vhdx(path: &Path, opts: &vhdx::CreateOptions) -> Result<Image> {
     let name = path.display().to_string();
     let disk = Vhdx::create(path, opts, true).map_err(|e| e.in_file(&name, 0))?;
     Ok(Image::Vhdx(Box::new(disk)))
+}
+
+/// Create (or overwrite, like qemu-img) a VHD image.
+pub fn create_vhd(path: &Path, opts: &vhd::CreateOptions) -> Result<Image> {
+    let name = path.display().to_string();
+    let disk = Vhd::create(path, opts, true).map_err(|e| e.in_file(&name, 0))?;
+    Ok(Image::Vhd(Box::new(disk)))
 }
 
 /// Make the directory entry of a newly created `path` durable.

@@ -1,6 +1,6 @@
 //! Format-specific creation options (`-o key=value,key=value`).
 
-use crate::open::{vhd_unsupported, Format};
+use crate::open::Format;
 use crate::size::parse_size_u32;
 use anyhow::{bail, Context, Result};
 use vhdx::CreateOptions;
@@ -8,6 +8,8 @@ use vhdx::CreateOptions;
 /// Options every VHDX creation accepts.
 const VHDX_KEYS: &str =
     "subformat, block_size, logical_sector_size, physical_sector_size, log_size";
+/// Options every VHD creation accepts.
+const VHD_KEYS: &str = "subformat, block_size, azure";
 
 /// What to create: the format with its parsed options.
 #[derive(Debug, Clone)]
@@ -16,6 +18,8 @@ pub enum Target {
     Raw,
     /// A VHDX image.
     Vhdx(CreateOptions),
+    /// A VHD image.
+    Vhd(vhd::CreateOptions),
 }
 
 /// Split `-o` arguments (each a comma-separated list) into key/value pairs.
@@ -44,8 +48,58 @@ pub fn target(format: Format, size: u64, options: &[String]) -> Result<Target> {
             Ok(Target::Raw)
         }
         Format::Vhdx => vhdx_options(size, &kv).map(Target::Vhdx),
-        Format::Vhd => Err(vhd_unsupported()),
+        Format::Vhd => vhd_options(size, &kv).map(Target::Vhd),
     }
+}
+
+/// A qemu-style boolean: on/off (also true/false, yes/no, 1/0).
+fn parse_bool(k: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => bail!("invalid value '{v}' for option {k} (use on or off)"),
+    }
+}
+
+fn vhd_options(size: u64, kv: &[(String, String)]) -> Result<vhd::CreateOptions> {
+    let mut o = vhd::CreateOptions::new(size);
+    let mut subformat = None;
+    let mut block_size = None;
+    for (k, v) in kv {
+        match k.as_str() {
+            "subformat" => {
+                subformat = Some(match v.as_str() {
+                    "fixed" => true,
+                    "dynamic" => false,
+                    _ => bail!("invalid value '{v}' for option subformat (use fixed or dynamic)"),
+                })
+            }
+            "block_size" => {
+                block_size = Some(
+                    parse_size_u32(v).with_context(|| format!("invalid value for option {k}"))?,
+                )
+            }
+            "azure" => o.azure = parse_bool(k, v)?,
+            _ => bail!("unknown option '{k}' for format vhd (supported: {VHD_KEYS})"),
+        }
+    }
+    if o.azure {
+        if subformat == Some(false) {
+            bail!(
+                "option azure=on creates a fixed VHD: it cannot be combined with subformat=dynamic"
+            );
+        }
+        o.fixed = true;
+    } else {
+        o.fixed = subformat.unwrap_or(false);
+    }
+    if let Some(b) = block_size {
+        if o.fixed {
+            bail!("option block_size applies to dynamic VHDs only (a fixed VHD has no blocks)");
+        }
+        o.block_size = b;
+    }
+    Ok(o)
 }
 
 fn vhdx_options(size: u64, kv: &[(String, String)]) -> Result<CreateOptions> {
@@ -84,6 +138,14 @@ pub fn describe(target: &Target, size: u64) -> String {
             o.logical_sector_size,
             o.physical_sector_size,
             o.log_size
+        ),
+        Target::Vhd(o) if o.fixed => format!(
+            "fmt=vhd size={size} subformat=fixed azure={}",
+            if o.azure { "on" } else { "off" }
+        ),
+        Target::Vhd(o) => format!(
+            "fmt=vhd size={size} subformat=dynamic block_size={}",
+            o.block_size
         ),
     }
 }
@@ -125,5 +187,33 @@ mod tests {
         assert!(e.to_string().contains("'block_size'"), "{e}");
         let e = target(Format::Vhdx, 1 << 30, &opts("block_size=huge")).unwrap_err();
         assert!(format!("{e:#}").contains("'huge'"), "{e:#}");
+        let e = target(Format::Vhd, 1 << 30, &opts("log_size=1M")).unwrap_err();
+        assert!(e.to_string().contains("'log_size'"), "{e}");
+        assert!(e.to_string().contains(VHD_KEYS), "{e}");
+        let e = target(Format::Vhd, 1 << 30, &opts("azure=maybe")).unwrap_err();
+        assert!(e.to_string().contains("'maybe'"), "{e}");
+        let e = target(Format::Vhd, 1 << 30, &opts("azure=on,subformat=dynamic")).unwrap_err();
+        assert!(e.to_string().contains("subformat=dynamic"), "{e}");
+        let e = target(Format::Vhd, 1 << 30, &opts("subformat=fixed,block_size=1M")).unwrap_err();
+        assert!(e.to_string().contains("block_size"), "{e}");
+    }
+
+    #[test]
+    fn vhd_options_parse() {
+        let vhd = |s: &str| match target(Format::Vhd, 1 << 30, &opts(s)).unwrap() {
+            Target::Vhd(o) => o,
+            t => panic!("not vhd: {t:?}"),
+        };
+        let o = vhd("");
+        assert!(!o.fixed && !o.azure);
+        assert_eq!(o.block_size, 2 << 20);
+        let o = vhd("subformat=dynamic,block_size=512K");
+        assert!(!o.fixed);
+        assert_eq!(o.block_size, 512 << 10);
+        assert!(vhd("subformat=fixed").fixed);
+        let o = vhd("azure=on");
+        assert!(o.fixed && o.azure);
+        let o = vhd("subformat=fixed,azure=off");
+        assert!(o.fixed && !o.azure);
     }
 }

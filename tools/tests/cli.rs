@@ -294,8 +294,14 @@ fn create_rejects_bad_options() {
     assert!(e.contains("'block_size'"), "{e}");
     let e = fails(1, &["create", "-f", "vhdx", p(&img), "12Q"]);
     assert!(e.contains("'12Q'"), "{e}");
-    let e = fails(1, &["create", "-f", "vhd", p(&img), "64M"]);
-    assert!(e.contains("VHD support is not implemented yet"), "{e}");
+    let e = fails(
+        1,
+        &["create", "-f", "vhd", "-o", "log_size=1M", p(&img), "64M"],
+    );
+    assert!(
+        e.contains("unknown option 'log_size' for format vhd"),
+        "{e}"
+    );
     let e = fails(1, &["create", "-f", "qcow2", p(&img), "64M"]);
     assert!(e.contains("qcow2"), "{e}");
 }
@@ -312,9 +318,16 @@ fn create_overwrites_like_qemu_img() {
 #[test]
 fn write_read_round_trip_unaligned() {
     let dir = tmp();
-    for fmt in ["vhdx", "raw"] {
+    for (fmt, opts) in [
+        ("vhdx", ""),
+        ("raw", ""),
+        ("vhd", "subformat=dynamic,block_size=1M"),
+        ("vpc", "subformat=fixed"),
+        ("vhd", "azure=on"),
+    ] {
         let img = dir.path().join(format!("rw.{fmt}"));
-        ok(&["create", "-f", fmt, "-o", "", p(&img), "64M"]);
+        ok(&["create", "-f", fmt, "-o", opts, p(&img), "64M"]);
+        let size = info_json(&img)["virtual_size"].as_u64().unwrap();
         let data = pattern(100_000, 7);
         let input = dir.path().join("input.bin");
         fs::write(&input, &data).unwrap();
@@ -326,7 +339,7 @@ fn write_read_round_trip_unaligned() {
             .output()
             .unwrap();
         assert!(back.status.success());
-        assert_eq!(back.stdout, data, "{fmt}");
+        assert_eq!(back.stdout, data, "{fmt} {opts}");
         // From stdin, with a size suffix for the offset.
         let mut child = vdisk()
             .args(["write", p(&img), "1K"])
@@ -340,11 +353,14 @@ fn write_read_round_trip_unaligned() {
             .args(["read", p(&img), "1023", "7"])
             .output()
             .unwrap();
-        assert_eq!(back.stdout, b"\0hello\0", "{fmt}");
+        assert_eq!(back.stdout, b"\0hello\0", "{fmt} {opts}");
         // Out of range.
-        let e = fails(1, &["read", p(&img), "64M", "1"]);
+        let e = fails(1, &["read", p(&img), &size.to_string(), "1"]);
         assert!(e.contains(p(&img)), "{e}");
-        let e = fails(1, &["write", p(&img), "67058864", p(&input)]);
+        let e = fails(
+            1,
+            &["write", p(&img), &(size - 50_000).to_string(), p(&input)],
+        );
         assert!(e.contains("beyond the virtual size"), "{e}");
         let e = fails(1, &["read", p(&img), "1X", "1"]);
         assert!(e.contains("'1X'"), "{e}");
@@ -449,8 +465,16 @@ fn convert_errors() {
         &["convert", "-O", "vhdx", "-o", "nope=1", p(&src), p(&dst)],
     );
     assert!(e.contains("'nope'"), "{e}");
-    let e = fails(1, &["convert", "-O", "vpc", p(&src), p(&dst)]);
-    assert!(e.contains("VHD support is not implemented yet"), "{e}");
+    let e = fails(
+        1,
+        &["convert", "-O", "vpc", "-o", "nope=1", p(&src), p(&dst)],
+    );
+    assert!(
+        e.contains(
+            "unknown option 'nope' for format vhd (supported: subformat, block_size, azure)"
+        ),
+        "{e}"
+    );
     let missing = dir.path().join("missing.raw");
     let e = fails(1, &["convert", "-O", "vhdx", p(&missing), p(&dst)]);
     assert!(e.contains(p(&missing)), "{e}");
@@ -541,11 +565,15 @@ fn errors_name_the_file() {
     // Without -f, garbage is a raw image.
     assert_eq!(info_json(&garbage)["format"], "raw");
 
-    // A VHD is recognised but not supported yet.
+    // Something that claims to be a VHD but is not one.
     let vhd = dir.path().join("disk.vhd");
     fs::write(&vhd, b"conectix and more").unwrap();
     let e = fails(1, &["info", p(&vhd)]);
-    assert!(e.contains("VHD support is not implemented yet"), "{e}");
+    assert!(e.contains(p(&vhd)), "{e}");
+    assert!(e.contains("too short to hold a VHD footer"), "{e}");
+    let e = fails(1, &["info", "-f", "vpc", p(&garbage)]);
+    assert!(e.contains(p(&garbage)), "{e}");
+    assert!(e.contains("VHD footer"), "{e}");
 }
 
 #[test]
@@ -554,7 +582,15 @@ fn every_subcommand_help_has_an_example() {
         let out = ok(&[cmd, "--help"]);
         assert!(out.contains("Example"), "{cmd}: {out}");
         assert!(out.contains(&format!("vdisk {cmd} ")), "{cmd}: {out}");
+        assert!(
+            out.contains(".vhd ") || out.contains(".vhd\n"),
+            "{cmd}: no VHD example in {out}"
+        );
     }
+    let out = ok(&["--help"]);
+    assert!(out.contains("-O vhd"), "{out}");
+    let out = ok(&["create", "--help"]);
+    assert!(out.contains("azure=on"), "{out}");
     fails(1, &["frobnicate"]);
 }
 
@@ -687,4 +723,481 @@ fn qemu_img_accepts_converted_vhdx() {
         .unwrap();
     assert!(st.success());
     ok(&["compare", p(&src), p(&theirs)]);
+}
+
+/// The keys of a JSON object, sorted.
+fn keys(j: &serde_json::Value) -> Vec<String> {
+    let mut k: Vec<String> = j.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn create_and_info_vhd() {
+    let dir = tmp();
+    let vhdx_img = dir.path().join("ref.vhdx");
+    ok(&["create", "-f", "vhdx", p(&vhdx_img), "64M"]);
+    let vhdx_json = info_json(&vhdx_img);
+    assert!(vhdx_json["vhd"].is_null(), "{vhdx_json}");
+
+    // Dynamic (the default): the size is rounded up to a CHS geometry.
+    let img = dir.path().join("dyn.vhd");
+    let out = run(&["create", "-f", "vhd", p(&img), "64M"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("fmt=vhd size=67125248 subformat=dynamic block_size=2097152"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rounded up from 67108864 to 67125248"));
+    let j = info_json(&img);
+    assert_eq!(keys(&j), keys(&vhdx_json), "same key set as VHDX");
+    assert_eq!(j["filename"], p(&img));
+    assert_eq!(j["format"], "vhd");
+    assert_eq!(j["subformat"], "dynamic");
+    assert_eq!(j["virtual_size"], 67_125_248u64);
+    assert_eq!(j["block_size"], 2 * MIB);
+    assert_eq!(j["logical_sector_size"], 512);
+    assert_eq!(j["physical_sector_size"], 512);
+    assert_eq!(j["file_size"], fs::metadata(&img).unwrap().len());
+    assert_eq!(j["allocated_bytes"], 0);
+    assert!(j["log"].is_null());
+    assert!(j["parent"].is_null());
+    assert!(j["creator"].as_str().unwrap().starts_with("vdsk "), "{j}");
+    let v = &j["vhd"];
+    assert_eq!(v["disk_type"], "dynamic");
+    assert_eq!(v["creator_application"], "vdsk");
+    assert_eq!(v["creator_host_os"], "Wi2k");
+    assert_eq!(v["creator_version"], "0.1");
+    assert_eq!(v["current_size"], 67_125_248u64);
+    assert_eq!(v["original_size"], 67_125_248u64);
+    let g = &v["geometry"];
+    let chs = g["cylinders"].as_u64().unwrap()
+        * g["heads"].as_u64().unwrap()
+        * g["sectors_per_track"].as_u64().unwrap();
+    assert_eq!(chs * 512, 67_125_248, "{g}");
+    assert_eq!(v["unique_id"], j["virtual_disk_id"]);
+    assert_eq!(v["unique_id"].as_str().unwrap().len(), 36);
+    assert_eq!(v["footer"], "end");
+    assert_eq!(v["allocated_blocks"], 0);
+    assert!(v["parent_name"].is_null());
+    let human = ok(&["info", p(&img)]);
+    for want in [
+        "file format: vhd",
+        "subformat: dynamic",
+        "virtual size: 64.016 MiB (67125248 bytes)",
+        "block size: 2 MiB (2097152 bytes)",
+        "allocated bytes: 0 B (0 bytes)",
+        "disk type: dynamic",
+        "creator application: vdsk",
+        "creator version: 0.1",
+        "creator host os: Wi2k",
+        "chs geometry: ",
+        "unique id: ",
+    ] {
+        assert!(human.contains(want), "missing {want:?} in:\n{human}");
+    }
+    // Writing one byte allocates one block.
+    let one = dir.path().join("one.bin");
+    fs::write(&one, [7]).unwrap();
+    ok(&["write", p(&img), "5M", p(&one)]);
+    assert_eq!(info_json(&img)["allocated_bytes"], 2 * MIB);
+
+    // Dynamic with small blocks, through the vpc alias.
+    ok(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "block_size=64K",
+        p(&img),
+        "10M",
+    ]);
+    let j = info_json(&img);
+    assert_eq!(j["block_size"], 64 << 10);
+    assert_eq!(ok(&["info", "-f", "vpc", p(&img)]), ok(&["info", p(&img)]));
+
+    // Fixed.
+    let img = dir.path().join("fixed.vhd");
+    ok(&[
+        "create",
+        "-f",
+        "vhd",
+        "-o",
+        "subformat=fixed",
+        p(&img),
+        "64M",
+    ]);
+    let j = info_json(&img);
+    assert_eq!(keys(&j), keys(&vhdx_json));
+    assert_eq!(j["subformat"], "fixed");
+    assert_eq!(j["virtual_size"], 67_125_248u64);
+    assert!(j["block_size"].is_null());
+    assert_eq!(j["allocated_bytes"], 67_125_248u64);
+    assert_eq!(j["file_size"], 67_125_248u64 + 512);
+    assert!(j["vhd"]["allocated_blocks"].is_null());
+    let human = ok(&["info", p(&img)]);
+    assert!(human.contains("subformat: fixed"), "{human}");
+    assert!(!human.contains("block size"), "{human}");
+
+    // Azure: exactly the size asked, in the footer too.
+    let img = dir.path().join("azure.vhd");
+    let out = ok(&["create", "-f", "vhd", "-o", "azure=on", p(&img), "48M"]);
+    assert!(out.contains("subformat=fixed azure=on"), "{out}");
+    let j = info_json(&img);
+    assert_eq!(j["subformat"], "fixed");
+    assert_eq!(j["virtual_size"], 48 * MIB);
+    assert_eq!(j["vhd"]["current_size"], 48 * MIB);
+    assert_eq!(j["file_size"], 48 * MIB + 512);
+    let human = ok(&["info", p(&img)]);
+    assert!(
+        human.contains("current size: 48 MiB (50331648 bytes)"),
+        "{human}"
+    );
+    // Sizes Azure cannot take, and contradictory options.
+    let bad = dir.path().join("bad.vhd");
+    let e = fails(
+        1,
+        &["create", "-f", "vhd", "-o", "azure=on", p(&bad), "1000K"],
+    );
+    assert!(e.contains("whole number of MiB"), "{e}");
+    assert!(e.contains(p(&bad)), "{e}");
+    assert!(!bad.exists());
+    let e = fails(
+        1,
+        &[
+            "create",
+            "-f",
+            "vhd",
+            "-o",
+            "azure=on,subformat=dynamic",
+            p(&bad),
+            "1M",
+        ],
+    );
+    assert!(e.contains("azure=on"), "{e}");
+    let e = fails(
+        1,
+        &["create", "-f", "vhd", "-o", "azure=perhaps", p(&bad), "1M"],
+    );
+    assert!(e.contains("'perhaps'"), "{e}");
+    let e = fails(
+        1,
+        &["create", "-f", "vhd", "-o", "block_size=3M", p(&bad), "64M"],
+    );
+    assert!(e.contains("block size 3145728"), "{e}");
+    let e = fails(
+        1,
+        &["create", "-f", "vpc", "-o", "colour=blue", p(&bad), "64M"],
+    );
+    assert!(
+        e.contains(
+            "unknown option 'colour' for format vhd (supported: subformat, block_size, azure)"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn detect_fixed_vhd_by_trailing_footer() {
+    let dir = tmp();
+    let img = dir.path().join("fixed.img");
+    ok(&[
+        "create",
+        "-f",
+        "vhd",
+        "-o",
+        "subformat=fixed",
+        p(&img),
+        "8M",
+    ]);
+    // The first bytes are disk data, not a VHD cookie.
+    let data = dir.path().join("data.bin");
+    fs::write(&data, pattern(1000, 4)).unwrap();
+    ok(&["write", "-f", "vhd", p(&img), "0", p(&data)]);
+    let first = fs::read(&img).unwrap();
+    assert_eq!(&first[..1000], &pattern(1000, 4)[..]);
+    let j = info_json(&img);
+    assert_eq!(j["format"], "vhd");
+    assert_eq!(j["subformat"], "fixed");
+    let size = j["virtual_size"].as_u64().unwrap();
+    let out = vdisk().args(["read", p(&img), "0", "8"]).output().unwrap();
+    assert_eq!(out.stdout, &pattern(1000, 4)[..8]);
+
+    // An old image with a 511-byte footer (made before Virtual PC 2004).
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(size + 511).unwrap();
+    drop(f);
+    let j = info_json(&img);
+    assert_eq!(j["format"], "vhd", "{j}");
+    assert_eq!(j["vhd"]["footer"], "end_511");
+    assert_eq!(j["virtual_size"], size);
+    assert!(ok(&["info", p(&img)]).contains("511 bytes"));
+
+    // Without the cookie at the end it is raw; so are tiny files.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(size + 100).unwrap();
+    drop(f);
+    assert_eq!(info_json(&img)["format"], "raw");
+    let tiny = dir.path().join("tiny.img");
+    fs::write(&tiny, b"conecti").unwrap();
+    assert_eq!(info_json(&tiny)["format"], "raw");
+    fs::write(&tiny, b"").unwrap();
+    assert_eq!(info_json(&tiny)["format"], "raw");
+}
+
+/// `qemu-img compare` of `src` (raw) and `img`, when qemu-img is there.
+/// `azure`: read the VHD by its footer's current size (qemu sizes images
+/// from unknown creators by their CHS geometry otherwise).
+fn qemu_same(qemu: Option<&Path>, src: &Path, img: &Path, fmt: &str, azure: bool) {
+    let Some(qemu) = qemu else { return };
+    let mut cmd = Command::new(qemu);
+    cmd.arg("compare");
+    if azure {
+        cmd.arg("--image-opts")
+            .arg(format!("driver=raw,file.filename={}", p(src)))
+            .arg(format!(
+                "driver=vpc,force_size_calc=current_size,file.filename={}",
+                p(img)
+            ));
+    } else {
+        cmd.args(["-f", "raw", "-F", fmt, p(src), p(img)]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare {}: {}{}",
+        p(img),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `vdisk compare` says identical.
+fn same(a: &Path, b: &Path) {
+    assert_eq!(
+        ok(&["compare", p(a), p(b)]).trim(),
+        "Images are identical.",
+        "{} vs {}",
+        p(a),
+        p(b)
+    );
+}
+
+#[test]
+fn convert_every_direction_with_vhd() {
+    let qemu = qemu_img();
+    let dir = tmp();
+    // A size a CHS geometry describes exactly, so that every format holds it.
+    let probe = dir.path().join("probe.vhd");
+    ok(&["create", "-f", "vhd", p(&probe), "40M"]);
+    let size = info_json(&probe)["virtual_size"].as_u64().unwrap();
+    let src = dir.path().join("src.raw");
+    let a = pattern(3 * MIB as usize + 777, 11);
+    let b = pattern(4096, 12);
+    raw_file(
+        &src,
+        size,
+        &[(5 * MIB + 3, &a), (20 * MIB, &b), (size - 1, &[9])],
+    );
+    // Explicit zeros must not be allocated either.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&vec![0u8; 4 * MIB as usize], 28 * MIB)
+        .unwrap();
+
+    // raw -> vhd (dynamic, the default)
+    let dyn_vhd = dir.path().join("a.vhd");
+    let out = run(&["convert", "-O", "vhd", p(&src), p(&dyn_vhd)]);
+    assert!(out.status.success());
+    assert!(out.stderr.is_empty(), "no rounding note for a CHS size");
+    same(&src, &dyn_vhd);
+    qemu_same(qemu.as_deref(), &src, &dyn_vhd, "vpc", false);
+    let j = info_json(&dyn_vhd);
+    assert_eq!(j["subformat"], "dynamic");
+    assert_eq!(j["virtual_size"], size);
+    // Blocks 2, 3 and 4 (5 MiB + 3 .. 8 MiB + 780), 10 (20 MiB) and the last.
+    assert_eq!(j["allocated_bytes"], 5 * 2 * MIB, "{j}");
+
+    // vhd -> vhdx
+    let vhdx_img = dir.path().join("b.vhdx");
+    ok(&[
+        "convert",
+        "-f",
+        "vpc",
+        "-O",
+        "vhdx",
+        p(&dyn_vhd),
+        p(&vhdx_img),
+    ]);
+    same(&src, &vhdx_img);
+    same(&dyn_vhd, &vhdx_img);
+    qemu_same(qemu.as_deref(), &src, &vhdx_img, "vhdx", false);
+
+    // vhdx -> vhd (fixed)
+    let fixed_vhd = dir.path().join("c.vhd");
+    ok(&[
+        "convert",
+        "-p",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        p(&vhdx_img),
+        p(&fixed_vhd),
+    ]);
+    same(&src, &fixed_vhd);
+    qemu_same(qemu.as_deref(), &src, &fixed_vhd, "vpc", false);
+    assert_eq!(info_json(&fixed_vhd)["subformat"], "fixed");
+    // Zeros were skipped: the fixed image's file stays sparse.
+    use std::os::unix::fs::MetadataExt;
+    let used = fs::metadata(&fixed_vhd).unwrap().blocks() * 512;
+    assert!(used < size / 2, "fixed VHD uses {used} bytes");
+
+    // vhd -> vhd (fixed to dynamic with small blocks)
+    let small_vhd = dir.path().join("d.vhd");
+    ok(&[
+        "convert",
+        "-O",
+        "vhd",
+        "-o",
+        "subformat=dynamic,block_size=4K",
+        p(&fixed_vhd),
+        p(&small_vhd),
+    ]);
+    same(&src, &small_vhd);
+    same(&fixed_vhd, &small_vhd);
+    qemu_same(qemu.as_deref(), &src, &small_vhd, "vpc", false);
+    let j = info_json(&small_vhd);
+    assert_eq!(j["block_size"], 4096);
+    // 3 MiB + 777 bytes from 5 MiB + 3 spans 4 KiB blocks 1280..=2048; one
+    // more each for the data at 20 MiB and the last byte.
+    assert_eq!(j["allocated_bytes"], (769 + 1 + 1) * 4096, "{j}");
+
+    // vhd -> raw, and vhdx -> raw
+    for (from, name) in [
+        (&small_vhd, "e.raw"),
+        (&fixed_vhd, "f.raw"),
+        (&vhdx_img, "g.raw"),
+    ] {
+        let back = dir.path().join(name);
+        ok(&["convert", "-O", "raw", p(from), p(&back)]);
+        assert!(
+            fs::read(&src).unwrap() == fs::read(&back).unwrap(),
+            "{name} differs from the source"
+        );
+    }
+
+    // raw -> vhd with the Azure option, then vhd -> vhdx -> vhd -> raw.
+    let src48 = dir.path().join("src48.raw");
+    raw_file(
+        &src48,
+        48 * MIB,
+        &[(MIB + 1, &a), (48 * MIB - 3, &[1, 2, 3])],
+    );
+    let az = dir.path().join("az.vhd");
+    ok(&["convert", "-O", "vhd", "-o", "azure=on", p(&src48), p(&az)]);
+    let j = info_json(&az);
+    assert_eq!(j["virtual_size"], 48 * MIB);
+    assert_eq!(j["vhd"]["current_size"], 48 * MIB);
+    same(&src48, &az);
+    qemu_same(qemu.as_deref(), &src48, &az, "vpc", true);
+    let az_vhdx = dir.path().join("az.vhdx");
+    ok(&["convert", "-O", "vhdx", p(&az), p(&az_vhdx)]);
+    same(&src48, &az_vhdx);
+    let az2 = dir.path().join("az2.vhd");
+    ok(&[
+        "convert",
+        "-O",
+        "vhd",
+        "-o",
+        "azure=on",
+        p(&az_vhdx),
+        p(&az2),
+    ]);
+    same(&az, &az2);
+    let back = dir.path().join("az.raw");
+    ok(&["convert", "-O", "raw", p(&az2), p(&back)]);
+    assert!(fs::read(&src48).unwrap() == fs::read(&back).unwrap());
+
+    // A size no CHS geometry holds: rounded up (with a note), like qemu-img;
+    // the extra space reads as zeros.
+    let dyn48 = dir.path().join("dyn48.vhd");
+    let out = run(&["convert", "-O", "vhd", p(&src48), p(&dyn48)]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rounded up from 50331648"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let big = info_json(&dyn48)["virtual_size"].as_u64().unwrap();
+    assert!(big > 48 * MIB);
+    let tail = vdisk()
+        .args(["read", p(&dyn48), &(48 * MIB - 3).to_string(), "3"])
+        .output()
+        .unwrap();
+    assert_eq!(tail.stdout, [1, 2, 3]);
+    // Azure refuses sizes that are not a whole number of MiB, naming the target.
+    let odd = dir.path().join("odd.raw");
+    raw_file(&odd, 3 * MIB + 512, &[]);
+    let e = fails(
+        1,
+        &["convert", "-O", "vhd", "-o", "azure=on", p(&odd), p(&az)],
+    );
+    assert!(e.contains("whole number of MiB"), "{e}");
+    assert!(e.contains(p(&az)), "{e}");
+}
+
+#[test]
+fn orphan_differencing_vhd() {
+    // The shared corpus lives beside the workspace.
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/corpus/vhd/dfvfs-fat-differential-orphan.vhd.gz");
+    if !corpus.exists() {
+        println!("SKIP: {} is absent", corpus.display());
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("orphan.vhd");
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(corpus)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gzip -dc failed");
+    fs::write(&img, out.stdout).unwrap();
+
+    // info works, and shows the parent.
+    let j = info_json(&img);
+    assert_eq!(j["format"], "vhd");
+    assert_eq!(j["subformat"], "differencing");
+    let parent = "C:\\Projects\\dfvfs\\test_data\\fat-parent.vhd";
+    assert_eq!(j["parent"]["parent_name"], parent, "{j}");
+    assert_eq!(j["parent"]["W2ru"], ".\\fat-parent.vhd", "{j}");
+    assert_eq!(j["vhd"]["parent_name"], parent);
+    assert_eq!(
+        j["vhd"]["parent_unique_id"].as_str().unwrap(),
+        j["parent"]["parent_unique_id"].as_str().unwrap()
+    );
+    let locators = j["vhd"]["parent_locators"].as_array().unwrap();
+    assert!(locators.iter().any(|l| l["platform_code"] == "W2ku"), "{j}");
+    let human = ok(&["info", p(&img)]);
+    assert!(human.contains("subformat: differencing"), "{human}");
+    assert!(human.contains(&format!("parent_name={parent}")), "{human}");
+    assert!(human.contains("W2ru=.\\fat-parent.vhd"), "{human}");
+
+    // Reading it needs the parent: the error names the file and the parent.
+    let target = dir.path().join("out.raw");
+    for args in [
+        vec!["read", p(&img), "0", "1"],
+        vec!["convert", "-O", "raw", p(&img), p(&target)],
+        vec!["write", p(&img), "0", "/dev/null"],
+    ] {
+        let e = fails(1, &args);
+        assert!(e.contains(p(&img)), "{e}");
+        assert!(e.contains("parent"), "{e}");
+        assert!(e.contains("fat-parent.vhd"), "{e}");
+    }
+    let e = fails(2, &["compare", p(&img), p(&img)]);
+    assert!(e.contains("fat-parent.vhd"), "{e}");
+    assert!(!target.exists());
 }

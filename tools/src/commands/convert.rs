@@ -27,6 +27,10 @@ const RAW_GRANULE: u64 = 4096;
 /// Zero-detection granule for VHDX targets (smaller than any block: zero
 /// parts of an allocated block need no writing, a new block reads as zeros).
 const VHDX_GRANULE: u64 = 64 << 10;
+/// Zero-detection granule for VHD targets: VHD writes are sector-granular
+/// and dynamic VHD blocks can be as small as 4 KiB, so test 4 KiB pieces
+/// (a fixed VHD's file then stays sparse too).
+const VHD_GRANULE: u64 = 4096;
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let src_img = open::open(&args.source, args.format, false)?;
@@ -42,8 +46,10 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     let granule = match target {
         Target::Raw => RAW_GRANULE,
         Target::Vhdx(_) => VHDX_GRANULE,
+        Target::Vhd(_) => VHD_GRANULE,
     };
     let dst_img = create::create(&args.target, &target, size)?;
+    create::note_rounding(&target, size, dst_img.disk().virtual_size());
     let progress = Progress::new(args.progress, size, "converting");
     let result = copy(src, dst_img.disk(), granule, &progress).and_then(|()| {
         progress.set_message("flushing");

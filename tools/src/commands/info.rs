@@ -10,7 +10,8 @@ use std::path::Path;
 use vhdx::{Info, OpenOptions, Vhdx};
 
 /// Everything `info` reports. The JSON form has exactly the non-skipped
-/// fields, with these (stable) names.
+/// fields, with these (stable) names, for every format: fields that do not
+/// apply are null (`vhd` holds what only VHD images have).
 #[derive(Serialize, Debug)]
 struct Report {
     filename: String,
@@ -33,6 +34,47 @@ struct Report {
     /// Parent locator entries in on-disk order.
     #[serde(serialize_with = "ordered_map")]
     parent: Option<Vec<(String, String)>>,
+    /// VHD-only details.
+    vhd: Option<VhdReport>,
+}
+
+/// The VHD-specific part of the report.
+#[derive(Serialize, Debug)]
+struct VhdReport {
+    disk_type: &'static str,
+    creator_application: String,
+    creator_version: String,
+    creator_host_os: String,
+    /// Seconds since the Unix epoch.
+    timestamp: u64,
+    original_size: u64,
+    current_size: u64,
+    geometry: Chs,
+    unique_id: String,
+    saved_state: bool,
+    /// "end", "end_511" (old 511-byte footer) or "copy_at_start".
+    footer: &'static str,
+    /// Dynamic and differencing disks.
+    allocated_blocks: Option<u64>,
+    max_table_entries: Option<u32>,
+    /// Differencing disks.
+    parent_name: Option<String>,
+    parent_unique_id: Option<String>,
+    parent_locators: Option<Vec<Locator>>,
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize, Debug)]
+struct Chs {
+    cylinders: u16,
+    heads: u8,
+    sectors_per_track: u8,
+}
+
+#[derive(Serialize, Debug)]
+struct Locator {
+    platform_code: String,
+    path: String,
 }
 
 fn ordered_map<S: Serializer>(v: &Option<Vec<(String, String)>>, s: S) -> Result<S::Ok, S::Error> {
@@ -68,10 +110,11 @@ pub fn run(args: &InfoArgs) -> Result<()> {
                 virtual_disk_id: None,
                 data_write_guid: None,
                 parent: None,
+                vhd: None,
             }
         }
         Format::Vhdx => vhdx_report(path, name, meta.len())?,
-        Format::Vhd => return Err(open::vhd_unsupported()),
+        Format::Vhd => vhd_report(path, name, meta.len())?,
     };
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -124,6 +167,111 @@ fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>
         virtual_disk_id: Some(m.virtual_disk_id.to_string()),
         data_write_guid: Some(info.header.data_write_guid.to_string()),
         parent,
+        vhd: None,
+    }
+}
+
+fn vhd_report(path: &Path, name: String, file_size: u64) -> Result<Report> {
+    let info = match vhd::Vhd::open(path, &vhd::OpenOptions::default()) {
+        Ok(d) => d.info().clone(),
+        Err(open_err) => match vhd::Vhd::inspect(path) {
+            // A differencing disk (whose parent chain cannot be opened):
+            // show its metadata anyway.
+            Ok(info) if info.footer.disk_type == vhd::footer::DiskType::Differencing => info,
+            _ => return Err(open_err.into()),
+        },
+    };
+    Ok(vhd_fields(&info, name, file_size))
+}
+
+/// "vpc " → "vpc"; non-printable bytes escaped.
+fn fourcc(c: &[u8; 4]) -> String {
+    vhd::footer::fourcc(c).trim_end().to_string()
+}
+
+fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
+    let f = &info.footer;
+    let app = fourcc(&f.creator_application);
+    let version = format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xffff);
+    let host = fourcc(&f.creator_host_os);
+    let block_size = info.block_size().map(u64::from);
+    let allocated = match block_size {
+        Some(bs) => info.allocated_blocks * bs,
+        None => info.virtual_size,
+    };
+    let differencing = f.disk_type == vhd::footer::DiskType::Differencing;
+    let header = info.header.as_ref().filter(|_| differencing);
+    let parent = header.map(|h| {
+        let mut entries = vec![
+            ("parent_name".to_string(), h.parent_name()),
+            (
+                "parent_unique_id".to_string(),
+                h.parent_unique_id.to_string(),
+            ),
+        ];
+        for (code, path) in &info.parent_locators {
+            let mut key = code.clone();
+            let mut n = 1;
+            while entries.iter().any(|(k, _)| *k == key) {
+                n += 1;
+                key = format!("{code}#{n}");
+            }
+            entries.push((key, path.clone()));
+        }
+        entries
+    });
+    let vhd = VhdReport {
+        disk_type: f.disk_type.name(),
+        creator_application: app.clone(),
+        creator_version: version.clone(),
+        creator_host_os: host.clone(),
+        timestamp: f.timestamp_unix(),
+        original_size: f.original_size,
+        current_size: f.current_size,
+        geometry: Chs {
+            cylinders: f.geometry.cylinders,
+            heads: f.geometry.heads,
+            sectors_per_track: f.geometry.sectors_per_track,
+        },
+        unique_id: f.unique_id.to_string(),
+        saved_state: f.saved_state != 0,
+        footer: match info.footer_source {
+            vhd::FooterSource::End => "end",
+            vhd::FooterSource::End511 => "end_511",
+            vhd::FooterSource::CopyAtStart => "copy_at_start",
+        },
+        allocated_blocks: info.header.as_ref().map(|_| info.allocated_blocks),
+        max_table_entries: info.header.as_ref().map(|h| h.max_table_entries),
+        parent_name: header.map(|h| h.parent_name()),
+        parent_unique_id: header.map(|h| h.parent_unique_id.to_string()),
+        parent_locators: header.map(|_| {
+            info.parent_locators
+                .iter()
+                .map(|(code, path)| Locator {
+                    platform_code: code.clone(),
+                    path: path.clone(),
+                })
+                .collect()
+        }),
+        warnings: info.warnings.clone(),
+    };
+    Report {
+        filename: name,
+        format: Format::Vhd.name(),
+        subformat: Some(info.subformat()),
+        virtual_size: info.virtual_size,
+        block_size,
+        logical_sector_size: 512,
+        physical_sector_size: 512,
+        file_size,
+        allocated_bytes: Some(allocated),
+        log: None,
+        log_entries: None,
+        creator: Some(format!("{app} {version} ({host})")),
+        virtual_disk_id: Some(f.unique_id.to_string()),
+        data_write_guid: None,
+        parent,
+        vhd: Some(vhd),
     }
 }
 
@@ -163,11 +311,35 @@ fn human(r: &Report) -> String {
             line("log", &log);
         }
     }
-    if let Some(c) = &r.creator {
-        line("creator", c);
-    }
-    if let Some(id) = &r.virtual_disk_id {
-        line("virtual disk id", id);
+    if let Some(v) = &r.vhd {
+        line("disk type", &v.disk_type);
+        line("creator application", &v.creator_application);
+        line("creator version", &v.creator_version);
+        line("creator host os", &v.creator_host_os);
+        let g = &v.geometry;
+        line(
+            "chs geometry",
+            &format!("{}/{}/{}", g.cylinders, g.heads, g.sectors_per_track),
+        );
+        line("original size", &human_exact(v.original_size));
+        line("current size", &human_exact(v.current_size));
+        line("unique id", &v.unique_id);
+        if let Some(n) = v.allocated_blocks {
+            line("allocated blocks", &n);
+        }
+        if v.footer == "end_511" {
+            line("footer", &"511 bytes (made before Virtual PC 2004)");
+        }
+        for w in &v.warnings {
+            line("warning", w);
+        }
+    } else {
+        if let Some(c) = &r.creator {
+            line("creator", c);
+        }
+        if let Some(id) = &r.virtual_disk_id {
+            line("virtual disk id", id);
+        }
     }
     if let Some(g) = &r.data_write_guid {
         line("data write guid", g);
