@@ -44,13 +44,18 @@ enum Command {
         vdisk create -f vhdx -o subformat=fixed,block_size=1M disk.vhdx 10G\n  \
         vdisk create -f vhd -o subformat=fixed disk.vhd 10G\n  \
         vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
-        vdisk create -f raw disk.raw 1G\n\n\
+        vdisk create -f raw disk.raw 1G\n  \
+        vdisk create -f vhd -b base.vhd child.vhd\n\n\
         VHDX options (-o): subformat=fixed|dynamic, block_size=SIZE (1M..256M, power of two), \
         logical_sector_size=512|4096, physical_sector_size=512|4096, log_size=SIZE (multiple of 1M)\n\
         VHD options (-o, format vhd or vpc): subformat=fixed|dynamic, block_size=SIZE (dynamic only; \
         4K..256M, power of two, default 2M), azure=on|off (a fixed VHD of exactly SIZE, a whole \
         number of MiB, as Azure requires). Without azure=on, a VHD's size is rounded up to a whole \
-        CHS geometry, like qemu-img does.")]
+        CHS geometry, like qemu-img does.\n\
+        With -b PARENT (VHD only), a differencing VHD is created: it starts empty, reads \
+        what it does not hold from PARENT (found again by a relative and an absolute path, \
+        or by file name beside the child), and takes PARENT's virtual size; block_size may \
+        be given.")]
     Create(CreateArgs),
     /// Copy an image into a new image, possibly of another format
     #[command(after_help = "Examples:\n  \
@@ -110,10 +115,18 @@ struct CreateArgs {
     /// Format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
+    /// Parent image: create a differencing image over it (VHD only; the
+    /// parent is opened read-only and never modified)
+    #[arg(short = 'b', long = "backing", value_name = "PARENT")]
+    backing: Option<PathBuf>,
+    /// Format of the parent image (vhd or vpc; detected when absent)
+    #[arg(short = 'F', long = "backing-format", value_parser = Format::parse_arg)]
+    backing_format: Option<Format>,
     /// The image to create
     image: PathBuf,
-    /// Virtual size, in bytes or with a K, M, G or T suffix
-    size: String,
+    /// Virtual size, in bytes or with a K, M, G or T suffix (with -b:
+    /// optional, and if given must be the parent's)
+    size: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -144,7 +144,13 @@ pub fn open(path: &Path, format: Option<Format>, writable: bool) -> Result<Image
                 ..vhdx::OpenOptions::default()
             },
         )?)),
-        Format::Vhd => Image::Vhd(Box::new(Vhd::open(path, &vhd::OpenOptions { writable })?)),
+        Format::Vhd => Image::Vhd(Box::new(Vhd::open(
+            path,
+            &vhd::OpenOptions {
+                writable,
+                ..vhd::OpenOptions::default()
+            },
+        )?)),
     })
 }
 
@@ -165,6 +171,18 @@ pub fn create_vhdx(path: &Path, opts: &vhdx::CreateOptions) -> Result<Image> {
 pub fn create_vhd(path: &Path, opts: &vhd::CreateOptions) -> Result<Image> {
     let name = path.display().to_string();
     let disk = Vhd::create(path, opts, true).map_err(|e| e.in_file(&name, 0))?;
+    Ok(Image::Vhd(Box::new(disk)))
+}
+
+/// Create (or overwrite, like qemu-img) a differencing VHD over `parent`.
+pub fn create_vhd_differencing(
+    path: &Path,
+    parent: &Path,
+    opts: &vhd::CreateOptions,
+) -> Result<Image> {
+    let name = path.display().to_string();
+    let disk =
+        Vhd::create_differencing(path, parent, opts, true).map_err(|e| e.in_file(&name, 0))?;
     Ok(Image::Vhd(Box::new(disk)))
 }
 

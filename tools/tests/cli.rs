@@ -1201,3 +1201,100 @@ fn orphan_differencing_vhd() {
     assert!(e.contains("fat-parent.vhd"), "{e}");
     assert!(!target.exists());
 }
+
+#[test]
+fn differencing_vhd_create_write_convert() {
+    let dir = tmp();
+    let base = dir.path().join("base.vhd");
+    ok(&["create", "-f", "vhd", p(&base), "8M"]);
+    let size = info_json(&base)["virtual_size"].as_u64().unwrap();
+    let mut expect = vec![0u8; size as usize];
+    let input = dir.path().join("input.bin");
+    for (at, len, seed) in [(0u64, 3 * MIB as usize, 1u32), (5 * MIB + 7, 100_000, 2)] {
+        let data = pattern(len, seed);
+        fs::write(&input, &data).unwrap();
+        ok(&["write", p(&base), &at.to_string(), p(&input)]);
+        expect[at as usize..at as usize + len].copy_from_slice(&data);
+    }
+    let base_bytes = fs::read(&base).unwrap();
+
+    // -b: the size is the parent's; a different one is refused.
+    let child = dir.path().join("child.vhd");
+    let e = fails(1, &["create", "-f", "vhd", "-b", p(&base), p(&child), "9M"]);
+    assert!(e.contains("virtual size"), "{e}");
+    let e = fails(1, &["create", "-f", "vhdx", "-b", p(&base), p(&child)]);
+    assert!(e.contains("VHD"), "{e}");
+    let e = fails(1, &["create", "-f", "vhd", p(&child)]);
+    assert!(e.contains("SIZE"), "{e}");
+    let out = ok(&[
+        "create",
+        "-f",
+        "vpc",
+        "-F",
+        "vpc",
+        "-o",
+        "block_size=512K",
+        "-b",
+        p(&base),
+        p(&child),
+        "8M",
+    ]);
+    assert!(out.contains("subformat=differencing"), "{out}");
+    assert!(out.contains(&format!("size={size}")), "{out}");
+
+    // Unaligned writes into the child: partial sectors, across blocks.
+    for (at, len, seed) in [
+        (100u64, 10usize, 3u32),
+        (512 * 1024 - 333, 5000, 4),
+        (2 * MIB - 1, 2, 5),
+        (size - 77, 77, 6),
+    ] {
+        let data = pattern(len, seed);
+        fs::write(&input, &data).unwrap();
+        ok(&["write", p(&child), &at.to_string(), p(&input)]);
+        expect[at as usize..at as usize + len].copy_from_slice(&data);
+    }
+    assert_eq!(fs::read(&base).unwrap(), base_bytes, "the parent changed");
+
+    // info shows the parent.
+    let j = info_json(&child);
+    assert_eq!(j["subformat"], "differencing");
+    assert_eq!(j["parent"]["parent_name"], "base.vhd");
+    assert_eq!(j["parent"]["W2ru"], ".\\base.vhd");
+    assert_eq!(
+        j["parent"]["parent_unique_id"],
+        info_json(&base)["vhd"]["unique_id"]
+    );
+    let canon = base.canonicalize().unwrap();
+    assert_eq!(j["vhd"]["parent_file"], p(&canon));
+    assert_eq!(j["block_size"], 512 * 1024);
+    let human = ok(&["info", p(&child)]);
+    assert!(
+        human.contains(&format!("parent file: {}", p(&canon))),
+        "{human}"
+    );
+
+    // read and convert flatten the chain.
+    let out = vdisk()
+        .args(["read", p(&child), "0", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, &expect[..1000]);
+    let raw = dir.path().join("flat.raw");
+    ok(&["convert", "-O", "raw", p(&child), p(&raw)]);
+    assert!(fs::read(&raw).unwrap() == expect, "converted child differs");
+    let vhdx = dir.path().join("flat.vhdx");
+    ok(&["convert", "-O", "vhdx", p(&child), p(&vhdx)]);
+    ok(&["compare", p(&child), p(&vhdx)]);
+    ok(&["compare", p(&child), p(&raw)]);
+    // The child differs from its parent exactly where written.
+    let out = run(&["compare", p(&child), p(&base)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(fs::read(&base).unwrap(), base_bytes, "the parent changed");
+
+    // A missing parent: a clear error naming both.
+    fs::rename(&base, dir.path().join("elsewhere.vhd")).unwrap();
+    let e = fails(1, &["read", p(&child), "0", "1"]);
+    assert!(e.contains(p(&child)) && e.contains("base.vhd"), "{e}");
+    assert!(e.contains("parent is missing"), "{e}");
+}

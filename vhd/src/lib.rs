@@ -1,6 +1,6 @@
 //! Read and write Microsoft VHD (Virtual Hard Disk Image Format
-//! Specification, 2006) images: fixed and dynamic disks. Differencing disks
-//! are parsed (for `info`) but not opened for I/O yet.
+//! Specification, 2006) images: fixed, dynamic and differencing disks
+//! (whose parent chains are found by their locators, or given).
 //!
 //! ```
 //! use disk::{MemStorage, VirtualDisk};
@@ -21,4 +21,6 @@ pub mod footer;
 mod image;
 
 pub use disk::{Error, ErrorKind, Result};
-pub use image::{CreateOptions, FooterSource, Info, OpenOptions, Vhd, MAX_VIRTUAL_SIZE};
+pub use image::{
+    CreateOptions, FooterSource, Info, OpenOptions, ParentLink, Vhd, MAX_CHAIN, MAX_VIRTUAL_SIZE,
+};

@@ -113,7 +113,14 @@ fn bad_images_are_refused_clearly() {
         let img = decompress(&dir.join(file), tmp.path());
         let stem = img.file_name().unwrap().to_string_lossy().into_owned();
         for writable in [false, true] {
-            let err = Vhd::open(&img, &OpenOptions { writable }).unwrap_err();
+            let err = Vhd::open(
+                &img,
+                &OpenOptions {
+                    writable,
+                    ..OpenOptions::default()
+                },
+            )
+            .unwrap_err();
             let msg = err.to_string();
             eprintln!("{stem}: {msg}");
             assert_eq!(err.kind(), ErrorKind::Corrupt, "{msg}");
@@ -190,7 +197,14 @@ fn writes_into_corpus_copies_read_back_in_qemu() {
             .args(["convert", "-f", "vpc", "-O", "raw"])
             .arg(&img)
             .arg(&raw));
-        let d = Vhd::open(&img, &OpenOptions { writable: true }).unwrap();
+        let d = Vhd::open(
+            &img,
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
         let size = d.virtual_size();
         let rawf = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
         for (i, off) in [100u64, size / 3 + 333, size - 70_001]

@@ -42,8 +42,14 @@ fn check(img: Vec<u8>, w: &Workload, what: &str, cut: usize) {
     // A writable open can keep writing: allocate a new block after whatever
     // the crash left at the end, then reopen and check everything.
     let st = Arc::new(MemStorage::from_vec("crash-rw", img));
-    let rw = Vhd::open_storage(Box::new(st.clone()), &OpenOptions { writable: true })
-        .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
+    let rw = Vhd::open_storage(
+        Box::new(st.clone()),
+        &OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
     w.verify(&rw, cut, tear, &format!("{what} writable"));
     let last = rw.virtual_size() - PAGE;
     let marker = vec![0xeeu8; PAGE as usize];
@@ -62,7 +68,14 @@ fn check(img: Vec<u8>, w: &Workload, what: &str, cut: usize) {
 
 fn run_workload(block: u32, size: u64, seed: u64) {
     let rec = Arc::new(RecordingStorage::new("rec", base_image(size, block)));
-    let d = Vhd::open_storage(Box::new(rec.clone()), &OpenOptions { writable: true }).unwrap();
+    let d = Vhd::open_storage(
+        Box::new(rec.clone()),
+        &OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
     // Leave the last page alone: check() writes a marker there.
     let w = Workload::run(&rec, &d, d.virtual_size() / PAGE - 1, seed);
     std::mem::forget(d); // a crash: no close

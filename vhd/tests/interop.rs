@@ -51,7 +51,14 @@ fn qemu_made_images_read_identically() {
         assert!(got == model, "{sub}: contents differ");
         drop(d);
         // And we can write into qemu's image; qemu reads our write back.
-        let d = Vhd::open(&img, &OpenOptions { writable: true }).unwrap();
+        let d = Vhd::open(
+            &img,
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
         let p = pattern(3 * MIB as usize + 100, 99);
         d.write_at(&p, 20 * MIB + 7).unwrap();
         d.close().unwrap();

@@ -36,7 +36,10 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn rw() -> OpenOptions {
-    OpenOptions { writable: true }
+    OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    }
 }
 
 /// Allocate a few blocks full of junk, then clear their bitmaps: the

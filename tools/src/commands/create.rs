@@ -1,14 +1,23 @@
 //! `vdisk create`: a new empty image.
 
-use crate::open::{self, Image};
+use crate::open::{self, Format, Image};
 use crate::options::{self, Target};
 use crate::size::parse_arg;
 use crate::CreateArgs;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::Path;
 
 pub fn run(args: &CreateArgs) -> Result<()> {
-    let size = parse_arg("SIZE", &args.size)?;
+    if let Some(parent) = &args.backing {
+        return differencing(args, parent);
+    }
+    if args.backing_format.is_some() {
+        bail!("-F (the backing file's format) needs -b PARENT");
+    }
+    let Some(size) = &args.size else {
+        bail!("the virtual size (SIZE) is required unless -b PARENT is given");
+    };
+    let size = parse_arg("SIZE", size)?;
     let target = options::target(args.format, size, &args.options)?;
     let img = create(&args.image, &target, size)?;
     let actual = img.disk().virtual_size();
@@ -19,6 +28,46 @@ pub fn run(args: &CreateArgs) -> Result<()> {
         "Formatted '{}', {}",
         args.image.display(),
         options::describe(&target, actual)
+    );
+    Ok(())
+}
+
+/// `create -b PARENT`: a differencing VHD over PARENT.
+fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
+    if args.format != Format::Vhd {
+        bail!(
+            "a backing file (-b) is supported for VHD images only (use -f vhd), not {}",
+            args.format.name()
+        );
+    }
+    let pformat = open::resolve(parent, args.backing_format)?;
+    if pformat != Format::Vhd {
+        bail!(
+            "{}: the parent of a differencing VHD must be a VHD, not {}",
+            parent.display(),
+            pformat.name()
+        );
+    }
+    let size = match &args.size {
+        Some(s) => parse_arg("SIZE", s)?,
+        None => 0,
+    };
+    let Target::Vhd(o) = options::target(Format::Vhd, size, &args.options)? else {
+        bail!("internal error: VHD options expected");
+    };
+    if o.fixed {
+        bail!("a differencing VHD is dynamic: subformat=fixed and azure=on do not apply");
+    }
+    let img = open::create_vhd_differencing(&args.image, parent, &o)?;
+    let actual = img.disk().virtual_size();
+    img.close()?;
+    open::sync_parent_dir(&args.image)?;
+    println!(
+        "Formatted '{}', fmt=vhd size={actual} subformat=differencing block_size={} \
+         backing_file={}",
+        args.image.display(),
+        o.block_size,
+        parent.display()
     );
     Ok(())
 }

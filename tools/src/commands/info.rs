@@ -61,6 +61,8 @@ struct VhdReport {
     parent_name: Option<String>,
     parent_unique_id: Option<String>,
     parent_locators: Option<Vec<Locator>>,
+    /// Differencing disks whose parent was found: where.
+    parent_file: Option<String>,
     warnings: Vec<String>,
 }
 
@@ -253,6 +255,7 @@ fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
                 })
                 .collect()
         }),
+        parent_file: info.parent_file.clone(),
         warnings: info.warnings.clone(),
     };
     Report {
@@ -326,6 +329,9 @@ fn human(r: &Report) -> String {
         line("unique id", &v.unique_id);
         if let Some(n) = v.allocated_blocks {
             line("allocated blocks", &n);
+        }
+        if let Some(p) = &v.parent_file {
+            line("parent file", p);
         }
         if v.footer == "end_511" {
             line("footer", &"511 bytes (made before Virtual PC 2004)");
