@@ -51,6 +51,18 @@ impl<S: Storage> VirtualDisk for RawDisk<S> {
             mapping: Mapping::Data(FileOffset(offset)),
         })
     }
+    fn map_allocation(&self, offset: u64, len: u64) -> Result<Extent> {
+        let (mapping, run) = match self.storage.data_run(offset)? {
+            Some((start, _)) if start > offset => (Mapping::Unallocated, start - offset),
+            Some((_, end)) => (Mapping::Data(FileOffset(offset)), end - offset),
+            None => (Mapping::Unallocated, len),
+        };
+        Ok(Extent {
+            offset,
+            len: run.clamp(1, len),
+            mapping,
+        })
+    }
     fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
         if !self.storage.is_writable() {
             return Err(Error::invalid("disk is read-only").in_file(self.storage.name(), 0));
@@ -65,5 +77,42 @@ impl<S: Storage> VirtualDisk for RawDisk<S> {
     }
     fn flush(&self) -> Result<()> {
         self.storage.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FileStorage;
+
+    #[test]
+    fn holes_of_a_sparse_file_are_unallocated() {
+        let dir = std::env::temp_dir().join(format!("disk-raw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sparse.raw");
+        let st = FileStorage::create(&path, true).unwrap();
+        let raw = RawDisk::create(st, 64 << 20).unwrap();
+        raw.write_at(&[7u8; 4096], 32 << 20).unwrap();
+        let size = raw.virtual_size();
+        let mut pos = 0;
+        let mut data = 0;
+        while pos < size {
+            let e = raw.map_allocation(pos, size - pos).unwrap();
+            assert_eq!(e.offset, pos);
+            assert!(e.len > 0 && pos + e.len <= size);
+            if let Mapping::Data(_) = e.mapping {
+                data += e.len;
+                let mut b = vec![0u8; e.len as usize];
+                raw.read_at(&mut b, pos).unwrap();
+            }
+            pos += e.len;
+        }
+        // The written page is data; (nearly) everything else is a hole on
+        // file systems that track holes, and all data on those that do not.
+        assert!(data >= 4096);
+        let mut b = [0u8; 4096];
+        raw.read_at(&mut b, 32 << 20).unwrap();
+        assert_eq!(b, [7u8; 4096]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

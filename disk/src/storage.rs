@@ -48,6 +48,18 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> Result<()>;
     /// Whether writes are allowed.
     fn is_writable(&self) -> bool;
+
+    /// Where the byte range starting at `offset` (< length) holds data: the
+    /// first data offset at or after `offset` and the end of that data run,
+    /// or `None` when only holes follow. Storage that cannot tell reports
+    /// everything up to its length as data.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+        let len = self.len()?;
+        Ok((offset < len).then_some((offset, len)))
+    }
 }
 
 /// A file on the host file system.
@@ -158,6 +170,25 @@ impl Storage for FileStorage {
     fn is_writable(&self) -> bool {
         self.writable
     }
+    fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        let err = |what: &str, e: rustix::io::Errno| {
+            Error::io(format!("{what} at offset {offset:#x}"), e.into()).in_file(&self.name, 0)
+        };
+        let start = match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(s) => s,
+            // ENXIO: no data at or after `offset`.
+            Err(rustix::io::Errno::NXIO) => return Ok(None),
+            // File systems without hole support: all data.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                let len = self.len()?;
+                return Ok((offset < len).then_some((offset, len)));
+            }
+            Err(e) => return Err(err("SEEK_DATA", e)),
+        };
+        let end = seek(&self.file, SeekFrom::Hole(start)).map_err(|e| err("SEEK_HOLE", e))?;
+        Ok(Some((start, end)))
+    }
 }
 
 /// Storage in memory, for tests and scratch images.
@@ -263,6 +294,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
+    fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+        (**self).data_run(offset)
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Box<S> {
@@ -286,5 +320,8 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
+    }
+    fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+        (**self).data_run(offset)
     }
 }

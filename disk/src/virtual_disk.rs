@@ -86,6 +86,16 @@ pub trait VirtualDisk: Send + Sync {
     /// Corrupt metadata or I/O errors while looking it up.
     fn map(&self, offset: u64, len: u64) -> Result<Extent>;
 
+    /// Like [`VirtualDisk::map`], but may spend system calls to find holes
+    /// in the backing file, reporting them as [`Mapping::Unallocated`]. For
+    /// tools that copy or compare whole disks; the I/O loop uses `map`.
+    ///
+    /// # Errors
+    /// As [`VirtualDisk::map`].
+    fn map_allocation(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.map(offset, len)
+    }
+
     /// Make room for writing the range starting at `offset` (allocating if
     /// needed) and say where its first run goes: an extent starting at
     /// `offset`, at most `len` bytes long.

@@ -100,18 +100,41 @@ pub fn copy(
 ) -> Result<()> {
     let (tx, rx) = mpsc::sync_channel::<disk::Result<Window>>(QUEUE_DEPTH);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    // Write-back runs beside the copy: a syncer thread makes the target's
+    // data durable every SYNC_EVERY bytes, so the final flush (which the
+    // convert waits for) finds little left to write. It syncs file data
+    // only; metadata still goes through the format's own flush at the end.
+    let (sync_tx, sync_rx) = mpsc::sync_channel::<()>(1);
     thread::scope(|s| {
         s.spawn(move || read_windows(src, &tx, &free_rx, progress));
+        let syncer = s.spawn(move || -> disk::Result<()> {
+            for () in sync_rx {
+                dst.storage().flush()?;
+            }
+            Ok(())
+        });
+        let mut since_sync = 0u64;
         // On an early return `rx` is dropped, which stops the reader.
         for w in rx {
             let w = w?;
-            write_nonzero(dst, &w.buf[..w.len], w.offset, granule)?;
+            since_sync += write_nonzero(dst, &w.buf[..w.len], w.offset, granule)?;
+            if since_sync >= SYNC_EVERY {
+                // Skip when a sync is still queued: never wait for it here.
+                if sync_tx.try_send(()).is_ok() {
+                    since_sync = 0;
+                }
+            }
             progress.inc(w.len as u64);
             let _ = free_tx.send(w.buf);
         }
+        drop(sync_tx);
+        syncer.join().expect("syncer thread")?;
         Ok(())
     })
 }
+
+/// Bytes written between background data syncs during a convert.
+const SYNC_EVERY: u64 = 16 << 20;
 
 /// The reader thread: send every window that may hold data, in order.
 fn read_windows(
@@ -167,8 +190,9 @@ fn next_window(
 }
 
 /// Write the runs of `data` (virtual offset `offset`) that are not all zero,
-/// testing granule-aligned pieces.
-fn write_nonzero(dst: &dyn VirtualDisk, data: &[u8], offset: u64, granule: u64) -> Result<()> {
+/// testing granule-aligned pieces. Returns the number of bytes written.
+fn write_nonzero(dst: &dyn VirtualDisk, data: &[u8], offset: u64, granule: u64) -> Result<u64> {
+    let mut written = 0u64;
     let piece_end = |i: usize| {
         let abs = offset + i as u64;
         let next = (abs / granule + 1) * granule;
@@ -191,8 +215,9 @@ fn write_nonzero(dst: &dyn VirtualDisk, data: &[u8], offset: u64, granule: u64) 
             i = e;
         }
         dst.write_at(&data[start..i], offset + start as u64)?;
+        written += (i - start) as u64;
     }
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]
