@@ -60,8 +60,9 @@
 //! space leaks) or new (pointing at a durable block): either way the image
 //! opens and every write acknowledged by an earlier flush reads back.
 //!
-//! `discard` is a no-op: VHD has no way to deallocate a block without
-//! moving others, and zeroing would not free space.
+//! `discard` of whole blocks of a dynamic disk marks them unallocated in the
+//! in-memory BAT (written at the next flush); the space is not reused until
+//! a compact. Fixed and differencing disks ignore discard.
 //!
 //! # Locks
 //! `flush_lock` → `state`. Payload reads and writes hold no lock.
@@ -1135,6 +1136,48 @@ impl Vhd {
         Ok(())
     }
 
+    /// Deallocate the whole blocks of a dynamic (not differencing) disk
+    /// inside `[offset, offset+len)`: their BAT entries become unallocated
+    /// in memory, and reach the disk at the next flush like any BAT change.
+    /// They then read as zeros. The file space is not reused (a later write
+    /// allocates at the end), so a crash at any point leaves each block
+    /// either as it was or unallocated. Fixed and differencing disks ignore
+    /// discard: a fixed disk cannot deallocate, and unallocating a child's
+    /// block would expose the parent's older contents.
+    fn discard_blocks(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let Some(d) = &self.dynamic else {
+            return Ok(());
+        };
+        if self.parent.is_some() {
+            return Ok(());
+        }
+        let size = self.geometry().virtual_size;
+        let end = offset.saturating_add(len).min(size);
+        let first = offset.div_ceil(d.block_size);
+        let mut last = end / d.block_size; // exclusive
+        if end == size && !end.is_multiple_of(d.block_size) {
+            last += 1; // the partial last block is wholly inside
+        }
+        let mut st = lock(&d.state);
+        for b in first..last {
+            let Ok(idx) = usize::try_from(b) else { break };
+            let Some(e) = st.bat.entries.get_mut(idx) else {
+                break;
+            };
+            if *e == UNALLOCATED {
+                continue;
+            }
+            *e = UNALLOCATED;
+            if let Some(f) = st.full.get_mut(idx) {
+                *f = false;
+            }
+            st.overlay.remove(&b);
+            st.dirty_bat.insert(b / ENTRIES_PER_SECTOR);
+        }
+        Ok(())
+    }
+
     fn flush_inner(&self) -> Result<()> {
         let _f = lock(&self.flush_lock);
         let Some(d) = &self.dynamic else {
@@ -1644,6 +1687,10 @@ impl VirtualDisk for Vhd {
             return Ok(());
         }
         self.flush_inner()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_blocks(offset, len)
     }
 
     fn is_writable(&self) -> bool {

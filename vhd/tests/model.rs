@@ -13,6 +13,7 @@ use vhd::{CreateOptions, OpenOptions, Vhd};
 enum Op {
     Write { off: u64, len: usize, seed: u8 },
     Read { off: u64, len: usize },
+    Discard { off: u64, len: u64 },
     Flush,
     Reopen,
 }
@@ -29,6 +30,10 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..SIZE, 1usize..3_000_000).prop_map(|(off, len)| Op::Read {
             off,
             len: len.min((SIZE - off) as usize)
+        }),
+        1 => (0..SIZE, 1u64..(4 * MIB)).prop_map(|(off, len)| Op::Discard {
+            off,
+            len: len.min(SIZE - off)
         }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
@@ -99,6 +104,19 @@ proptest! {
                     let mut got = vec![0u8; len];
                     d.read_at(&mut got, off).unwrap();
                     prop_assert!(got[..] == model[off as usize..off as usize + len], "read {off}+{len}");
+                }
+                Op::Discard { off, len } => {
+                    d.discard(off, len).unwrap();
+                    // A dynamic disk deallocates the whole blocks inside the
+                    // range (they read as zeros); a fixed disk keeps its data.
+                    if !fixed {
+                        let b = u64::from(block);
+                        for blk in off.div_ceil(b)..(off + len) / b {
+                            let s = (blk * b) as usize;
+                            let e = ((blk + 1) * b).min(size) as usize;
+                            model[s..e].fill(0);
+                        }
+                    }
                 }
                 Op::Flush => d.flush().unwrap(),
                 Op::Reopen => {
