@@ -29,4 +29,6 @@ mod virtual_disk;
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use raw::RawDisk;
 pub use storage::{FileStorage, MemStorage, Storage};
-pub use virtual_disk::{Cursor, Extent, FileOffset, Geometry, Mapping, VirtualDisk, WriteExtent};
+pub use virtual_disk::{
+    whole_blocks, Cursor, Extent, FileOffset, Geometry, Mapping, VirtualDisk, WriteExtent,
+};

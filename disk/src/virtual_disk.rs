@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use std::ops::Range;
 
 /// An offset in a backing file (as opposed to a virtual-disk offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -211,6 +212,20 @@ pub trait VirtualDisk: Send + Sync {
         }
         Ok(())
     }
+}
+
+/// The blocks of `block_size` bytes lying wholly inside `[offset,
+/// offset+len)` of a disk of `virtual_size` bytes (a last, partial block
+/// counts as whole when the range reaches the end of the disk): what a
+/// discard may deallocate.
+pub fn whole_blocks(offset: u64, len: u64, block_size: u64, virtual_size: u64) -> Range<u64> {
+    let end = offset.saturating_add(len).min(virtual_size);
+    let first = offset.div_ceil(block_size);
+    let mut last = end / block_size;
+    if end == virtual_size && !end.is_multiple_of(block_size) {
+        last += 1;
+    }
+    first..last.max(first)
 }
 
 fn check_range<D: VirtualDisk + ?Sized>(disk: &D, offset: u64, len: usize) -> Result<()> {

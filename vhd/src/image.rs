@@ -1152,15 +1152,9 @@ impl Vhd {
         if self.parent.is_some() {
             return Ok(());
         }
-        let size = self.geometry().virtual_size;
-        let end = offset.saturating_add(len).min(size);
-        let first = offset.div_ceil(d.block_size);
-        let mut last = end / d.block_size; // exclusive
-        if end == size && !end.is_multiple_of(d.block_size) {
-            last += 1; // the partial last block is wholly inside
-        }
+        let blocks = disk::whole_blocks(offset, len, d.block_size, self.geometry().virtual_size);
         let mut st = lock(&d.state);
-        for b in first..last {
+        for b in blocks {
             let Ok(idx) = usize::try_from(b) else { break };
             let Some(e) = st.bat.entries.get_mut(idx) else {
                 break;

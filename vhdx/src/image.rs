@@ -823,18 +823,13 @@ impl Vhdx {
     /// UNMAPPED and read as zeros. With LeaveBlocksAllocated the file space
     /// stays reserved for the block; otherwise it is simply no longer used.
     fn discard_blocks(&self, offset: u64, len: u64) -> Result<()> {
-        let first = offset.div_ceil(self.block_size);
-        let end = (offset + len).min(self.geometry.virtual_size);
-        let mut last = end / self.block_size; // exclusive
-        if end == self.geometry.virtual_size && !end.is_multiple_of(self.block_size) {
-            last += 1; // the partial last block is wholly inside
-        }
-        if first >= last {
+        let blocks = disk::whole_blocks(offset, len, self.block_size, self.geometry.virtual_size);
+        if blocks.is_empty() {
             return Ok(());
         }
         self.start_session()?;
         let keep = self.info.metadata.file_parameters.leave_blocks_allocated;
-        for b in first..last {
+        for b in blocks {
             let idx = self.bat_geo.payload_index(b);
             let (state, fo) = self.block_entry(b)?;
             if matches!(
