@@ -20,6 +20,19 @@ pub fn corpus(sub: &str) -> Option<PathBuf> {
     }
 }
 
+/// The images in `../shared/corpus/<sub>`, sorted, without the `*orphan*`
+/// ones (whose parents are absent); None (with a message) when absent.
+pub fn corpus_images(sub: &str) -> Option<Vec<PathBuf>> {
+    let dir = corpus(sub)?;
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().contains("orphan"))
+        .collect();
+    v.sort();
+    Some(v)
+}
+
 /// Whether `tool --version` runs (prints a skip message when not).
 pub fn have(tool: &str) -> bool {
     let ok = Command::new(tool)
