@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// An offset in a backing file (as opposed to a virtual-disk offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -76,7 +77,7 @@ pub trait VirtualDisk: Send + Sync {
     fn storage(&self) -> &dyn Storage;
 
     /// The parent disk of a differencing layer.
-    fn parent(&self) -> Option<&dyn VirtualDisk> {
+    fn parent(&self) -> Option<&Arc<dyn VirtualDisk>> {
         None
     }
 
@@ -211,6 +212,50 @@ pub trait VirtualDisk: Send + Sync {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// A shared disk is a disk: every method forwards to the shared one
+/// (overridden provided methods included).
+impl<T: VirtualDisk + ?Sized> VirtualDisk for Arc<T> {
+    fn geometry(&self) -> Geometry {
+        (**self).geometry()
+    }
+    fn storage(&self) -> &dyn Storage {
+        (**self).storage()
+    }
+    fn parent(&self) -> Option<&Arc<dyn VirtualDisk>> {
+        (**self).parent()
+    }
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        (**self).map(offset, len)
+    }
+    fn map_allocation(&self, offset: u64, len: u64) -> Result<Extent> {
+        (**self).map_allocation(offset, len)
+    }
+    fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
+        (**self).map_write(offset, len)
+    }
+    fn commit_write(&self, ext: &WriteExtent) -> Result<()> {
+        (**self).commit_write(ext)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn is_writable(&self) -> bool {
+        (**self).is_writable()
+    }
+    fn virtual_size(&self) -> u64 {
+        (**self).virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
     }
 }
 

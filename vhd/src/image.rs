@@ -81,7 +81,7 @@ use disk::{
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -224,7 +224,7 @@ pub struct Vhd {
     dynamic: Option<Dyn>,
     /// A differencing disk's parent (None for other disks, and when only
     /// inspecting).
-    parent: Option<Box<dyn VirtualDisk>>,
+    parent: Option<Arc<dyn VirtualDisk>>,
     /// A differencing disk: sectors not present in this layer come from
     /// the parent, and new blocks start with an all-zero bitmap.
     differencing: bool,
@@ -284,7 +284,7 @@ impl Vhd {
     pub fn open_with_parent(
         path: impl AsRef<Path>,
         opts: &OpenOptions,
-        parent: Box<dyn VirtualDisk>,
+        parent: Arc<dyn VirtualDisk>,
     ) -> Result<Self> {
         let storage = FileStorage::open(path.as_ref(), opts.writable)?;
         Self::open_inner(Box::new(storage), opts, ParentSource::Given(parent))
@@ -297,7 +297,7 @@ impl Vhd {
     pub fn open_storage_with_parent(
         storage: Box<dyn Storage>,
         opts: &OpenOptions,
-        parent: Box<dyn VirtualDisk>,
+        parent: Arc<dyn VirtualDisk>,
     ) -> Result<Self> {
         Self::open_inner(storage, opts, ParentSource::Given(parent))
     }
@@ -440,7 +440,7 @@ impl Vhd {
         let mut footer_bytes = [0u8; FOOTER_SIZE];
         footer.clone().write_to(&mut footer_bytes);
 
-        let mut parent: Option<Box<dyn VirtualDisk>> = None;
+        let mut parent: Option<Arc<dyn VirtualDisk>> = None;
         let differencing = footer.disk_type == DiskType::Differencing;
         let dynamic = match footer.disk_type {
             DiskType::Fixed => {
@@ -879,7 +879,7 @@ impl Vhd {
             writable: true,
             ..OpenOptions::default()
         };
-        Self::open_inner(storage, &opts, ParentSource::Given(Box::new(parent)))
+        Self::open_inner(storage, &opts, ParentSource::Given(Arc::new(parent)))
     }
 
     /// Footer, header and layout as read at open.
@@ -1294,7 +1294,7 @@ enum ParentSource<'a> {
     /// Not at all: only inspecting.
     Inspect,
     /// Given by the caller.
-    Given(Box<dyn VirtualDisk>),
+    Given(Arc<dyn VirtualDisk>),
     /// Searched for by the locators, relative to `child`; `chain` holds the
     /// canonical paths of the images already open in this chain.
     Search {
@@ -1371,7 +1371,7 @@ fn find_parent(
     locators: &[(String, String)],
     opts: &OpenOptions,
     chain: &mut Vec<PathBuf>,
-) -> Result<Box<dyn VirtualDisk>> {
+) -> Result<Arc<dyn VirtualDisk>> {
     let mut tried = Vec::new();
     for (label, candidate) in parent_candidates(child, h, locators) {
         let Some(path) = candidate else {
@@ -1423,7 +1423,7 @@ fn find_parent(
             ))
             .in_file(name, 0));
         }
-        return Ok(Box::new(parent));
+        return Ok(Arc::new(parent));
     }
     let pname = h.parent_name();
     let paths = if tried.is_empty() {
@@ -1618,8 +1618,8 @@ impl VirtualDisk for Vhd {
         &*self.storage
     }
 
-    fn parent(&self) -> Option<&dyn VirtualDisk> {
-        self.parent.as_deref()
+    fn parent(&self) -> Option<&Arc<dyn VirtualDisk>> {
+        self.parent.as_ref()
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {

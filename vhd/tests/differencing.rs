@@ -329,10 +329,10 @@ fn parent_checks_and_create_errors() {
         &CreateOptions::new(MIB),
     )
     .unwrap();
-    let e = Vhd::open_with_parent(&child, &OpenOptions::default(), Box::new(small)).unwrap_err();
+    let e = Vhd::open_with_parent(&child, &OpenOptions::default(), Arc::new(small)).unwrap_err();
     assert!(e.to_string().contains("virtual size"), "{e}");
     let p = Vhd::open(&base, &OpenOptions::default()).unwrap();
-    let e = Vhd::open_with_parent(&base, &OpenOptions::default(), Box::new(p)).unwrap_err();
+    let e = Vhd::open_with_parent(&base, &OpenOptions::default(), Arc::new(p)).unwrap_err();
     assert!(e.to_string().contains("not a differencing disk"), "{e}");
     // A parent file that is not a VHD where the locator points.
     std::fs::rename(&raw, &base).unwrap();
@@ -489,7 +489,7 @@ fn crash_run(block: u32, seed: u64) {
     let (pbytes, pmodel) = mem_parent(4 * MIB, 2 * MIB as u32, seed);
     let rec = Arc::new(RecordingStorage::new("rec", mem_child(&pbytes, block)));
     let d =
-        Vhd::open_storage_with_parent(Box::new(rec.clone()), &rw(), Box::new(open_parent(&pbytes)))
+        Vhd::open_storage_with_parent(Box::new(rec.clone()), &rw(), Arc::new(open_parent(&pbytes)))
             .unwrap();
     let size = d.virtual_size();
     let mut h = History {
@@ -526,7 +526,7 @@ fn crash_run(block: u32, seed: u64) {
         Vhd::open_storage_with_parent(
             Box::new(MemStorage::from_vec("crash", img)),
             opts,
-            Box::new(open_parent(&pbytes)),
+            Arc::new(open_parent(&pbytes)),
         )
     };
     for_each_crash(&rec, seed, |img, cut, strategy| {
@@ -544,7 +544,7 @@ fn crash_run(block: u32, seed: u64) {
         let rw_d = Vhd::open_storage_with_parent(
             Box::new(st.clone()),
             &rw(),
-            Box::new(open_parent(&pbytes)),
+            Arc::new(open_parent(&pbytes)),
         )
         .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
         let off = size - 64 * 1024 + 300;
@@ -607,7 +607,7 @@ proptest! {
         let size = model.len() as u64;
         let mut st = Arc::new(MemStorage::from_vec("child.vhd", mem_child(&pbytes, cblock)));
         let open = |st: &Arc<MemStorage>| {
-            Vhd::open_storage_with_parent(Box::new(st.clone()), &rw(), Box::new(open_parent(&pbytes))).unwrap()
+            Vhd::open_storage_with_parent(Box::new(st.clone()), &rw(), Arc::new(open_parent(&pbytes))).unwrap()
         };
         let mut d = open(&st);
         for op in ops {
@@ -760,7 +760,7 @@ fn damaged_children_never_panic() {
     let v = mem_child(&pbytes, 64 * 1024);
     let st = Arc::new(MemStorage::from_vec("child.vhd", v));
     let d =
-        Vhd::open_storage_with_parent(Box::new(st.clone()), &rw(), Box::new(open_parent(&pbytes)))
+        Vhd::open_storage_with_parent(Box::new(st.clone()), &rw(), Arc::new(open_parent(&pbytes)))
             .unwrap();
     d.write_at(&[3u8; 3000], 1000).unwrap();
     d.close().unwrap();
@@ -770,7 +770,7 @@ fn damaged_children_never_panic() {
         if let Ok(d) = Vhd::open_storage_with_parent(
             s(),
             &OpenOptions::default(),
-            Box::new(open_parent(&pbytes)),
+            Arc::new(open_parent(&pbytes)),
         ) {
             let mut b = vec![0u8; d.virtual_size() as usize];
             let _ = d.read_at(&mut b, 0);
