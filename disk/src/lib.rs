@@ -18,15 +18,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod chain;
 mod error;
 pub mod fault;
+pub mod parent;
 mod raw;
 mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod virtual_disk;
 
+pub use chain::ChainView;
 pub use error::{Error, ErrorKind, Result, ResultExt};
+pub use parent::{ChainSearch, ParentPolicy};
 pub use raw::RawDisk;
 pub use storage::{FileStorage, MemStorage, Storage};
 pub use virtual_disk::{

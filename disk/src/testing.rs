@@ -110,7 +110,7 @@ pub fn dump_raw(d: &dyn VirtualDisk, out: &Path, size: u64) {
     while pos < size {
         let ext = d.map(pos, size - pos).unwrap();
         let len = ext.len.min(size - pos);
-        if let Mapping::Data(_) | Mapping::Parent = ext.mapping {
+        if let Mapping::Data(_) | Mapping::Ancestor { .. } | Mapping::Parent = ext.mapping {
             let mut p = pos;
             while p < pos + len {
                 let n = (pos + len - p).min(buf.len() as u64) as usize;
@@ -299,6 +299,109 @@ pub mod crash {
                     assert!(
                         ok,
                         "{what}: page {p} piece {i} lost an acknowledged write (or holds garbage)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A crash workload for differencing disks: random unaligned writes
+    /// over a parent whose content is known, checked per 512-byte sector.
+    pub struct DiffWorkload {
+        parent: Vec<u8>,
+        /// Per sector, the values the writes gave it, by write index.
+        sectors: BTreeMap<u64, Vec<(usize, Vec<u8>)>>,
+        /// Operation count of the recording when each write started.
+        write_start: Vec<usize>,
+        /// (start, done) operation counts of each flush.
+        flushes: Vec<(usize, usize)>,
+    }
+
+    /// Bytes at the end of the disk the workload leaves alone (for a
+    /// recovery write by the caller).
+    pub const DIFF_SPARE: u64 = 64 * 1024;
+
+    impl DiffWorkload {
+        /// Run 40 writes of 1..9000 bytes at random offsets (never in the
+        /// last [`DIFF_SPARE`] bytes) on `d`, whose parent reads `parent`,
+        /// flushing after every 6th and at the end, recording the
+        /// operation counts of `rec`. The caller then forgets `d` (a crash).
+        pub fn run(rec: &RecordingStorage, d: &dyn VirtualDisk, parent: Vec<u8>, seed: u64) -> Self {
+            let size = d.virtual_size();
+            let mut h = DiffWorkload {
+                parent,
+                sectors: BTreeMap::new(),
+                write_start: Vec::new(),
+                flushes: Vec::new(),
+            };
+            let mut model = h.parent.clone();
+            let mut x = seed | 1;
+            for i in 0..40usize {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = (x >> 40) as usize % 9000 + 1;
+                let off = x % (size - DIFF_SPARE - len as u64);
+                let p = super::pattern(len, x);
+                h.write_start.push(rec.op_count());
+                d.write_at(&p, off).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&p);
+                for s in off / 512..(off + len as u64).div_ceil(512) {
+                    let r = (s * 512) as usize..(s * 512 + 512) as usize;
+                    h.sectors.entry(s).or_default().push((i, model[r].to_vec()));
+                }
+                if i % 6 == 5 || i == 39 {
+                    let start = rec.op_count();
+                    d.flush().unwrap();
+                    h.flushes.push((start, rec.op_count()));
+                }
+            }
+            h
+        }
+
+        /// The parent's content.
+        pub fn parent(&self) -> &[u8] {
+            &self.parent
+        }
+
+        /// Check a disk opened from the crash image cut before operation
+        /// `cut`: every sector holds the value the last completed flush
+        /// acknowledged or one a later write (started before the cut) gave
+        /// it; sectors never written read as the parent.
+        pub fn verify(&self, d: &dyn VirtualDisk, cut: usize, what: &str) {
+            let acked = self
+                .flushes
+                .iter()
+                .rev()
+                .find(|f| f.1 <= cut)
+                .map_or(0, |f| self.write_start.iter().filter(|&&s| s < f.0).count());
+            let started = self.write_start.iter().filter(|&&s| s < cut).count();
+            let mut all = vec![0u8; d.virtual_size() as usize];
+            d.read_at(&mut all, 0)
+                .unwrap_or_else(|e| panic!("{what}: read failed: {e}"));
+            for (s, vals) in &self.sectors {
+                let r = (*s * 512) as usize..(*s * 512 + 512) as usize;
+                let got = &all[r.clone()];
+                let base: &[u8] = vals
+                    .iter()
+                    .rev()
+                    .find(|(i, _)| *i < acked)
+                    .map_or(&self.parent[r.clone()], |(_, v)| v);
+                let ok = got == base
+                    || vals
+                        .iter()
+                        .any(|(i, v)| (acked..started).contains(i) && got == &v[..]);
+                assert!(
+                    ok,
+                    "{what}: sector {s} lost an acknowledged write or holds junk"
+                );
+            }
+            let end = all.len() - DIFF_SPARE as usize;
+            for (i, c) in all[..end].chunks(512).enumerate() {
+                if !self.sectors.contains_key(&(i as u64)) {
+                    assert!(
+                        c == &self.parent[i * 512..i * 512 + 512],
+                        "{what}: sector {i} changed"
                     );
                 }
             }

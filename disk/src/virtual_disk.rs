@@ -4,6 +4,13 @@
 //! ([`VirtualDisk::map`]) and "where may I write this range?"
 //! ([`VirtualDisk::map_write`]); the provided [`VirtualDisk::read_at`] and
 //! [`VirtualDisk::write_at`] do the actual byte moving, outside any driver lock.
+//!
+//! A differencing layer answers [`Mapping::Parent`] for what it does not
+//! hold, and the read loop asks the parent, which may ask its own parent: a
+//! lookup per layer. A chain view ([`crate::ChainView`]) instead answers
+//! [`Mapping::Ancestor`] (which layer's storage, and where), and the same
+//! read loop reads those bytes straight from that layer's storage
+//! ([`VirtualDisk::layer_storage`]).
 
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -25,6 +32,17 @@ pub enum Mapping {
     Parent,
     /// Not allocated and no parent: reads as zeros.
     Unallocated,
+    /// Stored in the storage of the layer `depth` levels below this disk in
+    /// its chain (1 = the parent), at `offset`: the read loop reads it from
+    /// [`VirtualDisk::layer_storage`]`(depth)`. Only chain views (which
+    /// resolve [`Mapping::Parent`] through the ancestors themselves, see
+    /// [`crate::ChainView`]) return it; format drivers never do.
+    Ancestor {
+        /// How many layers below this disk (1 = the parent).
+        depth: u32,
+        /// Where the bytes start in that layer's storage.
+        offset: FileOffset,
+    },
 }
 
 /// A run of the virtual disk with one [`Mapping`].
@@ -84,6 +102,10 @@ pub trait VirtualDisk: Send + Sync {
     /// Where the range starting at `offset` lives: an extent starting at
     /// `offset`, at most `len` (> 0) bytes long.
     ///
+    /// Format drivers answer for their own layer ([`Mapping::Parent`] for
+    /// what the parent holds); chain views answer for the whole chain
+    /// ([`Mapping::Ancestor`] for what an ancestor's storage holds).
+    ///
     /// # Errors
     /// Corrupt metadata or I/O errors while looking it up.
     fn map(&self, offset: u64, len: u64) -> Result<Extent>;
@@ -96,6 +118,15 @@ pub trait VirtualDisk: Send + Sync {
     /// As [`VirtualDisk::map`].
     fn map_allocation(&self, offset: u64, len: u64) -> Result<Extent> {
         self.map(offset, len)
+    }
+
+    /// The storage of the layer `depth` levels below this disk in its chain
+    /// (0 = this disk, 1 = the parent), for reading
+    /// [`Mapping::Ancestor`] extents. A disk that never returns
+    /// [`Mapping::Ancestor`] only has its own storage (the default); `None`
+    /// when there is no such layer.
+    fn layer_storage(&self, depth: u32) -> Option<&dyn Storage> {
+        (depth == 0).then(|| self.storage())
     }
 
     /// Make room for writing the range starting at `offset` (allocating if
@@ -147,8 +178,15 @@ pub trait VirtualDisk: Send + Sync {
 
     /// Read `buf.len()` bytes of the virtual disk at `offset` (any alignment).
     ///
+    /// Each extent [`VirtualDisk::map`] returns is read from this disk's
+    /// storage ([`Mapping::Data`]), from an ancestor's storage
+    /// ([`Mapping::Ancestor`], via [`VirtualDisk::layer_storage`]), from the
+    /// parent disk ([`Mapping::Parent`]), or is zeros.
+    ///
     /// # Errors
-    /// Out-of-range requests, corrupt metadata, I/O errors.
+    /// Out-of-range requests, corrupt metadata (including an
+    /// [`Mapping::Ancestor`] naming a layer the disk does not have), I/O
+    /// errors.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self, offset, buf.len())?;
         let mut done = 0usize;
@@ -173,6 +211,22 @@ pub trait VirtualDisk: Send + Sync {
                     Some(p) => p.read_at(chunk, pos)?,
                     None => chunk.fill(0),
                 },
+                Mapping::Ancestor {
+                    depth,
+                    offset: FileOffset(fo),
+                } => {
+                    match self.layer_storage(depth) {
+                        Some(s) => s.read_at(chunk, fo)?,
+                        None => return Err(Error::corrupt(
+                            "block mapping",
+                            pos,
+                            format!(
+                                "mapped to layer {depth} below this disk, which has no such layer"
+                            ),
+                        )
+                        .in_file(self.storage().name(), 0)),
+                    }
+                }
             }
             done += n;
         }
@@ -232,6 +286,9 @@ impl<T: VirtualDisk + ?Sized> VirtualDisk for Arc<T> {
     }
     fn map_allocation(&self, offset: u64, len: u64) -> Result<Extent> {
         (**self).map_allocation(offset, len)
+    }
+    fn layer_storage(&self, depth: u32) -> Option<&dyn Storage> {
+        (**self).layer_storage(depth)
     }
     fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
         (**self).map_write(offset, len)

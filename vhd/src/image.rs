@@ -64,6 +64,14 @@
 //! in-memory BAT (written at the next flush); the space is not reused until
 //! a compact. Fixed and differencing disks ignore discard.
 //!
+//! # Relinking and making standalone
+//! [`Vhd::set_parent`] rewrites a differencing disk's parent link in place
+//! (locator data into the existing locator spaces, sync, then the header,
+//! the commit point, sync); [`Vhd::make_standalone`] turns a differencing
+//! disk whose parent's data it already holds into a dynamic disk (trailing
+//! footer, sync, footer copy, sync, header, sync). Their docs list the
+//! states a power cut can leave.
+//!
 //! # Locks
 //! `flush_lock` → `state`. Payload reads and writes hold no lock.
 
@@ -74,6 +82,7 @@ use crate::footer::{
     OLD_FOOTER_SIZE, VERSION,
 };
 use crate::{Error, Result};
+use disk::parent::{self, ChainSearch, ParentPolicy};
 use disk::{
     Extent, FileOffset, FileStorage, Geometry, Mapping, ResultExt, Storage, VirtualDisk,
     WriteExtent,
@@ -91,7 +100,7 @@ pub const MAX_VIRTUAL_SIZE: u64 = 2040 << 30;
 /// Largest parent locator we read (real ones are a few hundred bytes).
 const MAX_LOCATOR: u32 = 64 * 1024;
 /// The deepest differencing chain opened (the child included).
-pub const MAX_CHAIN: usize = 64;
+pub const MAX_CHAIN: usize = disk::parent::DEFAULT_MAX_DEPTH;
 /// BAT entries per 512-byte BAT sector.
 const ENTRIES_PER_SECTOR: u64 = SECTOR / 4;
 
@@ -106,6 +115,9 @@ pub struct OpenOptions {
     /// the whole chain). Only for a parent known to hold the right data,
     /// e.g. one whose id another tool changed.
     pub ignore_parent_id: bool,
+    /// Which parent files may be followed (by default only files under the
+    /// directory of the image opened; see [`disk::parent`]).
+    pub parent_policy: ParentPolicy,
 }
 
 /// How to create an image.
@@ -271,7 +283,10 @@ impl Vhd {
     /// differencing disk's parent is missing (the error names every path
     /// tried), is not its parent, or cannot be opened.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
-        Self::open_path(path.as_ref(), opts, &mut Vec::new())
+        let path = path.as_ref();
+        let mut chain = ChainSearch::new(&opts.parent_policy, path);
+        chain.enter(&path.display().to_string(), path)?;
+        Self::open_path(path, opts, &mut chain)
     }
 
     /// Open the VHD file at `path`, a differencing disk whose parent the
@@ -309,7 +324,8 @@ impl Vhd {
     /// As [`Vhd::open`].
     pub fn open_storage(storage: Box<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
         let child = PathBuf::from(storage.name());
-        let mut chain: Vec<PathBuf> = std::fs::canonicalize(&child).into_iter().collect();
+        let mut chain = ChainSearch::new(&opts.parent_policy, &child);
+        chain.enter(storage.name(), &child)?;
         Self::open_inner(
             storage,
             opts,
@@ -320,11 +336,8 @@ impl Vhd {
         )
     }
 
-    fn open_path(path: &Path, opts: &OpenOptions, chain: &mut Vec<PathBuf>) -> Result<Self> {
+    fn open_path(path: &Path, opts: &OpenOptions, chain: &mut ChainSearch) -> Result<Self> {
         let storage = FileStorage::open(path, opts.writable)?;
-        if let Ok(c) = std::fs::canonicalize(path) {
-            chain.push(c);
-        }
         Self::open_inner(
             Box::new(storage),
             opts,
@@ -1299,7 +1312,7 @@ enum ParentSource<'a> {
     /// canonical paths of the images already open in this chain.
     Search {
         child: PathBuf,
-        chain: &'a mut Vec<PathBuf>,
+        chain: &'a mut ChainSearch,
     },
 }
 
@@ -1319,28 +1332,8 @@ fn parent_candidates(
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let windows_absolute = |p: &str| {
-        let b = p.as_bytes();
-        (b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':') || p.starts_with("\\")
-    };
-    let relative = |p: &str| -> Option<PathBuf> {
-        if windows_absolute(p) || p.starts_with('\\') || p.starts_with('/') {
-            return None;
-        }
-        // (components() drops the "." of ".\\parent.vhd")
-        Some(dir.join(p.replace('\\', "/")).components().collect())
-    };
-    let absolute = |p: &str| -> Option<PathBuf> {
-        if windows_absolute(p) {
-            return None;
-        }
-        let p = p.strip_prefix("file://").unwrap_or(p);
-        if p.starts_with('/') {
-            Some(PathBuf::from(p))
-        } else {
-            relative(p)
-        }
-    };
+    let relative = |p: &str| parent::relative_candidate(dir, p);
+    let absolute = |p: &str| parent::absolute_candidate(dir, p);
     let by_code = |code: &str, f: &dyn Fn(&str) -> Option<PathBuf>| {
         locators
             .iter()
@@ -1351,8 +1344,7 @@ fn parent_candidates(
     let mut out = by_code("W2ru", &relative);
     out.extend(by_code("W2ku", &absolute));
     let pname = h.parent_name();
-    let file = pname.rsplit(['\\', '/']).next().unwrap_or("");
-    if !file.is_empty() && file != "." && file != ".." {
+    if let Some(file) = parent::file_name_of(&pname) {
         out.push((format!("parent name \"{pname}\""), Some(dir.join(file))));
     }
     out.extend(by_code("Wi2r", &relative));
@@ -1370,47 +1362,19 @@ fn find_parent(
     h: &DynamicHeader,
     locators: &[(String, String)],
     opts: &OpenOptions,
-    chain: &mut Vec<PathBuf>,
+    chain: &mut ChainSearch,
 ) -> Result<Arc<dyn VirtualDisk>> {
-    let mut tried = Vec::new();
-    for (label, candidate) in parent_candidates(child, h, locators) {
-        let Some(path) = candidate else {
-            tried.push(format!("{label} (not a path on this system: skipped)"));
-            continue;
-        };
-        tried.push(format!("{label} (looked for {})", path.display()));
-        if !path.is_file() {
-            continue;
-        }
-        let canon = std::fs::canonicalize(&path).map_err(|e| {
-            Error::io(
-                format!("cannot resolve the parent path {}", path.display()),
-                e,
-            )
-            .in_file(name, 0)
-        })?;
-        if chain.contains(&canon) {
-            return Err(Error::invalid(format!(
-                "the parent chain loops: parent {} is this image or one of its descendants",
-                path.display()
-            ))
-            .in_file(name, 0));
-        }
-        if chain.len() >= MAX_CHAIN {
-            return Err(Error::invalid(format!(
-                "the parent chain is deeper than {MAX_CHAIN} images (next parent {})",
-                path.display()
-            ))
-            .in_file(name, 0));
-        }
+    let res = chain.resolve(&parent_candidates(child, h, locators));
+    if let Some(path) = res.found {
+        let depth = chain.depth();
+        chain.enter(name, &path)?;
         let popts = OpenOptions {
             writable: false,
-            ignore_parent_id: opts.ignore_parent_id,
+            ..opts.clone()
         };
-        let depth = chain.len();
         let parent = Vhd::open_path(&path, &popts, chain);
         chain.truncate(depth);
-        let parent = parent.map_err(|e| parent_error(e, name, &path))?;
+        let parent = parent.map_err(|e| parent::parent_error(e, name, &path))?;
         let pid = parent.info.footer.unique_id;
         if pid != h.parent_unique_id && !opts.ignore_parent_id {
             return Err(Error::invalid(format!(
@@ -1426,51 +1390,21 @@ fn find_parent(
         return Ok(Arc::new(parent));
     }
     let pname = h.parent_name();
-    let paths = if tried.is_empty() {
+    let paths = if res.tried.is_empty() {
         "no parent locator or parent name names a path".to_string()
     } else {
-        format!("tried {}", tried.join(", "))
+        format!("tried {}", res.tried.join(", "))
+    };
+    let what = if res.refused {
+        "differencing VHD whose parent is not allowed by the parent policy"
+    } else {
+        "differencing VHD whose parent is missing"
     };
     Err(Error::invalid(format!(
-        "differencing VHD whose parent is missing: parent \"{pname}\" (id {}) not found; {paths}",
+        "{what}: parent \"{pname}\" (id {}) not found; {paths}",
         h.parent_unique_id
     ))
     .in_file(name, 0))
-}
-
-/// An error from opening the parent `path` of `child`, saying so.
-fn parent_error(e: Error, child: &str, path: &Path) -> Error {
-    let what = format!("cannot open the parent {}", path.display());
-    match e {
-        Error::Corrupt {
-            file,
-            structure,
-            offset,
-            msg,
-        } => Error::Corrupt {
-            file,
-            structure,
-            offset,
-            msg: format!("{msg} (the parent of {child})"),
-        },
-        Error::Io {
-            file,
-            context,
-            os_error,
-        } => Error::Io {
-            file: child.to_string(),
-            context: format!("{what}: {file}: {context}"),
-            os_error,
-        },
-        Error::Unsupported { file, msg } => Error::Unsupported {
-            file: child.to_string(),
-            msg: format!("{what}: {file}: {msg}"),
-        },
-        Error::InvalidInput { file, msg } => Error::InvalidInput {
-            file: child.to_string(),
-            msg: format!("{what}: {file}: {msg}"),
-        },
-    }
 }
 
 fn check_parent_size(name: &str, parent: &dyn VirtualDisk, size: u64) -> Result<()> {
@@ -1706,6 +1640,472 @@ impl std::fmt::Debug for Vhd {
             .field("virtual_size", &self.virtual_size)
             .field("writable", &self.writable)
             .finish()
+    }
+}
+
+// ---- Relinking a differencing disk, and making it standalone. ----
+
+/// One existing parent locator's data space, where relinking may write the
+/// new locator data.
+#[derive(Debug, Clone, Copy)]
+struct LocatorSpace {
+    /// The platform code of the entry that owns it.
+    code: [u8; 4],
+    /// Its file offset.
+    offset: u64,
+    /// The entry's data space field as found (sectors or bytes; kept so that
+    /// the rewritten entry describes the same region the same way).
+    data_space: u32,
+    /// The space in bytes.
+    bytes: u64,
+    /// The old data's length (zeroed beyond the new data).
+    old_len: u64,
+}
+
+/// The ranges of a dynamic disk's structures that relinking must never
+/// write: the footer copy, the header, the BAT, every allocated block, and
+/// everything from the trailing footer on.
+fn protected_ranges(v: &Vhd, d: &Dyn, header: &DynamicHeader) -> Vec<(u64, u64)> {
+    let mut out = vec![
+        (0, FOOTER_SIZE as u64),
+        (v.info.footer.data_offset, HEADER_SIZE as u64),
+        (header.table_offset, u64::from(header.max_table_entries) * 4),
+        (v.info.footer_offset, u64::MAX - v.info.footer_offset),
+    ];
+    let st = lock(&d.state);
+    out.extend(
+        st.bat
+            .entries
+            .iter()
+            .filter(|&&e| e != UNALLOCATED)
+            .map(|&e| (u64::from(e) * SECTOR, d.bitmap_size + d.block_size)),
+    );
+    out
+}
+
+/// What [`Vhd::set_parent`] records about the parent at `parent_abs`
+/// (canonical) for the child at `child`: as [`Vhd::create_differencing`]
+/// does.
+fn parent_link_for(child: &Path, parent_abs: &Path) -> Result<ParentLink> {
+    let name = child.display().to_string();
+    let dir = match child.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir_abs = std::fs::canonicalize(dir)
+        .map_err(|e| Error::io("cannot resolve the directory of", e).in_file(&name, 0))?;
+    let unicode = |p: &Path| {
+        p.to_str().map(str::to_string).ok_or_else(|| {
+            Error::invalid(format!(
+                "the parent path {} is not valid Unicode: a VHD locator cannot record it",
+                p.display()
+            ))
+            .in_file(&name, 0)
+        })
+    };
+    let file_name = parent_abs.file_name().map(Path::new).ok_or_else(|| {
+        Error::invalid("the parent path has no file name")
+            .in_file(&parent_abs.display().to_string(), 0)
+    })?;
+    Ok(ParentLink {
+        name: unicode(file_name)?,
+        relative: relative_windows_path(&dir_abs, parent_abs).ok_or_else(|| {
+            Error::invalid("the parent path is not valid Unicode")
+                .in_file(&parent_abs.display().to_string(), 0)
+        })?,
+        absolute: unicode(parent_abs)?,
+        timestamp: std::fs::metadata(parent_abs)
+            .and_then(|m| m.modified())
+            .map_or(0, vhd_time),
+    })
+}
+
+/// Refuse to rewrite a header that a power cut could tear: it must lie in
+/// one 4 KiB page (it does in every layout seen: Virtual PC, Windows, QEMU
+/// and this library put it at offset 512).
+fn check_header_page(name: &str, hdr_off: u64) -> Result<()> {
+    const PAGE: u64 = 4096;
+    if hdr_off / PAGE != (hdr_off + HEADER_SIZE as u64 - 1) / PAGE {
+        return Err(Error::unsupported(format!(
+            "the dynamic disk header at offset {hdr_off:#x} straddles a 4 KiB page boundary, so \
+             it cannot be rewritten atomically (a power cut could tear it); convert the image \
+             instead"
+        ))
+        .in_file(name, 0));
+    }
+    Ok(())
+}
+
+/// Inspect a differencing disk about to be rewritten in place: it must be
+/// a differencing VHD whose trailing footer is intact, on writable storage,
+/// with a header that can be rewritten atomically.
+fn inspect_for_rewrite(storage: &Arc<dyn Storage>, what: &str) -> Result<Vhd> {
+    let name = storage.name().to_string();
+    let v = Vhd::open_inner(
+        Box::new(storage.clone()),
+        &OpenOptions::default(),
+        ParentSource::Inspect,
+    )?;
+    if v.info.footer.disk_type != DiskType::Differencing {
+        return Err(Error::invalid(format!(
+            "cannot {what}: this is a {} VHD, not a differencing disk",
+            v.info.subformat()
+        ))
+        .in_file(&name, 0));
+    }
+    if v.info.footer_source == FooterSource::CopyAtStart {
+        return Err(Error::invalid(format!(
+            "cannot {what}: {}",
+            v.info.warnings.first().map_or("", String::as_str)
+        ))
+        .in_file(&name, 0));
+    }
+    if !storage.is_writable() {
+        return Err(
+            Error::invalid(format!("cannot {what}: the file is open read-only")).in_file(&name, 0),
+        );
+    }
+    check_header_page(&name, v.info.footer.data_offset)?;
+    Ok(v)
+}
+
+impl Vhd {
+    /// Point the differencing VHD `child` at `new_parent`, like Hyper-V's
+    /// `Set-VHD -ParentPath`: after moving or renaming a parent, or to
+    /// adopt a copy of it.
+    ///
+    /// `new_parent` is opened read-only with `parent_opts` (whose
+    /// `parent_policy` governs the new parent's own chain) and must have the
+    /// child's virtual size; unless `adopt`, its footer unique id must be
+    /// the one the child's header records (else an
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind) error saying it is
+    /// "not this disk's parent"). With `adopt`, the header records the new
+    /// parent's id: only for a disk known to hold the old parent's data
+    /// (e.g. a copy whose id another tool changed), or the child reads
+    /// garbage. A parent whose chain contains the child is refused (a
+    /// loop).
+    ///
+    /// The child's dynamic disk header is rewritten: parent unique id,
+    /// parent time stamp (the new parent's modification time), parent
+    /// Unicode name (its file name), and two locators: `W2ru`, the path
+    /// relative to the child's directory (`.\\sub\\p.vhd`, `..\\dir\\p.vhd`),
+    /// and `W2ku`, the absolute path (see [`ParentLink`]). Other locators
+    /// (`Wi2r`, `Wi2k`, `MacX`, `Mac `, which would still name the old
+    /// path) are dropped. The new locator data goes into the child's
+    /// existing locator data spaces (each path into its own code's space
+    /// when it fits, else into the smallest free one that does); when the
+    /// paths do not fit, the call fails with
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind) and nothing is
+    /// written: blocks are never moved to make room. The child's footer
+    /// (and so its unique id: its own children stay linked), BAT and data
+    /// are untouched. The child must not be open elsewhere meanwhile.
+    ///
+    /// # Crash safety
+    /// 1. the new locator data is written over the old, then **sync**;
+    /// 2. the 1024-byte header is written (the commit point: it lies in one
+    ///    4 KiB page, which a power cut does not tear; a header that would
+    ///    straddle a page is refused), then **sync**.
+    ///
+    /// A power cut after step 2's write persisted leaves the new link. One
+    /// before it leaves the old header, whose locator entries may already
+    /// describe partly (or, torn, partly of the two) overwritten data: the
+    /// old locators are then not to be relied on. (When a new path went into
+    /// its own code's space and is no longer than the old one, the old entry
+    /// reads as the new path, as the rest of the old data is zeroed; a
+    /// longer one reads as a truncated path, which usually names nothing.)
+    /// The old parent is then found only by the parent name (the old file
+    /// name, beside the child), or by the caller passing the parent
+    /// explicitly ([`Vhd::open_with_parent`], which reads the same bytes:
+    /// the data, BAT and bitmaps were never touched). When the new parent
+    /// has another id (`adopt`), an open that finds it by the locators
+    /// refuses it (id mismatch) until `set_parent` is run again. Running
+    /// `set_parent` again, with the same arguments, completes the change.
+    ///
+    /// # Errors
+    /// Either file cannot be opened; `child` is not a differencing VHD or
+    /// its trailing footer is damaged; the sizes or (unless `adopt`) the
+    /// ids differ; the new parent is the child or has it in its chain; the
+    /// paths do not fit the locator data spaces or the parent's file name
+    /// does not fit the 512-byte name field; I/O errors.
+    pub fn set_parent(
+        child: impl AsRef<Path>,
+        new_parent: impl AsRef<Path>,
+        adopt: bool,
+        parent_opts: &OpenOptions,
+    ) -> Result<()> {
+        let child = child.as_ref();
+        let new_parent = new_parent.as_ref();
+        let name = child.display().to_string();
+        let pname = new_parent.display().to_string();
+        let child_abs = std::fs::canonicalize(child)
+            .map_err(|e| Error::io("cannot find the differencing disk", e).in_file(&name, 0))?;
+        let parent_abs = std::fs::canonicalize(new_parent)
+            .map_err(|e| Error::io("cannot find the new parent", e).in_file(&pname, 0))?;
+        if parent_abs == child_abs {
+            return Err(
+                Error::invalid("a differencing disk cannot be its own parent").in_file(&name, 0),
+            );
+        }
+        let parent = Vhd::open(
+            &parent_abs,
+            &OpenOptions {
+                writable: false,
+                ..parent_opts.clone()
+            },
+        )?;
+        let mut ancestor = parent.parent();
+        while let Some(a) = ancestor {
+            if std::fs::canonicalize(a.storage().name()).is_ok_and(|p| p == child_abs) {
+                return Err(Error::invalid(format!(
+                    "the new parent {pname} has this disk in its own chain: the chain would loop"
+                ))
+                .in_file(&name, 0));
+            }
+            ancestor = a.parent();
+        }
+        let link = parent_link_for(child, &parent_abs)?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(child, true)?);
+        Self::set_parent_on(storage, &parent, &link, adopt)
+    }
+
+    /// [`Vhd::set_parent`] on any storage: the child on `storage`, the new
+    /// parent already open, the locators from `link` (whose `relative` path
+    /// is the caller's to compute). The same checks (except the loop
+    /// check, which needs paths), writes and crash safety.
+    ///
+    /// # Errors
+    /// As [`Vhd::set_parent`].
+    pub fn set_parent_on(
+        storage: Arc<dyn Storage>,
+        new_parent: &Vhd,
+        link: &ParentLink,
+        adopt: bool,
+    ) -> Result<()> {
+        let name = storage.name().to_string();
+        let child = inspect_for_rewrite(&storage, "change the parent")?;
+        let (Some(d), Some(header)) = (&child.dynamic, &child.info.header) else {
+            return Err(Error::invalid("a differencing disk without a header").in_file(&name, 0));
+        };
+        let hdr_off = child.info.footer.data_offset;
+        check_parent_size(&name, new_parent, child.virtual_size)?;
+        let pid = new_parent.info.footer.unique_id;
+        if !adopt && pid != header.parent_unique_id {
+            return Err(Error::invalid(format!(
+                "{} has unique id {pid}, but this differencing VHD expects parent unique id {} \
+                 (dynamic disk header at offset {:#x}): it is not this disk's parent (adopt it \
+                 to record its id instead, only if it holds the parent's data)",
+                new_parent.name(),
+                header.parent_unique_id,
+                hdr_off + 40
+            ))
+            .in_file(&name, 0));
+        }
+
+        let mut h = header.clone();
+        h.parent_unique_id = pid;
+        h.parent_timestamp = link.timestamp;
+        let uname: Vec<u8> = link
+            .name
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        if uname.len() > h.parent_unicode_name.len() {
+            return Err(Error::invalid(format!(
+                "the parent's file name \"{}\" is too long for the 512-byte parent name field",
+                link.name
+            ))
+            .in_file(&name, 0));
+        }
+        h.parent_unicode_name = [0; crate::dynamic_header::PARENT_NAME_SIZE];
+        h.parent_unicode_name[..uname.len()].copy_from_slice(&uname);
+
+        // The existing data spaces, each cut short where another structure
+        // begins (a space whose size field is wrong or in the other unit
+        // must not let us write over the BAT or a block).
+        let protected = protected_ranges(&child, d, header);
+        let usable = |off: u64, declared: u64| {
+            protected.iter().fold(declared, |cap, &(p, plen)| {
+                if overlaps(off, 1, p, plen) {
+                    0
+                } else if p > off {
+                    cap.min(p - off)
+                } else {
+                    cap
+                }
+            })
+        };
+        let spaces: Vec<LocatorSpace> = header
+            .locators()
+            .map(|(_, l)| {
+                let bytes = usable(l.data_offset, l.data_space_bytes());
+                LocatorSpace {
+                    code: l.platform_code,
+                    offset: l.data_offset,
+                    data_space: l.data_space,
+                    bytes,
+                    old_len: u64::from(l.data_length).min(bytes),
+                }
+            })
+            .filter(|s| s.bytes > 0)
+            .collect();
+        let utf16le =
+            |p: &str| -> Vec<u8> { p.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+        let datas = [
+            (*b"W2ku", utf16le(&link.absolute), &link.absolute),
+            (*b"W2ru", utf16le(&link.relative), &link.relative),
+        ];
+        for (code, data, path) in &datas {
+            if data.is_empty() || data.len() > MAX_LOCATOR as usize {
+                return Err(Error::invalid(format!(
+                    "the {} parent path \"{path}\" is empty or too long",
+                    fourcc(code)
+                ))
+                .in_file(&name, 0));
+            }
+        }
+        // Larger first, each into its own code's space if it fits, else the
+        // smallest free one that does (with two paths this finds a fit
+        // whenever one exists).
+        let mut order = [0usize, 1];
+        order.sort_by_key(|&i| std::cmp::Reverse(datas[i].1.len()));
+        let mut chosen: [Option<usize>; 2] = [None, None];
+        for i in order {
+            let len = datas[i].1.len() as u64;
+            let free = |j: usize| {
+                let s = &spaces[j];
+                len <= s.bytes
+                    && chosen
+                        .iter()
+                        .flatten()
+                        .all(|&c| !overlaps(s.offset, s.bytes, spaces[c].offset, spaces[c].bytes))
+            };
+            chosen[i] = (0..spaces.len())
+                .filter(|&j| free(j))
+                .min_by_key(|&j| (spaces[j].code != datas[i].0, spaces[j].bytes));
+            if chosen[i].is_none() {
+                let have: Vec<String> = spaces
+                    .iter()
+                    .map(|s| format!("{} bytes ({})", s.bytes, fourcc(&s.code)))
+                    .collect();
+                return Err(Error::invalid(format!(
+                    "the new parent's paths do not fit this disk's parent locator data space: \
+                     {} needs {} bytes for \"{}\" and {} needs {} bytes for \"{}\", but the \
+                     spaces are {}; relinking does not move blocks to make room (use a shorter \
+                     path, or copy the disk with a new parent)",
+                    fourcc(&datas[0].0),
+                    datas[0].1.len(),
+                    datas[0].2,
+                    fourcc(&datas[1].0),
+                    datas[1].1.len(),
+                    datas[1].2,
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.join(", ")
+                    }
+                ))
+                .in_file(&name, 0));
+            }
+        }
+        h.parent_locators = [ParentLocator::default(); crate::dynamic_header::LOCATORS];
+        let mut writes = Vec::new();
+        for (i, (code, data, _)) in datas.iter().enumerate() {
+            let s = spaces[chosen[i].unwrap_or_default()];
+            h.parent_locators[i] = ParentLocator {
+                platform_code: *code,
+                data_space: s.data_space,
+                data_length: data.len() as u32,
+                reserved: 0,
+                data_offset: s.offset,
+            };
+            // Zero what is left of the old data, so that an old header
+            // reading this space after a crash sees the new path (or a
+            // truncated one), never a mix with the old.
+            let mut buf = data.clone();
+            buf.resize(data.len().max(s.old_len as usize), 0);
+            writes.push((s.offset, buf));
+        }
+        let mut hbuf = [0u8; HEADER_SIZE];
+        h.write_to(&mut hbuf);
+        drop(child);
+
+        for (off, buf) in &writes {
+            storage.write_at(buf, *off)?;
+        }
+        storage.flush()?;
+        storage.write_at(&hbuf, hdr_off)?;
+        storage.flush()
+    }
+
+    /// Turn the differencing VHD `child` into a dynamic VHD whose content is
+    /// what the child holds: its present sectors, and zeros wherever it
+    /// would have read from its parent. The last step of merging a parent
+    /// into its only child, once the caller has copied into the child every
+    /// parent sector it needs (not checked here). The unique id, BAT,
+    /// bitmaps and data are kept; the parent is not opened.
+    ///
+    /// # Crash safety
+    /// 1. the trailing footer is rewritten with disk type dynamic (and a new
+    ///    checksum; one 512-byte sector), **sync**;
+    /// 2. the footer copy at offset 0, the same, **sync**;
+    /// 3. the dynamic disk header with its parent fields cleared (unique
+    ///    id, time stamp, name, locator entries; one 4 KiB page), **sync**.
+    ///
+    /// Each state a power cut can leave opens:
+    /// - before step 1 persisted: the differencing disk, unchanged (it
+    ///   still needs its parent, so the caller deletes the parent only
+    ///   after this returns);
+    /// - after step 1, before step 3: the trailing footer, the one every
+    ///   reader uses, says dynamic, while the copy at 0 may still say
+    ///   differencing and the header still names the parent. The disk opens
+    ///   as dynamic: for a dynamic disk the parent fields are ignored (the
+    ///   open code reads the locators and looks for a parent only when the
+    ///   footer says differencing, and refuses a parent passed to
+    ///   [`Vhd::open_with_parent`]), and sectors whose bitmap bit is 0 read
+    ///   as zeros. Its content is already the final one;
+    /// - after step 3: done.
+    ///
+    /// If the trailing footer were torn anyway, the copy at offset 0 (still
+    /// differencing before step 2) is used, read-only, with the parent.
+    ///
+    /// # Errors
+    /// The file cannot be opened; it is not a differencing VHD, or its
+    /// trailing footer is damaged; I/O errors.
+    pub fn make_standalone(child: impl AsRef<Path>) -> Result<()> {
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(child.as_ref(), true)?);
+        Self::make_standalone_on(storage)
+    }
+
+    /// [`Vhd::make_standalone`] on any storage.
+    ///
+    /// # Errors
+    /// As [`Vhd::make_standalone`].
+    pub fn make_standalone_on(storage: Arc<dyn Storage>) -> Result<()> {
+        let name = storage.name().to_string();
+        let child = inspect_for_rewrite(&storage, "make the disk standalone")?;
+        let Some(header) = &child.info.header else {
+            return Err(Error::invalid("a differencing disk without a header").in_file(&name, 0));
+        };
+        let mut footer = child.info.footer.clone();
+        footer.disk_type = DiskType::Dynamic;
+        let mut fbuf = [0u8; FOOTER_SIZE];
+        footer.write_to(&mut fbuf);
+        let mut h = header.clone();
+        h.parent_unique_id = Uuid::nil();
+        h.parent_timestamp = 0;
+        h.parent_unicode_name = [0; crate::dynamic_header::PARENT_NAME_SIZE];
+        h.parent_locators = [ParentLocator::default(); crate::dynamic_header::LOCATORS];
+        let mut hbuf = [0u8; HEADER_SIZE];
+        h.write_to(&mut hbuf);
+        let (footer_offset, hdr_off) = (child.info.footer_offset, footer.data_offset);
+        drop(child);
+
+        storage.write_at(&fbuf, footer_offset)?;
+        storage.flush()?;
+        storage.write_at(&fbuf, 0)?;
+        storage.flush()?;
+        storage.write_at(&hbuf, hdr_off)?;
+        storage.flush()
     }
 }
 

@@ -6,10 +6,9 @@
 mod common;
 use common::*;
 use disk::fault::RecordingStorage;
-use disk::testing::crash::for_each_crash;
+use disk::testing::crash::{for_each_crash, DiffWorkload};
 use disk::{Mapping, MemStorage, VirtualDisk};
 use proptest::prelude::*;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -431,60 +430,6 @@ fn mem_child(parent: &[u8], block: u32) -> Vec<u8> {
 
 // ---- Crash test of the differencing write path. ----
 
-/// Per sector, the values the workload's writes gave it, by write index.
-struct History {
-    parent: Vec<u8>,
-    sectors: BTreeMap<u64, Vec<(usize, Vec<u8>)>>,
-    /// Operation count of the recording when each write started.
-    write_start: Vec<usize>,
-    /// (start, done) operation counts of each flush.
-    flushes: Vec<(usize, usize)>,
-}
-
-impl History {
-    /// Check a disk opened from the crash image cut before operation `cut`:
-    /// every sector holds the value the last completed flush acknowledged
-    /// or one a later write (started before the cut) gave it.
-    fn verify(&self, d: &dyn VirtualDisk, cut: usize, what: &str) {
-        let acked = self
-            .flushes
-            .iter()
-            .rev()
-            .find(|f| f.1 <= cut)
-            .map_or(0, |f| self.write_start.iter().filter(|&&s| s < f.0).count());
-        let started = self.write_start.iter().filter(|&&s| s < cut).count();
-        let all = read_all(d);
-        for (s, vals) in &self.sectors {
-            let r = (*s * 512) as usize..(*s * 512 + 512) as usize;
-            let got = &all[r.clone()];
-            let base: &[u8] = vals
-                .iter()
-                .rev()
-                .find(|(i, _)| *i < acked)
-                .map_or(&self.parent[r.clone()], |(_, v)| v);
-            let ok = got == base
-                || vals
-                    .iter()
-                    .any(|(i, v)| (acked..started).contains(i) && got == &v[..]);
-            assert!(
-                ok,
-                "{what}: sector {s} lost an acknowledged write or holds junk"
-            );
-        }
-        // Sectors never written read as the parent (except the last 64 KiB,
-        // where the recovery check writes).
-        let end = all.len() - 64 * 1024;
-        for (i, c) in all[..end].chunks(512).enumerate() {
-            if !self.sectors.contains_key(&(i as u64)) {
-                assert!(
-                    c == &self.parent[i * 512..i * 512 + 512],
-                    "{what}: sector {i} changed"
-                );
-            }
-        }
-    }
-}
-
 fn crash_run(block: u32, seed: u64) {
     let (pbytes, pmodel) = mem_parent(4 * MIB, 2 * MIB as u32, seed);
     let rec = Arc::new(RecordingStorage::new("rec", mem_child(&pbytes, block)));
@@ -492,35 +437,7 @@ fn crash_run(block: u32, seed: u64) {
         Vhd::open_storage_with_parent(Box::new(rec.clone()), &rw(), Arc::new(open_parent(&pbytes)))
             .unwrap();
     let size = d.virtual_size();
-    let mut h = History {
-        parent: pmodel.clone(),
-        sectors: BTreeMap::new(),
-        write_start: Vec::new(),
-        flushes: Vec::new(),
-    };
-    let mut model = pmodel;
-    let mut x = seed | 1;
-    for i in 0..40usize {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = (x >> 40) as usize % 9000 + 1;
-        // Keep the last 64 KiB free: the recovery check writes there.
-        let off = x % (size - 64 * 1024 - len as u64);
-        let p = pattern(len, x);
-        h.write_start.push(rec.op_count());
-        d.write_at(&p, off).unwrap();
-        model[off as usize..off as usize + len].copy_from_slice(&p);
-        for s in off / 512..(off + len as u64).div_ceil(512) {
-            let r = (s * 512) as usize..(s * 512 + 512) as usize;
-            h.sectors.entry(s).or_default().push((i, model[r].to_vec()));
-        }
-        if i % 6 == 5 || i == 39 {
-            let start = rec.op_count();
-            d.flush().unwrap();
-            h.flushes.push((start, rec.op_count()));
-        }
-    }
+    let h = DiffWorkload::run(&rec, &d, pmodel, seed);
     std::mem::forget(d); // a crash: no close
     let reopen = |img: Vec<u8>, opts: &OpenOptions| {
         Vhd::open_storage_with_parent(
@@ -554,9 +471,9 @@ fn crash_run(block: u32, seed: u64) {
         let mut b = vec![0u8; 1300];
         again.read_at(&mut b, off - 300).unwrap();
         let o = (off - 300) as usize;
-        assert_eq!(&b[..300], &h.parent[o..o + 300], "{what}");
+        assert_eq!(&b[..300], &h.parent()[o..o + 300], "{what}");
         assert_eq!(&b[300..1000], &[0xee; 700][..], "{what}");
-        assert_eq!(&b[1000..], &h.parent[o + 1000..o + 1300], "{what}");
+        assert_eq!(&b[1000..], &h.parent()[o + 1000..o + 1300], "{what}");
         h.verify(&again, cut, &format!("{what} after writing"));
     });
 }

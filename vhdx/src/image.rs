@@ -2,9 +2,26 @@
 //! flush through the log, discard, create and close.
 //!
 //! # Locks
-//! Lock order: `flush_lock` → `header` → `bat` → `alloc_end`. Payload reads
-//! and writes never hold a lock; metadata I/O (paging in a BAT page, the log
-//! writes of a flush) holds only what the step needs.
+//! Lock order: `flush_lock` → `header` → `bat` → `alloc_end` → `bitmaps`.
+//! Payload reads and writes never hold a lock; metadata I/O (paging in a BAT
+//! or sector bitmap page, the log writes of a flush, clearing the bitmap of
+//! a block being allocated) holds only what the step needs.
+//!
+//! # Differencing disks (MS-VHDX 2.5, 2.6.2.6)
+//! A differencing disk (HasParent) reads a block from its parent when the
+//! block is NOT_PRESENT (or UNDEFINED), and per logical sector from its
+//! sector bitmap when it is PARTIALLY_PRESENT. Writing to a block not
+//! present allocates it PARTIALLY_PRESENT with all bits 0 (and the chunk's
+//! sector bitmap block if it has none); the written sectors' bits are set
+//! in memory once the payload write returns, and reach the file through the
+//! log at the next flush, after the data is durable, like BAT entries. A
+//! block whose sectors are all present becomes FULLY_PRESENT. Sectors only
+//! partly covered by a write are first filled with the parent's bytes by the
+//! shared write loop. ZERO and UNMAPPED blocks read as zeros, not from the
+//! parent. The parent is found through the parent locator under a
+//! [`ParentPolicy`], must have the DataWriteGuid the locator's
+//! `parent_linkage` (or `parent_linkage2`) records, and is opened
+//! read-only.
 //!
 //! # Write protocol (MS-VHDX 2.3, `shared/design/vhdx-log.md`)
 //! - Before the first change after open, both headers are rewritten with a
@@ -16,22 +33,25 @@
 //!   may the next entry overwrite that log space.
 //! - A clean close leaves the log empty (LogGuid zero in the headers).
 
-use crate::bat::{BatEntry, BatGeometry, PayloadState};
+use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT};
 use crate::bat_cache::{BatCache, ENTRIES_PER_PAGE, PAGE_BYTES};
 use crate::file_identifier::FileIdentifier;
 use crate::header::{self, Header};
 use crate::log::{self, LogEntry, LogOp, LOG_SECTOR};
-use crate::metadata::{FileParameters, Metadata, MetadataTable};
+use crate::metadata::{FileParameters, Metadata, MetadataTable, PARENT_LOCATOR};
+use crate::parent_locator::{ParentLocator, VHDX_PARENT_LOCATOR_TYPE};
 use crate::region_table::{RegionEntry, RegionTable, BAT_REGION, METADATA_REGION};
 use crate::replay::{self, ReplayOverlay};
+use crate::sector_bitmap::{self, BitmapCache, PAGE_BITS};
 use crate::{Error, Result};
+use disk::parent::{self, ChainSearch, ParentPolicy};
 use disk::{
     Extent, FileOffset, FileStorage, Geometry, Mapping, ResultExt, Storage, VirtualDisk,
     WriteExtent,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -41,6 +61,10 @@ const MAX_METADATA_REGION: u64 = 64 * MIB;
 const MAX_LOG: u64 = 256 * MIB;
 /// Default cap of resident clean BAT pages (64 MiB of BAT).
 pub const DEFAULT_BAT_CACHE_PAGES: usize = 16384;
+/// Cap of resident clean sector bitmap pages (16 MiB).
+const BITMAP_CACHE_PAGES: usize = 4096;
+/// The default block size of differencing disks (as Hyper-V creates them).
+pub const DEFAULT_DIFFERENCING_BLOCK_SIZE: u32 = 2 << 20;
 
 /// How to open an image.
 #[derive(Debug, Clone)]
@@ -49,6 +73,21 @@ pub struct OpenOptions {
     pub writable: bool,
     /// Cap on resident clean BAT pages (4 KiB each).
     pub bat_cache_pages: usize,
+    /// Which parent files a differencing disk may lead to (by default only
+    /// files under the directory of the image opened; see [`disk::parent`]).
+    pub parent_policy: ParentPolicy,
+    /// Use the parent the locator finds even when its DataWriteGuid is not
+    /// the one the child records (applies to the whole chain). Only for a
+    /// parent known to hold the right data.
+    pub ignore_parent_linkage: bool,
+    /// Keep the DataWriteGuid when writing. Only for writes that do not
+    /// change what the disk reads (merging its parent's data into it), so
+    /// that its own children stay linked to it.
+    pub keep_data_write_guid: bool,
+    /// The DataWriteGuid to take when this session renews it (instead of a
+    /// random one): lets a caller record it in a child's `parent_linkage2`
+    /// before changing this disk (a crash-safe merge into a parent).
+    pub data_write_guid: Option<Uuid>,
 }
 
 impl Default for OpenOptions {
@@ -56,6 +95,10 @@ impl Default for OpenOptions {
         OpenOptions {
             writable: false,
             bat_cache_pages: DEFAULT_BAT_CACHE_PAGES,
+            parent_policy: ParentPolicy::default(),
+            ignore_parent_linkage: false,
+            keep_data_write_guid: false,
+            data_write_guid: None,
         }
     }
 }
@@ -112,9 +155,23 @@ pub struct Info {
     pub log_entries: usize,
     /// File length in bytes.
     pub file_size: u64,
+    /// The parent file of a differencing disk, when it was opened.
+    pub parent_file: Option<String>,
 }
 
 impl Info {
+    /// The parent identities a differencing disk accepts: the
+    /// `parent_linkage` and `parent_linkage2` GUIDs of its locator.
+    pub fn parent_linkages(&self) -> Vec<Uuid> {
+        let Some(pl) = &self.metadata.parent_locator else {
+            return Vec::new();
+        };
+        ["parent_linkage", "parent_linkage2"]
+            .iter()
+            .filter_map(|k| pl.get(k).and_then(parse_linkage))
+            .collect()
+    }
+
     /// "fixed" when LeaveBlocksAllocated is set (Hyper-V and QEMU set it on
     /// fixed disks), "differencing" with a parent, else "dynamic".
     pub fn subformat(&self) -> &'static str {
@@ -164,8 +221,14 @@ pub struct Vhdx {
     flush_lock: Mutex<()>,
     header: Mutex<HeaderState>,
     session_started: AtomicBool,
+    /// The DataWriteGuid has been renewed in this session.
+    data_guid_renewed: AtomicBool,
+    keep_data_write_guid: bool,
+    next_data_write_guid: Option<Uuid>,
     bat: RwLock<BatCache>,
     alloc_end: Mutex<u64>,
+    bitmaps: Mutex<BitmapCache>,
+    parent: Option<Arc<dyn VirtualDisk>>,
     closed: AtomicBool,
 }
 
@@ -195,16 +258,70 @@ impl Vhdx {
     /// The file cannot be opened, is not a VHDX, is corrupt, or needs an
     /// unsupported feature (a differencing disk: its parent is named).
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Self> {
-        let storage = FileStorage::open(path.as_ref(), opts.writable)?;
-        Self::open_storage(Box::new(storage), opts)
+        let path = path.as_ref();
+        let mut chain = ChainSearch::new(&opts.parent_policy, path);
+        chain.enter(&path.display().to_string(), path)?;
+        Self::open_path(path, opts, &mut chain)
     }
 
-    /// Open a VHDX on any storage.
+    fn open_path(path: &Path, opts: &OpenOptions, chain: &mut ChainSearch) -> Result<Self> {
+        let storage = FileStorage::open(path, opts.writable)?;
+        let (vhdx, _) = Self::open_inner(
+            Box::new(storage),
+            opts,
+            ParentSource::Search {
+                child: path.to_path_buf(),
+                chain,
+            },
+        )?;
+        Ok(vhdx)
+    }
+
+    /// Open a VHDX on any storage. A differencing disk's parent is searched
+    /// for relative to the storage's name, taken as a path.
     ///
     /// # Errors
     /// As [`Vhdx::open`].
     pub fn open_storage(storage: Box<dyn Storage>, opts: &OpenOptions) -> Result<Self> {
-        let (vhdx, _) = Self::open_inner(storage, opts, false)?;
+        let child = PathBuf::from(storage.name());
+        let mut chain = ChainSearch::new(&opts.parent_policy, &child);
+        chain.enter(storage.name(), &child)?;
+        let (vhdx, _) = Self::open_inner(
+            storage,
+            opts,
+            ParentSource::Search {
+                child,
+                chain: &mut chain,
+            },
+        )?;
+        Ok(vhdx)
+    }
+
+    /// Open a differencing VHDX whose parent the caller has already opened.
+    /// The parent's virtual size and logical sector size must match; its
+    /// identity (linkage) is the caller's responsibility.
+    ///
+    /// # Errors
+    /// As [`Vhdx::open`]; also when the image is not a differencing disk.
+    pub fn open_with_parent(
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+        parent: Arc<dyn VirtualDisk>,
+    ) -> Result<Self> {
+        let storage = FileStorage::open(path.as_ref(), opts.writable)?;
+        Self::open_storage_with_parent(Box::new(storage), opts, parent)
+    }
+
+    /// [`Vhdx::open_with_parent`] on any storage.
+    ///
+    /// # Errors
+    /// As [`Vhdx::open_with_parent`].
+    pub fn open_storage_with_parent(
+        storage: Box<dyn Storage>,
+        opts: &OpenOptions,
+        parent: Arc<dyn VirtualDisk>,
+    ) -> Result<Self> {
+        let (vhdx, _) = Self::open_inner(storage, opts, ParentSource::Given(parent))?;
         Ok(vhdx)
     }
 
@@ -216,14 +333,15 @@ impl Vhdx {
     /// Not a VHDX, or corrupt structures.
     pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
         let storage = FileStorage::open(path.as_ref(), false)?;
-        let (_, info) = Self::open_inner(Box::new(storage), &OpenOptions::default(), true)?;
+        let (_, info) =
+            Self::open_inner(Box::new(storage), &OpenOptions::default(), ParentSource::Inspect)?;
         Ok(info)
     }
 
     fn open_inner(
         storage: Box<dyn Storage>,
         opts: &OpenOptions,
-        inspect_only: bool,
+        parent_source: ParentSource<'_>,
     ) -> Result<(Self, Info)> {
         let name = storage.name().to_string();
         let writable = opts.writable && storage.is_writable();
@@ -349,10 +467,58 @@ impl Vhdx {
             log_replayed: log_entries > 0,
             log_entries,
             file_size,
+            parent_file: None,
         };
-        if metadata.file_parameters.has_parent && !inspect_only {
-            return Err(missing_parent_error(&name, &metadata));
-        }
+        let mut info = info;
+        let parent = if metadata.file_parameters.has_parent {
+            let loc = metadata.parent_locator.as_ref().ok_or_else(|| {
+                Error::corrupt("metadata", 0, "HasParent is set but there is no parent locator")
+                    .in_file(&name, meta_region.file_offset)
+            })?;
+            if loc.locator_type != VHDX_PARENT_LOCATOR_TYPE && !matches!(parent_source, ParentSource::Inspect) {
+                return Err(Error::unsupported(format!(
+                    "parent locator type {} (only VHDX parents, {VHDX_PARENT_LOCATOR_TYPE}, are supported)",
+                    loc.locator_type
+                ))
+                .in_file(&name, 0));
+            }
+            let p = match parent_source {
+                ParentSource::Inspect => None,
+                ParentSource::Given(p) => Some(p),
+                ParentSource::Search { child, chain } => {
+                    Some(find_parent(&name, &child, loc, &info, opts, chain)?)
+                }
+            };
+            if let Some(p) = &p {
+                let g = p.geometry();
+                if g.virtual_size != metadata.virtual_disk_size
+                    || g.logical_sector_size != metadata.logical_sector_size
+                {
+                    return Err(Error::invalid(format!(
+                        "the parent {} has a virtual size of {} bytes and {}-byte sectors, but \
+                         this differencing VHDX has {} bytes and {}-byte sectors: it is not \
+                         this disk's parent",
+                        p.storage().name(),
+                        g.virtual_size,
+                        g.logical_sector_size,
+                        metadata.virtual_disk_size,
+                        metadata.logical_sector_size
+                    ))
+                    .in_file(&name, 0));
+                }
+                info.parent_file = Some(p.storage().name().to_string());
+            }
+            p
+        } else {
+            if let ParentSource::Given(p) = parent_source {
+                return Err(Error::invalid(format!(
+                    "a parent ({}) was given, but this VHDX is not a differencing disk",
+                    p.storage().name()
+                ))
+                .in_file(&name, 0));
+            }
+            None
+        };
 
         // 2.5 BAT.
         let fp: FileParameters = metadata.file_parameters;
@@ -396,8 +562,13 @@ impl Vhdx {
                 next_sequence,
             }),
             session_started: AtomicBool::new(false),
+            data_guid_renewed: AtomicBool::new(false),
+            keep_data_write_guid: opts.keep_data_write_guid,
+            next_data_write_guid: opts.data_write_guid,
             bat: RwLock::new(BatCache::new(bat_geo.total_entries(), opts.bat_cache_pages)),
             alloc_end: Mutex::new(alloc_end),
+            bitmaps: Mutex::new(BitmapCache::new(BITMAP_CACHE_PAGES)),
+            parent,
             closed: AtomicBool::new(false),
             storage,
             info: info.clone(),
@@ -420,13 +591,81 @@ impl Vhdx {
     /// # Errors
     /// Invalid options, or I/O errors.
     pub fn create_on(storage: Box<dyn Storage>, opts: &CreateOptions) -> Result<Self> {
-        validate_create(opts)?;
+        Self::create_inner(storage, opts, None)
+    }
+
+    /// Create a differencing VHDX at `path` whose parent is the VHDX at
+    /// `parent_path` (opened read-only with `parent_opts`, its own chain
+    /// included). The child takes the parent's virtual size and sector
+    /// sizes; `opts` gives its block size (Hyper-V uses
+    /// [`DEFAULT_DIFFERENCING_BLOCK_SIZE`]) and log size. The locator
+    /// records the parent's DataWriteGuid, its path relative to the child
+    /// (`relative_path`, as Windows writes it) and its absolute path
+    /// (`absolute_win32_path`: a Unix path here, which Windows skips).
+    ///
+    /// # Errors
+    /// The parent cannot be opened, invalid options, I/O errors.
+    pub fn create_differencing(
+        path: impl AsRef<Path>,
+        parent_path: impl AsRef<Path>,
+        opts: &CreateOptions,
+        parent_opts: &OpenOptions,
+        overwrite: bool,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let parent_path = parent_path.as_ref();
+        let popts = OpenOptions {
+            writable: false,
+            ..parent_opts.clone()
+        };
+        let parent = Vhdx::open(parent_path, &popts)?;
+        let locator = parent_locator_for(path, parent_path, parent.info.header.data_write_guid)?;
+        let storage = FileStorage::create(path, overwrite)?;
+        Self::create_inner(Box::new(storage), opts, Some((locator, Arc::new(parent))))
+    }
+
+    /// Create a differencing VHDX on empty storage, with the given parent
+    /// (already open) and parent locator.
+    ///
+    /// # Errors
+    /// Invalid options or locator, or I/O errors.
+    pub fn create_differencing_on(
+        storage: Box<dyn Storage>,
+        opts: &CreateOptions,
+        locator: ParentLocator,
+        parent: Arc<dyn VirtualDisk>,
+    ) -> Result<Self> {
+        Self::create_inner(storage, opts, Some((locator, parent)))
+    }
+
+    fn create_inner(
+        storage: Box<dyn Storage>,
+        opts: &CreateOptions,
+        parent: Option<(ParentLocator, Arc<dyn VirtualDisk>)>,
+    ) -> Result<Self> {
         let name = storage.name().to_string();
+        let mut opts = opts.clone();
+        if let Some((loc, p)) = &parent {
+            let g = p.geometry();
+            opts.virtual_size = g.virtual_size;
+            opts.logical_sector_size = g.logical_sector_size;
+            opts.physical_sector_size = g.physical_sector_size;
+            if opts.fixed {
+                return Err(Error::invalid("a differencing disk cannot be fixed").in_file(&name, 0));
+            }
+            loc.validate().in_file(&name, 0)?;
+            if loc.get("parent_linkage").and_then(parse_linkage).is_none() {
+                return Err(Error::invalid("the parent locator needs a parent_linkage GUID")
+                    .in_file(&name, 0));
+            }
+        }
+        let opts = &opts;
+        validate_create(opts)?;
         let bat_geo = BatGeometry::new(
             opts.virtual_size,
             opts.block_size,
             opts.logical_sector_size,
-            false,
+            parent.is_some(),
         )
         .in_file(&name, 0)?;
         let log_offset = MIB;
@@ -471,13 +710,13 @@ impl Vhdx {
             file_parameters: FileParameters {
                 block_size: opts.block_size,
                 leave_blocks_allocated: opts.fixed,
-                has_parent: false,
+                has_parent: parent.is_some(),
             },
             virtual_disk_size: opts.virtual_size,
             virtual_disk_id: Uuid::new_v4(),
             logical_sector_size: opts.logical_sector_size,
             physical_sector_size: opts.physical_sector_size,
-            parent_locator: None,
+            parent_locator: parent.as_ref().map(|(l, _)| l.clone()),
         };
         let mbuf = metadata.build_region(meta_len as u32)?;
         storage.write_at(&mbuf, meta_offset)?;
@@ -533,13 +772,14 @@ impl Vhdx {
             storage.write_at(&hbuf, off)?;
         }
         storage.flush()?;
-        Self::open_storage(
-            storage,
-            &OpenOptions {
-                writable: true,
-                ..OpenOptions::default()
-            },
-        )
+        let rw = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        match parent {
+            Some((_, p)) => Self::open_storage_with_parent(storage, &rw, p),
+            None => Self::open_storage(storage, &rw),
+        }
     }
 
     /// Headers, regions and metadata as read at open.
@@ -620,10 +860,15 @@ impl Vhdx {
         Ok((state, fo))
     }
 
-    /// Rewrite both headers for a write session (new FileWriteGuid,
-    /// DataWriteGuid and LogGuid) before the first change after open.
-    fn start_session(&self) -> Result<()> {
-        if self.session_started.load(Ordering::Acquire) {
+    /// Rewrite both headers for a write session (new FileWriteGuid and
+    /// LogGuid) before the first change after open; before the first change
+    /// of the disk's data (`data`), also a new DataWriteGuid (MS-VHDX 2.2.2),
+    /// unless the caller asked to keep it.
+    fn start_session(&self, data: bool) -> Result<()> {
+        let renew_data = data && !self.keep_data_write_guid;
+        if self.session_started.load(Ordering::Acquire)
+            && (!renew_data || self.data_guid_renewed.load(Ordering::Acquire))
+        {
             return Ok(());
         }
         if !self.writable {
@@ -633,17 +878,271 @@ impl Vhdx {
             return Err(Error::invalid("image is closed").in_file(self.name(), 0));
         }
         let mut hs = lock(&self.header);
-        if self.session_started.load(Ordering::Acquire) {
+        let started = self.session_started.load(Ordering::Acquire);
+        let renewed = self.data_guid_renewed.load(Ordering::Acquire);
+        if started && (!renew_data || renewed) {
             return Ok(());
         }
         let mut h = hs.current.clone();
-        h.file_write_guid = Uuid::new_v4();
-        h.data_write_guid = Uuid::new_v4();
-        h.log_guid = Uuid::new_v4();
+        if !started {
+            h.file_write_guid = Uuid::new_v4();
+            h.log_guid = Uuid::new_v4();
+        }
+        if renew_data && !renewed {
+            h.data_write_guid = self.next_data_write_guid.unwrap_or_else(Uuid::new_v4);
+        }
         hs.slot = write_header_pair(&*self.storage, &mut h, hs.slot)?;
         hs.session_log_guid = h.log_guid;
         hs.current = h;
+        if renew_data {
+            self.data_guid_renewed.store(true, Ordering::Release);
+        }
         self.session_started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The header as it is now (DataWriteGuid of this session included).
+    pub fn current_header(&self) -> Header {
+        lock(&self.header).current.clone()
+    }
+
+    /// The parent of a differencing disk, if it was opened.
+    pub fn parent_disk(&self) -> Option<&Arc<dyn VirtualDisk>> {
+        self.parent.as_ref()
+    }
+
+    /// Sectors per payload block.
+    fn sectors_per_block(&self) -> u64 {
+        self.block_size / u64::from(self.geometry.logical_sector_size)
+    }
+
+    /// Sectors of `block` inside the virtual disk.
+    fn block_sectors(&self, block: u64) -> u64 {
+        let start = block * self.block_size;
+        (self.geometry.virtual_size - start).min(self.block_size)
+            / u64::from(self.geometry.logical_sector_size)
+    }
+
+    /// The file offset of the sector bitmap block of `block`'s chunk, if
+    /// allocated, validated.
+    fn bitmap_block(&self, block: u64) -> Result<Option<u64>> {
+        let idx = self.bat_geo.bitmap_index(block / self.bat_geo.chunk_ratio());
+        let e = self.bat_entry(idx)?;
+        let at = self.bat_offset + idx * 8;
+        match e.state() {
+            SB_BLOCK_NOT_PRESENT => Ok(None),
+            SB_BLOCK_PRESENT => {
+                let fo = e.file_offset();
+                if fo < MIB {
+                    return Err(Error::corrupt(
+                        "BAT entry",
+                        at,
+                        format!("sector bitmap block at invalid file offset {fo:#x}"),
+                    )
+                    .in_file(self.name(), 0));
+                }
+                Ok(Some(fo))
+            }
+            s => Err(Error::corrupt(
+                "BAT entry",
+                at,
+                format!("sector bitmap entry in undefined state {s}"),
+            )
+            .in_file(self.name(), 0)),
+        }
+    }
+
+    /// The bit index, within its sector bitmap block, of `block`'s first sector.
+    fn first_bit(&self, block: u64) -> u64 {
+        (block % self.bat_geo.chunk_ratio()) * self.sectors_per_block()
+    }
+
+    /// Make the bitmap page at file offset `page_off` resident.
+    fn bitmap_page_in(&self, page_off: u64) -> Result<()> {
+        if lock(&self.bitmaps).get(page_off).is_some() {
+            return Ok(());
+        }
+        let mut bytes = Box::new([0u8; sector_bitmap::PAGE]);
+        let flen = self.storage.len()?;
+        if page_off < flen {
+            let n = (flen - page_off).min(sector_bitmap::PAGE as u64) as usize;
+            self.storage.read_at(&mut bytes[..n], page_off)?;
+        }
+        lock(&self.bitmaps).insert(page_off, bytes);
+        Ok(())
+    }
+
+    /// Whether sector `bit` of the bitmap block at `sb` is present, and how
+    /// many sectors from it (at most `count`) share that state.
+    fn bitmap_run(&self, sb: u64, bit: u64, count: u64) -> Result<(bool, u64)> {
+        let mut done = 0u64;
+        let mut state = None;
+        while done < count {
+            let b = bit + done;
+            let page_off = sb + (b / PAGE_BITS) * sector_bitmap::PAGE as u64;
+            let in_page = b % PAGE_BITS;
+            let want = (count - done).min(PAGE_BITS - in_page);
+            loop {
+                let c = lock(&self.bitmaps);
+                if let Some(page) = c.get(page_off) {
+                    let v = sector_bitmap::bit(page, in_page);
+                    if state.is_some_and(|s| s != v) {
+                        return Ok((state.unwrap_or(v), done));
+                    }
+                    state = Some(v);
+                    let n = sector_bitmap::run_len(page, in_page, in_page + want);
+                    done += n;
+                    if n < want {
+                        return Ok((v, done));
+                    }
+                    break;
+                }
+                drop(c);
+                self.bitmap_page_in(page_off)?;
+            }
+        }
+        Ok((state.unwrap_or(false), done))
+    }
+
+    /// Set or clear bits `[from, to)` of the bitmap block at `sb` in memory
+    /// (dirty: logged at the next flush).
+    fn bitmap_set(&self, sb: u64, from: u64, to: u64, value: bool) -> Result<()> {
+        let mut b = from;
+        while b < to {
+            let page_off = sb + (b / PAGE_BITS) * sector_bitmap::PAGE as u64;
+            let in_page = b % PAGE_BITS;
+            let n = (to - b).min(PAGE_BITS - in_page);
+            loop {
+                let mut c = lock(&self.bitmaps);
+                if let Some(page) = c.get_mut(page_off) {
+                    sector_bitmap::set_range(page, in_page, in_page + n, value);
+                    break;
+                }
+                drop(c);
+                self.bitmap_page_in(page_off)?;
+            }
+            b += n;
+        }
+        Ok(())
+    }
+
+    /// Map part of a PARTIALLY_PRESENT block by its sector bitmap.
+    fn map_partial(&self, block: u64, within: u64, run: u64, fo: u64) -> Result<(Mapping, u64)> {
+        let sb = self.bitmap_block(block)?.ok_or_else(|| {
+            Error::corrupt(
+                "BAT entry",
+                self.bat_offset + self.bat_geo.payload_index(block) * 8,
+                format!(
+                    "block {block} is PARTIALLY_PRESENT but its chunk has no sector bitmap block"
+                ),
+            )
+            .in_file(self.name(), 0)
+        })?;
+        let ss = u64::from(self.geometry.logical_sector_size);
+        let s0 = within / ss;
+        let last = (within + run - 1) / ss;
+        let (present, n) = self.bitmap_run(sb, self.first_bit(block) + s0, last - s0 + 1)?;
+        let len = ((s0 + n) * ss).min(within + run) - within;
+        let mapping = if present {
+            Mapping::Data(FileOffset(fo + within))
+        } else {
+            Mapping::Parent
+        };
+        Ok((mapping, len))
+    }
+
+    /// Allocate `block` of a differencing disk PARTIALLY_PRESENT (no sector
+    /// present yet), with its chunk's sector bitmap block. Returns the
+    /// block's state and file offset after the call (another thread may have
+    /// allocated it first).
+    fn allocate_partial(&self, block: u64) -> Result<(PayloadState, u64)> {
+        let idx = self.bat_geo.payload_index(block);
+        let sb_idx = self.bat_geo.bitmap_index(block / self.bat_geo.chunk_ratio());
+        // Make both pages resident before taking the write lock.
+        self.bat_entry(idx)?;
+        self.bat_entry(sb_idx)?;
+        let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+        while c.get(idx).is_none() || c.get(sb_idx).is_none() {
+            drop(c);
+            self.page_in((idx / ENTRIES_PER_PAGE) as usize)?;
+            self.page_in((sb_idx / ENTRIES_PER_PAGE) as usize)?;
+            c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+        }
+        let cur = c.get(idx).unwrap_or_default();
+        let state = cur
+            .payload_state()
+            .map_err(|e| e.in_file(self.name(), self.bat_offset + idx * 8))?;
+        if matches!(
+            state,
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent
+        ) {
+            return Ok((state, cur.file_offset()));
+        }
+        let sb_entry = c.get(sb_idx).unwrap_or_default();
+        let mut end = lock(&self.alloc_end);
+        let grow = |end: &mut u64, n: u64| -> Result<u64> {
+            let fo = *end;
+            let new_end = fo.checked_add(n).ok_or_else(|| {
+                Error::invalid("file would exceed the maximum size").in_file(self.name(), 0)
+            })?;
+            self.storage.set_len(new_end)?;
+            *end = new_end;
+            Ok(fo)
+        };
+        let (sb, fresh) = match sb_entry.state() {
+            SB_BLOCK_PRESENT if sb_entry.file_offset() >= MIB => (sb_entry.file_offset(), false),
+            SB_BLOCK_NOT_PRESENT => {
+                let sb = grow(&mut end, MIB)?;
+                c.set(sb_idx, BatEntry::new(SB_BLOCK_PRESENT, sb));
+                (sb, true)
+            }
+            _ => {
+                return Err(Error::corrupt(
+                    "BAT entry",
+                    self.bat_offset + sb_idx * 8,
+                    "invalid sector bitmap entry",
+                )
+                .in_file(self.name(), 0))
+            }
+        };
+        let fo = grow(&mut end, self.block_size)?;
+        drop(end);
+        // The block's bits may hold junk from an earlier life: clear them
+        // (a new bitmap block reads as zeros already).
+        if !fresh {
+            let first = self.first_bit(block);
+            self.bitmap_set(sb, first, first + self.sectors_per_block(), false)?;
+        }
+        c.set(idx, BatEntry::new(PayloadState::PartiallyPresent as u8, fo));
+        Ok((PayloadState::PartiallyPresent, fo))
+    }
+
+    /// Record that sectors of a PARTIALLY_PRESENT block were written: set
+    /// their bits, and make the block FULLY_PRESENT once all are set.
+    fn commit_partial(&self, ext: &WriteExtent) -> Result<()> {
+        let block = ext.token - 1;
+        let (state, fo) = self.block_entry(block)?;
+        if state != PayloadState::PartiallyPresent {
+            return Ok(());
+        }
+        let Some(sb) = self.bitmap_block(block)? else {
+            return Ok(());
+        };
+        let ss = u64::from(self.geometry.logical_sector_size);
+        let within = ext.offset % self.block_size;
+        let first = self.first_bit(block);
+        let s0 = within / ss;
+        let s1 = (within + ext.len).div_ceil(ss);
+        self.bitmap_set(sb, first + s0, first + s1, true)?;
+        let n = self.block_sectors(block);
+        let (present, run) = self.bitmap_run(sb, first, n)?;
+        if present && run == n {
+            let idx = self.bat_geo.payload_index(block);
+            let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+            if c.get(idx).map(|e| e.state()) == Some(PayloadState::PartiallyPresent as u8) {
+                c.set(idx, BatEntry::new(PayloadState::FullyPresent as u8, fo));
+            }
+        }
         Ok(())
     }
 
@@ -689,6 +1188,237 @@ impl Vhdx {
         };
         c.set(idx, BatEntry::new(PayloadState::FullyPresent as u8, fo));
         Ok(fo)
+    }
+
+    /// Replace the parent locator of this differencing disk (the parent it
+    /// reads from now is unchanged; the new locator takes effect at the next
+    /// open). The locator item is rewritten in place, or after the last item
+    /// when it grew, and the changed metadata pages go through the log with
+    /// the next flush, which this call does: a crash leaves the old locator
+    /// or the new one, never a mix. The DataWriteGuid is kept: what the disk
+    /// reads does not change, so its own children stay linked to it.
+    ///
+    /// # Errors
+    /// Not a differencing disk, read-only, a locator that does not fit the
+    /// metadata region, I/O errors.
+    pub fn set_parent_locator(&self, loc: &ParentLocator) -> Result<()> {
+        if !self.bat_geo.has_parent {
+            return Err(Error::invalid("not a differencing disk: it has no parent locator")
+                .in_file(self.name(), 0));
+        }
+        loc.validate().in_file(self.name(), 0)?;
+        self.start_session(false)?;
+        let bytes = loc.to_bytes();
+        let name = self.name().to_string();
+        let pages = self.edit_metadata(|table, region| {
+            let item_end = table
+                .entries
+                .iter()
+                .map(|e| u64::from(e.offset) + u64::from(e.length))
+                .max()
+                .unwrap_or(crate::metadata::TABLE_SIZE as u64);
+            let len = region.len() as u64;
+            let Some(e) = table
+                .entries
+                .iter_mut()
+                .find(|e| e.item_id == PARENT_LOCATOR && !e.is_user)
+            else {
+                return Err(Error::corrupt("metadata", 0, "no parent locator item"));
+            };
+            let (old_off, old_len) = (e.offset as usize, e.length as usize);
+            let new_off = if bytes.len() <= old_len {
+                old_off
+            } else {
+                let at = item_end.div_ceil(8) * 8;
+                if at + bytes.len() as u64 > len {
+                    return Err(Error::invalid(format!(
+                        "the new parent locator ({} bytes) does not fit in the metadata region of {name}",
+                        bytes.len()
+                    )));
+                }
+                at as usize
+            };
+            region[old_off..old_off + old_len].fill(0);
+            region[new_off..new_off + bytes.len()].copy_from_slice(&bytes);
+            e.offset = new_off as u32;
+            e.length = bytes.len() as u32;
+            Ok(())
+        })?;
+        self.flush_with(pages)
+    }
+
+    /// Apply `edit` to a copy of the metadata region (its table and bytes),
+    /// check that the result parses, and return the changed 4 KiB pages with
+    /// their file offsets, for logging.
+    fn edit_metadata(
+        &self,
+        edit: impl FnOnce(&mut MetadataTable, &mut Vec<u8>) -> Result<()>,
+    ) -> Result<Vec<(u64, Box<[u8; PAGE_BYTES]>)>> {
+        let meta = *self
+            .info
+            .regions
+            .iter()
+            .find(|r| r.guid == METADATA_REGION)
+            .ok_or_else(|| {
+                Error::corrupt("region table", 0, "no metadata region").in_file(self.name(), 0)
+            })?;
+        let len = u64::from(meta.length);
+        let old = read_vec(&*self.storage, meta.file_offset, len, "metadata region")?;
+        let mut table = MetadataTable::parse(&old, len).in_file(self.name(), meta.file_offset)?;
+        let mut region = old.clone();
+        edit(&mut table, &mut region).in_file(self.name(), meta.file_offset)?;
+        table.write_to(&mut region);
+        Metadata::parse(&region).in_file(self.name(), meta.file_offset)?;
+        let mut pages = Vec::new();
+        for (i, (new, old)) in region
+            .chunks(PAGE_BYTES)
+            .zip(old.chunks(PAGE_BYTES))
+            .enumerate()
+        {
+            if new != old {
+                let mut page = Box::new([0u8; PAGE_BYTES]);
+                page.copy_from_slice(new);
+                pages.push((meta.file_offset + (i * PAGE_BYTES) as u64, page));
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Turn this differencing disk into a dynamic disk that reads, on its
+    /// own, what it reads now where its sectors are present and zeros
+    /// elsewhere: the last step of merging a base disk into its only child
+    /// (the caller has copied every parent sector the child needs). Then
+    /// closes it.
+    ///
+    /// Steps, each crash-safe: (1) the absent sectors of PARTIALLY_PRESENT
+    /// blocks are zero-filled and the blocks become FULLY_PRESENT (a flush:
+    /// the disk is still a valid differencing disk, reading as before);
+    /// (2) one last flush logs the sector bitmap entries going NOT_PRESENT
+    /// and, last, the metadata pages that clear HasParent and drop the
+    /// parent locator. A crash before (2) completes leaves a differencing
+    /// disk with no partial blocks (valid, same reads); after, a dynamic
+    /// disk.
+    ///
+    /// # Errors
+    /// Not a differencing disk, read-only, I/O errors.
+    pub fn make_standalone(self) -> Result<()> {
+        if !self.bat_geo.has_parent {
+            return Err(Error::invalid("not a differencing disk").in_file(self.name(), 0));
+        }
+        self.start_session(false)?;
+        let ss = u64::from(self.geometry.logical_sector_size);
+        let zeros = vec![0u8; MIB as usize];
+        for block in 0..self.bat_geo.payload_blocks() {
+            let (state, fo) = self.block_entry(block)?;
+            if state != PayloadState::PartiallyPresent {
+                continue;
+            }
+            let n = self.block_sectors(block);
+            let mut s = 0;
+            while s < n {
+                let (m, len) = self.map_partial(block, s * ss, (n - s) * ss, fo)?;
+                if m == Mapping::Parent {
+                    let mut done = 0;
+                    while done < len {
+                        let k = (len - done).min(MIB);
+                        self.storage
+                            .write_at(&zeros[..k as usize], fo + s * ss + done)?;
+                        done += k;
+                    }
+                }
+                s += len / ss;
+            }
+            let idx = self.bat_geo.payload_index(block);
+            self.bat_entry(idx)?;
+            let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+            while c.get(idx).is_none() {
+                drop(c);
+                self.page_in((idx / ENTRIES_PER_PAGE) as usize)?;
+                c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+            }
+            c.set(idx, BatEntry::new(PayloadState::FullyPresent as u8, fo));
+        }
+        self.flush_inner()?;
+        for chunk in 0..self.bat_geo.bitmap_blocks() {
+            let idx = self.bat_geo.bitmap_index(chunk);
+            if self.bat_entry(idx)?.0 == 0 {
+                continue;
+            }
+            let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+            while c.get(idx).is_none() {
+                drop(c);
+                self.page_in((idx / ENTRIES_PER_PAGE) as usize)?;
+                c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+            }
+            c.set(idx, BatEntry(0));
+        }
+        let pages = self.edit_metadata(|table, region| {
+            let fp = table
+                .find(crate::metadata::FILE_PARAMETERS)
+                .copied()
+                .ok_or_else(|| Error::corrupt("metadata", 0, "no file parameters item"))?;
+            let at = fp.offset as usize;
+            let mut params = FileParameters::parse(&region[at..at + FileParameters::SIZE])?;
+            params.has_parent = false;
+            params.write_to(&mut region[at..at + FileParameters::SIZE]);
+            if let Some(i) = table
+                .entries
+                .iter()
+                .position(|e| e.item_id == PARENT_LOCATOR && !e.is_user)
+            {
+                let e = table.entries.remove(i);
+                region[e.offset as usize..(e.offset + e.length) as usize].fill(0);
+            }
+            Ok(())
+        })?;
+        self.flush_with(pages)?;
+        self.close()
+    }
+
+    /// Point the differencing disk `child` at the parent `new_parent` (like
+    /// `Set-VHD -ParentPath`): the parent's DataWriteGuid must be one the
+    /// child's locator records, unless `adopt` (the caller guarantees the new
+    /// parent reads what the old one did; its DataWriteGuid is recorded).
+    /// The new parent's own chain is opened under `parent_opts`.
+    ///
+    /// # Errors
+    /// The new parent cannot be opened or is not the child's parent, the
+    /// child is not a differencing VHDX, I/O errors.
+    pub fn set_parent(
+        child: impl AsRef<Path>,
+        new_parent: impl AsRef<Path>,
+        adopt: bool,
+        parent_opts: &OpenOptions,
+    ) -> Result<()> {
+        let (child, new_parent) = (child.as_ref(), new_parent.as_ref());
+        let popts = OpenOptions {
+            writable: false,
+            ..parent_opts.clone()
+        };
+        let parent = Vhdx::open(new_parent, &popts)?;
+        let dwg = parent.info.header.data_write_guid;
+        let rw = OpenOptions {
+            writable: true,
+            keep_data_write_guid: true,
+            ..OpenOptions::default()
+        };
+        let c = Vhdx::open_with_parent(child, &rw, Arc::new(parent))?;
+        let linkages = c.info.parent_linkages();
+        if !adopt && !linkages.contains(&dwg) {
+            return Err(Error::invalid(format!(
+                "{} has DataWriteGuid {}, but this differencing VHDX expects parent_linkage {}: \
+                 it is not this disk's parent",
+                new_parent.display(),
+                linkage_string(dwg),
+                linkages
+                    .first()
+                    .map_or("(none)".to_string(), |g| linkage_string(*g))
+            ))
+            .in_file(c.name(), 0));
+        }
+        let loc = parent_locator_for(child, new_parent, dwg)?;
+        c.set_parent_locator(&loc)?;
+        c.close()
     }
 
     /// Scan the whole BAT (page by page, without keeping it resident).
@@ -741,30 +1471,54 @@ impl Vhdx {
     }
 
     fn flush_inner(&self) -> Result<()> {
+        self.flush_with(Vec::new())
+    }
+
+    /// Flush, logging `extra` pages (file offset, bytes) in the same log
+    /// entries as the dirty BAT and sector bitmap pages.
+    fn flush_with(&self, extra: Vec<(u64, Box<[u8; PAGE_BYTES]>)>) -> Result<()> {
         let _f = lock(&self.flush_lock);
         if !self.session_started.load(Ordering::Acquire) {
             return self.storage.flush();
         }
         // Snapshot (and pin) dirty pages first, then sync: every allocation
         // those pages point at has had its file extension done already.
-        let (pages, last_file_offset) = {
+        // Sector bitmap pages go first: should a large flush need several
+        // log entries, bits land before the BAT entries that make them
+        // count (a bit of a block not yet PARTIALLY_PRESENT is ignored).
+        let (bitmap_pages, bat_pages, last_file_offset) = {
             let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
-            let pages = c.take_dirty();
-            (pages, *lock(&self.alloc_end))
+            let bat_pages = c.take_dirty();
+            let end = *lock(&self.alloc_end);
+            let bitmap_pages = lock(&self.bitmaps).take_dirty();
+            (bitmap_pages, bat_pages, end)
         };
-        let page_ids: Vec<usize> = pages.iter().map(|(p, _)| *p).collect();
+        let bat_ids: Vec<usize> = bat_pages.iter().map(|(p, _)| *p).collect();
+        let bitmap_ids: Vec<u64> = bitmap_pages.iter().map(|(o, _)| *o).collect();
+        let mut pages: Vec<(u64, Box<[u8; PAGE_BYTES]>)> = bitmap_pages;
+        pages.extend(
+            bat_pages
+                .into_iter()
+                .map(|(p, page)| (self.bat_offset + p as u64 * PAGE_BYTES as u64, page)),
+        );
+        pages.extend(extra);
         let result = self.log_and_apply(pages, last_file_offset);
         let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
+        let mut b = lock(&self.bitmaps);
         if result.is_err() {
-            c.redirty(page_ids);
+            c.redirty(bat_ids);
+            b.redirty(bitmap_ids);
         }
         c.unpin_all();
+        b.unpin_all();
         result
     }
 
+    /// Log `pages` (file offset, 4 KiB page) and apply them in place, after
+    /// making every payload write durable.
     fn log_and_apply(
         &self,
-        pages: Vec<(usize, Box<[u8; PAGE_BYTES]>)>,
+        pages: Vec<(u64, Box<[u8; PAGE_BYTES]>)>,
         last_file_offset: u64,
     ) -> Result<()> {
         self.storage.flush()?;
@@ -789,10 +1543,7 @@ impl Vhdx {
         let flushed_file_offset = self.storage.len()?;
         let mut ops: Vec<LogOp> = pages
             .into_iter()
-            .map(|(p, page)| LogOp::Data {
-                file_offset: self.bat_offset + p as u64 * PAGE_BYTES as u64,
-                page,
-            })
+            .map(|(file_offset, page)| LogOp::Data { file_offset, page })
             .collect();
         while !ops.is_empty() {
             let rest = ops.split_off(ops.len().min(per_entry));
@@ -820,23 +1571,33 @@ impl Vhdx {
     }
 
     /// Deallocate the whole blocks inside `[offset, offset+len)`: they become
-    /// UNMAPPED and read as zeros. With LeaveBlocksAllocated the file space
+    /// UNMAPPED and read as zeros (in a differencing disk too, rather than
+    /// the parent's data). With LeaveBlocksAllocated the file space
     /// stays reserved for the block; otherwise it is simply no longer used.
     fn discard_blocks(&self, offset: u64, len: u64) -> Result<()> {
         let blocks = disk::whole_blocks(offset, len, self.block_size, self.geometry.virtual_size);
         if blocks.is_empty() {
             return Ok(());
         }
-        self.start_session()?;
-        let keep = self.info.metadata.file_parameters.leave_blocks_allocated;
+        self.start_session(true)?;
+        // LeaveBlocksAllocated is ignored when HasParent is set (2.6.2.1).
+        let keep = self.info.metadata.file_parameters.leave_blocks_allocated
+            && !self.bat_geo.has_parent;
         for b in blocks {
             let idx = self.bat_geo.payload_index(b);
             let (state, fo) = self.block_entry(b)?;
-            if matches!(
-                state,
-                PayloadState::NotPresent | PayloadState::Unmapped | PayloadState::Undefined
-            ) && !(keep && state == PayloadState::Unmapped)
-            {
+            // In a differencing disk every discarded block becomes UNMAPPED
+            // (zeros), whether it was here or in the parent, so that a
+            // discard reads the same whatever the chain holds.
+            let skip = if self.bat_geo.has_parent {
+                state == PayloadState::Unmapped
+            } else {
+                matches!(
+                    state,
+                    PayloadState::NotPresent | PayloadState::Unmapped | PayloadState::Undefined
+                ) && !(keep && state == PayloadState::Unmapped)
+            };
+            if skip {
                 continue;
             }
             let new = BatEntry::new(PayloadState::Unmapped as u8, if keep { fo } else { 0 });
@@ -870,49 +1631,147 @@ fn write_header_pair(storage: &dyn Storage, h: &mut Header, current_slot: usize)
     Ok(slot)
 }
 
-/// The error for opening a differencing disk (chains are not implemented
-/// yet): says whether its parent exists, naming every path tried.
-fn missing_parent_error(name: &str, m: &Metadata) -> Error {
-    let child_dir = Path::new(name).parent().unwrap_or(Path::new("."));
-    let pl = m.parent_locator.as_ref();
-    let linkage = pl.and_then(|pl| pl.get("parent_linkage")).unwrap_or("?");
-    let mut tried = Vec::new();
-    let mut found = None;
-    for key in ["relative_path", "volume_path", "absolute_win32_path"] {
-        let Some(v) = pl.and_then(|pl| pl.get(key)) else {
-            continue;
-        };
-        // Windows paths: backslashes; a relative one is relative to the child.
-        let unix = v.replace('\\', "/");
-        let candidate = if key == "relative_path" {
-            child_dir.join(unix.trim_start_matches("./"))
-        } else {
-            // "C:/dir/x.vhdx" or a volume path: try the file name beside the child.
-            child_dir.join(unix.rsplit('/').next().unwrap_or(&unix))
-        };
-        tried.push(format!("{key}={v} (looked for {})", candidate.display()));
-        if found.is_none() && candidate.is_file() {
-            found = Some(candidate);
+/// How `open_inner` gets a differencing disk's parent.
+enum ParentSource<'a> {
+    /// Not at all: only inspecting.
+    Inspect,
+    /// Given by the caller.
+    Given(Arc<dyn VirtualDisk>),
+    /// Searched for through the locator, relative to `child`.
+    Search {
+        child: PathBuf,
+        chain: &'a mut ChainSearch,
+    },
+}
+
+/// A `parent_linkage` value (`{83ed0ec3-...}`) as a GUID.
+fn parse_linkage(v: &str) -> Option<Uuid> {
+    Uuid::parse_str(v.trim().trim_start_matches('{').trim_end_matches('}')).ok()
+}
+
+/// A GUID as a locator writes it: lowercase, in braces.
+pub fn linkage_string(g: Uuid) -> String {
+    format!("{{{}}}", g.hyphenated())
+}
+
+/// The locator a new child at `child` records for the parent at
+/// `parent_path` whose DataWriteGuid is `linkage`: `parent_linkage`,
+/// `relative_path` (Windows style, relative to the child's directory) and
+/// `absolute_win32_path` (the absolute path on this system).
+///
+/// # Errors
+/// The parent's path cannot be made absolute.
+pub fn parent_locator_for(child: &Path, parent_path: &Path, linkage: Uuid) -> Result<ParentLocator> {
+    let abs = std::fs::canonicalize(parent_path).map_err(|e| {
+        Error::io(
+            format!("cannot resolve the parent path {}", parent_path.display()),
+            e,
+        )
+    })?;
+    let child_dir = match child.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let child_dir = std::fs::canonicalize(&child_dir).unwrap_or(child_dir);
+    let mut entries = vec![("parent_linkage".to_string(), linkage_string(linkage))];
+    if let Some(rel) = parent::windows_relative_path(&child_dir, &abs) {
+        entries.push(("relative_path".to_string(), rel));
+    }
+    entries.push((
+        "absolute_win32_path".to_string(),
+        abs.display().to_string(),
+    ));
+    Ok(ParentLocator {
+        locator_type: VHDX_PARENT_LOCATOR_TYPE,
+        entries,
+    })
+}
+
+/// Where a differencing disk's parent may be, best first (MS-VHDX
+/// 2.6.2.6.3): `relative_path`, `volume_path`, `absolute_win32_path`, then
+/// the file name those paths end in, beside the child (Windows drive and
+/// volume paths cannot exist here: a moved chain is usually one directory).
+fn parent_candidates(child: &Path, loc: &ParentLocator) -> Vec<(String, Option<PathBuf>)> {
+    let dir = match child.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let keys = ["relative_path", "volume_path", "absolute_win32_path"];
+    let mut out = Vec::new();
+    for key in keys {
+        if let Some(v) = loc.get(key) {
+            let c = if key == "relative_path" {
+                parent::relative_candidate(dir, v)
+            } else {
+                parent::absolute_candidate(dir, v)
+            };
+            out.push((format!("{key}={v}"), c));
         }
     }
-    let paths = if tried.is_empty() {
-        "its parent locator names no path".to_string()
-    } else {
-        tried.join(", ")
-    };
-    match found {
-        None => Error::invalid(format!(
-            "differencing VHDX whose parent is missing: parent not found \
-             (parent_linkage {linkage}; {paths})"
-        ))
-        .in_file(name, 0),
-        Some(p) => Error::unsupported(format!(
-            "differencing VHDX (parent {} found, parent_linkage {linkage}): \
-             opening parent chains is not implemented yet",
-            p.display()
-        ))
-        .in_file(name, 0),
+    let mut names: Vec<&str> = Vec::new();
+    for key in keys {
+        if let Some(f) = loc.get(key).and_then(parent::file_name_of) {
+            if !names.contains(&f) {
+                names.push(f);
+                out.push((format!("file name \"{f}\" beside the child"), Some(dir.join(f))));
+            }
+        }
     }
+    out
+}
+
+/// Find, open (read-only, with its own chain) and check a differencing
+/// disk's parent.
+fn find_parent(
+    name: &str,
+    child: &Path,
+    loc: &ParentLocator,
+    info: &Info,
+    opts: &OpenOptions,
+    chain: &mut ChainSearch,
+) -> Result<Arc<dyn VirtualDisk>> {
+    let linkages = info.parent_linkages();
+    let linkage_text = loc.get("parent_linkage").unwrap_or("(none)");
+    let res = chain.resolve(&parent_candidates(child, loc));
+    let Some(path) = res.found else {
+        let paths = if res.tried.is_empty() {
+            "its parent locator names no path".to_string()
+        } else {
+            format!("tried {}", res.tried.join(", "))
+        };
+        let what = if res.refused {
+            "differencing VHDX whose parent is not allowed by the parent policy"
+        } else {
+            "differencing VHDX whose parent is missing"
+        };
+        return Err(Error::invalid(format!(
+            "{what}: parent not found (parent_linkage {linkage_text}); {paths}"
+        ))
+        .in_file(name, 0));
+    };
+    let depth = chain.depth();
+    chain.enter(name, &path)?;
+    let popts = OpenOptions {
+        writable: false,
+        keep_data_write_guid: false,
+        data_write_guid: None,
+        ..opts.clone()
+    };
+    let parent = Vhdx::open_path(&path, &popts, chain);
+    chain.truncate(depth);
+    let parent = parent.map_err(|e| parent::parent_error(e, name, &path))?;
+    let dwg = parent.info.header.data_write_guid;
+    if !linkages.contains(&dwg) && !opts.ignore_parent_linkage {
+        return Err(Error::invalid(format!(
+            "parent {} has DataWriteGuid {}, but this differencing VHDX expects \
+             parent_linkage {linkage_text}: it is not this disk's parent, or it was modified \
+             after the child was made (open ignoring the parent linkage to use it anyway)",
+            path.display(),
+            linkage_string(dwg),
+        ))
+        .in_file(name, 0));
+    }
+    Ok(Arc::new(parent))
 }
 
 fn validate_create(o: &CreateOptions) -> Result<()> {
@@ -969,43 +1828,78 @@ impl VirtualDisk for Vhdx {
         let within = offset % self.block_size;
         let run = len.min(self.block_size - within);
         let (state, fo) = self.block_entry(block)?;
-        let mapping = match state {
-            PayloadState::FullyPresent => Mapping::Data(FileOffset(fo + within)),
-            PayloadState::Zero => Mapping::Zero,
+        let has_parent = self.bat_geo.has_parent;
+        let (mapping, len) = match state {
+            PayloadState::FullyPresent => (Mapping::Data(FileOffset(fo + within)), run),
+            PayloadState::Zero => (Mapping::Zero, run),
+            // MS-VHDX 2.5.1.1: in a differencing disk a block not present is
+            // read from the parent; UNDEFINED may read anything, and the
+            // parent's data is the least surprising. UNMAPPED reads zeros.
+            PayloadState::NotPresent | PayloadState::Undefined if has_parent => {
+                (Mapping::Parent, run)
+            }
+            PayloadState::Unmapped if has_parent => (Mapping::Zero, run),
             PayloadState::NotPresent | PayloadState::Undefined | PayloadState::Unmapped => {
-                Mapping::Unallocated
+                (Mapping::Unallocated, run)
             }
-            PayloadState::PartiallyPresent => {
-                return Err(Error::unsupported(
-                    "PARTIALLY_PRESENT blocks (differencing disks) are not implemented yet",
-                )
-                .in_file(self.name(), 0))
-            }
+            PayloadState::PartiallyPresent => self.map_partial(block, within, run, fo)?,
         };
         Ok(Extent {
             offset,
-            len: run,
+            len,
             mapping,
         })
     }
 
     fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
-        self.start_session()?;
+        self.start_session(true)?;
         let block = offset / self.block_size;
         let within = offset % self.block_size;
         let run = len.min(self.block_size - within);
         let (state, fo) = self.block_entry(block)?;
-        let fo = match state {
-            PayloadState::FullyPresent => fo,
-            _ => self.allocate(block)?,
+        let (state, fo) = match state {
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent => (state, fo),
+            PayloadState::NotPresent | PayloadState::Undefined if self.bat_geo.has_parent => {
+                self.allocate_partial(block)?
+            }
+            _ => (PayloadState::FullyPresent, self.allocate(block)?),
         };
+        let mut fill_partial_sectors = false;
+        let mut token = 0;
+        if state == PayloadState::PartiallyPresent {
+            token = block + 1;
+            // A sector not yet present holds undefined bytes in the file: if
+            // this write covers it only partly, the shared write loop merges
+            // it with the parent's bytes first.
+            let ss = u64::from(self.geometry.logical_sector_size);
+            let end = within + run;
+            let head = !within.is_multiple_of(ss);
+            let tail = !end.is_multiple_of(ss);
+            if head || tail {
+                let (m0, _) = self.map_partial(block, within - within % ss, ss, fo)?;
+                let (m1, _) = self.map_partial(block, (end - 1) / ss * ss, ss, fo)?;
+                fill_partial_sectors = (head && m0 == Mapping::Parent)
+                    || (tail && m1 == Mapping::Parent);
+            }
+        }
         Ok(WriteExtent {
             offset,
             len: run,
             file_offset: FileOffset(fo + within),
-            fill_partial_sectors: false,
-            token: 0,
+            fill_partial_sectors,
+            token,
         })
+    }
+
+    fn commit_write(&self, ext: &WriteExtent) -> Result<()> {
+        if ext.token == 0 {
+            return Ok(());
+        }
+        self.commit_partial(ext)
+    }
+
+    fn parent(&self) -> Option<&Arc<dyn VirtualDisk>> {
+        self.parent.as_ref()
     }
 
     fn flush(&self) -> Result<()> {

@@ -24,6 +24,10 @@ pub mod metadata;
 pub mod parent_locator;
 pub mod region_table;
 mod replay;
+mod sector_bitmap;
 
 pub use disk::{Error, ErrorKind, Result};
-pub use image::{AllocationStats, CreateOptions, Info, OpenOptions, Vhdx, DEFAULT_BAT_CACHE_PAGES};
+pub use image::{
+    linkage_string, parent_locator_for, AllocationStats, CreateOptions, Info, OpenOptions, Vhdx,
+    DEFAULT_BAT_CACHE_PAGES, DEFAULT_DIFFERENCING_BLOCK_SIZE,
+};

@@ -41,6 +41,7 @@ fn rw() -> OpenOptions {
     OpenOptions {
         writable: true,
         bat_cache_pages: 2,
+        ..OpenOptions::default()
     }
 }
 

@@ -1,0 +1,641 @@
+//! A checkpoint tree kept in a directory (a disk bundle).
+//!
+//! The directory holds the disks and `bundle.json`, a human-readable
+//! manifest: the nodes (id, name, creation time, parent, disk file) and the
+//! one active leaf, the disk a VM writes. Every other node is a checkpoint:
+//! a frozen disk whose children are differencing disks over it.
+//!
+//! # Atomicity
+//! The manifest is replaced atomically (temporary file, fsync, rename, fsync
+//! of the directory). An operation first records itself in the manifest
+//! (`pending`), then changes files with steps that can be run again, then
+//! commits the new tree and clears `pending` in one manifest replacement.
+//! Files no longer referenced are listed under `garbage` and deleted after
+//! the commit. [`Bundle::open`] finishes a pending operation and deletes
+//! leftover garbage, so an operation interrupted at any point is finished
+//! at the next open.
+
+use crate::image::{self, chain_files, create_child, Format};
+use crate::merge::{merge_into_ancestor, merge_into_child};
+use crate::{Error, Result};
+use disk::ParentPolicy;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// The manifest's file name inside a bundle.
+pub const MANIFEST: &str = "bundle.json";
+const MANIFEST_VERSION: u32 = 1;
+
+/// One disk of the tree.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// Unique id.
+    pub id: String,
+    /// Checkpoint name; `None` for the active leaf.
+    pub name: Option<String>,
+    /// When the checkpoint was taken (or the active disk created), Unix seconds.
+    pub created: u64,
+    /// The parent node's id; `None` for the root.
+    pub parent: Option<String>,
+    /// The disk file, relative to the bundle directory.
+    pub disk: String,
+}
+
+/// An operation recorded before it changes files (see the module docs).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Pending {
+    /// Checkpoint the active disk as `name`; `new_id` becomes active.
+    Create {
+        /// The checkpoint's name.
+        name: String,
+        /// Id of the new active node.
+        new_id: String,
+        /// Time of the checkpoint.
+        created: u64,
+    },
+    /// Drop the active disk; a new child `new_id` of `target` becomes active.
+    Revert {
+        /// The checkpoint reverted to.
+        target: String,
+        /// Id of the new active node.
+        new_id: String,
+        /// Creation time of the new active disk.
+        created: u64,
+    },
+    /// Remove checkpoint `node`, merging it into each child.
+    Delete {
+        /// The node removed.
+        node: String,
+    },
+    /// Fold the active disk into its parent checkpoint (its only child).
+    MergeUp {
+        /// The active node.
+        child: String,
+        /// Its parent, which becomes the active node.
+        parent: String,
+    },
+    /// Fold the active disk's parent checkpoint into the active disk (the
+    /// checkpoint stays for its other children).
+    MergeDown {
+        /// The checkpoint.
+        parent: String,
+        /// The active node.
+        child: String,
+    },
+}
+
+/// The manifest (`bundle.json`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// Manifest format version (1).
+    pub version: u32,
+    /// Format of every disk in the bundle.
+    pub format: Format,
+    /// The nodes, parents before children.
+    pub nodes: Vec<Node>,
+    /// Id of the active leaf.
+    pub active: String,
+    /// An operation in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+    /// Disk files to delete (no longer in the tree).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub garbage: Vec<String>,
+}
+
+/// A node as `list` shows it.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node.
+    #[serde(flatten)]
+    pub node: Node,
+    /// Creation time, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub created_utc: String,
+    /// Bytes the disk file takes (its length).
+    pub file_size: u64,
+    /// Whether this is the active leaf.
+    pub active: bool,
+    /// Depth in the tree (0 for the root).
+    pub depth: usize,
+}
+
+/// An open bundle.
+#[derive(Debug)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+    policy: ParentPolicy,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("cannot sync the bundle directory", e).in_file(&dir.display().to_string(), 0))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("cannot delete", e).in_file(&path.display().to_string(), 0)),
+    }
+}
+
+impl Bundle {
+    /// Create a bundle in the new (or empty) directory `dir` with an empty
+    /// dynamic base disk of `size` bytes and an active child over it.
+    ///
+    /// # Errors
+    /// The directory exists and is not empty, invalid size, I/O errors.
+    pub fn init(dir: &Path, format: Format, size: u64) -> Result<Bundle> {
+        Self::prepare_dir(dir)?;
+        let base = dir.join(format!("base.{}", format.base_extension()));
+        match format {
+            Format::Vhdx => vhdx::Vhdx::create(&base, &vhdx::CreateOptions::new(size), false)?.close()?,
+            Format::Vhd => vhd::Vhd::create(&base, &vhd::CreateOptions::new(size), false)?.close()?,
+        }
+        Self::init_with_base(dir, format, &base)
+    }
+
+    /// Create a bundle in the new (or empty) directory `dir` whose base is a
+    /// copy of the (non-differencing) VHDX or VHD `image`.
+    ///
+    /// # Errors
+    /// As [`Bundle::init`]; `image` is differencing or unreadable.
+    pub fn init_from(dir: &Path, image: &Path) -> Result<Bundle> {
+        let format = image::detect(image)?;
+        let files = chain_files(image, &ParentPolicy::default())?;
+        if files.len() > 1 {
+            return Err(Error::invalid(
+                "a differencing disk cannot be a bundle's base: convert (flatten) it first",
+            )
+            .in_file(&image.display().to_string(), 0));
+        }
+        Self::prepare_dir(dir)?;
+        let base = dir.join(format!("base.{}", format.base_extension()));
+        std::fs::copy(image, &base)
+            .map_err(|e| Error::io(format!("cannot copy to {}", base.display()), e).in_file(&image.display().to_string(), 0))?;
+        std::fs::File::open(&base)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("cannot sync", e).in_file(&base.display().to_string(), 0))?;
+        Self::init_with_base(dir, format, &base)
+    }
+
+    fn prepare_dir(dir: &Path) -> Result<()> {
+        let name = dir.display().to_string();
+        if dir.exists() {
+            let mut it = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", e).in_file(&name, 0))?;
+            if it.next().is_some() {
+                return Err(Error::invalid("the bundle directory exists and is not empty").in_file(&name, 0));
+            }
+        } else {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the directory", e).in_file(&name, 0))?;
+        }
+        Ok(())
+    }
+
+    fn init_with_base(dir: &Path, format: Format, base: &Path) -> Result<Bundle> {
+        let t = now();
+        let root = Node {
+            id: Uuid::new_v4().to_string(),
+            name: Some("base".into()),
+            created: t,
+            parent: None,
+            disk: base.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        let active_id = Uuid::new_v4().to_string();
+        let active = Node {
+            id: active_id.clone(),
+            name: None,
+            created: t,
+            parent: Some(root.id.clone()),
+            disk: format!("{active_id}.{}", format.child_extension()),
+        };
+        let policy = ParentPolicy::default();
+        create_child(&dir.join(&active.disk), base, &policy)?;
+        let mut b = Bundle {
+            dir: dir.to_path_buf(),
+            manifest: Manifest {
+                version: MANIFEST_VERSION,
+                format,
+                nodes: vec![root, active],
+                active: active_id,
+                pending: None,
+                garbage: Vec::new(),
+            },
+            policy,
+        };
+        b.save()?;
+        Ok(b)
+    }
+
+    /// Open the bundle in `dir`, finishing an interrupted operation.
+    ///
+    /// # Errors
+    /// No or invalid manifest (named, with the position of a JSON error),
+    /// a failure finishing the pending operation, I/O errors.
+    pub fn open(dir: &Path) -> Result<Bundle> {
+        let path = dir.join(MANIFEST);
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read the bundle manifest", e).in_file(&name, 0))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+            Error::corrupt("bundle manifest", 0, format!("line {} column {}: {e}", e.line(), e.column())).in_file(&name, 0)
+        })?;
+        validate(&manifest).map_err(|m| Error::corrupt("bundle manifest", 0, m).in_file(&name, 0))?;
+        let mut b = Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+            policy: ParentPolicy::default(),
+        };
+        b.recover()?;
+        Ok(b)
+    }
+
+    /// The manifest as it is now.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The bundle directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The active leaf.
+    pub fn active(&self) -> &Node {
+        self.node(&self.manifest.active).expect("validated: the active node exists")
+    }
+
+    /// Path of the active disk (the one to write).
+    pub fn active_path(&self) -> PathBuf {
+        self.dir.join(&self.active().disk)
+    }
+
+    /// Path of a node's disk.
+    pub fn disk_path(&self, node: &Node) -> PathBuf {
+        self.dir.join(&node.disk)
+    }
+
+    fn node(&self, id: &str) -> Option<&Node> {
+        self.manifest.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The checkpoint called `name`.
+    ///
+    /// # Errors
+    /// No such checkpoint (the message lists the names).
+    pub fn checkpoint(&self, name: &str) -> Result<&Node> {
+        self.manifest
+            .nodes
+            .iter()
+            .find(|n| n.name.as_deref() == Some(name))
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.manifest.nodes.iter().filter_map(|n| n.name.as_deref()).collect();
+                Error::invalid(format!("no checkpoint named \"{name}\" (checkpoints: {})", names.join(", ")))
+                    .in_file(&self.dir.display().to_string(), 0)
+            })
+    }
+
+    fn children(&self, id: &str) -> Vec<Node> {
+        self.manifest.nodes.iter().filter(|n| n.parent.as_deref() == Some(id)).cloned().collect()
+    }
+
+    /// The tree, depth first from the root, with sizes and the active mark.
+    ///
+    /// # Errors
+    /// A disk file cannot be read.
+    pub fn list(&self) -> Result<Vec<NodeInfo>> {
+        let mut out = Vec::new();
+        let mut stack: Vec<(Node, usize)> = self
+            .manifest
+            .nodes
+            .iter()
+            .filter(|n| n.parent.is_none())
+            .map(|n| (n.clone(), 0))
+            .collect();
+        while let Some((n, depth)) = stack.pop() {
+            let path = self.disk_path(&n);
+            let file_size = std::fs::metadata(&path)
+                .map_err(|e| Error::io("cannot stat", e).in_file(&path.display().to_string(), 0))?
+                .len();
+            let mut kids = self.children(&n.id);
+            kids.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+            stack.extend(kids.into_iter().map(|k| (k, depth + 1)));
+            out.push(NodeInfo {
+                created_utc: format_utc(n.created),
+                active: n.id == self.manifest.active,
+                node: n,
+                file_size,
+                depth,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Take a checkpoint called `name`: the active disk is frozen under that
+    /// name and a new, empty differencing disk over it becomes active. Costs
+    /// the creation of one small file, whatever the disk size.
+    ///
+    /// # Errors
+    /// Empty or duplicate name, I/O errors.
+    pub fn create(&mut self, name: &str) -> Result<()> {
+        self.check_new_name(name)?;
+        self.begin(Pending::Create {
+            name: name.to_string(),
+            new_id: Uuid::new_v4().to_string(),
+            created: now(),
+        })
+    }
+
+    /// Revert to checkpoint `name`: the active disk's changes are dropped and
+    /// a new child of `name` becomes active.
+    ///
+    /// # Errors
+    /// No such checkpoint, I/O errors.
+    pub fn revert(&mut self, name: &str) -> Result<()> {
+        let target = self.checkpoint(name)?.id.clone();
+        self.begin(Pending::Revert {
+            target,
+            new_id: Uuid::new_v4().to_string(),
+            created: now(),
+        })
+    }
+
+    /// Delete checkpoint `name` without changing what any other checkpoint
+    /// or the active disk reads: its data is merged into each child.
+    ///
+    /// # Errors
+    /// No such checkpoint, merge failures, I/O errors.
+    pub fn delete(&mut self, name: &str) -> Result<()> {
+        let node = self.checkpoint(name)?.id.clone();
+        self.begin(Pending::Delete { node })
+    }
+
+    /// Collapse the active disk's chain into one disk: each checkpoint on
+    /// the way to the root is folded into the active disk (or the active
+    /// disk into it, when the active disk is its only child). Checkpoints on
+    /// the path are removed; other branches keep reading what they read.
+    ///
+    /// # Errors
+    /// Merge failures, I/O errors.
+    pub fn merge(&mut self) -> Result<()> {
+        while let Some(parent) = self.active().parent.clone() {
+            let child = self.manifest.active.clone();
+            let op = if self.children(&parent).len() == 1 {
+                Pending::MergeUp { child, parent }
+            } else {
+                Pending::MergeDown { parent, child }
+            };
+            self.begin(op)?;
+        }
+        Ok(())
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<()> {
+        let dir = self.dir.display().to_string();
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            return Err(Error::invalid(format!("invalid checkpoint name {name:?}")).in_file(&dir, 0));
+        }
+        if self.manifest.nodes.iter().any(|n| n.name.as_deref() == Some(name)) {
+            return Err(Error::invalid(format!("a checkpoint named \"{name}\" already exists")).in_file(&dir, 0));
+        }
+        Ok(())
+    }
+
+    /// Record `op`, then run it.
+    fn begin(&mut self, op: Pending) -> Result<()> {
+        self.manifest.pending = Some(op);
+        self.save()?;
+        self.recover()
+    }
+
+    /// Finish a pending operation (idempotent steps), then delete garbage.
+    fn recover(&mut self) -> Result<()> {
+        if let Some(op) = self.manifest.pending.clone() {
+            self.run(&op)?;
+        }
+        if !self.manifest.garbage.is_empty() {
+            for f in std::mem::take(&mut self.manifest.garbage) {
+                remove_if_present(&self.dir.join(f))?;
+            }
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn path_of(&self, id: &str) -> Result<PathBuf> {
+        self.node(id)
+            .map(|n| self.disk_path(n))
+            .ok_or_else(|| Error::corrupt("bundle manifest", 0, format!("pending operation names unknown node {id}")).in_file(&self.manifest_path(), 0))
+    }
+
+    fn manifest_path(&self) -> String {
+        self.dir.join(MANIFEST).display().to_string()
+    }
+
+    /// Whether the disk at `child` currently reads from the disk at `parent`.
+    fn links_to(&self, child: &Path, parent: &Path) -> Result<bool> {
+        let files = chain_files(child, &self.policy)?;
+        let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        Ok(files.get(1).is_some_and(|p| same(p, parent)))
+    }
+
+    fn run(&mut self, op: &Pending) -> Result<()> {
+        let fmt = self.manifest.format;
+        match op {
+            Pending::Create { name, new_id, created } => {
+                let active = self.active().clone();
+                let disk = format!("{new_id}.{}", fmt.child_extension());
+                create_child(&self.dir.join(&disk), &self.disk_path(&active), &self.policy)?;
+                let m = &mut self.manifest;
+                if let Some(a) = m.nodes.iter_mut().find(|n| n.id == active.id) {
+                    a.name = Some(name.clone());
+                    a.created = *created;
+                }
+                m.nodes.push(Node {
+                    id: new_id.clone(),
+                    name: None,
+                    created: *created,
+                    parent: Some(active.id.clone()),
+                    disk,
+                });
+                m.active = new_id.clone();
+            }
+            Pending::Revert { target, new_id, created } => {
+                let disk = format!("{new_id}.{}", fmt.child_extension());
+                create_child(&self.dir.join(&disk), &self.path_of(target)?, &self.policy)?;
+                let old = self.active().clone();
+                let m = &mut self.manifest;
+                m.nodes.retain(|n| n.id != old.id);
+                m.garbage.push(old.disk);
+                m.nodes.push(Node {
+                    id: new_id.clone(),
+                    name: None,
+                    created: *created,
+                    parent: Some(target.clone()),
+                    disk,
+                });
+                m.active = new_id.clone();
+            }
+            Pending::Delete { node } => {
+                let path = self.path_of(node)?;
+                let gone = self.node(node).cloned().expect("path_of checked it");
+                for c in self.children(node) {
+                    let cp = self.disk_path(&c);
+                    if self.links_to(&cp, &path)? {
+                        merge_into_child(&cp, &self.policy, &mut |_, _| {})?;
+                    }
+                }
+                let m = &mut self.manifest;
+                for n in m.nodes.iter_mut().filter(|n| n.parent.as_deref() == Some(node)) {
+                    n.parent = gone.parent.clone();
+                }
+                m.nodes.retain(|n| n.id != *node);
+                m.garbage.push(gone.disk);
+            }
+            Pending::MergeUp { child, parent } => {
+                let cp = self.path_of(child)?;
+                let pp = self.path_of(parent)?;
+                if cp.exists() && self.links_to(&cp, &pp)? {
+                    merge_into_ancestor(&cp, 1, &self.policy, &mut |_, _| {})?;
+                }
+                let gone = self.node(child).cloned().expect("path_of checked it");
+                let m = &mut self.manifest;
+                m.nodes.retain(|n| n.id != *child);
+                if let Some(p) = m.nodes.iter_mut().find(|n| n.id == *parent) {
+                    p.name = None;
+                    p.created = gone.created;
+                }
+                m.active = parent.clone();
+                m.garbage.push(gone.disk);
+            }
+            Pending::MergeDown { parent, child } => {
+                let cp = self.path_of(child)?;
+                let pp = self.path_of(parent)?;
+                if self.links_to(&cp, &pp)? {
+                    merge_into_child(&cp, &self.policy, &mut |_, _| {})?;
+                }
+                let grand = self.node(parent).and_then(|p| p.parent.clone());
+                if let Some(c) = self.manifest.nodes.iter_mut().find(|n| n.id == *child) {
+                    c.parent = grand;
+                }
+            }
+        }
+        self.manifest.pending = None;
+        self.save()
+    }
+
+    /// Replace the manifest atomically.
+    fn save(&mut self) -> Result<()> {
+        let path = self.dir.join(MANIFEST);
+        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
+        let name = tmp.display().to_string();
+        let mut text = serde_json::to_string_pretty(&self.manifest)
+            .map_err(|e| Error::invalid(format!("cannot encode the manifest: {e}")))?;
+        text.push('\n');
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io("cannot write", e).in_file(&name, 0))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io("cannot rename into place", e).in_file(&name, 0))?;
+        sync_dir(&self.dir)
+    }
+}
+
+/// Check the manifest's shape: known version, unique ids and names, parents
+/// that exist (no cycles), one active leaf without a name, disk files that
+/// stay inside the bundle.
+fn validate(m: &Manifest) -> std::result::Result<(), String> {
+    if m.version != MANIFEST_VERSION {
+        return Err(format!("unsupported manifest version {}", m.version));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut names = std::collections::HashSet::new();
+    for n in &m.nodes {
+        if !ids.insert(n.id.as_str()) {
+            return Err(format!("duplicate node id {}", n.id));
+        }
+        if let Some(name) = &n.name {
+            if !names.insert(name.as_str()) {
+                return Err(format!("duplicate checkpoint name \"{name}\""));
+            }
+        }
+        let p = Path::new(&n.disk);
+        if n.disk.is_empty() || p.components().count() != 1 || p.is_absolute() || n.disk == ".." {
+            return Err(format!("node {}: disk \"{}\" is not a file name inside the bundle", n.id, n.disk));
+        }
+    }
+    for n in &m.nodes {
+        let mut cur = n.parent.as_deref();
+        let mut steps = 0;
+        while let Some(p) = cur {
+            let Some(pn) = m.nodes.iter().find(|x| x.id == p) else {
+                return Err(format!("node {} has unknown parent {p}", n.id));
+            };
+            steps += 1;
+            if steps > m.nodes.len() {
+                return Err(format!("the tree loops at node {}", n.id));
+            }
+            cur = pn.parent.as_deref();
+        }
+    }
+    let Some(a) = m.nodes.iter().find(|n| n.id == m.active) else {
+        return Err(format!("active node {} does not exist", m.active));
+    };
+    if a.name.is_some() {
+        return Err("the active node has a checkpoint name".into());
+    }
+    if m.pending.is_none() && m.nodes.iter().any(|n| n.parent.as_deref() == Some(&a.id)) {
+        return Err("the active node has children".into());
+    }
+    if m.nodes.iter().filter(|n| n.name.is_none()).count() != 1 {
+        return Err("exactly one node (the active one) must be unnamed".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_795_398_245), "2026-11-23T01:44:05Z");
+    }
+}

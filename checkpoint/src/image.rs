@@ -1,0 +1,242 @@
+//! Opening, creating and relinking the layers of a chain, VHDX or VHD alike.
+
+use crate::{Error, Result};
+use disk::{ChainView, ParentPolicy, VirtualDisk};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vhd::Vhd;
+use vhdx::Vhdx;
+
+/// A differencing-capable image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Microsoft VHDX (`.vhdx`, children `.avhdx`).
+    Vhdx,
+    /// Microsoft VHD (`.vhd`, children `.avhd`).
+    Vhd,
+}
+
+impl Format {
+    /// File extension of a base disk.
+    pub fn base_extension(self) -> &'static str {
+        match self {
+            Format::Vhdx => "vhdx",
+            Format::Vhd => "vhd",
+        }
+    }
+
+    /// File extension of a differencing disk, as Hyper-V names checkpoints.
+    pub fn child_extension(self) -> &'static str {
+        match self {
+            Format::Vhdx => "avhdx",
+            Format::Vhd => "avhd",
+        }
+    }
+}
+
+/// The format of the VHDX or VHD file at `path`, from its signature
+/// (`vhdxfile` at 0; `conectix` at 0 or in the last 512 or 511 bytes).
+///
+/// # Errors
+/// The file cannot be read, or is neither VHDX nor VHD.
+pub fn detect(path: &Path) -> Result<Format> {
+    let name = path.display().to_string();
+    let io = |what: &str, e| Error::io(what.to_string(), e).in_file(&name, 0);
+    let mut f = std::fs::File::open(path).map_err(|e| io("cannot open", e))?;
+    let len = f.metadata().map_err(|e| io("cannot stat", e))?.len();
+    let mut head = [0u8; 8];
+    if len >= 8 {
+        f.read_exact(&mut head).map_err(|e| io("cannot read", e))?;
+        if &head == b"vhdxfile" {
+            return Ok(Format::Vhdx);
+        }
+        if &head == b"conectix" {
+            return Ok(Format::Vhd);
+        }
+    }
+    if len >= 511 {
+        let n = len.min(512);
+        let mut tail = vec![0u8; n as usize];
+        f.seek(SeekFrom::Start(len - n))
+            .and_then(|_| f.read_exact(&mut tail))
+            .map_err(|e| io("cannot read", e))?;
+        if tail.starts_with(b"conectix") || tail[tail.len() - 511..].starts_with(b"conectix") {
+            return Ok(Format::Vhd);
+        }
+    }
+    Err(Error::invalid("not a VHDX or VHD image").in_file(&name, 0))
+}
+
+/// How to open a chain.
+#[derive(Debug, Clone, Default)]
+pub struct ChainOptions {
+    /// Open the top layer for writing (parents are always read-only).
+    pub writable: bool,
+    /// Which parent files may be followed.
+    pub policy: ParentPolicy,
+}
+
+/// One open layer, with its format-specific handle.
+pub enum Layer {
+    /// A VHDX layer.
+    Vhdx(Vhdx),
+    /// A VHD layer.
+    Vhd(Vhd),
+}
+
+impl Layer {
+    /// Open the image at `path` with its chain. `keep_identity`: writes do
+    /// not change the identity the image's children link to (for writes
+    /// that do not change what it reads).
+    ///
+    /// # Errors
+    /// As [`Vhdx::open`] and [`Vhd::open`].
+    pub fn open(path: &Path, opts: &ChainOptions, keep_identity: bool) -> Result<Layer> {
+        Ok(match detect(path)? {
+            Format::Vhdx => Layer::Vhdx(Vhdx::open(
+                path,
+                &vhdx::OpenOptions {
+                    writable: opts.writable,
+                    parent_policy: opts.policy.clone(),
+                    keep_data_write_guid: keep_identity,
+                    ..vhdx::OpenOptions::default()
+                },
+            )?),
+            Format::Vhd => Layer::Vhd(Vhd::open(
+                path,
+                &vhd::OpenOptions {
+                    writable: opts.writable,
+                    parent_policy: opts.policy.clone(),
+                    ..vhd::OpenOptions::default()
+                },
+            )?),
+        })
+    }
+
+    /// The layer as a virtual disk (reads go down the chain).
+    pub fn disk(&self) -> &dyn VirtualDisk {
+        match self {
+            Layer::Vhdx(d) => d,
+            Layer::Vhd(d) => d,
+        }
+    }
+
+    /// Flush and close.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Layer::Vhdx(d) => d.close(),
+            Layer::Vhd(d) => d.close(),
+        }
+    }
+
+    /// Turn a differencing layer into a standalone one (see
+    /// [`Vhdx::make_standalone`], [`Vhd::make_standalone`]); closes it.
+    ///
+    /// # Errors
+    /// Not differencing, I/O errors.
+    pub fn make_standalone(self, path: &Path) -> Result<()> {
+        match self {
+            Layer::Vhdx(d) => d.make_standalone(),
+            Layer::Vhd(d) => {
+                d.close()?;
+                Vhd::make_standalone(path)
+            }
+        }
+    }
+}
+
+/// Open the image at `path` with its whole chain, as one disk. Chains are
+/// wrapped in a [`ChainView`], so reads of data deep in the chain cost one
+/// lookup, not one per layer.
+///
+/// # Errors
+/// As [`Layer::open`].
+pub fn open(path: &Path, opts: &ChainOptions) -> Result<Arc<dyn VirtualDisk>> {
+    let d: Arc<dyn VirtualDisk> = match Layer::open(path, opts, false)? {
+        Layer::Vhdx(d) => Arc::new(d),
+        Layer::Vhd(d) => Arc::new(d),
+    };
+    if d.parent().is_some() {
+        Ok(Arc::new(ChainView::new(d)))
+    } else {
+        Ok(d)
+    }
+}
+
+/// The files of the chain of the image at `path`, the image first.
+///
+/// # Errors
+/// As [`Layer::open`].
+pub fn chain_files(path: &Path, policy: &ParentPolicy) -> Result<Vec<PathBuf>> {
+    let top = Layer::open(
+        path,
+        &ChainOptions {
+            writable: false,
+            policy: policy.clone(),
+        },
+        false,
+    )?;
+    let mut out = vec![path.to_path_buf()];
+    let mut cur = top.disk().parent().cloned();
+    while let Some(p) = cur {
+        out.push(PathBuf::from(p.storage().name()));
+        cur = p.parent().cloned();
+    }
+    Ok(out)
+}
+
+/// Create a differencing image at `path` over the image at `parent` (same
+/// format as the parent), overwriting an existing file, and close it.
+///
+/// # Errors
+/// The parent cannot be opened, I/O errors.
+pub fn create_child(path: &Path, parent: &Path, policy: &ParentPolicy) -> Result<()> {
+    match detect(parent)? {
+        Format::Vhdx => {
+            let mut o = vhdx::CreateOptions::new(0);
+            o.block_size = vhdx::DEFAULT_DIFFERENCING_BLOCK_SIZE;
+            let popts = vhdx::OpenOptions {
+                parent_policy: policy.clone(),
+                ..vhdx::OpenOptions::default()
+            };
+            Vhdx::create_differencing(path, parent, &o, &popts, true)?.close()
+        }
+        Format::Vhd => {
+            Vhd::create_differencing(path, parent, &vhd::CreateOptions::new(0), true)?.close()
+        }
+    }
+}
+
+/// Point the differencing image `child` at `parent`; see [`Vhdx::set_parent`]
+/// and [`Vhd::set_parent`]. `adopt`: record the new parent's identity
+/// (the caller guarantees the child reads the same through it).
+///
+/// # Errors
+/// Not the child's parent (unless `adopt`), I/O errors.
+pub fn set_parent(child: &Path, parent: &Path, adopt: bool, policy: &ParentPolicy) -> Result<()> {
+    match detect(child)? {
+        Format::Vhdx => Vhdx::set_parent(
+            child,
+            parent,
+            adopt,
+            &vhdx::OpenOptions {
+                parent_policy: policy.clone(),
+                ..vhdx::OpenOptions::default()
+            },
+        ),
+        Format::Vhd => Vhd::set_parent(
+            child,
+            parent,
+            adopt,
+            &vhd::OpenOptions {
+                parent_policy: policy.clone(),
+                ..vhd::OpenOptions::default()
+            },
+        ),
+    }
+}

@@ -1,0 +1,252 @@
+//! Merging layers of a chain, crash-safe, at a cost proportional to the
+//! data merged (plus a scan of the block tables), never to the virtual size.
+//!
+//! - [`merge_into_child`] folds a disk's parent into it (the disk then links
+//!   to its grandparent, or stands alone): how a checkpoint is deleted
+//!   without changing what anything else reads.
+//! - [`merge_into_ancestor`] folds a disk and the layers above an ancestor
+//!   into that ancestor (like `Merge-VHD` and `qemu-img commit`).
+//!
+//! # Crash safety
+//! Into a child: the child receives only sectors it was reading from the
+//! parent, with the bytes it was reading, so at every point it reads what it
+//! read before; its identity is kept (its own children stay linked). The
+//! relink to the grandparent is one logged (VHDX) or one-page (VHD) write,
+//! after the copied data is flushed. Interrupted, the merge is simply run
+//! again (it copies nothing twice that matters).
+//!
+//! Into an ancestor: the layers above it are only read, so each reads what
+//! it read before at every point. The ancestor changes (that is the point),
+//! so its VHDX DataWriteGuid changes; its direct child is first given a
+//! `parent_linkage2` with the ancestor's next DataWriteGuid, so the chain
+//! still opens after a crash and the merge can be run again.
+
+use crate::image::{chain_files, detect, ChainOptions, Format, Layer};
+use crate::{Error, Result};
+use disk::{Mapping, ParentPolicy, VirtualDisk};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+use vhd::Vhd;
+use vhdx::Vhdx;
+
+/// Bytes copied per I/O.
+const CHUNK: u64 = 1 << 20;
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeStats {
+    /// Bytes of virtual disk copied.
+    pub bytes_copied: u64,
+}
+
+/// Progress callback: (bytes of the virtual disk scanned, virtual size).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Fold the parent of the differencing disk `child` into it: every sector
+/// the child reads from its parent's own data is copied into the child, then
+/// the child links to the parent's parent (or, when the parent is a base
+/// disk, becomes a standalone dynamic disk). The parent file is not changed
+/// or deleted. Returns what was copied.
+///
+/// # Errors
+/// `child` is not a differencing disk, the chain cannot be opened, I/O
+/// errors.
+pub fn merge_into_child(
+    child: &Path,
+    policy: &ParentPolicy,
+    progress: Progress<'_>,
+) -> Result<MergeStats> {
+    let opts = ChainOptions {
+        writable: true,
+        policy: policy.clone(),
+    };
+    let layer = Layer::open(child, &opts, true)?;
+    let c = layer.disk();
+    let name = child.display().to_string();
+    let p = c
+        .parent()
+        .cloned()
+        .ok_or_else(|| Error::invalid("not a differencing disk: no parent to merge").in_file(&name, 0))?;
+    let grandparent = p.parent().map(|g| PathBuf::from(g.storage().name()));
+    let size = c.virtual_size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut stats = MergeStats::default();
+    let mut off = 0;
+    while off < size {
+        let ce = c.map(off, size - off)?;
+        if ce.mapping == Mapping::Parent {
+            let end = off + ce.len;
+            let mut o = off;
+            while o < end {
+                let pe = p.map(o, (end - o).min(CHUNK))?;
+                let n = pe.len.min(end - o);
+                let copy = match pe.mapping {
+                    Mapping::Parent => false,
+                    Mapping::Data(_) | Mapping::Ancestor { .. } => true,
+                    // Zeros over a grandparent must be copied; over nothing
+                    // they are what the standalone child reads anyway.
+                    Mapping::Zero | Mapping::Unallocated => grandparent.is_some(),
+                };
+                if copy {
+                    let b = &mut buf[..n as usize];
+                    p.read_at(b, o)?;
+                    c.write_at(b, o)?;
+                    stats.bytes_copied += n;
+                }
+                o += n;
+            }
+        }
+        off += ce.len;
+        progress(off, size);
+    }
+    c.flush()?;
+    drop(p);
+    match grandparent {
+        Some(g) => {
+            layer.close()?;
+            crate::image::set_parent(child, &g, true, policy)?;
+        }
+        None => layer.make_standalone(child)?,
+    }
+    Ok(stats)
+}
+
+/// Fold `top` and the layers between it and its ancestor `depth` levels
+/// down (1 = its parent) into that ancestor: afterwards the ancestor reads
+/// what `top` reads. The layers above the ancestor are not changed (the
+/// caller deletes them, or keeps them: they still read the same). Returns
+/// the ancestor's path and what was copied.
+///
+/// # Errors
+/// `depth` is 0 or beyond the chain, the chain cannot be opened, I/O
+/// errors.
+pub fn merge_into_ancestor(
+    top: &Path,
+    depth: usize,
+    policy: &ParentPolicy,
+    progress: Progress<'_>,
+) -> Result<(PathBuf, MergeStats)> {
+    let name = top.display().to_string();
+    let files = chain_files(top, policy)?;
+    if depth == 0 || depth >= files.len() {
+        return Err(Error::invalid(format!(
+            "cannot merge into the layer {depth} levels down: the chain has {} layers",
+            files.len()
+        ))
+        .in_file(&name, 0));
+    }
+    let ancestor = files[depth].clone();
+    let format = detect(&ancestor)?;
+    let mut next_guid = None;
+    if format == Format::Vhdx {
+        // Let the ancestor's direct child accept the ancestor's next
+        // identity before the ancestor changes (see the module docs).
+        let info = Vhdx::inspect(&ancestor)?;
+        let cur = info.header.data_write_guid;
+        let new = Uuid::new_v4();
+        let a = Vhdx::open(
+            &ancestor,
+            &vhdx::OpenOptions {
+                parent_policy: policy.clone(),
+                ..vhdx::OpenOptions::default()
+            },
+        )?;
+        let child_path = &files[depth - 1];
+        let child = Vhdx::open_with_parent(
+            child_path,
+            &vhdx::OpenOptions {
+                writable: true,
+                keep_data_write_guid: true,
+                ..vhdx::OpenOptions::default()
+            },
+            Arc::new(a),
+        )?;
+        let linkages = child.info().parent_linkages();
+        if !linkages.contains(&cur) {
+            return Err(Error::invalid(format!(
+                "{} does not link to {} (DataWriteGuid {}): the chain is inconsistent",
+                child_path.display(),
+                ancestor.display(),
+                vhdx::linkage_string(cur)
+            ))
+            .in_file(&name, 0));
+        }
+        let mut loc = vhdx::parent_locator_for(child_path, &ancestor, cur)?;
+        loc.entries
+            .insert(1, ("parent_linkage2".into(), vhdx::linkage_string(new)));
+        child.set_parent_locator(&loc)?;
+        child.close()?;
+        next_guid = Some(new);
+    }
+    // The layers above the ancestor, read-only.
+    let top_layer = Layer::open(
+        top,
+        &ChainOptions {
+            writable: false,
+            policy: policy.clone(),
+        },
+        false,
+    )?;
+    let mut layers: Vec<Arc<dyn VirtualDisk>> = Vec::new();
+    let mut cur = top_layer.disk().parent().cloned();
+    while let Some(p) = cur {
+        cur = p.parent().cloned();
+        layers.push(p);
+    }
+    let top_disk = top_layer.disk();
+    let layer = |i: usize| -> &dyn VirtualDisk {
+        if i == 0 {
+            top_disk
+        } else {
+            &*layers[i - 1]
+        }
+    };
+    // The ancestor, writable, with its own chain.
+    let target = match format {
+        Format::Vhdx => Layer::Vhdx(Vhdx::open(
+            &ancestor,
+            &vhdx::OpenOptions {
+                writable: true,
+                parent_policy: policy.clone(),
+                data_write_guid: next_guid,
+                ..vhdx::OpenOptions::default()
+            },
+        )?),
+        Format::Vhd => Layer::Vhd(Vhd::open(
+            &ancestor,
+            &vhd::OpenOptions {
+                writable: true,
+                parent_policy: policy.clone(),
+                ..vhd::OpenOptions::default()
+            },
+        )?),
+    };
+    let size = top_disk.virtual_size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut stats = MergeStats::default();
+    let mut off = 0;
+    while off < size {
+        // Resolve through the layers above the ancestor only.
+        let mut len = (size - off).min(CHUNK);
+        let mut found = None;
+        for i in 0..depth {
+            let e = layer(i).map(off, len)?;
+            len = e.len.min(len);
+            if e.mapping != Mapping::Parent {
+                found = Some(i);
+                break;
+            }
+        }
+        if let Some(i) = found {
+            let b = &mut buf[..len as usize];
+            layer(i).read_at(b, off)?;
+            target.disk().write_at(b, off)?;
+            stats.bytes_copied += len;
+        }
+        off += len;
+        progress(off, size);
+    }
+    target.close()?;
+    Ok((ancestor, stats))
+}
