@@ -250,3 +250,80 @@ pub fn merge_into_ancestor(
     target.close()?;
     Ok((ancestor, stats))
 }
+
+/// Give the differencing disk `child` a new parent without changing what it
+/// reads (like `qemu-img rebase -b`): where the child reads from its old
+/// chain and the new parent reads something else, the old bytes are copied
+/// into the child; then the child links to `new_parent`, recording its
+/// identity. When `new_parent` is the same disk the child links to (for
+/// instance moved or copied), only the link is rewritten. Crash-safe like
+/// [`merge_into_child`]: the child only receives the bytes it reads.
+///
+/// # Errors
+/// `child` is not a differencing disk, a different virtual size, the chains
+/// cannot be opened, I/O errors.
+pub fn rebase(
+    child: &Path,
+    new_parent: &Path,
+    policy: &ParentPolicy,
+    progress: Progress<'_>,
+) -> Result<MergeStats> {
+    // Same identity: a verified relink is enough.
+    if crate::image::set_parent(child, new_parent, false, policy).is_ok() {
+        return Ok(MergeStats::default());
+    }
+    let name = child.display().to_string();
+    let layer = Layer::open(
+        child,
+        &ChainOptions {
+            writable: true,
+            policy: policy.clone(),
+        },
+        true,
+    )?;
+    let c = layer.disk();
+    let old = c
+        .parent()
+        .cloned()
+        .ok_or_else(|| Error::invalid("not a differencing disk: it has no parent").in_file(&name, 0))?;
+    let new = crate::image::open(
+        new_parent,
+        &ChainOptions {
+            writable: false,
+            policy: policy.clone(),
+        },
+    )?;
+    if new.virtual_size() != c.virtual_size() {
+        return Err(Error::invalid(format!(
+            "the new parent {} has a virtual size of {} bytes, the child {}",
+            new_parent.display(),
+            new.virtual_size(),
+            c.virtual_size()
+        ))
+        .in_file(&name, 0));
+    }
+    let size = c.virtual_size();
+    let mut a = vec![0u8; CHUNK as usize];
+    let mut b = vec![0u8; CHUNK as usize];
+    let mut stats = MergeStats::default();
+    let mut off = 0;
+    while off < size {
+        let e = c.map(off, (size - off).min(CHUNK))?;
+        let n = e.len as usize;
+        if e.mapping == Mapping::Parent {
+            old.read_at(&mut a[..n], off)?;
+            new.read_at(&mut b[..n], off)?;
+            if a[..n] != b[..n] {
+                c.write_at(&a[..n], off)?;
+                stats.bytes_copied += e.len;
+            }
+        }
+        off += e.len;
+        progress(off, size);
+    }
+    c.flush()?;
+    drop(old);
+    layer.close()?;
+    crate::image::set_parent(child, new_parent, true, policy)?;
+    Ok(stats)
+}

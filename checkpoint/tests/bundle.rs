@@ -390,3 +390,27 @@ fn merge_into_parent_interrupted_anywhere_keeps_reads_and_resumes() {
     interrupt_runs(Format::Vhdx, false);
     interrupt_runs(Format::Vhd, false);
 }
+
+#[test]
+fn rebase_keeps_what_the_child_reads() {
+    for format in [Format::Vhdx, Format::Vhd] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, want_top) = make_chain(tmp.path(), format);
+        let ext = if format == Format::Vhdx { "vhdx" } else { "vhd" };
+        let top = tmp.path().join(format!("top.{ext}"));
+        let base = tmp.path().join(format!("base.{ext}"));
+        // Rebase top from mid onto base: mid's data is copied into top.
+        let s = checkpoint::merge::rebase(&top, &base, &ParentPolicy::default(), &mut |_, _| {}).unwrap();
+        assert!(s.bytes_copied > 0);
+        std::fs::remove_file(tmp.path().join(format!("mid.{ext}"))).unwrap();
+        assert_eq!(read_all(&top), want_top, "{format:?}");
+        assert_eq!(image::chain_files(&top, &ParentPolicy::default()).unwrap().len(), 2);
+        // A verified relink to a copy of the same parent copies nothing.
+        let copy = tmp.path().join(format!("copy.{ext}"));
+        std::fs::copy(&base, &copy).unwrap();
+        let s = checkpoint::merge::rebase(&top, &copy, &ParentPolicy::default(), &mut |_, _| {}).unwrap();
+        assert_eq!(s.bytes_copied, 0);
+        std::fs::remove_file(&base).unwrap();
+        assert_eq!(read_all(&top), want_top, "{format:?} after relink");
+    }
+}
