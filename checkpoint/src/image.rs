@@ -191,22 +191,23 @@ pub fn chain_files(path: &Path, policy: &ParentPolicy) -> Result<Vec<PathBuf>> {
 }
 
 /// Create a differencing image at `path` over the image at `parent` (same
-/// format as the parent), overwriting an existing file, and close it.
+/// format as the parent), overwriting an existing file, and close it. A
+/// VHDX child is made from the parent's headers and metadata alone (the
+/// parent's chain is not opened: the cost does not grow with the chain or
+/// the disk); a VHD child opens the parent's chain (`policy` applies) and
+/// writes a BAT sized to the disk.
 ///
 /// # Errors
-/// The parent cannot be opened, I/O errors.
+/// The parent cannot be read, I/O errors.
 pub fn create_child(path: &Path, parent: &Path, policy: &ParentPolicy) -> Result<()> {
     match detect(parent)? {
         Format::Vhdx => {
             let mut o = vhdx::CreateOptions::new(0);
             o.block_size = vhdx::DEFAULT_DIFFERENCING_BLOCK_SIZE;
-            let popts = vhdx::OpenOptions {
-                parent_policy: policy.clone(),
-                ..vhdx::OpenOptions::default()
-            };
-            Vhdx::create_differencing(path, parent, &o, &popts, true)?.close()
+            Vhdx::create_differencing_file(path, parent, &o, true)
         }
         Format::Vhd => {
+            let _ = policy;
             Vhd::create_differencing(path, parent, &vhd::CreateOptions::new(0), true)?.close()
         }
     }

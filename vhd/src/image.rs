@@ -273,7 +273,7 @@ impl Vhd {
     /// Open the VHD file at `path`.
     ///
     /// A differencing disk's parent is found by its locators (see
-    /// [`Vhd::parent_candidates`]) and opened read-only, recursively (at
+    /// `parent_candidates`) and opened read-only, recursively (at
     /// most [`MAX_CHAIN`] images deep; loops are refused). The parent must
     /// be a VHD of the same virtual size whose footer unique id is the one
     /// the child records (unless [`OpenOptions::ignore_parent_id`]).
@@ -2295,7 +2295,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Some(PathBuf::from("/d/../up/p.vhd")),
+                Some(PathBuf::from("/up/p.vhd")),
                 None,
                 None,
                 Some(PathBuf::from("/d/p.vhd")),

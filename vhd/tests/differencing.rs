@@ -179,10 +179,11 @@ fn child_reads_parent_overlaid_with_writes() {
 #[test]
 fn chain_of_three() {
     let tmp = tempfile::tempdir().unwrap();
-    let gp = tmp.path().join("gp.vhd");
+    // Every layer under the child's directory (the default parent policy).
+    std::fs::create_dir(tmp.path().join("sub")).unwrap();
+    let gp = tmp.path().join("sub").join("gp.vhd");
     let mut model = base_file(&gp, 6 * MIB, 7);
     let parent = tmp.path().join("sub").join("parent.vhd");
-    std::fs::create_dir(tmp.path().join("sub")).unwrap();
     let d = Vhd::create_differencing(&parent, &gp, &child_opts(512 * 1024), false).unwrap();
     apply_writes(&d, &mut model, &[(1000, 5000), (2 * MIB + 17, 100_000)], 20);
     d.close().unwrap();

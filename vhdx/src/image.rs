@@ -638,15 +638,59 @@ impl Vhdx {
         Self::create_inner(storage, opts, Some((locator, parent)))
     }
 
+    /// Create a differencing VHDX file at `path` over the VHDX at
+    /// `parent_path` without opening the parent's chain: only the parent's
+    /// headers and metadata are read (for its identity and geometry), so the
+    /// cost does not depend on the chain's depth or the disk's size. The new
+    /// file is durable when this returns; open it to use it.
+    ///
+    /// # Errors
+    /// The parent is not a readable VHDX, invalid options, I/O errors.
+    pub fn create_differencing_file(
+        path: impl AsRef<Path>,
+        parent_path: impl AsRef<Path>,
+        opts: &CreateOptions,
+        overwrite: bool,
+    ) -> Result<()> {
+        let (path, parent_path) = (path.as_ref(), parent_path.as_ref());
+        let info = Vhdx::inspect(parent_path)?;
+        let m = &info.metadata;
+        let geo = Geometry {
+            virtual_size: m.virtual_disk_size,
+            logical_sector_size: m.logical_sector_size,
+            physical_sector_size: m.physical_sector_size,
+        };
+        let locator = parent_locator_for(path, parent_path, info.header.data_write_guid)?;
+        let storage = FileStorage::create(path, overwrite)?;
+        Self::write_new(&storage, opts, Some((locator, geo)))
+    }
+
     fn create_inner(
         storage: Box<dyn Storage>,
         opts: &CreateOptions,
         parent: Option<(ParentLocator, Arc<dyn VirtualDisk>)>,
     ) -> Result<Self> {
+        let geo = parent.as_ref().map(|(l, p)| (l.clone(), p.geometry()));
+        Self::write_new(&*storage, opts, geo)?;
+        let rw = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        match parent {
+            Some((_, p)) => Self::open_storage_with_parent(storage, &rw, p),
+            None => Self::open_storage(storage, &rw),
+        }
+    }
+
+    /// Write a new, empty image on `storage` and sync it.
+    fn write_new(
+        storage: &dyn Storage,
+        opts: &CreateOptions,
+        parent: Option<(ParentLocator, Geometry)>,
+    ) -> Result<()> {
         let name = storage.name().to_string();
         let mut opts = opts.clone();
-        if let Some((loc, p)) = &parent {
-            let g = p.geometry();
+        if let Some((loc, g)) = &parent {
             opts.virtual_size = g.virtual_size;
             opts.logical_sector_size = g.logical_sector_size;
             opts.physical_sector_size = g.physical_sector_size;
@@ -719,7 +763,11 @@ impl Vhdx {
             parent_locator: parent.as_ref().map(|(l, _)| l.clone()),
         };
         let mbuf = metadata.build_region(meta_len as u32)?;
-        storage.write_at(&mbuf, meta_offset)?;
+        // Write the used part only: the rest of the region stays sparse
+        // (zeros) in the new file.
+        let used = mbuf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let used = used.div_ceil(4096) * 4096;
+        storage.write_at(&mbuf[..used], meta_offset)?;
 
         // The log region reads as zeros (no valid entry) and the BAT as
         // NOT_PRESENT: extending the file leaves both sparse.
@@ -771,15 +819,7 @@ impl Vhdx {
             h.write_to(&mut hbuf);
             storage.write_at(&hbuf, off)?;
         }
-        storage.flush()?;
-        let rw = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
-        match parent {
-            Some((_, p)) => Self::open_storage_with_parent(storage, &rw, p),
-            None => Self::open_storage(storage, &rw),
-        }
+        storage.flush()
     }
 
     /// Headers, regions and metadata as read at open.
