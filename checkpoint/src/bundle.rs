@@ -161,7 +161,9 @@ pub fn format_utc(secs: u64) -> String {
 fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("cannot sync the bundle directory", e).in_file(&dir.display().to_string(), 0))
+        .map_err(|e| {
+            Error::io("cannot sync the bundle directory", e).in_file(&dir.display().to_string(), 0)
+        })
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -182,8 +184,12 @@ impl Bundle {
         Self::prepare_dir(dir)?;
         let base = dir.join(format!("base.{}", format.base_extension()));
         match format {
-            Format::Vhdx => vhdx::Vhdx::create(&base, &vhdx::CreateOptions::new(size), false)?.close()?,
-            Format::Vhd => vhd::Vhd::create(&base, &vhd::CreateOptions::new(size), false)?.close()?,
+            Format::Vhdx => {
+                vhdx::Vhdx::create(&base, &vhdx::CreateOptions::new(size), false)?.close()?
+            }
+            Format::Vhd => {
+                vhd::Vhd::create(&base, &vhd::CreateOptions::new(size), false)?.close()?
+            }
         }
         Self::init_with_base(dir, format, &base)
     }
@@ -204,8 +210,10 @@ impl Bundle {
         }
         Self::prepare_dir(dir)?;
         let base = dir.join(format!("base.{}", format.base_extension()));
-        std::fs::copy(image, &base)
-            .map_err(|e| Error::io(format!("cannot copy to {}", base.display()), e).in_file(&image.display().to_string(), 0))?;
+        std::fs::copy(image, &base).map_err(|e| {
+            Error::io(format!("cannot copy to {}", base.display()), e)
+                .in_file(&image.display().to_string(), 0)
+        })?;
         std::fs::File::open(&base)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io("cannot sync", e).in_file(&base.display().to_string(), 0))?;
@@ -215,12 +223,17 @@ impl Bundle {
     fn prepare_dir(dir: &Path) -> Result<()> {
         let name = dir.display().to_string();
         if dir.exists() {
-            let mut it = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", e).in_file(&name, 0))?;
+            let mut it = std::fs::read_dir(dir)
+                .map_err(|e| Error::io("cannot list", e).in_file(&name, 0))?;
             if it.next().is_some() {
-                return Err(Error::invalid("the bundle directory exists and is not empty").in_file(&name, 0));
+                return Err(
+                    Error::invalid("the bundle directory exists and is not empty")
+                        .in_file(&name, 0),
+                );
             }
         } else {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create the directory", e).in_file(&name, 0))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("cannot create the directory", e).in_file(&name, 0))?;
         }
         Ok(())
     }
@@ -232,7 +245,10 @@ impl Bundle {
             name: Some("base".into()),
             created: t,
             parent: None,
-            disk: base.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            disk: base
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         };
         let active_id = Uuid::new_v4().to_string();
         let active = Node {
@@ -268,11 +284,18 @@ impl Bundle {
     pub fn open(dir: &Path) -> Result<Bundle> {
         let path = dir.join(MANIFEST);
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read the bundle manifest", e).in_file(&name, 0))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io("cannot read the bundle manifest", e).in_file(&name, 0))?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-            Error::corrupt("bundle manifest", 0, format!("line {} column {}: {e}", e.line(), e.column())).in_file(&name, 0)
+            Error::corrupt(
+                "bundle manifest",
+                0,
+                format!("line {} column {}: {e}", e.line(), e.column()),
+            )
+            .in_file(&name, 0)
         })?;
-        validate(&manifest).map_err(|m| Error::corrupt("bundle manifest", 0, m).in_file(&name, 0))?;
+        validate(&manifest)
+            .map_err(|m| Error::corrupt("bundle manifest", 0, m).in_file(&name, 0))?;
         let mut b = Bundle {
             dir: dir.to_path_buf(),
             manifest,
@@ -294,7 +317,8 @@ impl Bundle {
 
     /// The active leaf.
     pub fn active(&self) -> &Node {
-        self.node(&self.manifest.active).expect("validated: the active node exists")
+        self.node(&self.manifest.active)
+            .expect("validated: the active node exists")
     }
 
     /// Path of the active disk (the one to write).
@@ -321,14 +345,27 @@ impl Bundle {
             .iter()
             .find(|n| n.name.as_deref() == Some(name))
             .ok_or_else(|| {
-                let names: Vec<&str> = self.manifest.nodes.iter().filter_map(|n| n.name.as_deref()).collect();
-                Error::invalid(format!("no checkpoint named \"{name}\" (checkpoints: {})", names.join(", ")))
-                    .in_file(&self.dir.display().to_string(), 0)
+                let names: Vec<&str> = self
+                    .manifest
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.name.as_deref())
+                    .collect();
+                Error::invalid(format!(
+                    "no checkpoint named \"{name}\" (checkpoints: {})",
+                    names.join(", ")
+                ))
+                .in_file(&self.dir.display().to_string(), 0)
             })
     }
 
     fn children(&self, id: &str) -> Vec<Node> {
-        self.manifest.nodes.iter().filter(|n| n.parent.as_deref() == Some(id)).cloned().collect()
+        self.manifest
+            .nodes
+            .iter()
+            .filter(|n| n.parent.as_deref() == Some(id))
+            .cloned()
+            .collect()
     }
 
     /// The tree, depth first from the root, with sizes and the active mark.
@@ -425,10 +462,20 @@ impl Bundle {
     fn check_new_name(&self, name: &str) -> Result<()> {
         let dir = self.dir.display().to_string();
         if name.trim().is_empty() || name.chars().any(char::is_control) {
-            return Err(Error::invalid(format!("invalid checkpoint name {name:?}")).in_file(&dir, 0));
+            return Err(
+                Error::invalid(format!("invalid checkpoint name {name:?}")).in_file(&dir, 0)
+            );
         }
-        if self.manifest.nodes.iter().any(|n| n.name.as_deref() == Some(name)) {
-            return Err(Error::invalid(format!("a checkpoint named \"{name}\" already exists")).in_file(&dir, 0));
+        if self
+            .manifest
+            .nodes
+            .iter()
+            .any(|n| n.name.as_deref() == Some(name))
+        {
+            return Err(
+                Error::invalid(format!("a checkpoint named \"{name}\" already exists"))
+                    .in_file(&dir, 0),
+            );
         }
         Ok(())
     }
@@ -455,9 +502,14 @@ impl Bundle {
     }
 
     fn path_of(&self, id: &str) -> Result<PathBuf> {
-        self.node(id)
-            .map(|n| self.disk_path(n))
-            .ok_or_else(|| Error::corrupt("bundle manifest", 0, format!("pending operation names unknown node {id}")).in_file(&self.manifest_path(), 0))
+        self.node(id).map(|n| self.disk_path(n)).ok_or_else(|| {
+            Error::corrupt(
+                "bundle manifest",
+                0,
+                format!("pending operation names unknown node {id}"),
+            )
+            .in_file(&self.manifest_path(), 0)
+        })
     }
 
     fn manifest_path(&self) -> String {
@@ -477,10 +529,18 @@ impl Bundle {
     fn run(&mut self, op: &Pending) -> Result<()> {
         let fmt = self.manifest.format;
         match op {
-            Pending::Create { name, new_id, created } => {
+            Pending::Create {
+                name,
+                new_id,
+                created,
+            } => {
                 let active = self.active().clone();
                 let disk = format!("{new_id}.{}", fmt.child_extension());
-                create_child(&self.dir.join(&disk), &self.disk_path(&active), &self.policy)?;
+                create_child(
+                    &self.dir.join(&disk),
+                    &self.disk_path(&active),
+                    &self.policy,
+                )?;
                 let m = &mut self.manifest;
                 if let Some(a) = m.nodes.iter_mut().find(|n| n.id == active.id) {
                     a.name = Some(name.clone());
@@ -495,7 +555,11 @@ impl Bundle {
                 });
                 m.active = new_id.clone();
             }
-            Pending::Revert { target, new_id, created } => {
+            Pending::Revert {
+                target,
+                new_id,
+                created,
+            } => {
                 let disk = format!("{new_id}.{}", fmt.child_extension());
                 create_child(&self.dir.join(&disk), &self.path_of(target)?, &self.policy)?;
                 let old = self.active().clone();
@@ -521,7 +585,11 @@ impl Bundle {
                     }
                 }
                 let m = &mut self.manifest;
-                for n in m.nodes.iter_mut().filter(|n| n.parent.as_deref() == Some(node)) {
+                for n in m
+                    .nodes
+                    .iter_mut()
+                    .filter(|n| n.parent.as_deref() == Some(node))
+                {
                     n.parent = gone.parent.clone();
                 }
                 m.nodes.retain(|n| n.id != *node);
@@ -567,11 +635,13 @@ impl Bundle {
         let mut text = serde_json::to_string_pretty(&self.manifest)
             .map_err(|e| Error::invalid(format!("cannot encode the manifest: {e}")))?;
         text.push('\n');
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
+        let mut f = std::fs::File::create(&tmp)
+            .map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
         f.write_all(text.as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(|e| Error::io("cannot write", e).in_file(&name, 0))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io("cannot rename into place", e).in_file(&name, 0))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| Error::io("cannot rename into place", e).in_file(&name, 0))?;
         sync_dir(&self.dir)
     }
 }
@@ -596,7 +666,10 @@ fn validate(m: &Manifest) -> std::result::Result<(), String> {
         }
         let p = Path::new(&n.disk);
         if n.disk.is_empty() || p.components().count() != 1 || p.is_absolute() || n.disk == ".." {
-            return Err(format!("node {}: disk \"{}\" is not a file name inside the bundle", n.id, n.disk));
+            return Err(format!(
+                "node {}: disk \"{}\" is not a file name inside the bundle",
+                n.id, n.disk
+            ));
         }
     }
     for n in &m.nodes {

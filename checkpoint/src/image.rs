@@ -81,9 +81,9 @@ pub struct ChainOptions {
 /// One open layer, with its format-specific handle.
 pub enum Layer {
     /// A VHDX layer.
-    Vhdx(Vhdx),
+    Vhdx(Box<Vhdx>),
     /// A VHD layer.
-    Vhd(Vhd),
+    Vhd(Box<Vhd>),
 }
 
 impl Layer {
@@ -95,7 +95,7 @@ impl Layer {
     /// As [`Vhdx::open`] and [`Vhd::open`].
     pub fn open(path: &Path, opts: &ChainOptions, keep_identity: bool) -> Result<Layer> {
         Ok(match detect(path)? {
-            Format::Vhdx => Layer::Vhdx(Vhdx::open(
+            Format::Vhdx => Layer::Vhdx(Box::new(Vhdx::open(
                 path,
                 &vhdx::OpenOptions {
                     writable: opts.writable,
@@ -103,23 +103,23 @@ impl Layer {
                     keep_data_write_guid: keep_identity,
                     ..vhdx::OpenOptions::default()
                 },
-            )?),
-            Format::Vhd => Layer::Vhd(Vhd::open(
+            )?)),
+            Format::Vhd => Layer::Vhd(Box::new(Vhd::open(
                 path,
                 &vhd::OpenOptions {
                     writable: opts.writable,
                     parent_policy: opts.policy.clone(),
                     ..vhd::OpenOptions::default()
                 },
-            )?),
+            )?)),
         })
     }
 
     /// The layer as a virtual disk (reads go down the chain).
     pub fn disk(&self) -> &dyn VirtualDisk {
         match self {
-            Layer::Vhdx(d) => d,
-            Layer::Vhd(d) => d,
+            Layer::Vhdx(d) => &**d,
+            Layer::Vhd(d) => &**d,
         }
     }
 
@@ -158,8 +158,8 @@ impl Layer {
 /// As [`Layer::open`].
 pub fn open(path: &Path, opts: &ChainOptions) -> Result<Arc<dyn VirtualDisk>> {
     let d: Arc<dyn VirtualDisk> = match Layer::open(path, opts, false)? {
-        Layer::Vhdx(d) => Arc::new(d),
-        Layer::Vhd(d) => Arc::new(d),
+        Layer::Vhdx(d) => Arc::new(*d),
+        Layer::Vhd(d) => Arc::new(*d),
     };
     if d.parent().is_some() {
         Ok(Arc::new(ChainView::new(d)))

@@ -64,10 +64,9 @@ pub fn merge_into_child(
     let layer = Layer::open(child, &opts, true)?;
     let c = layer.disk();
     let name = child.display().to_string();
-    let p = c
-        .parent()
-        .cloned()
-        .ok_or_else(|| Error::invalid("not a differencing disk: no parent to merge").in_file(&name, 0))?;
+    let p = c.parent().cloned().ok_or_else(|| {
+        Error::invalid("not a differencing disk: no parent to merge").in_file(&name, 0)
+    })?;
     let grandparent = p.parent().map(|g| PathBuf::from(g.storage().name()));
     let size = c.virtual_size();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -204,7 +203,7 @@ pub fn merge_into_ancestor(
     };
     // The ancestor, writable, with its own chain.
     let target = match format {
-        Format::Vhdx => Layer::Vhdx(Vhdx::open(
+        Format::Vhdx => Layer::Vhdx(Box::new(Vhdx::open(
             &ancestor,
             &vhdx::OpenOptions {
                 writable: true,
@@ -212,15 +211,15 @@ pub fn merge_into_ancestor(
                 data_write_guid: next_guid,
                 ..vhdx::OpenOptions::default()
             },
-        )?),
-        Format::Vhd => Layer::Vhd(Vhd::open(
+        )?)),
+        Format::Vhd => Layer::Vhd(Box::new(Vhd::open(
             &ancestor,
             &vhd::OpenOptions {
                 writable: true,
                 parent_policy: policy.clone(),
                 ..vhd::OpenOptions::default()
             },
-        )?),
+        )?)),
     };
     let size = top_disk.virtual_size();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -282,10 +281,9 @@ pub fn rebase(
         true,
     )?;
     let c = layer.disk();
-    let old = c
-        .parent()
-        .cloned()
-        .ok_or_else(|| Error::invalid("not a differencing disk: it has no parent").in_file(&name, 0))?;
+    let old = c.parent().cloned().ok_or_else(|| {
+        Error::invalid("not a differencing disk: it has no parent").in_file(&name, 0)
+    })?;
     let new = crate::image::open(
         new_parent,
         &ChainOptions {

@@ -172,12 +172,17 @@ fn list_shows_the_tree_with_the_active_position() {
     assert_eq!(names[1], (Some("one"), 1, false));
     assert!(names.contains(&(Some("two"), 2, false)));
     assert!(names.contains(&(None, 2, true)));
-    assert!(l.iter().all(|n| n.file_size > 0 && n.created_utc.ends_with('Z')));
+    assert!(l
+        .iter()
+        .all(|n| n.file_size > 0 && n.created_utc.ends_with('Z')));
     let json = serde_json::to_value(&l).unwrap();
     assert_eq!(json[0]["name"], "base");
     // Errors name the bundle and the known checkpoints.
     let e = b.revert("nope").unwrap_err();
-    assert!(e.to_string().contains("no checkpoint named \"nope\""), "{e}");
+    assert!(
+        e.to_string().contains("no checkpoint named \"nope\""),
+        "{e}"
+    );
     assert!(e.to_string().contains("one"), "{e}");
     let e = b.create("one").unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
@@ -215,10 +220,21 @@ fn interrupted_operations_finish_at_open() {
         let mut m: Manifest = b.manifest().clone();
         let node = |n: &str| b.checkpoint(n).unwrap().id.clone();
         m.pending = Some(match op_kind {
-            0 => Pending::Create { name: "c".into(), new_id: "new-id".into(), created: 1 },
-            1 => Pending::Revert { target: node("a"), new_id: "new-id".into(), created: 1 },
+            0 => Pending::Create {
+                name: "c".into(),
+                new_id: "new-id".into(),
+                created: 1,
+            },
+            1 => Pending::Revert {
+                target: node("a"),
+                new_id: "new-id".into(),
+                created: 1,
+            },
             2 => Pending::Delete { node: node("a") },
-            3 => Pending::MergeUp { child: m.active.clone(), parent: node("b") },
+            3 => Pending::MergeUp {
+                child: m.active.clone(),
+                parent: node("b"),
+            },
             _ => Pending::Delete { node: node("b") },
         });
         drop(b);
@@ -230,23 +246,39 @@ fn interrupted_operations_finish_at_open() {
         let what = format!("op {op_kind}");
         match op_kind {
             0 => {
-                assert_eq!(read_all(&b.disk_path(b.checkpoint("c").unwrap())), want_active, "{what}");
+                assert_eq!(
+                    read_all(&b.disk_path(b.checkpoint("c").unwrap())),
+                    want_active,
+                    "{what}"
+                );
                 assert_eq!(read_all(&b.active_path()), want_active, "{what}");
             }
             1 => assert_eq!(read_all(&b.active_path()), want_a, "{what}"),
             2 => {
                 assert!(b.checkpoint("a").is_err());
-                assert_eq!(read_all(&b.disk_path(b.checkpoint("b").unwrap())), want_b, "{what}");
+                assert_eq!(
+                    read_all(&b.disk_path(b.checkpoint("b").unwrap())),
+                    want_b,
+                    "{what}"
+                );
                 assert_eq!(read_all(&b.active_path()), want_active, "{what}");
             }
             3 => {
                 assert!(b.checkpoint("b").is_err());
                 assert_eq!(read_all(&b.active_path()), want_active, "{what}");
-                assert_eq!(read_all(&b.disk_path(b.checkpoint("a").unwrap())), want_a, "{what}");
+                assert_eq!(
+                    read_all(&b.disk_path(b.checkpoint("a").unwrap())),
+                    want_a,
+                    "{what}"
+                );
             }
             _ => {
                 assert_eq!(read_all(&b.active_path()), want_active, "{what}");
-                assert_eq!(read_all(&b.disk_path(b.checkpoint("a").unwrap())), want_a, "{what}");
+                assert_eq!(
+                    read_all(&b.disk_path(b.checkpoint("a").unwrap())),
+                    want_a,
+                    "{what}"
+                );
             }
         }
     }
@@ -261,16 +293,47 @@ fn bad_manifests_are_named_errors() {
     drop(b);
     let cases: Vec<(serde_json::Value, &str)> = vec![
         (serde_json::json!({"version": 1}), "missing field"),
-        ({ let mut v = good.clone(); v["version"] = 9.into(); v }, "version 9"),
-        ({ let mut v = good.clone(); v["active"] = "x".into(); v }, "active node x"),
-        ({ let mut v = good.clone(); v["nodes"][1]["disk"] = "../../etc/passwd".into(); v }, "inside the bundle"),
-        ({ let mut v = good.clone(); v["nodes"][0]["parent"] = v["nodes"][1]["id"].clone(); v }, "loops"),
+        (
+            {
+                let mut v = good.clone();
+                v["version"] = 9.into();
+                v
+            },
+            "version 9",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["active"] = "x".into();
+                v
+            },
+            "active node x",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["nodes"][1]["disk"] = "../../etc/passwd".into();
+                v
+            },
+            "inside the bundle",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["nodes"][0]["parent"] = v["nodes"][1]["id"].clone();
+                v
+            },
+            "loops",
+        ),
     ];
     for (v, want) in cases {
         std::fs::write(dir.join(MANIFEST), v.to_string()).unwrap();
         let e = Bundle::open(&dir).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains(MANIFEST) && msg.contains(want), "{want}: {msg}");
+        assert!(
+            msg.contains(MANIFEST) && msg.contains(want),
+            "{want}: {msg}"
+        );
     }
     std::fs::write(dir.join(MANIFEST), "{ not json").unwrap();
     let e = Bundle::open(&dir).unwrap_err();
@@ -292,15 +355,30 @@ fn copy_dir(src: &Path, dst: &Path) {
 /// A chain base ← mid ← top with data in every layer; returns the contents
 /// of mid and top as read through the chain.
 fn make_chain(dir: &Path, format: Format) -> (Vec<u8>, Vec<u8>) {
-    let ext = |n: &str| format!("{n}.{}", if format == Format::Vhdx { "vhdx" } else { "vhd" });
+    let ext = |n: &str| {
+        format!(
+            "{n}.{}",
+            if format == Format::Vhdx {
+                "vhdx"
+            } else {
+                "vhd"
+            }
+        )
+    };
     let base = dir.join(ext("base"));
     match format {
         Format::Vhdx => {
             let mut o = vhdx::CreateOptions::new(SIZE);
             o.block_size = 1 << 20;
-            vhdx::Vhdx::create(&base, &o, false).unwrap().close().unwrap()
+            vhdx::Vhdx::create(&base, &o, false)
+                .unwrap()
+                .close()
+                .unwrap()
         }
-        Format::Vhd => vhd::Vhd::create(&base, &vhd::CreateOptions::new(SIZE), false).unwrap().close().unwrap(),
+        Format::Vhd => vhd::Vhd::create(&base, &vhd::CreateOptions::new(SIZE), false)
+            .unwrap()
+            .close()
+            .unwrap(),
     }
     write(&base, 0, &pattern(3 << 20, 1));
     let mid = dir.join(ext("mid"));
@@ -326,7 +404,11 @@ fn interrupt_runs(format: Format, into_child: bool) {
     let master = tmp.path().join("master");
     std::fs::create_dir(&master).unwrap();
     let (want_mid, want_top) = make_chain(&master, format);
-    let ext = if format == Format::Vhdx { "vhdx" } else { "vhd" };
+    let ext = if format == Format::Vhdx {
+        "vhdx"
+    } else {
+        "vhd"
+    };
     let mut cut = 1u64;
     loop {
         let dir = tmp.path().join(format!("cut{cut}"));
@@ -396,19 +478,30 @@ fn rebase_keeps_what_the_child_reads() {
     for format in [Format::Vhdx, Format::Vhd] {
         let tmp = tempfile::tempdir().unwrap();
         let (_, want_top) = make_chain(tmp.path(), format);
-        let ext = if format == Format::Vhdx { "vhdx" } else { "vhd" };
+        let ext = if format == Format::Vhdx {
+            "vhdx"
+        } else {
+            "vhd"
+        };
         let top = tmp.path().join(format!("top.{ext}"));
         let base = tmp.path().join(format!("base.{ext}"));
         // Rebase top from mid onto base: mid's data is copied into top.
-        let s = checkpoint::merge::rebase(&top, &base, &ParentPolicy::default(), &mut |_, _| {}).unwrap();
+        let s = checkpoint::merge::rebase(&top, &base, &ParentPolicy::default(), &mut |_, _| {})
+            .unwrap();
         assert!(s.bytes_copied > 0);
         std::fs::remove_file(tmp.path().join(format!("mid.{ext}"))).unwrap();
         assert_eq!(read_all(&top), want_top, "{format:?}");
-        assert_eq!(image::chain_files(&top, &ParentPolicy::default()).unwrap().len(), 2);
+        assert_eq!(
+            image::chain_files(&top, &ParentPolicy::default())
+                .unwrap()
+                .len(),
+            2
+        );
         // A verified relink to a copy of the same parent copies nothing.
         let copy = tmp.path().join(format!("copy.{ext}"));
         std::fs::copy(&base, &copy).unwrap();
-        let s = checkpoint::merge::rebase(&top, &copy, &ParentPolicy::default(), &mut |_, _| {}).unwrap();
+        let s = checkpoint::merge::rebase(&top, &copy, &ParentPolicy::default(), &mut |_, _| {})
+            .unwrap();
         assert_eq!(s.bytes_copied, 0);
         std::fs::remove_file(&base).unwrap();
         assert_eq!(read_all(&top), want_top, "{format:?} after relink");

@@ -175,8 +175,7 @@ impl ChainSearch {
                 ));
                 continue;
             }
-            r.tried
-                .push(format!("{label} (found {})", path.display()));
+            r.tried.push(format!("{label} (found {})", path.display()));
             r.found = Some(path.clone());
             return r;
         }

@@ -326,7 +326,12 @@ pub mod crash {
         /// last [`DIFF_SPARE`] bytes) on `d`, whose parent reads `parent`,
         /// flushing after every 6th and at the end, recording the
         /// operation counts of `rec`. The caller then forgets `d` (a crash).
-        pub fn run(rec: &RecordingStorage, d: &dyn VirtualDisk, parent: Vec<u8>, seed: u64) -> Self {
+        pub fn run(
+            rec: &RecordingStorage,
+            d: &dyn VirtualDisk,
+            parent: Vec<u8>,
+            seed: u64,
+        ) -> Self {
             let size = d.virtual_size();
             let mut h = DiffWorkload {
                 parent,

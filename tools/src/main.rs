@@ -7,6 +7,7 @@ mod progress;
 mod size;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use disk::ParentPolicy;
 use open::Format;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,9 +22,25 @@ use std::process::ExitCode;
         vdisk info disk.vhdx\n  \
         vdisk convert -p -O vhdx disk.raw disk.vhdx\n  \
         vdisk convert -O vhd -o subformat=fixed disk.vhdx disk.vhd\n  \
-        vdisk compare disk.raw disk.vhdx"
+        vdisk compare disk.raw disk.vhdx\n  \
+        vdisk create -b base.vhdx child.avhdx\n  \
+        vdisk info --backing-chain child.avhdx\n  \
+        vdisk --parent-dir /vms/base read child.avhdx 0 512\n  \
+        vdisk merge child.avhdx\n  \
+        vdisk checkpoint create vm before-upgrade\n\n\
+        Parents of differencing disks (VHDX and VHD): the paths come from the image file, so \
+        by default a parent must lie under the directory of the image opened (the top of the \
+        chain). --parent-dir DIR (repeatable) allows parents under DIR too; \
+        --allow-any-parent follows any path an image names (only for images you trust)."
 )]
 struct Cli {
+    /// A directory, besides the opened image's own, where parents of
+    /// differencing disks may lie (repeatable)
+    #[arg(long = "parent-dir", value_name = "DIR", global = true)]
+    parent_dir: Vec<PathBuf>,
+    /// Follow any parent path a differencing image names (trusted images only)
+    #[arg(long = "allow-any-parent", global = true)]
+    allow_any_parent: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,9 +51,13 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vdisk info disk.vhdx\n  \
         vdisk info --output json disk.vhdx\n  \
-        vdisk info -f vpc disk.vhd\n\n\
+        vdisk info -f vpc disk.vhd\n  \
+        vdisk info --backing-chain child.avhdx\n  \
+        vdisk info --backing-chain --output json child.vhd\n\n\
         The format is detected from the content when -f is absent (a fixed VHD by its \
-        trailing footer).")]
+        trailing footer). A differencing disk shows its parent locator entries (key=value) and \
+        the parent file opened; --backing-chain shows every layer of the chain, the image \
+        first (JSON: an array).")]
     Info(InfoArgs),
     /// Create a new image (an existing file is overwritten, like qemu-img)
     #[command(after_help = "Examples:\n  \
@@ -45,6 +66,8 @@ enum Command {
         vdisk create -f vhd -o subformat=fixed disk.vhd 10G\n  \
         vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
         vdisk create -f raw disk.raw 1G\n  \
+        vdisk create -b base.vhdx child.avhdx\n  \
+        vdisk create -f vhdx -o block_size=1M -b base.vhdx child.avhdx\n  \
         vdisk create -f vhd -b base.vhd child.vhd\n\n\
         VHDX options (-o): subformat=fixed|dynamic, block_size=SIZE (1M..256M, power of two), \
         logical_sector_size=512|4096, physical_sector_size=512|4096, log_size=SIZE (multiple of 1M)\n\
@@ -52,10 +75,14 @@ enum Command {
         4K..256M, power of two, default 2M), azure=on|off (a fixed VHD of exactly SIZE, a whole \
         number of MiB, as Azure requires). Without azure=on, a VHD's size is rounded up to a whole \
         CHS geometry, like qemu-img does.\n\
-        With -b PARENT (VHD only), a differencing VHD is created: it starts empty, reads \
-        what it does not hold from PARENT (found again by a relative and an absolute path, \
-        or by file name beside the child), and takes PARENT's virtual size; block_size may \
-        be given.")]
+        With -b PARENT, a differencing disk of PARENT's format is created (without -f, the \
+        format is PARENT's; a VHDX child needs a VHDX parent, a VHD child a VHD parent): it \
+        starts empty, reads what it does not hold from PARENT (found again by a relative and \
+        an absolute path, or by file name beside the child), and takes PARENT's virtual size \
+        (a SIZE given must be PARENT's). VHDX: block_size (default 2M, as Hyper-V) and \
+        log_size may be given; VHD: block_size. A differencing disk cannot be fixed. Opening \
+        the child later follows the parent policy (see vdisk --help): keep the parent in the \
+        child's directory, or pass --parent-dir.")]
     Create(CreateArgs),
     /// Copy an image into a new image, possibly of another format
     #[command(after_help = "Examples:\n  \
@@ -84,6 +111,43 @@ enum Command {
         printf hello | vdisk write disk.vhdx 1M\n  \
         vdisk write disk.vhd 0 mbr.bin")]
     Write(WriteArgs),
+    /// Fold a differencing disk into its parent or an older ancestor (like Merge-VHD)
+    #[command(after_help = "Examples:\n  \
+        vdisk merge child.avhdx                      # into its parent; child.avhdx is deleted\n  \
+        vdisk merge --depth 2 grandchild.avhdx       # into the grandparent\n  \
+        vdisk merge --into base.vhdx --keep -p gc.avhdx\n  \
+        vdisk merge child.vhd\n\n\
+        Afterwards the ancestor reads what IMAGE read. The merged layers (IMAGE and those \
+        between it and the ancestor) are deleted unless --keep is given (IMAGE, kept, still \
+        reads the same; the layers between it and the ancestor, and other disks over the \
+        ancestor, do not).")]
+    Merge(MergeArgs),
+    /// Give a differencing disk another parent (like qemu-img rebase)
+    #[command(after_help = "Examples:\n  \
+        vdisk rebase -b base.vhdx grandchild.avhdx   # then child.avhdx may be deleted\n  \
+        vdisk rebase -u -b /moved/base.vhdx child.avhdx\n  \
+        vdisk rebase -p -b base.vhd child.vhd\n\n\
+        Safe mode (the default) needs the old chain: where the image reads from its old \
+        parents something NEW_PARENT does not hold, those bytes are copied into the image, \
+        so it reads the same afterwards (when NEW_PARENT is the same disk as the old parent, \
+        e.g. moved, only the link is rewritten). -u (unsafe) only rewrites the link and \
+        records NEW_PARENT's identity: use it when NEW_PARENT holds the same data.")]
+    Rebase(RebaseArgs),
+    /// Manage a checkpoint tree in a directory (a disk bundle)
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint init vm 20G                 # base.vhdx + an active child\n  \
+        vdisk checkpoint init -f vhd vm 20G\n  \
+        vdisk checkpoint init vm --from disk.vhdx    # base is a copy of disk.vhdx\n  \
+        vdisk write $(vdisk checkpoint path vm) 0 mbr.bin\n  \
+        vdisk checkpoint create vm before-upgrade\n  \
+        vdisk checkpoint list vm\n  \
+        vdisk checkpoint revert vm before-upgrade\n  \
+        vdisk checkpoint delete vm before-upgrade\n  \
+        vdisk checkpoint merge vm\n\n\
+        The bundle directory holds the disks and bundle.json; the active disk (printed by \
+        `path`) is the one a VM writes. Every change is atomic and is finished at the next \
+        command if interrupted.")]
+    Checkpoint(CheckpointArgs),
 }
 
 /// How `info` prints.
@@ -103,23 +167,27 @@ struct InfoArgs {
     /// Image format (detected from the content when absent)
     #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
     format: Option<Format>,
+    /// Show every layer of the chain of a differencing disk, the image first
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
     /// The image
     image: PathBuf,
 }
 
 #[derive(Args, Debug)]
 struct CreateArgs {
-    /// Image format: vhdx, vhd (alias vpc) or raw
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg, default_value = "raw")]
-    format: Format,
+    /// Image format: vhdx, vhd (alias vpc) or raw (default raw; with -b,
+    /// the parent's format)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    format: Option<Format>,
     /// Format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Parent image: create a differencing image over it (VHD only; the
+    /// Parent image: create a differencing image over it (VHDX or VHD; the
     /// parent is opened read-only and never modified)
     #[arg(short = 'b', long = "backing", value_name = "PARENT")]
     backing: Option<PathBuf>,
-    /// Format of the parent image (vhd or vpc; detected when absent)
+    /// Format of the parent image (vhdx, vhd or vpc; detected when absent)
     #[arg(short = 'F', long = "backing-format", value_parser = Format::parse_arg)]
     backing_format: Option<Format>,
     /// The image to create
@@ -192,6 +260,120 @@ struct WriteArgs {
     file: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The ancestor to merge into (a file of IMAGE's chain)
+    #[arg(long = "into", value_name = "ANCESTOR", conflicts_with = "depth")]
+    into: Option<PathBuf>,
+    /// How many levels down the ancestor is (1 = the parent, the default)
+    #[arg(long = "depth", value_name = "N")]
+    depth: Option<usize>,
+    /// Keep the merged layers' files (by default they are deleted)
+    #[arg(long = "keep")]
+    keep: bool,
+    /// Show a progress bar on stderr
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// The differencing image to merge
+    image: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct RebaseArgs {
+    /// The new parent
+    #[arg(short = 'b', long = "backing", value_name = "NEW_PARENT")]
+    backing: PathBuf,
+    /// Unsafe: only rewrite the link (NEW_PARENT must hold the same data)
+    #[arg(short = 'u', long = "unsafe")]
+    unsafe_relink: bool,
+    /// Show a progress bar on stderr
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// The differencing image to rebase
+    image: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CheckpointArgs {
+    #[command(subcommand)]
+    command: CheckpointCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointCommand {
+    /// Create a bundle: an empty base disk of SIZE (or a copy of --from IMAGE) and an active child
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint init vm 20G\n  \
+        vdisk checkpoint init -f vhd vm 20G\n  \
+        vdisk checkpoint init vm --from disk.vhdx\n\n\
+        BUNDLE must not exist or be an empty directory.")]
+    Init(CheckpointInitArgs),
+    /// Take a checkpoint: the active disk is frozen as NAME, a new empty child becomes active
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint create vm before-upgrade")]
+    Create(CheckpointNameArgs),
+    /// Show the checkpoint tree and where the active disk is
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint list vm\n  \
+        vdisk checkpoint list --output json vm")]
+    List(CheckpointListArgs),
+    /// Drop the active disk's changes: a new child of checkpoint NAME becomes active
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint revert vm before-upgrade")]
+    Revert(CheckpointNameArgs),
+    /// Delete checkpoint NAME (its data is merged into its children; nothing else changes)
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint delete vm before-upgrade")]
+    Delete(CheckpointNameArgs),
+    /// Collapse the active disk's chain into one disk (checkpoints on the way are removed)
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint merge vm")]
+    Merge(CheckpointBundleArgs),
+    /// Print the path of the active disk (the one to write)
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint path vm\n  \
+        vdisk read $(vdisk checkpoint path vm) 0 512 > mbr.bin")]
+    Path(CheckpointBundleArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckpointInitArgs {
+    /// Format of the disks: vhdx (default) or vhd (alias vpc)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg, conflicts_with = "from")]
+    format: Option<Format>,
+    /// Copy this (non-differencing) VHDX or VHD image as the base
+    #[arg(long = "from", value_name = "IMAGE", conflicts_with = "size")]
+    from: Option<PathBuf>,
+    /// The bundle directory (created; must be empty if it exists)
+    bundle: PathBuf,
+    /// Virtual size of the base disk, in bytes or with a K, M, G or T suffix
+    #[arg(required_unless_present = "from")]
+    size: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct CheckpointNameArgs {
+    /// The bundle directory
+    bundle: PathBuf,
+    /// The checkpoint name
+    name: String,
+}
+
+#[derive(Args, Debug)]
+struct CheckpointBundleArgs {
+    /// The bundle directory
+    bundle: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CheckpointListArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// The bundle directory
+    bundle: PathBuf,
+}
+
 /// Exit status on error (every command but `compare`).
 const EXIT_ERROR: u8 = 1;
 /// Exit status of `compare` on error.
@@ -205,7 +387,7 @@ fn main() -> ExitCode {
             if !e.use_stderr() {
                 return ExitCode::SUCCESS; // --help, --version
             }
-            let compare = std::env::args().nth(1).as_deref() == Some("compare");
+            let compare = subcommand_name().as_deref() == Some("compare");
             return ExitCode::from(if compare {
                 EXIT_COMPARE_ERROR
             } else {
@@ -213,18 +395,26 @@ fn main() -> ExitCode {
             });
         }
     };
+    open::set_policy(ParentPolicy {
+        allowed_dirs: cli.parent_dir.clone(),
+        allow_any: cli.allow_any_parent,
+        ..ParentPolicy::default()
+    });
     let result = match &cli.command {
         Command::Info(a) => commands::info::run(a),
         Command::Create(a) => commands::create::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Read(a) => commands::rw::read(a),
         Command::Write(a) => commands::rw::write(a),
+        Command::Merge(a) => commands::chain::merge(a),
+        Command::Rebase(a) => commands::chain::rebase(a),
+        Command::Checkpoint(a) => commands::checkpoint::run(a),
         Command::Compare(a) => {
             return match commands::compare::run(a) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
-                    eprintln!("vdisk: {e:#}");
+                    report(&e);
                     ExitCode::from(EXIT_COMPARE_ERROR)
                 }
             }
@@ -233,8 +423,43 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vdisk: {e:#}");
+            report(&e);
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// What the parent search says when the policy refused an existing parent.
+const REFUSED_PARENT: &str = "outside the directories parents may come from";
+
+/// Print an error on stderr, with a hint when the parent policy refused a parent.
+fn report(e: &anyhow::Error) {
+    eprintln!("vdisk: {e:#}");
+    policy_hint(&format!("{e:#}"));
+}
+
+/// After a message `msg` on stderr: when it says that the parent policy
+/// refused a parent, print (on stderr) how to allow it.
+pub fn policy_hint(msg: &str) {
+    if msg.contains(REFUSED_PARENT) {
+        eprintln!(
+            "vdisk: hint: by the parent policy, a parent must lie under the directory of the \
+             image opened; add its directory with --parent-dir DIR, or use --allow-any-parent \
+             to follow any path the image names"
+        );
+    }
+}
+
+/// The subcommand named on the command line (the first argument that is
+/// neither an option nor the value of --parent-dir).
+fn subcommand_name() -> Option<String> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--parent-dir" {
+            args.next();
+        } else if !a.starts_with('-') {
+            return Some(a);
+        }
+    }
+    None
 }

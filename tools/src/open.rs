@@ -2,12 +2,28 @@
 //! creating images, and closing them durably.
 
 use anyhow::Result;
-use disk::{FileStorage, RawDisk, VirtualDisk};
+use disk::{FileStorage, ParentPolicy, RawDisk, VirtualDisk};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::OnceLock;
 use vhd::Vhd;
 use vhdx::Vhdx;
+
+/// The parent policy of this run (from `--parent-dir` and
+/// `--allow-any-parent`), set once by `main`.
+static POLICY: OnceLock<ParentPolicy> = OnceLock::new();
+
+/// Set the parent policy of this run (the first call wins).
+pub fn set_policy(policy: ParentPolicy) {
+    let _ = POLICY.set(policy);
+}
+
+/// Which parent files differencing images may lead to: by default only
+/// files under the directory of the image opened.
+pub fn policy() -> &'static ParentPolicy {
+    POLICY.get_or_init(ParentPolicy::default)
+}
 
 /// An image format name as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,24 +149,30 @@ impl Image {
     }
 }
 
+/// How to open a VHDX: read-only unless `writable`, under the parent policy.
+pub fn vhdx_options(writable: bool) -> vhdx::OpenOptions {
+    vhdx::OpenOptions {
+        writable,
+        parent_policy: policy().clone(),
+        ..vhdx::OpenOptions::default()
+    }
+}
+
+/// How to open a VHD: read-only unless `writable`, under the parent policy.
+pub fn vhd_options(writable: bool) -> vhd::OpenOptions {
+    vhd::OpenOptions {
+        writable,
+        parent_policy: policy().clone(),
+        ..vhd::OpenOptions::default()
+    }
+}
+
 /// Open the image at `path` (format given or detected), read-only unless `writable`.
 pub fn open(path: &Path, format: Option<Format>, writable: bool) -> Result<Image> {
     Ok(match resolve(path, format)? {
         Format::Raw => Image::Raw(RawDisk::new(FileStorage::open(path, writable)?)?),
-        Format::Vhdx => Image::Vhdx(Box::new(Vhdx::open(
-            path,
-            &vhdx::OpenOptions {
-                writable,
-                ..vhdx::OpenOptions::default()
-            },
-        )?)),
-        Format::Vhd => Image::Vhd(Box::new(Vhd::open(
-            path,
-            &vhd::OpenOptions {
-                writable,
-                ..vhd::OpenOptions::default()
-            },
-        )?)),
+        Format::Vhdx => Image::Vhdx(Box::new(Vhdx::open(path, &vhdx_options(writable))?)),
+        Format::Vhd => Image::Vhd(Box::new(Vhd::open(path, &vhd_options(writable))?)),
     })
 }
 
@@ -184,6 +206,26 @@ pub fn create_vhd_differencing(
     let disk =
         Vhd::create_differencing(path, parent, opts, true).map_err(|e| e.in_file(&name, 0))?;
     Ok(Image::Vhd(Box::new(disk)))
+}
+
+/// Create (or overwrite, like qemu-img) a differencing VHDX over `parent`.
+/// The parent's chain is opened under the parent policy, with the child's
+/// directory allowed too (opening the child will allow it).
+pub fn create_vhdx_differencing(
+    path: &Path,
+    parent: &Path,
+    opts: &vhdx::CreateOptions,
+) -> Result<Image> {
+    let name = path.display().to_string();
+    let mut popts = vhdx_options(false);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    popts.parent_policy.allowed_dirs.push(dir.to_path_buf());
+    let disk = Vhdx::create_differencing(path, parent, opts, &popts, true)
+        .map_err(|e| e.in_file(&name, 0))?;
+    Ok(Image::Vhdx(Box::new(disk)))
 }
 
 /// Make the directory entry of a newly created `path` durable.

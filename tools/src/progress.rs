@@ -36,6 +36,15 @@ impl Progress {
         self.bar.inc(n);
     }
 
+    /// The callback's view: `done` of `total` bytes are done (both
+    /// absolute; `total` may be learnt only once the work starts).
+    pub fn set_position(&self, done: u64, total: u64) {
+        if self.bar.length() != Some(total) {
+            self.bar.set_length(total);
+        }
+        self.bar.set_position(done);
+    }
+
     /// Show what is happening now (e.g. "flushing" once the bytes are copied).
     pub fn set_message(&self, message: &str) {
         self.bar.set_message(message.to_string());

@@ -1230,3 +1230,703 @@ fn differencing_vhd_create_write_convert() {
     assert!(e.contains(p(&child)) && e.contains("base.vhd"), "{e}");
     assert!(e.contains("parent is missing"), "{e}");
 }
+
+const CHAIN_SIZE: u64 = 8 * MIB;
+
+/// Write `data` at `at` into `img` with `vdisk write`, and into `model`.
+fn write_both(img: &Path, model: &mut [u8], at: u64, data: &[u8]) {
+    let input = img.with_extension("input");
+    fs::write(&input, data).unwrap();
+    ok(&["write", p(img), &at.to_string(), p(&input)]);
+    fs::remove_file(&input).unwrap();
+    model[at as usize..at as usize + data.len()].copy_from_slice(data);
+}
+
+/// All the virtual bytes of `img`, through `vdisk read`.
+fn read_all(img: &Path) -> Vec<u8> {
+    let size = info_json(img)["virtual_size"].as_u64().unwrap();
+    let out = run(&["read", p(img), "0", &size.to_string()]);
+    assert!(
+        out.status.success(),
+        "vdisk read {}: {}",
+        p(img),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Whether `a` and `b` are the same existing file.
+fn same_path(a: &str, b: &Path) -> bool {
+    fs::canonicalize(a).unwrap() == fs::canonicalize(b).unwrap()
+}
+
+/// A 3-layer VHDX chain made with the tool in `dir`: base.vhdx (1 MiB
+/// blocks) <- child.avhdx (default differencing blocks) <- gc.avhdx
+/// (1 MiB blocks), each with data written over its parent's. Returns the
+/// paths and what each layer reads, top last.
+fn vhdx_chain(dir: &Path) -> ([PathBuf; 3], [Vec<u8>; 3]) {
+    let base = dir.join("base.vhdx");
+    let child = dir.join("child.avhdx");
+    let gc = dir.join("gc.avhdx");
+    ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        p(&base),
+        "8M",
+    ]);
+    let mut m0 = vec![0u8; CHAIN_SIZE as usize];
+    write_both(&base, &mut m0, 0, &pattern(3 * MIB as usize, 1));
+    write_both(&base, &mut m0, 5 * MIB + 7, &pattern(100_000, 2));
+
+    let out = ok(&["create", "-b", p(&base), p(&child)]);
+    assert!(
+        out.contains("fmt=vhdx") && out.contains("subformat=differencing"),
+        "{out}"
+    );
+    assert!(out.contains("block_size=2097152"), "{out}");
+    let mut m1 = m0.clone();
+    for (at, len, seed) in [
+        (100u64, 10usize, 3u32),
+        (512 * 1024 - 333, 5000, 4),
+        (2 * MIB - 1, 2, 5),
+        (6 * MIB, MIB as usize, 6),
+        (CHAIN_SIZE - 77, 77, 7),
+    ] {
+        write_both(&child, &mut m1, at, &pattern(len, seed));
+    }
+
+    // -f and SIZE given explicitly (SIZE must be the parent's).
+    ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-F",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        "-b",
+        p(&child),
+        p(&gc),
+        "8M",
+    ]);
+    let mut m2 = m1.clone();
+    for (at, len, seed) in [
+        (3u64, 4usize, 8u32),
+        (MIB + 1, 300_000, 9),
+        (7 * MIB, 4096, 10),
+    ] {
+        write_both(&gc, &mut m2, at, &pattern(len, seed));
+    }
+    ([base, child, gc], [m0, m1, m2])
+}
+
+#[test]
+fn vhdx_chain_reads_correctly_at_every_layer() {
+    let dir = tmp();
+    let (files, models) = vhdx_chain(dir.path());
+    let qemu = disk::testing::have("qemu-img");
+    for (f, m) in files.iter().zip(&models) {
+        // Every layer reads its own model: writes to a child never reach the parent.
+        assert!(read_all(f) == *m, "{} reads wrong data", p(f));
+        let out = vdisk()
+            .args(["read", p(f), &(MIB - 3).to_string(), "10"])
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, &m[MIB as usize - 3..MIB as usize + 7]);
+        // Converted to raw (qemu-img cannot read differencing VHDX).
+        let raw = f.with_extension("raw");
+        ok(&["convert", "-O", "raw", p(f), p(&raw)]);
+        assert!(fs::read(&raw).unwrap() == *m, "{} converts wrong", p(f));
+        let model = f.with_extension("model");
+        fs::write(&model, m).unwrap();
+        same(f, &model);
+        if qemu {
+            disk::testing::qemu_compare(&raw, "raw", &model, "raw")
+                .unwrap_or_else(|e| panic!("qemu-img compare {}: {e}", p(&raw)));
+        }
+        // And to a standalone VHDX, which qemu-img can read.
+        let flat = f.with_extension("flat.vhdx");
+        ok(&["convert", "-O", "vhdx", p(f), p(&flat)]);
+        same(&flat, &model);
+        if qemu {
+            disk::testing::qemu_compare(&model, "raw", &flat, "vhdx")
+                .unwrap_or_else(|e| panic!("qemu-img compare {}: {e}", p(&flat)));
+        }
+    }
+    let j = info_json(&files[1]);
+    assert_eq!(j["subformat"], "differencing");
+    assert_eq!(j["block_size"], 2 * MIB);
+    assert_eq!(j["virtual_size"], CHAIN_SIZE);
+    assert!(
+        same_path(j["parent_file"].as_str().unwrap(), &files[0]),
+        "{j}"
+    );
+    assert_eq!(j["parent"]["relative_path"], ".\\base.vhdx", "{j}");
+    assert!(j["parent"]["parent_linkage"].is_string(), "{j}");
+    assert_eq!(info_json(&files[2])["block_size"], MIB);
+}
+
+#[test]
+fn create_differencing_vhdx_errors() {
+    let dir = tmp();
+    let base = dir.path().join("base.vhdx");
+    ok(&["create", "-f", "vhdx", p(&base), "8M"]);
+    let child = dir.path().join("child.avhdx");
+    let base_s = p(&base);
+    let child_s = p(&child);
+    for (args, want) in [
+        (
+            vec!["create", "-b", base_s, child_s, "9M"],
+            "virtual size of the parent",
+        ),
+        (
+            vec!["create", "-o", "subformat=fixed", "-b", base_s, child_s],
+            "subformat=fixed",
+        ),
+        (
+            vec![
+                "create",
+                "-o",
+                "logical_sector_size=4096",
+                "-b",
+                base_s,
+                child_s,
+            ],
+            "'logical_sector_size'",
+        ),
+        (
+            vec!["create", "-f", "vhd", "-b", base_s, child_s],
+            "must be a VHD, not a VHDX",
+        ),
+        (
+            vec!["create", "-f", "raw", "-b", base_s, child_s],
+            "raw image cannot have a backing file",
+        ),
+        (
+            vec!["create", "-b", base_s, base_s],
+            "overwrite its own parent",
+        ),
+    ] {
+        let e = fails(1, &args);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    assert!(!child.exists());
+    // A raw parent.
+    let raw = dir.path().join("base.raw");
+    raw_file(&raw, 8 * MIB, &[]);
+    let e = fails(1, &["create", "-f", "vhdx", "-b", p(&raw), p(&child)]);
+    assert!(e.contains("must be a VHDX, not a raw image"), "{e}");
+    assert!(e.contains(p(&raw)), "{e}");
+    // block_size and log_size are taken.
+    let out = ok(&[
+        "create",
+        "-o",
+        "block_size=4M,log_size=2M",
+        "-b",
+        p(&base),
+        p(&child),
+    ]);
+    assert!(out.contains("block_size=4194304 log_size=2097152"), "{out}");
+    assert_eq!(info_json(&child)["block_size"], 4 * MIB);
+}
+
+#[test]
+fn info_backing_chain_lists_every_layer() {
+    let dir = tmp();
+    let ([base, child, gc], _) = vhdx_chain(dir.path());
+    let human = ok(&["info", "--backing-chain", p(&gc)]);
+    let layers: Vec<&str> = human.split("\n\n").collect();
+    assert_eq!(layers.len(), 3, "{human}");
+    for (text, file) in layers.iter().zip([&gc, &child, &base]) {
+        let name = text
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("image: ")
+            .unwrap();
+        assert!(same_path(name, file), "{name} is not {}", p(file));
+    }
+    assert!(layers[0].contains("subformat: differencing"), "{human}");
+    assert!(layers[2].contains("subformat: dynamic"), "{human}");
+    assert!(!layers[2].contains("parent"), "{human}");
+    // Each child's parent_linkage is its parent's DataWriteGuid.
+    for i in 0..2 {
+        let guid = layers[i + 1]
+            .lines()
+            .find_map(|l| l.strip_prefix("data write guid: "))
+            .unwrap();
+        assert!(
+            layers[i].contains(&format!("parent_linkage={{{guid}}}")),
+            "{human}"
+        );
+        assert!(layers[i].contains("parent file: "), "{human}");
+    }
+    assert!(
+        layers[0].contains("relative_path=.\\child.avhdx"),
+        "{human}"
+    );
+
+    let out = ok(&["info", "--backing-chain", "--output", "json", p(&gc)]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    let arr = j.as_array().expect("a JSON array");
+    assert_eq!(arr.len(), 3, "{j}");
+    for (l, file) in arr.iter().zip([&gc, &child, &base]) {
+        assert!(same_path(l["filename"].as_str().unwrap(), file), "{l}");
+        assert_eq!(l["format"], "vhdx");
+        assert_eq!(l["virtual_size"], CHAIN_SIZE);
+    }
+    assert!(same_path(arr[0]["parent_file"].as_str().unwrap(), &child));
+    assert!(same_path(arr[1]["parent_file"].as_str().unwrap(), &base));
+    assert_eq!(arr[1]["parent"]["relative_path"], ".\\base.vhdx");
+    assert!(arr[2]["parent"].is_null());
+    assert!(arr[2]["parent_file"].is_null());
+    // The same keys as plain info.
+    assert_eq!(keys(&arr[0]), keys(&info_json(&gc)));
+
+    // A standalone image (any format) is a chain of one.
+    for img in [&base, &dir.path().join("r.raw")] {
+        if !img.exists() {
+            raw_file(img, MIB, &[]);
+        }
+        let out = ok(&["info", "--backing-chain", "--output", "json", p(img)]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j.as_array().unwrap().len(), 1, "{j}");
+        let human = ok(&["info", "--backing-chain", p(img)]);
+        assert_eq!(human, ok(&["info", p(img)]));
+    }
+
+    // A middle layer in a subdirectory: each layer's report opens its
+    // parent under the top's directory too.
+    let sub = dir.path().join("sub");
+    fs::create_dir(&sub).unwrap();
+    let mid = sub.join("mid.avhdx");
+    let top = dir.path().join("top.avhdx");
+    ok(&["create", "-b", p(&base), p(&mid)]);
+    ok(&["create", "-b", p(&mid), p(&top)]);
+    let out = ok(&["info", "--backing-chain", "--output", "json", p(&top)]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j.as_array().unwrap().len(), 3, "{j}");
+    assert!(same_path(j[1]["filename"].as_str().unwrap(), &mid), "{j}");
+    assert!(
+        same_path(j[1]["parent_file"].as_str().unwrap(), &base),
+        "{j}"
+    );
+    assert!(j[1]["allocated_bytes"].is_u64(), "{j}");
+
+    // A differencing VHD chain too.
+    let vbase = dir.path().join("vbase.vhd");
+    let vchild = dir.path().join("vchild.vhd");
+    ok(&["create", "-f", "vhd", p(&vbase), "8M"]);
+    ok(&["create", "-b", p(&vbase), p(&vchild)]);
+    let out = ok(&["info", "--backing-chain", "--output", "json", p(&vchild)]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j.as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(j[0]["subformat"], "differencing");
+    assert_eq!(j[1]["subformat"], "dynamic");
+    assert!(same_path(j[1]["filename"].as_str().unwrap(), &vbase));
+}
+
+#[test]
+fn orphan_differencing_vhdx() {
+    let Some(corpus) = disk::testing::corpus("vhdx") else {
+        return;
+    };
+    let dir = tmp();
+    let img = disk::testing::decompress(
+        &corpus.join("dissect-differencing-orphan.avhdx.gz"),
+        dir.path(),
+    );
+    let parent = "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx";
+    let human = ok(&["info", p(&img)]);
+    assert!(human.contains("subformat: differencing"), "{human}");
+    assert!(human.contains("parent_linkage={"), "{human}");
+    assert!(
+        human.contains(&format!("relative_path=.\\{parent}")),
+        "{human}"
+    );
+    assert!(human.contains("absolute_win32_path=C:\\"), "{human}");
+    assert!(human.contains("volume_path=\\\\?\\Volume{"), "{human}");
+    assert!(!human.contains("parent file:"), "{human}");
+    let j = info_json(&img);
+    assert!(j["parent"]["parent_linkage"].is_string(), "{j}");
+    assert_eq!(j["parent"]["relative_path"], format!(".\\{parent}"), "{j}");
+    assert!(j["parent"]["absolute_win32_path"].is_string(), "{j}");
+    assert!(j["allocated_bytes"].is_null(), "{j}");
+    assert!(j["parent_file"].is_null(), "{j}");
+
+    // Opening it for data fails, naming the image and the parent path tried.
+    for args in [
+        vec!["read", p(&img), "0", "1"],
+        vec!["info", "--backing-chain", p(&img)],
+    ] {
+        let e = fails(1, &args);
+        assert!(e.contains(p(&img)), "{e}");
+        assert!(e.contains("parent"), "{e}");
+        assert!(e.contains(parent), "{e}");
+    }
+}
+
+#[test]
+fn parent_policy_flags() {
+    for (fmt, base_name, child_name) in [
+        ("vhdx", "base.vhdx", "child.avhdx"),
+        ("vhd", "base.vhd", "child.vhd"),
+    ] {
+        let dir = tmp();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        let base = a.join(base_name);
+        let child = b.join(child_name);
+        ok(&["create", "-f", fmt, p(&base), "8M"]);
+        let hello = dir.path().join("hello");
+        fs::write(&hello, b"hello").unwrap();
+        ok(&["write", p(&base), "1M", p(&hello)]);
+        // Creating says that opening the child will need the flag.
+        let out = run(&["create", "-b", p(&base), p(&child)]);
+        assert!(out.status.success());
+        let note = String::from_utf8_lossy(&out.stderr);
+        assert!(note.contains("--parent-dir"), "{fmt}: {note}");
+
+        // Refused by default; the message says why and how to allow it.
+        let e = fails(1, &["read", p(&child), "1M", "5"]);
+        assert!(e.contains(p(&child)), "{fmt}: {e}");
+        assert!(e.contains("parent policy"), "{fmt}: {e}");
+        assert!(e.contains("--parent-dir"), "{fmt}: {e}");
+        assert!(e.contains("--allow-any-parent"), "{fmt}: {e}");
+        // info still shows the image (exit 0).
+        let j = info_json(&child);
+        assert_eq!(j["subformat"], "differencing");
+        assert!(j["parent_file"].is_null(), "{j}");
+
+        // Allowed by --parent-dir (before or after the subcommand) or
+        // --allow-any-parent.
+        for args in [
+            vec!["--parent-dir", p(&a), "read", p(&child), "1M", "5"],
+            vec!["read", "--parent-dir", p(&a), p(&child), "1M", "5"],
+            vec!["read", "--allow-any-parent", p(&child), "1M", "5"],
+        ] {
+            let out = vdisk().args(&args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(out.stdout, b"hello", "{args:?}");
+        }
+        // Another directory does not help.
+        let e = fails(1, &["--parent-dir", p(&b), "read", p(&child), "1M", "5"]);
+        assert!(e.contains("parent policy"), "{e}");
+        let out = ok(&["info", "--allow-any-parent", "--output", "json", p(&child)]);
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(same_path(j["parent_file"].as_str().unwrap(), &base), "{j}");
+        let out = ok(&["--parent-dir", p(&a), "info", "--backing-chain", p(&child)]);
+        assert_eq!(out.matches("image: ").count(), 2, "{out}");
+    }
+    let help = ok(&["--help"]);
+    assert!(help.contains("--parent-dir"), "{help}");
+    assert!(help.contains("--allow-any-parent"), "{help}");
+    assert!(help.contains("under the directory of the image"), "{help}");
+}
+
+#[test]
+fn merge_into_parent_and_ancestor() {
+    // Default: the child into its parent; the child is deleted.
+    let dir = tmp();
+    let ([base, child, gc], models) = vhdx_chain(dir.path());
+    fs::remove_file(&gc).unwrap();
+    let out = ok(&["merge", p(&child)]);
+    assert!(out.contains("Merged") && out.contains("copied"), "{out}");
+    assert!(out.contains(p(&base)), "{out}");
+    assert!(!child.exists(), "the merged child is deleted");
+    assert!(
+        read_all(&base) == models[1],
+        "the parent reads what the child read"
+    );
+    assert_eq!(info_json(&base)["subformat"], "dynamic");
+
+    // --into the base with --keep, from the top of 3 layers (with progress).
+    let dir = tmp();
+    let ([base, child, gc], models) = vhdx_chain(dir.path());
+    let out = ok(&["merge", "--into", p(&base), "--keep", "-p", p(&gc)]);
+    assert!(out.contains(p(&gc)) && out.contains(p(&child)), "{out}");
+    assert!(!out.contains("Deleted"), "{out}");
+    assert!(gc.exists() && child.exists());
+    assert!(read_all(&base) == models[2], "base reads what gc read");
+    assert!(
+        read_all(&gc) == models[2],
+        "the kept top still reads the same"
+    );
+
+    // --depth 2 deletes both merged layers.
+    let dir = tmp();
+    let ([base, child, gc], models) = vhdx_chain(dir.path());
+    let out = ok(&["merge", "--depth", "2", p(&gc)]);
+    assert_eq!(out.matches("Deleted").count(), 2, "{out}");
+    assert!(!gc.exists() && !child.exists());
+    assert!(read_all(&base) == models[2]);
+
+    // Errors.
+    let dir = tmp();
+    let ([base, child, gc], _) = vhdx_chain(dir.path());
+    let e = fails(1, &["merge", p(&base)]);
+    assert!(
+        e.contains(p(&base)) && e.contains("not a differencing disk"),
+        "{e}"
+    );
+    let raw = dir.path().join("x.raw");
+    raw_file(&raw, MIB, &[]);
+    let e = fails(1, &["merge", p(&raw)]);
+    assert!(e.contains("not a differencing disk"), "{e}");
+    let e = fails(1, &["merge", "--depth", "3", p(&gc)]);
+    assert!(e.contains("beyond the chain"), "{e}");
+    let e = fails(1, &["merge", "--depth", "0", p(&gc)]);
+    assert!(e.contains("at least 1"), "{e}");
+    let e = fails(1, &["merge", "--into", p(&gc), p(&child)]);
+    assert!(e.contains("not an ancestor"), "{e}");
+    fails(1, &["merge", "--into", p(&base), "--depth", "1", p(&gc)]);
+    assert!(gc.exists() && child.exists());
+
+    // A VHD child into its parent.
+    let vbase = dir.path().join("vbase.vhd");
+    let vchild = dir.path().join("vchild.vhd");
+    ok(&["create", "-f", "vhd", p(&vbase), "8M"]);
+    ok(&["create", "-b", p(&vbase), p(&vchild)]);
+    let size = info_json(&vbase)["virtual_size"].as_u64().unwrap();
+    let mut m = vec![0u8; size as usize];
+    write_both(&vchild, &mut m, 12_345, &pattern(70_000, 20));
+    ok(&["merge", p(&vchild)]);
+    assert!(!vchild.exists());
+    assert!(read_all(&vbase) == m);
+}
+
+#[test]
+fn rebase_safe_and_unsafe() {
+    let dir = tmp();
+    let ([base, child, gc], models) = vhdx_chain(dir.path());
+    let out = ok(&["rebase", "-b", p(&base), "-p", p(&gc)]);
+    assert!(out.contains("Rebased") && out.contains("copied"), "{out}");
+    assert!(!out.contains(" 0 B"), "the child's data was copied: {out}");
+    fs::remove_file(&child).unwrap();
+    assert!(read_all(&gc) == models[2], "gc reads the same over base");
+    let j = info_json(&gc);
+    assert!(same_path(j["parent_file"].as_str().unwrap(), &base), "{j}");
+
+    // Unsafe: only the link, to a copy of the same data.
+    let copy = dir.path().join("copy.vhdx");
+    fs::copy(&base, &copy).unwrap();
+    let out = ok(&["rebase", "-u", "-b", p(&copy), p(&gc)]);
+    assert!(out.contains("unsafe"), "{out}");
+    let j = info_json(&gc);
+    assert!(same_path(j["parent_file"].as_str().unwrap(), &copy), "{j}");
+    assert!(read_all(&gc) == models[2]);
+    // Safe onto the same disk (a copy, with the same identity) copies nothing.
+    let out = ok(&["rebase", "-b", p(&base), p(&gc)]);
+    assert!(out.contains(": 0 B (0 bytes) copied"), "{out}");
+    assert!(read_all(&gc) == models[2]);
+
+    // Errors: a disk with no parent, itself as parent.
+    let e = fails(1, &["rebase", "-b", p(&copy), p(&base)]);
+    assert!(e.contains(p(&base)), "{e}");
+    let e = fails(1, &["rebase", "-b", p(&gc), p(&gc)]);
+    assert!(e.contains("its own parent"), "{e}");
+}
+
+/// The bytes at `at` of the active disk of `bundle`.
+fn active_read(bundle: &Path, at: u64, len: u64) -> Vec<u8> {
+    let path = ok(&["checkpoint", "path", p(bundle)]);
+    let out = run(&["read", path.trim(), &at.to_string(), &len.to_string()]);
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn active_write(bundle: &Path, at: u64, data: &[u8]) {
+    let path = ok(&["checkpoint", "path", p(bundle)]);
+    let input = bundle.with_extension("input");
+    fs::write(&input, data).unwrap();
+    ok(&["write", path.trim(), &at.to_string(), p(&input)]);
+}
+
+fn list_json(bundle: &Path) -> Vec<serde_json::Value> {
+    let out = ok(&["checkpoint", "list", "--output", "json", p(bundle)]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    let nodes = j.as_array().expect("an array").clone();
+    assert_eq!(
+        nodes.iter().filter(|n| n["active"] == true).count(),
+        1,
+        "exactly one active node: {j}"
+    );
+    nodes
+}
+
+#[test]
+fn checkpoint_bundle_end_to_end() {
+    let dir = tmp();
+    let vm = dir.path().join("vm");
+    let out = ok(&["checkpoint", "init", p(&vm), "8M"]);
+    assert!(out.contains(p(&vm)), "{out}");
+    let active = ok(&["checkpoint", "path", p(&vm)]);
+    let active = active.trim();
+    assert!(
+        active.ends_with(".avhdx") && Path::new(active).exists(),
+        "{active}"
+    );
+    assert!(vm.join("base.vhdx").exists());
+    let at = 3 * MIB + 5;
+    active_write(&vm, at, b"one");
+    let out = ok(&["checkpoint", "create", p(&vm), "first"]);
+    assert!(out.contains("first"), "{out}");
+    active_write(&vm, at, b"two");
+    active_write(&vm, 100, b"keep");
+    ok(&["checkpoint", "create", p(&vm), "second"]);
+    active_write(&vm, at, b"three");
+
+    // Revert drops the changes made since.
+    let out = ok(&["checkpoint", "revert", p(&vm), "first"]);
+    assert!(out.contains("first"), "{out}");
+    assert_eq!(active_read(&vm, at, 3), b"one");
+    assert_eq!(active_read(&vm, 100, 4), b"\0\0\0\0");
+    active_write(&vm, at, b"alt");
+
+    let human = ok(&["checkpoint", "list", p(&vm)]);
+    let lines: Vec<&str> = human.lines().collect();
+    assert_eq!(lines.len(), 4, "{human}");
+    assert!(lines[0].starts_with("base "), "{human}");
+    assert!(lines[1].starts_with("  first "), "{human}");
+    assert_eq!(
+        lines.iter().filter(|l| l.contains('*')).count(),
+        1,
+        "{human}"
+    );
+    assert!(human.contains("    second "), "{human}");
+    assert!(human.contains("    * (active) "), "{human}");
+    assert!(
+        human.contains("base.vhdx") && human.contains("Z "),
+        "{human}"
+    );
+    let nodes = list_json(&vm);
+    assert_eq!(nodes.len(), 4);
+    let by_name = |n: &str| nodes.iter().find(|x| x["name"] == n).unwrap().clone();
+    let first = by_name("first");
+    let second = by_name("second");
+    let act = nodes.iter().find(|n| n["active"] == true).unwrap();
+    assert!(act["name"].is_null());
+    assert_eq!(act["parent"], first["id"]);
+    assert_eq!(act["depth"], 2);
+    assert_eq!(second["parent"], first["id"]);
+    for n in &nodes {
+        for k in ["id", "created", "created_utc", "file_size", "disk", "depth"] {
+            assert!(!n[k].is_null(), "{k} in {n}");
+        }
+    }
+
+    // Delete keeps what the other checkpoints read.
+    let second_disk = vm.join(second["disk"].as_str().unwrap());
+    let out = ok(&["checkpoint", "delete", p(&vm), "first"]);
+    assert!(out.contains("first"), "{out}");
+    assert!(!vm.join(first["disk"].as_str().unwrap()).exists());
+    let r = vdisk()
+        .args(["read", p(&second_disk), &at.to_string(), "3"])
+        .output()
+        .unwrap();
+    assert_eq!(r.stdout, b"two");
+    assert_eq!(active_read(&vm, at, 3), b"alt");
+    assert_eq!(list_json(&vm).len(), 3);
+    assert!(!ok(&["checkpoint", "list", p(&vm)]).contains("first"));
+
+    // Errors name the bundle.
+    let e = fails(1, &["checkpoint", "revert", p(&vm), "nope"]);
+    assert!(e.contains(p(&vm)) && e.contains("nope"), "{e}");
+    let e = fails(1, &["checkpoint", "delete", p(&vm), "nope"]);
+    assert!(e.contains(p(&vm)), "{e}");
+    let e = fails(1, &["checkpoint", "create", p(&vm), "second"]);
+    assert!(e.contains(p(&vm)) && e.contains("already exists"), "{e}");
+    let e = fails(1, &["checkpoint", "init", p(&vm), "8M"]);
+    assert!(e.contains(p(&vm)) && e.contains("not empty"), "{e}");
+    let missing = dir.path().join("missing");
+    for sub in ["list", "path", "merge"] {
+        let e = fails(1, &["checkpoint", sub, p(&missing)]);
+        assert!(e.contains(p(&missing)), "{sub}: {e}");
+    }
+    let e = fails(1, &["checkpoint", "init", "-f", "raw", p(&missing), "8M"]);
+    assert!(e.contains(p(&missing)), "{e}");
+
+    // Revert to the other branch, then merge into one disk.
+    ok(&["checkpoint", "revert", p(&vm), "second"]);
+    assert_eq!(active_read(&vm, at, 3), b"two");
+    active_write(&vm, 7 * MIB, b"last");
+    let out = ok(&["checkpoint", "merge", p(&vm)]);
+    assert!(out.contains(p(&vm)), "{out}");
+    let nodes = list_json(&vm);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    let disks: Vec<String> = fs::read_dir(&vm)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("vhdx"))
+        .collect();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert_eq!(active_read(&vm, at, 3), b"two");
+    assert_eq!(active_read(&vm, 100, 4), b"keep");
+    assert_eq!(active_read(&vm, 7 * MIB, 4), b"last");
+    let path = ok(&["checkpoint", "path", p(&vm)]);
+    assert_eq!(info_json(Path::new(path.trim()))["subformat"], "dynamic");
+}
+
+#[test]
+fn checkpoint_init_vhd_and_from_image() {
+    let dir = tmp();
+    let vm = dir.path().join("vhdvm");
+    ok(&["checkpoint", "init", "-f", "vhd", p(&vm), "8M"]);
+    let active = ok(&["checkpoint", "path", p(&vm)]);
+    assert!(active.trim().ends_with(".avhd"), "{active}");
+    active_write(&vm, 0, b"vhd!");
+    ok(&["checkpoint", "create", p(&vm), "a"]);
+    active_write(&vm, 0, b"gone");
+    ok(&["checkpoint", "revert", p(&vm), "a"]);
+    assert_eq!(active_read(&vm, 0, 4), b"vhd!");
+
+    let img = dir.path().join("src.vhdx");
+    ok(&["create", "-f", "vhdx", p(&img), "8M"]);
+    let hello = dir.path().join("hello");
+    fs::write(&hello, b"hello").unwrap();
+    ok(&["write", p(&img), "1M", p(&hello)]);
+    let vm2 = dir.path().join("fromvm");
+    ok(&["checkpoint", "init", p(&vm2), "--from", p(&img)]);
+    assert_eq!(active_read(&vm2, MIB, 5), b"hello");
+    let nodes = list_json(&vm2);
+    assert_eq!(nodes.len(), 2);
+    fails(1, &["checkpoint", "init", p(&dir.path().join("x"))]);
+}
+
+#[test]
+fn chain_subcommands_help_has_examples() {
+    for cmd in [
+        vec!["merge"],
+        vec!["rebase"],
+        vec!["checkpoint"],
+        vec!["checkpoint", "init"],
+        vec!["checkpoint", "create"],
+        vec!["checkpoint", "list"],
+        vec!["checkpoint", "revert"],
+        vec!["checkpoint", "delete"],
+        vec!["checkpoint", "merge"],
+        vec!["checkpoint", "path"],
+    ] {
+        let mut args = cmd.clone();
+        args.push("--help");
+        let out = ok(&args);
+        assert!(out.contains("Example"), "{cmd:?}: {out}");
+        assert!(
+            out.contains(&format!("vdisk {} ", cmd.join(" "))),
+            "{cmd:?}: {out}"
+        );
+    }
+    let out = ok(&["info", "--help"]);
+    assert!(out.contains("--backing-chain"), "{out}");
+    let out = ok(&["create", "--help"]);
+    assert!(out.contains("-b base.vhdx"), "{out}");
+}

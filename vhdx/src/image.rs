@@ -333,8 +333,11 @@ impl Vhdx {
     /// Not a VHDX, or corrupt structures.
     pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
         let storage = FileStorage::open(path.as_ref(), false)?;
-        let (_, info) =
-            Self::open_inner(Box::new(storage), &OpenOptions::default(), ParentSource::Inspect)?;
+        let (_, info) = Self::open_inner(
+            Box::new(storage),
+            &OpenOptions::default(),
+            ParentSource::Inspect,
+        )?;
         Ok(info)
     }
 
@@ -472,10 +475,16 @@ impl Vhdx {
         let mut info = info;
         let parent = if metadata.file_parameters.has_parent {
             let loc = metadata.parent_locator.as_ref().ok_or_else(|| {
-                Error::corrupt("metadata", 0, "HasParent is set but there is no parent locator")
-                    .in_file(&name, meta_region.file_offset)
+                Error::corrupt(
+                    "metadata",
+                    0,
+                    "HasParent is set but there is no parent locator",
+                )
+                .in_file(&name, meta_region.file_offset)
             })?;
-            if loc.locator_type != VHDX_PARENT_LOCATOR_TYPE && !matches!(parent_source, ParentSource::Inspect) {
+            if loc.locator_type != VHDX_PARENT_LOCATOR_TYPE
+                && !matches!(parent_source, ParentSource::Inspect)
+            {
                 return Err(Error::unsupported(format!(
                     "parent locator type {} (only VHDX parents, {VHDX_PARENT_LOCATOR_TYPE}, are supported)",
                     loc.locator_type
@@ -699,8 +708,10 @@ impl Vhdx {
             }
             loc.validate().in_file(&name, 0)?;
             if loc.get("parent_linkage").and_then(parse_linkage).is_none() {
-                return Err(Error::invalid("the parent locator needs a parent_linkage GUID")
-                    .in_file(&name, 0));
+                return Err(
+                    Error::invalid("the parent locator needs a parent_linkage GUID")
+                        .in_file(&name, 0),
+                );
             }
         }
         let opts = &opts;
@@ -966,7 +977,9 @@ impl Vhdx {
     /// The file offset of the sector bitmap block of `block`'s chunk, if
     /// allocated, validated.
     fn bitmap_block(&self, block: u64) -> Result<Option<u64>> {
-        let idx = self.bat_geo.bitmap_index(block / self.bat_geo.chunk_ratio());
+        let idx = self
+            .bat_geo
+            .bitmap_index(block / self.bat_geo.chunk_ratio());
         let e = self.bat_entry(idx)?;
         let at = self.bat_offset + idx * 8;
         match e.state() {
@@ -1097,7 +1110,9 @@ impl Vhdx {
     /// allocated it first).
     fn allocate_partial(&self, block: u64) -> Result<(PayloadState, u64)> {
         let idx = self.bat_geo.payload_index(block);
-        let sb_idx = self.bat_geo.bitmap_index(block / self.bat_geo.chunk_ratio());
+        let sb_idx = self
+            .bat_geo
+            .bitmap_index(block / self.bat_geo.chunk_ratio());
         // Make both pages resident before taking the write lock.
         self.bat_entry(idx)?;
         self.bat_entry(sb_idx)?;
@@ -1243,8 +1258,10 @@ impl Vhdx {
     /// metadata region, I/O errors.
     pub fn set_parent_locator(&self, loc: &ParentLocator) -> Result<()> {
         if !self.bat_geo.has_parent {
-            return Err(Error::invalid("not a differencing disk: it has no parent locator")
-                .in_file(self.name(), 0));
+            return Err(
+                Error::invalid("not a differencing disk: it has no parent locator")
+                    .in_file(self.name(), 0),
+            );
         }
         loc.validate().in_file(self.name(), 0)?;
         self.start_session(false)?;
@@ -1621,8 +1638,8 @@ impl Vhdx {
         }
         self.start_session(true)?;
         // LeaveBlocksAllocated is ignored when HasParent is set (2.6.2.1).
-        let keep = self.info.metadata.file_parameters.leave_blocks_allocated
-            && !self.bat_geo.has_parent;
+        let keep =
+            self.info.metadata.file_parameters.leave_blocks_allocated && !self.bat_geo.has_parent;
         for b in blocks {
             let idx = self.bat_geo.payload_index(b);
             let (state, fo) = self.block_entry(b)?;
@@ -1701,7 +1718,11 @@ pub fn linkage_string(g: Uuid) -> String {
 ///
 /// # Errors
 /// The parent's path cannot be made absolute.
-pub fn parent_locator_for(child: &Path, parent_path: &Path, linkage: Uuid) -> Result<ParentLocator> {
+pub fn parent_locator_for(
+    child: &Path,
+    parent_path: &Path,
+    linkage: Uuid,
+) -> Result<ParentLocator> {
     let abs = std::fs::canonicalize(parent_path).map_err(|e| {
         Error::io(
             format!("cannot resolve the parent path {}", parent_path.display()),
@@ -1717,10 +1738,7 @@ pub fn parent_locator_for(child: &Path, parent_path: &Path, linkage: Uuid) -> Re
     if let Some(rel) = parent::windows_relative_path(&child_dir, &abs) {
         entries.push(("relative_path".to_string(), rel));
     }
-    entries.push((
-        "absolute_win32_path".to_string(),
-        abs.display().to_string(),
-    ));
+    entries.push(("absolute_win32_path".to_string(), abs.display().to_string()));
     Ok(ParentLocator {
         locator_type: VHDX_PARENT_LOCATOR_TYPE,
         entries,
@@ -1753,7 +1771,10 @@ fn parent_candidates(child: &Path, loc: &ParentLocator) -> Vec<(String, Option<P
         if let Some(f) = loc.get(key).and_then(parent::file_name_of) {
             if !names.contains(&f) {
                 names.push(f);
-                out.push((format!("file name \"{f}\" beside the child"), Some(dir.join(f))));
+                out.push((
+                    format!("file name \"{f}\" beside the child"),
+                    Some(dir.join(f)),
+                ));
             }
         }
     }
@@ -1918,8 +1939,8 @@ impl VirtualDisk for Vhdx {
             if head || tail {
                 let (m0, _) = self.map_partial(block, within - within % ss, ss, fo)?;
                 let (m1, _) = self.map_partial(block, (end - 1) / ss * ss, ss, fo)?;
-                fill_partial_sectors = (head && m0 == Mapping::Parent)
-                    || (tail && m1 == Mapping::Parent);
+                fill_partial_sectors =
+                    (head && m0 == Mapping::Parent) || (tail && m1 == Mapping::Parent);
             }
         }
         Ok(WriteExtent {

@@ -104,7 +104,7 @@ pub(crate) fn run_len(page: &[u8; PAGE], from: u64, to: u64) -> u64 {
     let full = if v { 0xff } else { 0 };
     let mut i = from + 1;
     while i < to {
-        if i % 8 == 0 && i + 8 <= to && page[(i / 8) as usize] == full {
+        if i.is_multiple_of(8) && i + 8 <= to && page[(i / 8) as usize] == full {
             i += 8;
             continue;
         }
@@ -120,7 +120,7 @@ pub(crate) fn run_len(page: &[u8; PAGE], from: u64, to: u64) -> u64 {
 pub(crate) fn set_range(page: &mut [u8; PAGE], from: u64, to: u64, value: bool) {
     let mut i = from;
     while i < to {
-        if i % 8 == 0 && i + 8 <= to {
+        if i.is_multiple_of(8) && i + 8 <= to {
             page[(i / 8) as usize] = if value { 0xff } else { 0 };
             i += 8;
             continue;

@@ -99,8 +99,14 @@ fn child_reads_parent_overlaid_with_writes() {
         let size = 12 * MIB;
         let mut model = base_file(&base, size, MIB as u32, lss, 1);
         let child = tmp.path().join("child.avhdx");
-        let d = Vhdx::create_differencing(&child, &base, &child_opts(2 * MIB as u32), &OpenOptions::default(), false)
-            .unwrap();
+        let d = Vhdx::create_differencing(
+            &child,
+            &base,
+            &child_opts(2 * MIB as u32),
+            &OpenOptions::default(),
+            false,
+        )
+        .unwrap();
         assert_eq!(d.info().subformat(), "differencing");
         assert_eq!(d.geometry().logical_sector_size, lss);
         assert_same(&read_all(&d), &model, "fresh child reads the parent");
@@ -136,10 +142,26 @@ fn whole_block_writes_become_fully_present() {
     let base = tmp.path().join("base.vhdx");
     let mut model = base_file(&base, 8 * MIB, MIB as u32, 512, 2);
     let child = tmp.path().join("child.avhdx");
-    let d = Vhdx::create_differencing(&child, &base, &child_opts(MIB as u32), &OpenOptions::default(), false).unwrap();
+    let d = Vhdx::create_differencing(
+        &child,
+        &base,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    )
+    .unwrap();
     // Block 2 written in two halves (two partial writes, then all present);
     // block 4 in one write.
-    apply_writes(&d, &mut model, &[(2 * MIB, MIB as usize / 2), (2 * MIB + MIB / 2, MIB as usize / 2), (4 * MIB, MIB as usize)], 3);
+    apply_writes(
+        &d,
+        &mut model,
+        &[
+            (2 * MIB, MIB as usize / 2),
+            (2 * MIB + MIB / 2, MIB as usize / 2),
+            (4 * MIB, MIB as usize),
+        ],
+        3,
+    );
     for b in [2, 4] {
         let e = d.map(b * MIB, MIB).unwrap();
         assert_eq!(e.len, MIB, "block {b} maps as one run");
@@ -159,7 +181,13 @@ fn chain_of_three_and_info_of_each_layer() {
     let mut model = base_file(&base, 6 * MIB, MIB as u32, 512, 7);
     std::fs::create_dir(tmp.path().join("sub")).unwrap();
     let mid = tmp.path().join("sub").join("mid.avhdx");
-    let d = Vhdx::create_differencing(&mid, &base, &child_opts(MIB as u32), &OpenOptions::default(), false);
+    let d = Vhdx::create_differencing(
+        &mid,
+        &base,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    );
     // The parent lies outside the new child's directory, but it was named
     // by the caller, so creating works; opening the child later follows it
     // only if the policy allows its directory.
@@ -167,10 +195,19 @@ fn chain_of_three_and_info_of_each_layer() {
     apply_writes(&d, &mut model, &[(1000, 5000), (2 * MIB + 17, 100_000)], 20);
     d.close().unwrap();
     let top = tmp.path().join("top.avhdx");
-    let d = Vhdx::create_differencing(&top, &mid, &child_opts(2 * MIB as u32), &OpenOptions::default(), false);
+    let d = Vhdx::create_differencing(
+        &top,
+        &mid,
+        &child_opts(2 * MIB as u32),
+        &OpenOptions::default(),
+        false,
+    );
     // mid's parent (base) is outside mid's directory: refused by default.
     let e = d.unwrap_err();
-    assert!(e.to_string().contains("not allowed by the parent policy"), "{e}");
+    assert!(
+        e.to_string().contains("not allowed by the parent policy"),
+        "{e}"
+    );
     let allow = OpenOptions {
         parent_policy: ParentPolicy {
             allowed_dirs: vec![tmp.path().to_path_buf()],
@@ -178,7 +215,8 @@ fn chain_of_three_and_info_of_each_layer() {
         },
         ..OpenOptions::default()
     };
-    let d = Vhdx::create_differencing(&top, &mid, &child_opts(2 * MIB as u32), &allow, false).unwrap();
+    let d =
+        Vhdx::create_differencing(&top, &mid, &child_opts(2 * MIB as u32), &allow, false).unwrap();
     apply_writes(&d, &mut model, &[(3000, 5000), (2 * MIB + 1, 10)], 40);
     assert_same(&read_all(&d), &model, "chain, fresh");
     d.close().unwrap();
@@ -198,10 +236,16 @@ fn linkage_is_checked_and_relink_follows_a_moved_parent() {
     let base = tmp.path().join("base.vhdx");
     let model = base_file(&base, 4 * MIB, MIB as u32, 512, 5);
     let child = tmp.path().join("child.avhdx");
-    Vhdx::create_differencing(&child, &base, &child_opts(MIB as u32), &OpenOptions::default(), false)
-        .unwrap()
-        .close()
-        .unwrap();
+    Vhdx::create_differencing(
+        &child,
+        &base,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    )
+    .unwrap()
+    .close()
+    .unwrap();
     // Move the parent away and to a new name: not found.
     std::fs::create_dir(tmp.path().join("store")).unwrap();
     let moved = tmp.path().join("store").join("renamed.vhdx");
@@ -217,7 +261,12 @@ fn linkage_is_checked_and_relink_follows_a_moved_parent() {
     let d = Vhdx::open(&child, &OpenOptions::default()).unwrap();
     assert_same(&read_all(&d), &model, "after relink");
     assert_eq!(
-        d.info().metadata.parent_locator.as_ref().unwrap().get("relative_path"),
+        d.info()
+            .metadata
+            .parent_locator
+            .as_ref()
+            .unwrap()
+            .get("relative_path"),
         Some(".\\store\\renamed.vhdx")
     );
     drop(d);
@@ -247,31 +296,56 @@ fn relink_keeps_the_childs_own_identity() {
     let model = base_file(&base, 4 * MIB, MIB as u32, 512, 8);
     let child = tmp.path().join("child.avhdx");
     let gc = tmp.path().join("gc.avhdx");
-    Vhdx::create_differencing(&child, &base, &child_opts(MIB as u32), &OpenOptions::default(), false)
-        .unwrap()
-        .close()
-        .unwrap();
-    Vhdx::create_differencing(&gc, &child, &child_opts(MIB as u32), &OpenOptions::default(), false)
-        .unwrap()
-        .close()
-        .unwrap();
+    Vhdx::create_differencing(
+        &child,
+        &base,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    Vhdx::create_differencing(
+        &gc,
+        &child,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    )
+    .unwrap()
+    .close()
+    .unwrap();
     let copy = tmp.path().join("base-copy.vhdx");
     std::fs::copy(&base, &copy).unwrap();
     Vhdx::set_parent(&child, &copy, false, &OpenOptions::default()).unwrap();
     std::fs::remove_file(&base).unwrap();
     let d = Vhdx::open(&gc, &OpenOptions::default()).unwrap();
-    assert_same(&read_all(&d), &model, "grandchild after its parent was relinked");
+    assert_same(
+        &read_all(&d),
+        &model,
+        "grandchild after its parent was relinked",
+    );
 }
 
 #[test]
 fn corpus_orphan_shows_its_locator() {
     let Some(dir) = corpus("vhdx") else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let img = decompress(&dir.join("dissect-differencing-orphan.avhdx.gz"), tmp.path());
+    let img = decompress(
+        &dir.join("dissect-differencing-orphan.avhdx.gz"),
+        tmp.path(),
+    );
     let info = Vhdx::inspect(&img).unwrap();
     let pl = info.metadata.parent_locator.as_ref().unwrap();
     assert!(pl.get("parent_linkage").is_some());
-    assert_eq!(info.parent_linkages().len(), pl.entries.iter().filter(|(k, _)| k.starts_with("parent_linkage")).count());
+    assert_eq!(
+        info.parent_linkages().len(),
+        pl.entries
+            .iter()
+            .filter(|(k, _)| k.starts_with("parent_linkage"))
+            .count()
+    );
     let e = Vhdx::open(&img, &OpenOptions::default()).unwrap_err();
     assert!(e.to_string().contains("parent is missing"), "{e}");
 }
@@ -304,8 +378,12 @@ fn mem_child(parent: &[u8], block: u32) -> Vec<u8> {
         &OpenOptions::default(),
     )
     .unwrap();
-    let loc = parent_locator_for(Path::new("/nonexistent/child.avhdx"), Path::new("/"), p.info().header.data_write_guid)
-        .unwrap();
+    let loc = parent_locator_for(
+        Path::new("/nonexistent/child.avhdx"),
+        Path::new("/"),
+        p.info().header.data_write_guid,
+    )
+    .unwrap();
     let st = Arc::new(MemStorage::new("child.avhdx"));
     Vhdx::create_differencing_on(Box::new(st.clone()), &child_opts(block), loc, Arc::new(p))
         .unwrap()
@@ -344,7 +422,11 @@ fn crash_run(block: u32, seed: u64) {
         let off = size - DIFF_SPARE + 300;
         rw_d.write_at(&[0xee; 700], off).unwrap();
         rw_d.close().unwrap();
-        let again = open_child(Box::new(MemStorage::from_vec("again", st.to_vec())), &OpenOptions::default(), &pbytes);
+        let again = open_child(
+            Box::new(MemStorage::from_vec("again", st.to_vec())),
+            &OpenOptions::default(),
+            &pbytes,
+        );
         let mut b = vec![0u8; 1300];
         again.read_at(&mut b, off - 300).unwrap();
         let o = (off - 300) as usize;
@@ -445,7 +527,14 @@ fn make_standalone_keeps_present_data_and_drops_the_parent() {
     let base = tmp.path().join("base.vhdx");
     let pmodel = base_file(&base, 6 * MIB, MIB as u32, 512, 9);
     let child = tmp.path().join("child.avhdx");
-    let d = Vhdx::create_differencing(&child, &base, &child_opts(MIB as u32), &OpenOptions::default(), false).unwrap();
+    let d = Vhdx::create_differencing(
+        &child,
+        &base,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    )
+    .unwrap();
     // Copy the parent's first 2 MiB + 100 bytes in (block 2 partial), and a
     // sector-unaligned write elsewhere.
     let mut model = vec![0u8; pmodel.len()];
@@ -471,7 +560,12 @@ fn make_standalone_keeps_present_data_and_drops_the_parent() {
     if have("qemu-img") {
         let raw = tmp.path().join("c.raw");
         dump_raw(&d, &raw, d.virtual_size());
-        run(std::process::Command::new("qemu-img").args(["check", "-f", "vhdx"]).arg(&child));
-        run(std::process::Command::new("qemu-img").args(["compare", "-f", "vhdx", "-F", "raw"]).arg(&child).arg(&raw));
+        run(std::process::Command::new("qemu-img")
+            .args(["check", "-f", "vhdx"])
+            .arg(&child));
+        run(std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "vhdx", "-F", "raw"])
+            .arg(&child)
+            .arg(&raw));
     }
 }

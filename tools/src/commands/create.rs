@@ -18,7 +18,8 @@ pub fn run(args: &CreateArgs) -> Result<()> {
         bail!("the virtual size (SIZE) is required unless -b PARENT is given");
     };
     let size = parse_arg("SIZE", size)?;
-    let target = options::target(args.format, size, &args.options)?;
+    let format = args.format.unwrap_or(Format::Raw);
+    let target = options::target(format, size, &args.options)?;
     let img = create(&args.image, &target, size)?;
     let actual = img.disk().virtual_size();
     img.close()?;
@@ -32,27 +33,111 @@ pub fn run(args: &CreateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `create -b PARENT`: a differencing VHD over PARENT.
+/// `create -b PARENT`: a differencing VHDX or VHD over PARENT.
 fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
-    if args.format != Format::Vhd {
-        bail!(
-            "a backing file (-b) is supported for VHD images only (use -f vhd), not {}",
-            args.format.name()
-        );
-    }
     let pformat = open::resolve(parent, args.backing_format)?;
-    if pformat != Format::Vhd {
-        bail!(
-            "{}: the parent of a differencing VHD must be a VHD, not {}",
-            parent.display(),
-            pformat.name()
-        );
-    }
+    // Without -f, the child takes the parent's format.
+    let format = args.format.unwrap_or(pformat);
     let size = match &args.size {
-        Some(s) => parse_arg("SIZE", s)?,
-        None => 0,
+        Some(s) => Some(parse_arg("SIZE", s)?),
+        None => None,
     };
-    let Target::Vhd(o) = options::target(Format::Vhd, size, &args.options)? else {
+    match (format, pformat) {
+        (Format::Vhdx, Format::Vhdx) => differencing_vhdx(args, parent, size),
+        (Format::Vhd, Format::Vhd) => differencing_vhd(args, parent, size),
+        (Format::Raw, _) => bail!(
+            "{}: a raw image cannot have a backing file (-b): use -f vhdx or -f vhd",
+            args.image.display()
+        ),
+        (Format::Vhdx, p) => bail!(
+            "{}: the parent of a differencing VHDX must be a VHDX, not {} \
+             (a differencing VHD needs -f vhd and a VHD parent)",
+            parent.display(),
+            describe_format(p)
+        ),
+        (Format::Vhd, p) => bail!(
+            "{}: the parent of a differencing VHD must be a VHD, not {} \
+             (a differencing VHDX needs -f vhdx and a VHDX parent)",
+            parent.display(),
+            describe_format(p)
+        ),
+    }
+}
+
+/// A format's name for messages ("a raw image", "a VHDX").
+fn describe_format(f: Format) -> &'static str {
+    match f {
+        Format::Raw => "a raw image",
+        Format::Vhdx => "a VHDX",
+        Format::Vhd => "a VHD",
+    }
+}
+
+/// Refuse a SIZE that is not the parent's virtual size.
+fn check_size(
+    args: &CreateArgs,
+    parent: &Path,
+    given: Option<u64>,
+    parent_size: u64,
+) -> Result<()> {
+    match given {
+        Some(s) if s != parent_size => bail!(
+            "{}: SIZE {s} is not the virtual size of the parent {} ({parent_size} bytes): \
+             a differencing disk has its parent's size (omit SIZE)",
+            args.image.display(),
+            parent.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Options a differencing VHDX accepts (the rest comes from the parent).
+const VHDX_DIFFERENCING_KEYS: &[&str] = &["subformat", "block_size", "log_size"];
+
+fn differencing_vhdx(args: &CreateArgs, parent: &Path, size: Option<u64>) -> Result<()> {
+    let kv = options::split(&args.options)?;
+    for (k, v) in &kv {
+        if !VHDX_DIFFERENCING_KEYS.contains(&k.as_str()) {
+            bail!(
+                "option '{k}' does not apply to a differencing VHDX (its sizes come from the \
+                 parent; supported: {})",
+                VHDX_DIFFERENCING_KEYS.join(", ")
+            );
+        }
+        if k == "subformat" && v == "fixed" {
+            bail!("a differencing VHDX is dynamic: subformat=fixed does not apply");
+        }
+    }
+    let Target::Vhdx(mut o) = options::target(Format::Vhdx, 0, &args.options)? else {
+        bail!("internal error: VHDX options expected");
+    };
+    if !kv.iter().any(|(k, _)| k == "block_size") {
+        o.block_size = vhdx::DEFAULT_DIFFERENCING_BLOCK_SIZE;
+    }
+    if size.is_some() {
+        let pname = parent.display().to_string();
+        let info = vhdx::Vhdx::inspect(parent).map_err(|e| e.in_file(&pname, 0))?;
+        check_size(args, parent, size, info.metadata.virtual_disk_size)?;
+    }
+    same_file_guard(&args.image, parent)?;
+    let img = open::create_vhdx_differencing(&args.image, parent, &o)?;
+    let actual = img.disk().virtual_size();
+    img.close()?;
+    open::sync_parent_dir(&args.image)?;
+    note_policy(&args.image, parent);
+    println!(
+        "Formatted '{}', fmt=vhdx size={actual} subformat=differencing block_size={} \
+         log_size={} backing_file={}",
+        args.image.display(),
+        o.block_size,
+        o.log_size,
+        parent.display()
+    );
+    Ok(())
+}
+
+fn differencing_vhd(args: &CreateArgs, parent: &Path, size: Option<u64>) -> Result<()> {
+    let Target::Vhd(o) = options::target(Format::Vhd, size.unwrap_or(0), &args.options)? else {
         bail!("internal error: VHD options expected");
     };
     if o.fixed {
@@ -62,6 +147,7 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
     let actual = img.disk().virtual_size();
     img.close()?;
     open::sync_parent_dir(&args.image)?;
+    note_policy(&args.image, parent);
     println!(
         "Formatted '{}', fmt=vhd size={actual} subformat=differencing block_size={} \
          backing_file={}",
@@ -70,6 +156,38 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
         parent.display()
     );
     Ok(())
+}
+
+/// Refuse to overwrite the parent with its own child.
+fn same_file_guard(child: &Path, parent: &Path) -> Result<()> {
+    if let (Ok(c), Ok(p)) = (std::fs::canonicalize(child), std::fs::canonicalize(parent)) {
+        if c == p {
+            bail!(
+                "{}: the differencing disk would overwrite its own parent",
+                child.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Tell (on stderr) when opening the new child will need a wider parent
+/// policy than the default: its parent is outside the child's directory.
+fn note_policy(child: &Path, parent: &Path) {
+    let default = disk::ParentPolicy::default();
+    if !disk::ChainSearch::new(&default, child).permits(parent) {
+        eprintln!(
+            "vdisk: note: the parent {} is outside the directory of {}: opening it will need \
+             --parent-dir {} (or --allow-any-parent)",
+            parent.display(),
+            child.display(),
+            parent
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .display()
+        );
+    }
 }
 
 /// Create `path` as `target` with a virtual size of `size` bytes.

@@ -4,10 +4,11 @@ use crate::open::{self, Format};
 use crate::size::human_exact;
 use crate::{InfoArgs, OutputFormat};
 use anyhow::Result;
+use disk::ParentPolicy;
 use serde::{Serialize, Serializer};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use vhdx::{Info, OpenOptions, Vhdx};
+use vhdx::{Info, Vhdx};
 
 /// Everything `info` reports. The JSON form has exactly the non-skipped
 /// fields, with these (stable) names, for every format: fields that do not
@@ -34,6 +35,8 @@ struct Report {
     /// Parent locator entries in on-disk order.
     #[serde(serialize_with = "ordered_map")]
     parent: Option<Vec<(String, String)>>,
+    /// Differencing disks whose parent was found: the parent file opened.
+    parent_file: Option<String>,
     /// VHD-only details.
     vhd: Option<VhdReport>,
 }
@@ -88,11 +91,57 @@ fn ordered_map<S: Serializer>(v: &Option<Vec<(String, String)>>, s: S) -> Result
 
 pub fn run(args: &InfoArgs) -> Result<()> {
     let path = args.image.as_path();
+    if args.backing_chain {
+        return chain(args);
+    }
+    let report = report(path, args.format, open::policy())?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Human => print!("{}", human(&report)),
+    }
+    Ok(())
+}
+
+/// `info --backing-chain`: the report of every layer, the image first.
+fn chain(args: &InfoArgs) -> Result<()> {
+    let path = args.image.as_path();
     let format = open::resolve(path, args.format)?;
+    let files = match format {
+        Format::Raw => vec![path.to_path_buf()],
+        Format::Vhdx | Format::Vhd => checkpoint::image::chain_files(path, open::policy())?,
+    };
+    // Each layer is opened on its own, with its own directory as the
+    // default root: the top's directory (where the chain open found the
+    // layers) is allowed too.
+    let mut lower = open::policy().clone();
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        lower.allowed_dirs.push(d.to_path_buf());
+    }
+    let mut reports = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        reports.push(if i == 0 {
+            report(f, Some(format), open::policy())?
+        } else {
+            report(f, None, &lower)?
+        });
+    }
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        OutputFormat::Human => {
+            let text: Vec<String> = reports.iter().map(human).collect();
+            print!("{}", text.join("\n"));
+        }
+    }
+    Ok(())
+}
+
+/// The report of the image at `path` (format given or detected).
+fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<Report> {
+    let format = open::resolve(path, format)?;
     let name = path.display().to_string();
     let meta =
         std::fs::metadata(path).map_err(|e| disk::Error::io("cannot stat", e).in_file(&name, 0))?;
-    let report = match format {
+    Ok(match format {
         Format::Raw => {
             let img = open::open(path, Some(Format::Raw), false)?;
             let g = img.disk().geometry();
@@ -112,21 +161,21 @@ pub fn run(args: &InfoArgs) -> Result<()> {
                 virtual_disk_id: None,
                 data_write_guid: None,
                 parent: None,
+                parent_file: None,
                 vhd: None,
             }
         }
-        Format::Vhdx => vhdx_report(path, name, meta.len())?,
-        Format::Vhd => vhd_report(path, name, meta.len())?,
-    };
-    match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Human => print!("{}", human(&report)),
-    }
-    Ok(())
+        Format::Vhdx => vhdx_report(path, name, meta.len(), policy)?,
+        Format::Vhd => vhd_report(path, name, meta.len(), policy)?,
+    })
 }
 
-fn vhdx_report(path: &Path, name: String, file_size: u64) -> Result<Report> {
-    let (info, allocated_bytes) = match Vhdx::open(path, &OpenOptions::default()) {
+fn vhdx_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
+    let opts = vhdx::OpenOptions {
+        parent_policy: policy.clone(),
+        ..vhdx::OpenOptions::default()
+    };
+    let (info, allocated_bytes) = match Vhdx::open(path, &opts) {
         Ok(d) => {
             let stats = d.allocation_stats()?;
             (d.info().clone(), Some(stats.allocated_bytes))
@@ -134,7 +183,10 @@ fn vhdx_report(path: &Path, name: String, file_size: u64) -> Result<Report> {
         Err(open_err) => match Vhdx::inspect(path) {
             // A differencing disk whose parent cannot be opened: show its
             // metadata anyway, without the allocation scan.
-            Ok(info) if info.metadata.file_parameters.has_parent => (info, None),
+            Ok(info) if info.metadata.file_parameters.has_parent => {
+                parent_note(&open_err);
+                (info, None)
+            }
             _ => return Err(open_err.into()),
         },
     };
@@ -169,21 +221,35 @@ fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>
         virtual_disk_id: Some(m.virtual_disk_id.to_string()),
         data_write_guid: Some(info.header.data_write_guid.to_string()),
         parent,
+        parent_file: info.parent_file.clone(),
         vhd: None,
     }
 }
 
-fn vhd_report(path: &Path, name: String, file_size: u64) -> Result<Report> {
-    let info = match vhd::Vhd::open(path, &vhd::OpenOptions::default()) {
+fn vhd_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
+    let opts = vhd::OpenOptions {
+        parent_policy: policy.clone(),
+        ..vhd::OpenOptions::default()
+    };
+    let info = match vhd::Vhd::open(path, &opts) {
         Ok(d) => d.info().clone(),
         Err(open_err) => match vhd::Vhd::inspect(path) {
             // A differencing disk (whose parent chain cannot be opened):
             // show its metadata anyway.
-            Ok(info) if info.footer.disk_type == vhd::footer::DiskType::Differencing => info,
+            Ok(info) if info.footer.disk_type == vhd::footer::DiskType::Differencing => {
+                parent_note(&open_err);
+                info
+            }
             _ => return Err(open_err.into()),
         },
     };
     Ok(vhd_fields(&info, name, file_size))
+}
+
+/// Say on stderr why the parent of a differencing disk is not opened.
+fn parent_note(e: &disk::Error) {
+    eprintln!("vdisk: note: {e}");
+    crate::policy_hint(&e.to_string());
 }
 
 /// "vpc " → "vpc"; non-printable bytes escaped.
@@ -274,6 +340,7 @@ fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
         virtual_disk_id: Some(f.unique_id.to_string()),
         data_write_guid: None,
         parent,
+        parent_file: info.parent_file.clone(),
         vhd: Some(vhd),
     }
 }
@@ -330,9 +397,6 @@ fn human(r: &Report) -> String {
         if let Some(n) = v.allocated_blocks {
             line("allocated blocks", &n);
         }
-        if let Some(p) = &v.parent_file {
-            line("parent file", p);
-        }
         if v.footer == "end_511" {
             line("footer", &"511 bytes (made before Virtual PC 2004)");
         }
@@ -349,6 +413,9 @@ fn human(r: &Report) -> String {
     }
     if let Some(g) = &r.data_write_guid {
         line("data write guid", g);
+    }
+    if let Some(p) = &r.parent_file {
+        s.push_str(&format!("parent file: {p}\n"));
     }
     if let Some(parent) = &r.parent {
         s.push_str("parent:\n");

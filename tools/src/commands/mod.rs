@@ -1,5 +1,7 @@
 //! One module per subcommand, plus helpers they share.
 
+pub mod chain;
+pub mod checkpoint;
 pub mod compare;
 pub mod convert;
 pub mod create;

@@ -1,0 +1,150 @@
+//! `vdisk checkpoint`: a checkpoint tree in a directory (a disk bundle).
+
+use crate::open::Format;
+use crate::size::{human, parse_arg};
+use crate::{
+    CheckpointArgs, CheckpointCommand, CheckpointInitArgs, CheckpointListArgs, OutputFormat,
+};
+use anyhow::{bail, Result};
+use checkpoint::{Bundle, NodeInfo};
+use std::path::Path;
+
+pub fn run(args: &CheckpointArgs) -> Result<()> {
+    match &args.command {
+        CheckpointCommand::Init(a) => init(a),
+        CheckpointCommand::Create(a) => {
+            let mut b = open(&a.bundle)?;
+            b.create(&a.name)?;
+            println!(
+                "Created checkpoint '{}' in '{}'; active disk: {}",
+                a.name,
+                a.bundle.display(),
+                b.active_path().display()
+            );
+            Ok(())
+        }
+        CheckpointCommand::List(a) => list(a),
+        CheckpointCommand::Revert(a) => {
+            let mut b = open(&a.bundle)?;
+            b.revert(&a.name)?;
+            println!(
+                "Reverted '{}' to checkpoint '{}' (later changes dropped); active disk: {}",
+                a.bundle.display(),
+                a.name,
+                b.active_path().display()
+            );
+            Ok(())
+        }
+        CheckpointCommand::Delete(a) => {
+            let mut b = open(&a.bundle)?;
+            b.delete(&a.name)?;
+            println!(
+                "Deleted checkpoint '{}' from '{}'",
+                a.name,
+                a.bundle.display()
+            );
+            Ok(())
+        }
+        CheckpointCommand::Merge(a) => {
+            let mut b = open(&a.bundle)?;
+            b.merge()?;
+            println!(
+                "Merged '{}' into one disk: {}",
+                a.bundle.display(),
+                b.active_path().display()
+            );
+            Ok(())
+        }
+        CheckpointCommand::Path(a) => {
+            let b = open(&a.bundle)?;
+            println!("{}", b.active_path().display());
+            Ok(())
+        }
+    }
+}
+
+/// Open the bundle in `dir` (finishing an interrupted operation).
+fn open(dir: &Path) -> Result<Bundle> {
+    if !dir.is_dir() {
+        bail!(
+            "{}: not a bundle directory (create one with vdisk checkpoint init)",
+            dir.display()
+        );
+    }
+    Ok(Bundle::open(dir)?)
+}
+
+fn init(a: &CheckpointInitArgs) -> Result<()> {
+    let b = match (&a.from, &a.size) {
+        (Some(image), _) => Bundle::init_from(&a.bundle, image)?,
+        (None, Some(size)) => {
+            let size = parse_arg("SIZE", size)?;
+            let format = match a.format.unwrap_or(Format::Vhdx) {
+                Format::Vhdx => checkpoint::Format::Vhdx,
+                Format::Vhd => checkpoint::Format::Vhd,
+                Format::Raw => bail!(
+                    "{}: a bundle's disks are vhdx or vhd, not raw",
+                    a.bundle.display()
+                ),
+            };
+            Bundle::init(&a.bundle, format, size)?
+        }
+        (None, None) => bail!("the virtual size (SIZE) is required unless --from IMAGE is given"),
+    };
+    let base = b
+        .list()?
+        .into_iter()
+        .find(|n| n.depth == 0)
+        .map(|n| b.disk_path(&n.node));
+    println!(
+        "Created bundle '{}' ({}){}; active disk: {}",
+        a.bundle.display(),
+        match b.manifest().format {
+            checkpoint::Format::Vhdx => "vhdx",
+            checkpoint::Format::Vhd => "vhd",
+        },
+        base.map(|p| format!(", base {}", p.display()))
+            .unwrap_or_default(),
+        b.active_path().display()
+    );
+    Ok(())
+}
+
+fn list(a: &CheckpointListArgs) -> Result<()> {
+    let b = open(&a.bundle)?;
+    let nodes = b.list()?;
+    match a.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+        OutputFormat::Human => print!("{}", tree(&nodes)),
+    }
+    Ok(())
+}
+
+/// The tree for people: one line per node, indented by depth, the active
+/// disk marked with `*`, then aligned columns: creation time, file size,
+/// disk file.
+fn tree(nodes: &[NodeInfo]) -> String {
+    let label = |n: &NodeInfo| {
+        let name = match (&n.node.name, n.active) {
+            (_, true) => "* (active)".to_string(),
+            (Some(name), false) => name.clone(),
+            (None, false) => "(unnamed)".to_string(),
+        };
+        format!("{}{name}", "  ".repeat(n.depth))
+    };
+    let labels: Vec<String> = nodes.iter().map(label).collect();
+    let sizes: Vec<String> = nodes.iter().map(|n| human(n.file_size)).collect();
+    let lw = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
+    let sw = sizes.iter().map(String::len).max().unwrap_or(0);
+    let mut s = String::new();
+    for ((n, l), size) in nodes.iter().zip(&labels).zip(&sizes) {
+        let pad = lw - l.chars().count();
+        s.push_str(&format!(
+            "{l}{}  {}  {size:>sw$}  {}\n",
+            " ".repeat(pad),
+            n.created_utc,
+            n.node.disk
+        ));
+    }
+    s
+}
