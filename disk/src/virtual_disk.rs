@@ -215,17 +215,15 @@ pub trait VirtualDisk: Send + Sync {
                     depth,
                     offset: FileOffset(fo),
                 } => {
-                    match self.layer_storage(depth) {
-                        Some(s) => s.read_at(chunk, fo)?,
-                        None => return Err(Error::corrupt(
+                    let Some(s) = self.layer_storage(depth) else {
+                        return Err(Error::corrupt(
                             "block mapping",
                             pos,
-                            format!(
-                                "mapped to layer {depth} below this disk, which has no such layer"
-                            ),
+                            format!("mapped to layer {depth} below, which this disk does not have"),
                         )
-                        .in_file(self.storage().name(), 0)),
-                    }
+                        .in_file(self.storage().name(), 0));
+                    };
+                    s.read_at(chunk, fo)?;
                 }
             }
             done += n;
