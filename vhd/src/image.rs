@@ -746,41 +746,12 @@ impl Vhd {
         }
         let parent = Vhd::open(&parent_abs, &OpenOptions::default())?;
         validate_differencing(opts, parent.virtual_size()).in_file(&name, 0)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let dir_abs = std::fs::canonicalize(dir)
-            .map_err(|e| Error::io("cannot resolve the directory of", e).in_file(&name, 0))?;
-        let unicode = |p: &Path| {
-            p.to_str().map(str::to_string).ok_or_else(|| {
-                Error::invalid(format!(
-                    "the parent path {} is not valid Unicode: a VHD locator cannot record it",
-                    p.display()
-                ))
-                .in_file(&name, 0)
-            })
-        };
-        let file_name = parent_abs
-            .file_name()
-            .map(Path::new)
-            .ok_or_else(|| Error::invalid("the parent path has no file name").in_file(&pname, 0))?;
         // The specification's Parent Time Stamp is "the modification time
         // stamp of the parent hard disk": the parent file's mtime, as Virtual
         // PC writes it (Windows' diskpart wrote 0 in the corpus image
         // dfvfs-fat-differential-orphan.vhd, and neither it nor QEMU checks
         // the field; nor do we, at open).
-        let timestamp = std::fs::metadata(&parent_abs)
-            .and_then(|m| m.modified())
-            .map_or(0, vhd_time);
-        let link = ParentLink {
-            name: unicode(file_name)?,
-            relative: relative_windows_path(&dir_abs, &parent_abs).ok_or_else(|| {
-                Error::invalid("the parent path is not valid Unicode").in_file(&pname, 0)
-            })?,
-            absolute: unicode(&parent_abs)?,
-            timestamp,
-        };
+        let link = parent_link_for(path, &parent_abs)?;
         let storage = FileStorage::create(path, overwrite)?;
         Self::create_differencing_on(Box::new(storage), parent, &link, opts)
     }
