@@ -265,6 +265,25 @@ impl DynamicHeader {
         String::from_utf16_lossy(&units)
     }
 
+    /// Record a parent: its unique id, time stamp and name (UTF-16 big
+    /// endian, the rest of the field zeroed).
+    ///
+    /// # Errors
+    /// The name does not fit the 512-byte field (`InvalidInput`).
+    pub fn set_parent(&mut self, id: Uuid, timestamp: u32, name: &str) -> Result<()> {
+        let uname: Vec<u8> = name.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        if uname.len() > PARENT_NAME_SIZE {
+            return Err(Error::invalid(format!(
+                "the parent's file name \"{name}\" is too long for the 512-byte parent name field"
+            )));
+        }
+        self.parent_unique_id = id;
+        self.parent_timestamp = timestamp;
+        self.parent_unicode_name = [0; PARENT_NAME_SIZE];
+        self.parent_unicode_name[..uname.len()].copy_from_slice(&uname);
+        Ok(())
+    }
+
     /// The used parent locators with their index.
     pub fn locators(&self) -> impl Iterator<Item = (usize, &ParentLocator)> {
         self.parent_locators

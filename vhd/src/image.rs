@@ -793,21 +793,9 @@ impl Vhd {
         let entries32 = u32::try_from(entries)
             .map_err(|_| Error::invalid("too many blocks for a VHD BAT").in_file(&name, 0))?;
         let mut header = DynamicHeader::new(table_offset, entries32, opts.block_size);
-        header.parent_unique_id = pf.unique_id;
-        header.parent_timestamp = link.timestamp;
-        let uname: Vec<u8> = link
-            .name
-            .encode_utf16()
-            .flat_map(u16::to_be_bytes)
-            .collect();
-        if uname.len() > header.parent_unicode_name.len() {
-            return Err(Error::invalid(format!(
-                "the parent's file name \"{}\" is too long for the 512-byte parent name field",
-                link.name
-            ))
-            .in_file(&name, 0));
-        }
-        header.parent_unicode_name[..uname.len()].copy_from_slice(&uname);
+        header
+            .set_parent(pf.unique_id, link.timestamp, &link.name)
+            .in_file(&name, 0)?;
         let table_len = (entries * 4).div_ceil(SECTOR) * SECTOR;
         // Each locator's data in its own space after the BAT, in the order
         // of the header entries Windows writes (W2ku first, then W2ru).
@@ -1873,22 +1861,8 @@ impl Vhd {
         }
 
         let mut h = header.clone();
-        h.parent_unique_id = pid;
-        h.parent_timestamp = link.timestamp;
-        let uname: Vec<u8> = link
-            .name
-            .encode_utf16()
-            .flat_map(u16::to_be_bytes)
-            .collect();
-        if uname.len() > h.parent_unicode_name.len() {
-            return Err(Error::invalid(format!(
-                "the parent's file name \"{}\" is too long for the 512-byte parent name field",
-                link.name
-            ))
-            .in_file(&name, 0));
-        }
-        h.parent_unicode_name = [0; crate::dynamic_header::PARENT_NAME_SIZE];
-        h.parent_unicode_name[..uname.len()].copy_from_slice(&uname);
+        h.set_parent(pid, link.timestamp, &link.name)
+            .in_file(&name, 0)?;
 
         // The existing data spaces, each cut short where another structure
         // begins (a space whose size field is wrong or in the other unit
