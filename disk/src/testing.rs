@@ -164,6 +164,43 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The whole virtual disk.
+pub fn read_all(d: &dyn VirtualDisk) -> Vec<u8> {
+    let mut v = vec![0u8; d.virtual_size() as usize];
+    d.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// Panic naming the first differing byte (a readable failure for disks).
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at byte {i:#x}");
+    }
+    assert_eq!(got.len(), want.len(), "{what}: length");
+}
+
+/// Pattern writes that make a parent disk interesting: the first 3/8
+/// (whole blocks), 70 000 bytes just past the middle (a partial block),
+/// and the last 1/20 (the end). Returns the disk's content afterwards,
+/// assuming it read as zeros before.
+pub fn fill_parent(d: &dyn VirtualDisk, seed: u64) -> Vec<u8> {
+    let size = d.virtual_size();
+    let mut model = vec![0u8; size as usize];
+    for (i, (off, len)) in [
+        (0u64, size * 3 / 8),
+        (size / 2 + 1000, 70_000),
+        (size - size / 20, size / 20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = pattern(len as usize, seed + i as u64);
+        d.write_at(&p, off).unwrap();
+        model[off as usize..(off + len) as usize].copy_from_slice(&p);
+    }
+    model
+}
+
 /// `qemu-img compare` (with `-f`/`-F`, or image-opts strings when `fa` is
 /// "--image-opts"); Ok when identical, else qemu-img's output.
 pub fn qemu_compare(

@@ -5,7 +5,7 @@
 //! view, re-read, and reopened.
 
 mod common;
-use common::MIB;
+use common::{assert_same, MIB};
 use disk::{ChainView, Mapping, VirtualDisk};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,13 +61,6 @@ fn read(d: &dyn VirtualDisk, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     d.read_at(&mut v, offset).unwrap();
     v
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}");
-    }
 }
 
 /// A chain of `depth` VHDs (a dynamic base and `depth - 1` differencing

@@ -29,26 +29,10 @@ fn child_opts(block: u32) -> CreateOptions {
     o
 }
 
-/// Pattern writes: some blocks full, some partial, some untouched.
-fn fill(d: &dyn VirtualDisk, seed: u64) {
-    let size = d.virtual_size();
-    for (i, (off, len)) in [
-        (0u64, size * 3 / 8),
-        (size / 2 + 1000, 70_000),
-        (size - size / 20, size / 20),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        d.write_at(&pattern(len as usize, seed + i as u64), off)
-            .unwrap();
-    }
-}
-
 /// A dynamic VHD file with a pattern.
 fn base_file(path: &Path, size: u64, seed: u64) {
     let d = Vhd::create(path, &CreateOptions::new(size), false).unwrap();
-    fill(&d, seed);
+    fill_parent(&d, seed);
     d.close().unwrap();
 }
 
@@ -65,21 +49,8 @@ fn child_file(path: &Path, parent: &Path, block: u32, seed: u64) {
     d.close().unwrap();
 }
 
-fn read_all(d: &dyn VirtualDisk) -> Vec<u8> {
-    let mut v = vec![0u8; d.virtual_size() as usize];
-    d.read_at(&mut v, 0).unwrap();
-    v
-}
-
 fn read_file(path: &Path, opts: &OpenOptions) -> Vec<u8> {
     read_all(&Vhd::open(path, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}");
-    }
-    assert_eq!(got.len(), want.len(), "{what}: length");
 }
 
 fn header_of(path: &Path) -> DynamicHeader {
@@ -411,7 +382,7 @@ fn mem_pair(full: bool, seed: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let mut o = CreateOptions::new(4 * MIB);
     o.block_size = 64 * 1024;
     let p = Vhd::create_on(Box::new(pst.clone()), &o).unwrap();
-    fill(&p, seed);
+    fill_parent(&p, seed);
     p.close().unwrap();
     let pbytes = pst.to_vec();
     let cst = Arc::new(MemStorage::new("child.vhd"));
@@ -432,7 +403,7 @@ fn mem_pair(full: bool, seed: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         c.write_at(&pattern(c.virtual_size() as usize, seed + 1), 0)
             .unwrap();
     } else {
-        fill(&c, seed + 1);
+        fill_parent(&c, seed + 1);
         c.write_at(&[0u8; 3000], 2 * MIB + 100).unwrap();
     }
     let model = read_all(&c);

@@ -28,25 +28,6 @@ fn child_opts(block: u32) -> CreateOptions {
     o
 }
 
-/// Pattern writes into a parent: a full stretch, a partial block, the end.
-fn fill_parent(d: &dyn VirtualDisk, seed: u64) -> Vec<u8> {
-    let size = d.virtual_size();
-    let mut model = vec![0u8; size as usize];
-    for (i, (off, len)) in [
-        (0u64, size * 3 / 8),
-        (size / 2 + 1000, 70_000),
-        (size - size / 20, size / 20),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let p = pattern(len as usize, seed + i as u64);
-        d.write_at(&p, off).unwrap();
-        model[off as usize..(off + len) as usize].copy_from_slice(&p);
-    }
-    model
-}
-
 fn base_file(path: &Path, size: u64, block: u32, lss: u32, seed: u64) -> Vec<u8> {
     let mut o = CreateOptions::new(size);
     o.block_size = block;
@@ -63,19 +44,6 @@ fn apply_writes(d: &dyn VirtualDisk, model: &mut [u8], writes: &[(u64, usize)], 
         d.write_at(&p, off).unwrap();
         model[off as usize..off as usize + len].copy_from_slice(&p);
     }
-}
-
-fn read_all(d: &dyn VirtualDisk) -> Vec<u8> {
-    let mut v = vec![0u8; d.virtual_size() as usize];
-    d.read_at(&mut v, 0).unwrap();
-    v
-}
-
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i:#x}");
-    }
-    assert_eq!(got.len(), want.len(), "{what}: length");
 }
 
 fn unaligned_writes(size: u64) -> Vec<(u64, usize)> {
