@@ -62,6 +62,35 @@ pub struct Resolution {
     pub refused: bool,
 }
 
+impl Resolution {
+    /// The error for a differencing `format` image `child` whose parent was
+    /// not found: says whether it is missing or refused by the policy, then
+    /// `parent` (what the image says of its parent) and every path tried
+    /// (`no_paths` when there were none).
+    pub fn not_found_error(
+        &self,
+        child: &str,
+        format: &str,
+        parent: &str,
+        no_paths: &str,
+    ) -> Error {
+        let paths = if self.tried.is_empty() {
+            no_paths.to_string()
+        } else {
+            format!("tried {}", self.tried.join(", "))
+        };
+        let why = if self.refused {
+            "is not allowed by the parent policy"
+        } else {
+            "is missing"
+        };
+        Error::invalid(format!(
+            "differencing {format} whose parent {why}: {parent}; {paths}"
+        ))
+        .in_file(child, 0)
+    }
+}
+
 /// The state of one chain open: the policy, the directories it permits and
 /// the images already open (to refuse loops).
 #[derive(Debug, Clone)]

@@ -1348,22 +1348,16 @@ fn find_parent(
         }
         return Ok(Arc::new(parent));
     }
-    let pname = h.parent_name();
-    let paths = if res.tried.is_empty() {
-        "no parent locator or parent name names a path".to_string()
-    } else {
-        format!("tried {}", res.tried.join(", "))
-    };
-    let what = if res.refused {
-        "differencing VHD whose parent is not allowed by the parent policy"
-    } else {
-        "differencing VHD whose parent is missing"
-    };
-    Err(Error::invalid(format!(
-        "{what}: parent \"{pname}\" (id {}) not found; {paths}",
-        h.parent_unique_id
+    Err(res.not_found_error(
+        name,
+        "VHD",
+        &format!(
+            "parent \"{}\" (id {}) not found",
+            h.parent_name(),
+            h.parent_unique_id
+        ),
+        "no parent locator or parent name names a path",
     ))
-    .in_file(name, 0))
 }
 
 fn check_parent_size(name: &str, parent: &dyn VirtualDisk, size: u64) -> Result<()> {

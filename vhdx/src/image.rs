@@ -1795,20 +1795,12 @@ fn find_parent(
     let linkage_text = loc.get("parent_linkage").unwrap_or("(none)");
     let res = chain.resolve(&parent_candidates(child, loc));
     let Some(path) = res.found else {
-        let paths = if res.tried.is_empty() {
-            "its parent locator names no path".to_string()
-        } else {
-            format!("tried {}", res.tried.join(", "))
-        };
-        let what = if res.refused {
-            "differencing VHDX whose parent is not allowed by the parent policy"
-        } else {
-            "differencing VHDX whose parent is missing"
-        };
-        return Err(Error::invalid(format!(
-            "{what}: parent not found (parent_linkage {linkage_text}); {paths}"
-        ))
-        .in_file(name, 0));
+        return Err(res.not_found_error(
+            name,
+            "VHDX",
+            &format!("parent not found (parent_linkage {linkage_text})"),
+            "its parent locator names no path",
+        ));
     };
     let depth = chain.depth();
     chain.enter(name, &path)?;
