@@ -258,8 +258,7 @@ impl Bundle {
             parent: Some(root.id.clone()),
             disk: format!("{active_id}.{}", format.child_extension()),
         };
-        let policy = ParentPolicy::default();
-        create_child(&dir.join(&active.disk), base, &policy)?;
+        create_child(&dir.join(&active.disk), base)?;
         let mut b = Bundle {
             dir: dir.to_path_buf(),
             manifest: Manifest {
@@ -270,7 +269,7 @@ impl Bundle {
                 pending: None,
                 garbage: Vec::new(),
             },
-            policy,
+            policy: ParentPolicy::default(),
         };
         b.save()?;
         Ok(b)
@@ -536,11 +535,7 @@ impl Bundle {
             } => {
                 let active = self.active().clone();
                 let disk = format!("{new_id}.{}", fmt.child_extension());
-                create_child(
-                    &self.dir.join(&disk),
-                    &self.disk_path(&active),
-                    &self.policy,
-                )?;
+                create_child(&self.dir.join(&disk), &self.disk_path(&active))?;
                 let m = &mut self.manifest;
                 if let Some(a) = m.nodes.iter_mut().find(|n| n.id == active.id) {
                     a.name = Some(name.clone());
@@ -561,7 +556,7 @@ impl Bundle {
                 created,
             } => {
                 let disk = format!("{new_id}.{}", fmt.child_extension());
-                create_child(&self.dir.join(&disk), &self.path_of(target)?, &self.policy)?;
+                create_child(&self.dir.join(&disk), &self.path_of(target)?)?;
                 let old = self.active().clone();
                 let m = &mut self.manifest;
                 m.nodes.retain(|n| n.id != old.id);

@@ -194,12 +194,12 @@ pub fn chain_files(path: &Path, policy: &ParentPolicy) -> Result<Vec<PathBuf>> {
 /// format as the parent), overwriting an existing file, and close it. A
 /// VHDX child is made from the parent's headers and metadata alone (the
 /// parent's chain is not opened: the cost does not grow with the chain or
-/// the disk); a VHD child opens the parent's chain (`policy` applies) and
-/// writes a BAT sized to the disk.
+/// the disk); a VHD child from the parent's footer alone (its BAT, which
+/// the VHD format sizes to the disk, is written out: 4 bytes per block).
 ///
 /// # Errors
 /// The parent cannot be read, I/O errors.
-pub fn create_child(path: &Path, parent: &Path, policy: &ParentPolicy) -> Result<()> {
+pub fn create_child(path: &Path, parent: &Path) -> Result<()> {
     match detect(parent)? {
         Format::Vhdx => {
             let mut o = vhdx::CreateOptions::new(0);
@@ -207,8 +207,7 @@ pub fn create_child(path: &Path, parent: &Path, policy: &ParentPolicy) -> Result
             Vhdx::create_differencing_file(path, parent, &o, true)
         }
         Format::Vhd => {
-            let _ = policy;
-            Vhd::create_differencing(path, parent, &vhd::CreateOptions::new(0), true)?.close()
+            Vhd::create_differencing_file(path, parent, &vhd::CreateOptions::new(0), true)
         }
     }
 }

@@ -382,11 +382,11 @@ fn make_chain(dir: &Path, format: Format) -> (Vec<u8>, Vec<u8>) {
     }
     write(&base, 0, &pattern(3 << 20, 1));
     let mid = dir.join(ext("mid"));
-    image::create_child(&mid, &base, &ParentPolicy::default()).unwrap();
+    image::create_child(&mid, &base).unwrap();
     write(&mid, 1 << 20, &pattern(1_500_000, 2));
     write(&mid, 4 << 20, &pattern(5000, 3));
     let top = dir.join(ext("top"));
-    image::create_child(&top, &mid, &ParentPolicy::default()).unwrap();
+    image::create_child(&top, &mid).unwrap();
     write(&top, 777, &pattern(70_000, 4));
     write(&top, (2 << 20) + 3, &pattern(1 << 20, 5));
     (read_all(&mid), read_all(&top))

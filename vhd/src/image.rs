@@ -733,17 +733,8 @@ impl Vhd {
         overwrite: bool,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let parent_path = parent_path.as_ref();
         let name = path.display().to_string();
-        let pname = parent_path.display().to_string();
-        let parent_abs = std::fs::canonicalize(parent_path)
-            .map_err(|e| Error::io("cannot find the parent", e).in_file(&pname, 0))?;
-        if std::fs::canonicalize(path).is_ok_and(|c| c == parent_abs) {
-            return Err(Error::invalid(format!(
-                "the differencing disk would overwrite its own parent {pname}"
-            ))
-            .in_file(&name, 0));
-        }
+        let parent_abs = differencing_parent_path(path, parent_path.as_ref())?;
         let parent = Vhd::open(&parent_abs, &OpenOptions::default())?;
         validate_differencing(opts, parent.virtual_size()).in_file(&name, 0)?;
         // The specification's Parent Time Stamp is "the modification time
@@ -768,90 +759,39 @@ impl Vhd {
         link: &ParentLink,
         opts: &CreateOptions,
     ) -> Result<Self> {
-        let name = storage.name().to_string();
-        let size = parent.virtual_size();
-        validate_differencing(opts, size).in_file(&name, 0)?;
-        let pf = &parent.info.footer;
-        let mut footer = Footer {
-            features: FEATURES_RESERVED,
-            version: VERSION,
-            data_offset: FOOTER_SIZE as u64,
-            timestamp: Footer::now_timestamp(),
-            creator_application: *b"vdsk",
-            creator_version: creator_version(),
-            creator_host_os: *b"Wi2k",
-            original_size: size,
-            current_size: size,
-            geometry: pf.geometry,
-            disk_type: DiskType::Differencing,
-            checksum: 0,
-            unique_id: Uuid::new_v4(),
-            saved_state: 0,
-        };
-        let table_offset = 3 * SECTOR;
-        let entries = size.div_ceil(u64::from(opts.block_size));
-        let entries32 = u32::try_from(entries)
-            .map_err(|_| Error::invalid("too many blocks for a VHD BAT").in_file(&name, 0))?;
-        let mut header = DynamicHeader::new(table_offset, entries32, opts.block_size);
-        header
-            .set_parent(pf.unique_id, link.timestamp, &link.name)
-            .in_file(&name, 0)?;
-        let table_len = (entries * 4).div_ceil(SECTOR) * SECTOR;
-        // Each locator's data in its own space after the BAT, in the order
-        // of the header entries Windows writes (W2ku first, then W2ru).
-        let utf16le =
-            |p: &str| -> Vec<u8> { p.encode_utf16().flat_map(u16::to_le_bytes).collect() };
-        let mut at = table_offset + table_len;
-        let mut datas = Vec::new();
-        for (i, (code, path)) in [(*b"W2ku", &link.absolute), (*b"W2ru", &link.relative)]
-            .into_iter()
-            .enumerate()
-        {
-            let data = utf16le(path);
-            let len = u32::try_from(data.len())
-                .ok()
-                .filter(|&l| l > 0 && l <= MAX_LOCATOR)
-                .ok_or_else(|| {
-                    Error::invalid(format!("parent path \"{path}\" is empty or too long"))
-                        .in_file(&name, 0)
-                })?;
-            let space = u64::from(len).div_ceil(SECTOR) * SECTOR;
-            // Platform Data Space: the specification counts 512-byte
-            // sectors, but Windows writes a byte count (the diskpart-made
-            // corpus image dfvfs-fat-differential-orphan.vhd has W2ku with
-            // space 0x1000 and W2ru with space 0x10000, byte-sized regions
-            // between the header, the BAT and the blocks), as do Virtual PC
-            // and Hyper-V. We write bytes too: a multiple of 512, never
-            // below 512, which readers that expect sectors (QEMU ignores
-            // the field) only over-estimate.
-            header.parent_locators[i] = ParentLocator {
-                platform_code: code,
-                data_space: space as u32,
-                data_length: len,
-                reserved: 0,
-                data_offset: at,
-            };
-            datas.push((at, data));
-            at += space;
-        }
-        let mut fbuf = [0u8; FOOTER_SIZE];
-        footer.write_to(&mut fbuf);
-        let mut hbuf = [0u8; HEADER_SIZE];
-        header.write_to(&mut hbuf);
-        storage.set_len(0)?;
-        storage.write_at(&fbuf, 0)?;
-        storage.write_at(&hbuf, FOOTER_SIZE as u64)?;
-        write_ones(&*storage, table_offset, table_len)?;
-        for (off, data) in &datas {
-            storage.write_at(data, *off)?;
-        }
-        storage.write_at(&fbuf, at)?;
-        storage.flush()?;
+        write_differencing(&*storage, &parent.info.footer, link, opts)?;
         let opts = OpenOptions {
             writable: true,
             ..OpenOptions::default()
         };
         Self::open_inner(storage, &opts, ParentSource::Given(Arc::new(parent)))
+    }
+
+    /// Create a differencing VHD at `path` over the VHD at `parent_path`,
+    /// like [`Vhd::create_differencing`], without opening either for I/O:
+    /// only the parent's footer is read (its size, geometry and unique id),
+    /// so the parent's own chain is neither searched nor read and the cost
+    /// does not grow with the chain. What remains proportional to the disk
+    /// size is the child's BAT (4 bytes per block, all "not present"), which
+    /// the VHD format requires to be written out.
+    ///
+    /// # Errors
+    /// The parent cannot be read or has no valid footer; as
+    /// [`Vhd::create_differencing`] otherwise.
+    pub fn create_differencing_file(
+        path: impl AsRef<Path>,
+        parent_path: impl AsRef<Path>,
+        opts: &CreateOptions,
+        overwrite: bool,
+    ) -> Result<()> {
+        let path = path.as_ref();
+        let parent_abs = differencing_parent_path(path, parent_path.as_ref())?;
+        let pstorage = FileStorage::open(&parent_abs, false)?;
+        let (pfooter, ..) = Self::find_footer(&pstorage, pstorage.len()?)?;
+        validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
+        let link = parent_link_for(path, &parent_abs)?;
+        let storage = FileStorage::create(path, overwrite)?;
+        write_differencing(&storage, &pfooter, &link, opts)
     }
 
     /// Footer, header and layout as read at open.
@@ -1411,6 +1351,111 @@ fn vhd_time(t: std::time::SystemTime) -> u32 {
 }
 
 /// Fill `len` bytes at `offset` with 0xff (an empty BAT).
+/// The canonical path of the parent named for a new differencing disk at
+/// `path`; refuses a child that would overwrite its own parent.
+fn differencing_parent_path(path: &Path, parent_path: &Path) -> Result<PathBuf> {
+    let pname = parent_path.display().to_string();
+    let parent_abs = std::fs::canonicalize(parent_path)
+        .map_err(|e| Error::io("cannot find the parent", e).in_file(&pname, 0))?;
+    if std::fs::canonicalize(path).is_ok_and(|c| c == parent_abs) {
+        return Err(Error::invalid(format!(
+            "the differencing disk would overwrite its own parent {pname}"
+        ))
+        .in_file(&path.display().to_string(), 0));
+    }
+    Ok(parent_abs)
+}
+
+/// Write a new differencing VHD onto empty `storage`: footer (and its copy),
+/// dynamic header naming the parent whose footer is `pf`, an all-"not
+/// present" BAT, and the parent locators of `link`; then flush.
+/// VHD specification (2006), "Dynamic Disk Header Format" and "Hard Disk
+/// Footer Format".
+fn write_differencing(
+    storage: &dyn Storage,
+    pf: &Footer,
+    link: &ParentLink,
+    opts: &CreateOptions,
+) -> Result<()> {
+    let name = storage.name().to_string();
+    let size = pf.disk_size();
+    validate_differencing(opts, size).in_file(&name, 0)?;
+    let mut footer = Footer {
+        features: FEATURES_RESERVED,
+        version: VERSION,
+        data_offset: FOOTER_SIZE as u64,
+        timestamp: Footer::now_timestamp(),
+        creator_application: *b"vdsk",
+        creator_version: creator_version(),
+        creator_host_os: *b"Wi2k",
+        original_size: size,
+        current_size: size,
+        geometry: pf.geometry,
+        disk_type: DiskType::Differencing,
+        checksum: 0,
+        unique_id: Uuid::new_v4(),
+        saved_state: 0,
+    };
+    let table_offset = 3 * SECTOR;
+    let entries = size.div_ceil(u64::from(opts.block_size));
+    let entries32 = u32::try_from(entries)
+        .map_err(|_| Error::invalid("too many blocks for a VHD BAT").in_file(&name, 0))?;
+    let mut header = DynamicHeader::new(table_offset, entries32, opts.block_size);
+    header
+        .set_parent(pf.unique_id, link.timestamp, &link.name)
+        .in_file(&name, 0)?;
+    let table_len = (entries * 4).div_ceil(SECTOR) * SECTOR;
+    // Each locator's data in its own space after the BAT, in the order
+    // of the header entries Windows writes (W2ku first, then W2ru).
+    let utf16le = |p: &str| -> Vec<u8> { p.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+    let mut at = table_offset + table_len;
+    let mut datas = Vec::new();
+    for (i, (code, path)) in [(*b"W2ku", &link.absolute), (*b"W2ru", &link.relative)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = utf16le(path);
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|&l| l > 0 && l <= MAX_LOCATOR)
+            .ok_or_else(|| {
+                Error::invalid(format!("parent path \"{path}\" is empty or too long"))
+                    .in_file(&name, 0)
+            })?;
+        let space = u64::from(len).div_ceil(SECTOR) * SECTOR;
+        // Platform Data Space: the specification counts 512-byte
+        // sectors, but Windows writes a byte count (the diskpart-made
+        // corpus image dfvfs-fat-differential-orphan.vhd has W2ku with
+        // space 0x1000 and W2ru with space 0x10000, byte-sized regions
+        // between the header, the BAT and the blocks), as do Virtual PC
+        // and Hyper-V. We write bytes too: a multiple of 512, never
+        // below 512, which readers that expect sectors (QEMU ignores
+        // the field) only over-estimate.
+        header.parent_locators[i] = ParentLocator {
+            platform_code: code,
+            data_space: space as u32,
+            data_length: len,
+            reserved: 0,
+            data_offset: at,
+        };
+        datas.push((at, data));
+        at += space;
+    }
+    let mut fbuf = [0u8; FOOTER_SIZE];
+    footer.write_to(&mut fbuf);
+    let mut hbuf = [0u8; HEADER_SIZE];
+    header.write_to(&mut hbuf);
+    storage.set_len(0)?;
+    storage.write_at(&fbuf, 0)?;
+    storage.write_at(&hbuf, FOOTER_SIZE as u64)?;
+    write_ones(storage, table_offset, table_len)?;
+    for (off, data) in &datas {
+        storage.write_at(data, *off)?;
+    }
+    storage.write_at(&fbuf, at)?;
+    storage.flush()
+}
+
 fn write_ones(storage: &dyn Storage, offset: u64, len: u64) -> Result<()> {
     let ones = vec![0xffu8; len.min(MIB) as usize];
     let mut done = 0;
