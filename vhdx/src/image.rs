@@ -274,7 +274,65 @@ impl Vhdx {
                 chain,
             },
         )?;
+        vhdx.update_stale_parent_paths(path)?;
         Ok(vhdx)
+    }
+
+    /// MS-VHDX 2.6.2.6.3: "Upon successful open of a chain, an
+    /// implementation has to update any existing stale path entries to point
+    /// to its current parent file." Done when the disk is open writable and
+    /// its parent was found by searching from `child` (its path): each
+    /// `relative_path` or `absolute_win32_path` entry present that does not
+    /// lead to the parent file opened is rewritten to one that does, through
+    /// the log ([`Vhdx::set_parent_locator`]); the linkage entries and the
+    /// DataWriteGuid are kept, so the disk's own children stay linked. A
+    /// `volume_path` (a Windows volume GUID path, which cannot be made here)
+    /// is left as it is. Entries that still lead to the parent, whatever
+    /// their spelling, are not touched.
+    fn update_stale_parent_paths(&self, child: &Path) -> Result<()> {
+        let (Some(parent), Some(loc)) = (
+            self.info.parent_file.as_deref(),
+            self.info.metadata.parent_locator.as_ref(),
+        ) else {
+            return Ok(());
+        };
+        if !self.writable {
+            return Ok(());
+        }
+        let Ok(parent_abs) = std::fs::canonicalize(parent) else {
+            return Ok(());
+        };
+        let dir = match child.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let leads_to_parent = |key: &str, v: &str| {
+            let c = if key == "relative_path" {
+                parent::relative_candidate(dir, v)
+            } else {
+                parent::absolute_candidate(dir, v)
+            };
+            c.and_then(|c| std::fs::canonicalize(c).ok())
+                .is_some_and(|c| c == parent_abs)
+        };
+        let fresh = parent_locator_for(child, &parent_abs, Uuid::nil())?;
+        let mut updated = loc.clone();
+        let mut changed = false;
+        for (key, value) in updated.entries.iter_mut() {
+            if !matches!(key.as_str(), "relative_path" | "absolute_win32_path")
+                || leads_to_parent(key, value)
+            {
+                continue;
+            }
+            if let Some(v) = fresh.get(key) {
+                *value = v.to_string();
+                changed = true;
+            }
+        }
+        if changed {
+            self.set_parent_locator(&updated)?;
+        }
+        Ok(())
     }
 
     /// Open a VHDX on any storage. A differencing disk's parent is searched
@@ -290,10 +348,11 @@ impl Vhdx {
             storage,
             opts,
             ParentSource::Search {
-                child,
+                child: child.clone(),
                 chain: &mut chain,
             },
         )?;
+        vhdx.update_stale_parent_paths(&child)?;
         Ok(vhdx)
     }
 

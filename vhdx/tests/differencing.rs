@@ -297,6 +297,92 @@ fn relink_keeps_the_childs_own_identity() {
 }
 
 #[test]
+fn stale_parent_paths_are_updated_on_a_writable_open() {
+    // MS-VHDX 2.6.2.6.3: after a chain opens, stale path entries are made
+    // to point at the parent found (only when the child is open writable).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir1 = tmp.path().join("one");
+    std::fs::create_dir(&dir1).unwrap();
+    let base = dir1.join("base.vhdx");
+    let model = base_file(&base, 4 * MIB, MIB as u32, 512, 21);
+    let child = dir1.join("child.avhdx");
+    let gc = dir1.join("gc.avhdx");
+    for (c, p) in [(&child, &base), (&gc, &child)] {
+        Vhdx::create_differencing(
+            c,
+            p,
+            &child_opts(MIB as u32),
+            &OpenOptions::default(),
+            false,
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+    }
+    // Move the directory: relative_path (.\base.vhdx) still leads to the
+    // parent, absolute_win32_path (.../one/base.vhdx) is stale.
+    let dir2 = tmp.path().join("two");
+    std::fs::rename(&dir1, &dir2).unwrap();
+    let (base, child, gc) = (
+        dir2.join("base.vhdx"),
+        dir2.join("child.avhdx"),
+        dir2.join("gc.avhdx"),
+    );
+    let loc_of = |p: &Path| Vhdx::inspect(p).unwrap().metadata.parent_locator.unwrap();
+    let old = loc_of(&child);
+    let abs_key = "absolute_win32_path";
+    assert!(old.get(abs_key).unwrap().contains("one"), "{old:?}");
+    // A read-only open changes nothing.
+    Vhdx::open(&child, &OpenOptions::default()).unwrap();
+    assert_eq!(loc_of(&child).entries, old.entries);
+    let before = std::fs::read(&base).unwrap();
+    // A writable open rewrites the stale entry only.
+    Vhdx::open(&child, &rw()).unwrap().close().unwrap();
+    let new = loc_of(&child);
+    let want = std::fs::canonicalize(&base).unwrap().display().to_string();
+    assert_eq!(new.get(abs_key), Some(want.as_str()));
+    assert_eq!(new.get("relative_path"), old.get("relative_path"));
+    assert_eq!(new.get("parent_linkage"), old.get("parent_linkage"));
+    assert_eq!(std::fs::read(&base).unwrap(), before, "parent untouched");
+    // The reverse: the relative path stale, the absolute one good (as an
+    // older relink or another tool may leave it).
+    let sub = dir2.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let moved = sub.join("base.vhdx");
+    std::fs::rename(&base, &moved).unwrap();
+    {
+        let d = Vhdx::open_with_parent(
+            &child,
+            &OpenOptions {
+                writable: true,
+                keep_data_write_guid: true,
+                ..OpenOptions::default()
+            },
+            Arc::new(Vhdx::open(&moved, &OpenOptions::default()).unwrap()),
+        )
+        .unwrap();
+        let mut loc = loc_of(&child);
+        for (k, v) in loc.entries.iter_mut() {
+            if k == abs_key {
+                *v = std::fs::canonicalize(&moved).unwrap().display().to_string();
+            }
+        }
+        d.set_parent_locator(&loc).unwrap();
+        d.close().unwrap();
+    }
+    let d = Vhdx::open(&child, &rw()).unwrap();
+    assert_same(&read_all(&d), &model, "child after the parent moved");
+    d.close().unwrap();
+    assert_eq!(
+        loc_of(&child).get("relative_path"),
+        Some(".\\sub\\base.vhdx")
+    );
+    // The grandchild is still linked to the child (DataWriteGuid kept).
+    let g = Vhdx::open(&gc, &OpenOptions::default()).unwrap();
+    assert_same(&read_all(&g), &model, "grandchild after the update");
+}
+
+#[test]
 fn corpus_orphan_shows_its_locator() {
     let Some(dir) = corpus("vhdx") else { return };
     let tmp = tempfile::tempdir().unwrap();
