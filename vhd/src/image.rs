@@ -1181,7 +1181,11 @@ fn truncated_header_error(
 
 /// Read and decode the parent locators of a differencing disk (bounded;
 /// undecodable or out-of-file entries are skipped).
-fn read_locators(storage: &dyn Storage, h: &DynamicHeader, file_len: u64) -> Vec<(String, String)> {
+pub(crate) fn read_locators(
+    storage: &dyn Storage,
+    h: &DynamicHeader,
+    file_len: u64,
+) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (_, l) in h.locators() {
         if l.data_length == 0 || l.data_length > MAX_LOCATOR {
@@ -1222,7 +1226,7 @@ enum ParentSource<'a> {
 /// child's directory, then the deprecated `Wi2r` and `Wi2k` locators and
 /// `MacX` file URLs. Each with a label for messages; `None` when the
 /// locator cannot name a file on this system.
-fn parent_candidates(
+pub(crate) fn parent_candidates(
     child: &Path,
     h: &DynamicHeader,
     locators: &[(String, String)],
@@ -1253,7 +1257,14 @@ fn parent_candidates(
 }
 
 /// Find, open (read-only, recursively) and check a differencing disk's
-/// parent.
+/// parent: the first candidate (see [`parent_candidates`]) that exists, is
+/// permitted, and has the unique id the header expects. A candidate with
+/// another id is not this disk's parent and the search goes on: a relink
+/// interrupted by a power cut can leave the old header (old id and name)
+/// with locator data already naming the new parent, and the old parent is
+/// then still found by its name (the relink is only done when both parents
+/// read the same for this child, so either one is right). When no candidate
+/// has the id, the error names the first one that was found.
 fn find_parent(
     name: &str,
     child: &Path,
@@ -1263,8 +1274,21 @@ fn find_parent(
     opts: &OpenOptions,
     chain: &mut ChainSearch,
 ) -> Result<Arc<dyn VirtualDisk>> {
-    let res = chain.resolve(&parent_candidates(child, h, locators));
-    if let Some(path) = res.found {
+    let mut all = parent::Resolution::default();
+    let mut mismatch: Option<Error> = None;
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for cand in parent_candidates(child, h, locators) {
+        let res = chain.resolve(std::slice::from_ref(&cand));
+        all.tried.extend(res.tried);
+        all.refused |= res.refused;
+        let Some(path) = res.found else {
+            continue;
+        };
+        let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if seen.contains(&canon) {
+            continue;
+        }
+        seen.push(canon);
         let depth = chain.depth();
         chain.enter(name, &path)?;
         let popts = OpenOptions {
@@ -1275,8 +1299,11 @@ fn find_parent(
         chain.truncate(depth);
         let parent = parent.map_err(|e| parent::parent_error(e, name, &path))?;
         let pid = parent.info.footer.unique_id;
-        if pid != h.parent_unique_id && !opts.ignore_parent_id {
-            return Err(Error::invalid(format!(
+        if pid == h.parent_unique_id || opts.ignore_parent_id {
+            return Ok(Arc::new(parent));
+        }
+        mismatch.get_or_insert_with(|| {
+            Error::invalid(format!(
                 "parent {} has unique id {pid}, but this differencing VHD expects parent unique \
                  id {} (dynamic disk header at offset {:#x}): it is not this disk's parent, or \
                  its id was changed (open with ignore_parent_id to use it anyway)",
@@ -1284,11 +1311,13 @@ fn find_parent(
                 h.parent_unique_id,
                 hdr_off + 40
             ))
-            .in_file(name, 0));
-        }
-        return Ok(Arc::new(parent));
+            .in_file(name, 0)
+        });
     }
-    Err(res.not_found_error(
+    if let Some(e) = mismatch {
+        return Err(e);
+    }
+    Err(all.not_found_error(
         name,
         "VHD",
         &format!(

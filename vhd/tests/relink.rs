@@ -472,6 +472,63 @@ fn crash_during_set_parent_keeps_the_child_readable() {
 }
 
 #[test]
+fn half_done_relink_still_finds_the_old_parent_by_name() {
+    // A power cut between the two syncs of a relink leaves the old header
+    // (old parent id and name) with locator data already naming the new
+    // parent: the search skips the new parent (another id) and finds the
+    // old one by its name beside the child.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().canonicalize().unwrap();
+    let (base, child, other) = (
+        root.join("base.vhd"),
+        root.join("child.vhd"),
+        root.join("other.vhd"),
+    );
+    base_file(&base, 4 * MIB, 0x77);
+    child_file(&child, &base, MIB as u32, 0x78);
+    let want = read_file(&child, &OpenOptions::default());
+    copy_with_new_id(&base, &other);
+    let bytes = std::fs::read(&child).unwrap();
+    let rec = Arc::new(RecordingStorage::new("child.vhd", bytes));
+    let link = ParentLink {
+        name: "other.vhd".into(),
+        relative: ".\\other.vhd".into(),
+        absolute: other.display().to_string(),
+        timestamp: 1,
+    };
+    let new_parent = Vhd::open(&other, &OpenOptions::default()).unwrap();
+    Vhd::set_parent_on(rec.clone(), &new_parent, &link, true).unwrap();
+    let first_sync = rec.flush_points()[0];
+    std::fs::write(&child, rec.crash_image(first_sync + 1, |_| false)).unwrap();
+    let h = header_of(&child);
+    assert_eq!(h.parent_name(), "base.vhd", "the old header");
+    let d = Vhd::open(&child, &OpenOptions::default()).unwrap();
+    assert_eq!(
+        d.info().parent_file.as_deref(),
+        Some(base.to_str().unwrap())
+    );
+    assert_same(&read_all(&d), &want, "half-relinked child");
+    // The relink finished: the new parent.
+    drop(d);
+    std::fs::write(&child, rec.contents()).unwrap();
+    let d = Vhd::open(&child, &OpenOptions::default()).unwrap();
+    assert_eq!(
+        d.info().parent_file.as_deref(),
+        Some(other.to_str().unwrap())
+    );
+    assert_same(&read_all(&d), &want, "relinked child");
+    // A candidate with another id is refused, and named, when nothing else
+    // matches.
+    drop(d);
+    let other_id = copy_with_new_id(&base, &other);
+    let e = Vhd::open(&child, &OpenOptions::default()).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("has unique id {other_id}")),
+        "{e}"
+    );
+}
+
+#[test]
 fn crash_during_make_standalone_always_opens() {
     let (pbytes, cbytes, model) = mem_pair(true, 0x57a);
     let rec = Arc::new(RecordingStorage::new("child.vhd", cbytes.clone()));
