@@ -109,6 +109,8 @@ impl FileStorage {
         let file = opts
             .open(path)
             .map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
+        #[cfg(feature = "testing")]
+        crate::testing::journal::record(path, || crate::fault::Op::SetLen(0));
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -142,6 +144,11 @@ impl Storage for FileStorage {
         })
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        #[cfg(feature = "testing")]
+        crate::testing::journal::record(&self.path, || crate::fault::Op::Write {
+            offset,
+            data: buf.to_vec(),
+        });
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io(
                 format!("write of {} bytes at offset {offset:#x}", buf.len()),
@@ -153,7 +160,10 @@ impl Storage for FileStorage {
     fn flush(&self) -> Result<()> {
         self.file
             .sync_data()
-            .map_err(|e| Error::io("fsync", e).in_file(&self.name, 0))
+            .map_err(|e| Error::io("fsync", e).in_file(&self.name, 0))?;
+        #[cfg(feature = "testing")]
+        crate::testing::journal::record(&self.path, || crate::fault::Op::Flush);
+        Ok(())
     }
     fn len(&self) -> Result<u64> {
         Ok(self
@@ -163,6 +173,8 @@ impl Storage for FileStorage {
             .len())
     }
     fn set_len(&self, len: u64) -> Result<()> {
+        #[cfg(feature = "testing")]
+        crate::testing::journal::record(&self.path, || crate::fault::Op::SetLen(len));
         self.file
             .set_len(len)
             .map_err(|e| Error::io(format!("resize to {len} bytes"), e).in_file(&self.name, 0))

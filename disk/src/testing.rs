@@ -472,3 +472,205 @@ pub mod crash {
         }
     }
 }
+
+/// A journal of what [`crate::FileStorage`] writes under one directory,
+/// across files, to rebuild what a power cut could leave of a multi-file
+/// operation (a merge writes several images, each flushed on its own).
+///
+/// A crash at cut point `k` leaves each file as of its own last flush
+/// before `k`, plus any subset of its later writes before `k` (4 KiB
+/// pieces: a write can tear); a flush of one file makes nothing durable in
+/// another. File creation and the directory itself are taken as durable.
+pub mod journal {
+    use crate::fault::Op;
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, MutexGuard};
+
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    /// The directory recorded and its operations so far.
+    type State = Option<(PathBuf, Vec<(PathBuf, Op)>)>;
+    static STATE: Mutex<State> = Mutex::new(None);
+    /// One journal at a time per process (tests run in parallel threads).
+    static EXCLUSIVE: Mutex<()> = Mutex::new(());
+    const PIECE: u64 = 4096;
+
+    fn state() -> MutexGuard<'static, State> {
+        STATE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record `op` on the file at `path`, when a journal is on and the file
+    /// lies in its directory. Called by [`crate::FileStorage`].
+    pub(crate) fn record(path: &Path, op: impl FnOnce() -> Op) {
+        if !ACTIVE.load(Ordering::Acquire) {
+            return;
+        }
+        let mut g = state();
+        let Some((dir, ops)) = g.as_mut() else {
+            return;
+        };
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if abs.parent() != Some(dir.as_path()) {
+            return;
+        }
+        match op() {
+            Op::Write { offset, data } => {
+                let mut at = 0usize;
+                while at < data.len() {
+                    let off = offset + at as u64;
+                    let n = ((PIECE - off % PIECE) as usize).min(data.len() - at);
+                    ops.push((
+                        abs.clone(),
+                        Op::Write {
+                            offset: off,
+                            data: data[at..at + n].to_vec(),
+                        },
+                    ));
+                    at += n;
+                }
+            }
+            other => ops.push((abs, other)),
+        }
+    }
+
+    /// A journal being recorded; [`Recorder::finish`] ends it.
+    pub struct Recorder {
+        initial: BTreeMap<String, Vec<u8>>,
+        _one: MutexGuard<'static, ()>,
+    }
+
+    /// Start recording the writes to the files directly in `dir` (which
+    /// must exist), after taking a copy of them.
+    pub fn start(dir: &Path) -> Recorder {
+        let one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = std::fs::canonicalize(dir).unwrap();
+        let initial = read_dir_files(&dir);
+        *state() = Some((dir, Vec::new()));
+        ACTIVE.store(true, Ordering::Release);
+        Recorder {
+            initial,
+            _one: one,
+        }
+    }
+
+    /// The regular files directly in `dir`, by name.
+    pub fn read_dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        let mut m = BTreeMap::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                m.insert(name, std::fs::read(e.path()).unwrap());
+            }
+        }
+        m
+    }
+
+    impl Recorder {
+        /// Stop recording; the journal of what was done since [`start`].
+        pub fn finish(self) -> Journal {
+            ACTIVE.store(false, Ordering::Release);
+            let (_, ops) = state().take().unwrap_or_default();
+            let ops = ops
+                .into_iter()
+                .map(|(p, op)| (p.file_name().unwrap().to_string_lossy().into_owned(), op))
+                .collect();
+            Journal {
+                initial: self.initial,
+                ops,
+            }
+        }
+    }
+
+    /// The files as they were, and what was done to them, in order.
+    pub struct Journal {
+        initial: BTreeMap<String, Vec<u8>>,
+        ops: Vec<(String, Op)>,
+    }
+
+    impl Journal {
+        /// Number of recorded operations (cut points are `0..=len`).
+        pub fn len(&self) -> usize {
+            self.ops.len()
+        }
+
+        /// Whether nothing was recorded.
+        pub fn is_empty(&self) -> bool {
+            self.ops.is_empty()
+        }
+
+        /// The files (by name) a power cut just before operation `cut` may
+        /// leave: each file's operations up to its own last flush before
+        /// `cut`, then those later ones before `cut` whose index `keep`
+        /// accepts. Files created during the operation start empty.
+        pub fn crash_files(
+            &self,
+            cut: usize,
+            mut keep: impl FnMut(usize) -> bool,
+        ) -> BTreeMap<String, Vec<u8>> {
+            let cut = cut.min(self.ops.len());
+            let mut files = self.initial.clone();
+            let mut last_flush: BTreeMap<&str, usize> = BTreeMap::new();
+            for (i, (f, op)) in self.ops[..cut].iter().enumerate() {
+                if *op == Op::Flush {
+                    last_flush.insert(f, i);
+                }
+            }
+            for (i, (f, op)) in self.ops[..cut].iter().enumerate() {
+                let durable = last_flush.get(f.as_str()).is_some_and(|&l| i < l);
+                if !durable && !keep(i) {
+                    continue;
+                }
+                let img = files.entry(f.clone()).or_default();
+                match op {
+                    Op::Write { offset, data } => {
+                        let (s, e) = (*offset as usize, *offset as usize + data.len());
+                        if img.len() < e {
+                            img.resize(e, 0);
+                        }
+                        img[s..e].copy_from_slice(data);
+                    }
+                    Op::SetLen(n) => img.resize(*n as usize, 0),
+                    Op::Flush => {}
+                }
+            }
+            files
+        }
+
+        /// The cut points worth testing: every operation boundary when
+        /// there are at most `max`, else `max` spread evenly plus every
+        /// flush boundary (and the end).
+        pub fn cut_points(&self, max: usize) -> Vec<usize> {
+            let n = self.ops.len();
+            let mut v: Vec<usize> = if n <= max {
+                (0..=n).collect()
+            } else {
+                (0..max).map(|i| i * n / max).collect()
+            };
+            for (i, (_, op)) in self.ops.iter().enumerate() {
+                if *op == Op::Flush {
+                    v.push(i);
+                    v.push(i + 1);
+                }
+            }
+            v.push(n);
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    }
+
+    /// Replace the files directly in `dir` by `files`.
+    pub fn materialize(dir: &Path, files: &BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        for (name, bytes) in files {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+}
