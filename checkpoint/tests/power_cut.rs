@@ -4,7 +4,7 @@
 //! Each operation runs once with [`disk::testing::journal`] recording every
 //! write (in 4 KiB pieces), length change and flush of every file of the
 //! chain. Then, for cut points spread over the whole operation (every flush
-//! boundary among them), the files a power cut could leave are rebuilt in a
+//! boundary among them; every write with `POWER_CUT_ALL=1`), the files a power cut could leave are rebuilt in a
 //! fresh directory, with the writes not yet flushed (per file) all kept, all
 //! lost, or torn (every other piece kept). Each rebuilt state must read as
 //! before in every layer, and finishing the operation (running it again, or
@@ -22,7 +22,9 @@ use disk::testing::pattern;
 use disk::ParentPolicy;
 use std::path::Path;
 
-/// Cut points per operation (plus every flush boundary).
+/// Cut points per operation (spread evenly, plus every flush boundary);
+/// with the environment variable `POWER_CUT_ALL` set, every operation
+/// boundary is a cut point (several minutes).
 const MAX_CUTS: usize = 40;
 
 type Keep = fn(usize) -> bool;
@@ -35,7 +37,12 @@ const VARIANTS: [(&str, Keep); 3] = [
 /// Rebuild every crash state of `j` in `dir` and call `check` on it.
 fn for_each_power_cut(j: &Journal, dir: &Path, mut check: impl FnMut(&str)) {
     assert!(j.len() > 10, "the operation wrote little: {} ops", j.len());
-    let cuts = j.cut_points(MAX_CUTS);
+    let max = match std::env::var("POWER_CUT_ALL") {
+        Ok(_) => usize::MAX,
+        Err(_) => MAX_CUTS,
+    };
+    let cuts = j.cut_points(max);
+    eprintln!("{} operations recorded, {} cut points", j.len(), cuts.len());
     for &cut in &cuts {
         for (name, keep) in VARIANTS {
             std::fs::create_dir_all(dir).unwrap();

@@ -548,10 +548,7 @@ pub mod journal {
         let initial = read_dir_files(&dir);
         *state() = Some((dir, Vec::new()));
         ACTIVE.store(true, Ordering::Release);
-        Recorder {
-            initial,
-            _one: one,
-        }
+        Recorder { initial, _one: one }
     }
 
     /// The regular files directly in `dir`, by name.
