@@ -4,9 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A tool is there when it is on PATH or in an sbin directory (mkfs.ext4 and
+# friends live in /usr/sbin, which is not on every user's PATH).
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 need=()
-for tool in unzip:unzip bzip2:bzip2 gzip:gzip; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+# fusermount3 (fuse3): `vdisk mount` without root privilege; mkfs.ext4,
+# debugfs and e2fsck (e2fsprogs): the mount tests put an ext4 file system on
+# a mounted image.
+for tool in unzip:unzip bzip2:bzip2 gzip:gzip fusermount3:fuse3 \
+  mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs; do
+  pkg=${tool#*:}
+  have "${tool%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -14,5 +22,6 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
 command -v qemu-img >/dev/null || echo "note: qemu-img absent: interop tests will skip"
+[ -e /dev/fuse ] || echo "note: /dev/fuse absent: the mount tests will skip"
 
 cargo test --workspace --release "$@"

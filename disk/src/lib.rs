@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod chain;
+pub mod check;
 mod error;
 pub mod fault;
 pub mod parent;

@@ -99,6 +99,32 @@ enum Command {
         vdisk compare disk.vhd disk.vhdx\n\n\
         Exit status: 0 identical, 1 different, 2 error.")]
     Compare(CompareArgs),
+    /// Check an image's structures for corruption and leaked space (like qemu-img check)
+    #[command(after_help = "Examples:\n  \
+        vdisk check disk.vhdx\n  \
+        vdisk check --output json disk.vhd\n  \
+        vdisk check -r leaks disk.vhdx             # reclaim unreferenced space at the end\n  \
+        vdisk check -r all disk.vhdx               # also replay a dirty log, restore a footer\n\n\
+        VHDX: both headers, the log (a log never replayed is an error until -r all replays \
+        it), both region tables, the metadata, every BAT entry (blocks and sector bitmap \
+        blocks inside the file, on no structure and on no other block) and a differencing \
+        disk's parent linkage. VHD: the footer and its copy at offset 0 (-r all restores \
+        either from the other), the dynamic disk header, the BAT, the parent's unique id. \
+        Leaks: file space no structure uses (only a leak at the end of the file can be \
+        reclaimed). Raw images have nothing to check.\n\
+        Exit status (as qemu-img check; after -r, for what remains): 0 no problem, 1 the \
+        check could not be completed, 2 corruptions found, 3 only leaked space found.")]
+    Check(CheckArgs),
+    /// Show where each range of the virtual disk is stored (like qemu-img map)
+    #[command(after_help = "Examples:\n  \
+        vdisk map disk.vhdx\n  \
+        vdisk map --output json child.avhdx\n\n\
+        Adjacent ranges with the same attributes are merged. JSON (qemu-img's keys): start, \
+        length, depth (0 the image, 1 its parent...), present (some layer holds it), zero \
+        (reads as zeros), data (stored data), compressed (always false), offset (in the \
+        file, for data) and filename (the layer's file). The human form lists the data \
+        ranges only.")]
+    Map(MapArgs),
     /// Copy virtual bytes of an image to stdout
     #[command(after_help = "Examples:\n  \
         vdisk read disk.vhdx 0 512 > mbr.bin\n  \
@@ -111,6 +137,19 @@ enum Command {
         printf hello | vdisk write disk.vhdx 1M\n  \
         vdisk write disk.vhd 0 mbr.bin")]
     Write(WriteArgs),
+    /// Change the virtual size of an image (like qemu-img resize)
+    #[command(after_help = "Examples:\n  \
+        vdisk resize disk.vhdx 40G\n  \
+        vdisk resize disk.vhdx +1G\n  \
+        vdisk resize disk.vhd -512M                  # refused if the cut part holds data\n  \
+        vdisk resize --force disk.vhdx 10G           # discards the data past 10G\n\n\
+        SIZE is absolute, or relative to the current size with + or -. Shrinking refuses \
+        when the cut part holds data (an allocated block of a dynamic image, a non-zero byte \
+        of a fixed or raw one) unless --force. VHD sizes are rounded up to a CHS geometry \
+        as at creation (whole MiB for Azure disks, whose size is not CHS-rounded). \
+        Differencing disks cannot be resized: their size must match their parent's. Prints \
+        \"Image resized.\" on success.")]
+    Resize(ResizeArgs),
     /// Fold a differencing disk into its parent or an older ancestor (like Merge-VHD)
     #[command(after_help = "Examples:\n  \
         vdisk merge child.avhdx                      # into its parent; child.avhdx is deleted\n  \
@@ -148,6 +187,45 @@ enum Command {
         `path`) is the one a VM writes. Every change is atomic and is finished at the next \
         command if interrupted.")]
     Checkpoint(CheckpointArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(after_help = "Examples:\n  \
+        vdisk completions bash > /etc/bash_completion.d/vdisk\n  \
+        vdisk completions zsh > ~/.zfunc/_vdisk\n  \
+        vdisk completions fish > ~/.config/fish/completions/vdisk.fish")]
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), or write one page per command into a directory
+    #[command(after_help = "Examples:\n  \
+        vdisk man | man -l -\n  \
+        vdisk man --dir /usr/local/share/man/man1")]
+    Man(ManArgs),
+    /// Expose a virtual disk as one regular file of a FUSE mount (read-only unless --rw)
+    #[command(after_help = "Examples:\n  \
+        vdisk mount disk.vhdx /mnt/vd                # prints /mnt/vd/disk, read-only\n  \
+        vdisk mount --rw disk.vhdx /mnt/vd && mkfs.ext4 /mnt/vd/disk\n  \
+        vdisk mount --rw child.avhdx /mnt/vd         # writes go to child.avhdx only\n  \
+        vdisk mount --foreground -f raw disk.raw /mnt/vd   # until Ctrl-C or SIGTERM\n  \
+        vdisk unmount /mnt/vd\n\n\
+        MOUNTPOINT (an existing directory) then holds one regular file, `disk`, of the \
+        virtual size, whose bytes are the virtual disk's (printed on stdout once mounted). \
+        The image is opened writable only with --rw; a differencing disk reads through its \
+        chain and, with --rw, writes only its own file. fsync (and close after writes) \
+        flushes the image. The file's size is fixed: write with `dd conv=notrunc`, not a \
+        truncating copy. The mount is private to the mounting user (default_permissions, no \
+        allow_other); without root privilege it needs fusermount3 (package fuse3).\n\
+        Without --foreground, vdisk returns once the mount is ready and a background process \
+        serves it. SIGINT, SIGTERM or SIGHUP to the serving process, `vdisk unmount`, \
+        `umount` or `fusermount3 -u` unmount it; the image is then flushed and closed.\n\
+        Exit status: 0 mounted (with --foreground: unmounted and the image closed cleanly), \
+        1 error (the mount failed, or closing the image failed).")]
+    Mount(MountArgs),
+    /// Unmount a `vdisk mount` and wait until its image is closed
+    #[command(after_help = "Examples:\n  \
+        vdisk unmount /mnt/vd\n\n\
+        Fails if MOUNTPOINT is not a vdisk mount or is busy (a process has the file open or \
+        its working directory inside). Returns once the serving process has flushed and \
+        closed the image.\n\
+        Exit status: 0 unmounted and the image closed, 1 error.")]
+    Unmount(UnmountArgs),
 }
 
 /// How `info` prints.
@@ -234,6 +312,56 @@ struct CompareArgs {
     image_b: PathBuf,
 }
 
+/// What `check -r` may repair.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RepairArg {
+    /// Reclaim leaked space only.
+    Leaks,
+    /// Also repair corruptions that can be repaired without losing data.
+    All,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Repair: leaks (reclaim unreferenced space) or all (also corruptions)
+    #[arg(short = 'r', long = "repair", value_enum, value_name = "leaks|all")]
+    repair: Option<RepairArg>,
+    /// Output format
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Image format (detected from the content when absent)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    format: Option<Format>,
+    /// The image
+    image: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct MapArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Image format (detected from the content when absent)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    format: Option<Format>,
+    /// The image
+    image: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+struct ManArgs {
+    /// Write vdisk.1 and one page per subcommand (vdisk-info.1, ...) here
+    #[arg(long = "dir", value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 struct ReadArgs {
     /// Image format (detected from the content when absent)
@@ -258,6 +386,24 @@ struct WriteArgs {
     offset: String,
     /// File with the bytes to write (stdin when absent)
     file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ResizeArgs {
+    /// Image format (detected from the content when absent)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    format: Option<Format>,
+    /// Allow shrinking even when the cut part holds data (it is discarded)
+    #[arg(long = "force")]
+    force: bool,
+    /// Accepted for symmetry with the other commands (resizing writes little)
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// The image
+    image: PathBuf,
+    /// New size, or +SIZE / -SIZE relative to the current one (K, M, G, T suffixes)
+    #[arg(allow_hyphen_values = true)]
+    size: String,
 }
 
 #[derive(Args, Debug)]
@@ -366,6 +512,33 @@ struct CheckpointBundleArgs {
 }
 
 #[derive(Args, Debug)]
+struct MountArgs {
+    /// Open the image writable and allow writes (default: read-only)
+    #[arg(long = "rw")]
+    rw: bool,
+    /// Serve in this process until unmounted or signalled (default: return
+    /// once mounted, a background process serves)
+    #[arg(long = "foreground")]
+    foreground: bool,
+    /// Set by `vdisk mount` on the background process it starts
+    #[arg(long = "daemon-child", hide = true, requires = "foreground")]
+    daemon_child: bool,
+    /// Image format (detected from the content when absent)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    format: Option<Format>,
+    /// The image
+    image: PathBuf,
+    /// An existing directory where the file `disk` appears
+    mountpoint: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct UnmountArgs {
+    /// The directory where `vdisk mount` mounted an image
+    mountpoint: PathBuf,
+}
+
+#[derive(Args, Debug)]
 struct CheckpointListArgs {
     /// Output format
     #[arg(long, value_enum, default_value = "human")]
@@ -406,9 +579,24 @@ fn main() -> ExitCode {
         Command::Convert(a) => commands::convert::run(a),
         Command::Read(a) => commands::rw::read(a),
         Command::Write(a) => commands::rw::write(a),
+        Command::Resize(a) => commands::resize::run(a),
         Command::Merge(a) => commands::chain::merge(a),
         Command::Rebase(a) => commands::chain::rebase(a),
         Command::Checkpoint(a) => commands::checkpoint::run(a),
+        Command::Mount(a) => commands::mount::mount(a),
+        Command::Unmount(a) => commands::mount::unmount(a),
+        Command::Map(a) => commands::map::run(a),
+        Command::Completions(a) => commands::completions::completions(a),
+        Command::Man(a) => commands::completions::man(a),
+        Command::Check(a) => {
+            return match commands::check::run(a) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    report(&e);
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
         Command::Compare(a) => {
             return match commands::compare::run(a) {
                 Ok(true) => ExitCode::SUCCESS,
@@ -429,11 +617,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit status when stdout is a closed pipe (128 + SIGPIPE, as a shell
+/// reports a process killed by it).
+const EXIT_BROKEN_PIPE: i32 = 141;
+
+/// Whether `e` comes from writing to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .or_else(|| c.downcast_ref::<disk::Error>().and_then(|d| d.io_error()))
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// What the parent search says when the policy refused an existing parent.
 const REFUSED_PARENT: &str = "outside the directories parents may come from";
 
 /// Print an error on stderr, with a hint when the parent policy refused a parent.
 fn report(e: &anyhow::Error) {
+    if is_broken_pipe(e) {
+        // The reader of our stdout went away (`vdisk map x | head`): stop
+        // quietly, with the status a process killed by SIGPIPE has.
+        std::process::exit(EXIT_BROKEN_PIPE);
+    }
     eprintln!("vdisk: {e:#}");
     policy_hint(&format!("{e:#}"));
 }

@@ -93,6 +93,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
 
+/// `Vhd::resize`: a child module, so that it reuses the driver's validating
+/// open without widening its visibility.
+#[path = "resize.rs"]
+mod resize;
+
 const MIB: u64 = 1 << 20;
 /// The largest virtual size this library creates: 2040 GiB, the limit of
 /// the format as Virtual PC, Virtual Server and Hyper-V implement it.

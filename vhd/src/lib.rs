@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod bat;
+pub mod check;
 pub mod dynamic_header;
 pub mod footer;
 mod image;

@@ -54,6 +54,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
+/// `Vhdx::resize`: a child module, so that it uses the driver's internals
+/// without widening their visibility.
+#[path = "resize.rs"]
+mod resize;
+
 const MIB: u64 = 1 << 20;
 /// Largest metadata region we read whole (Windows writes 1 MiB).
 const MAX_METADATA_REGION: u64 = 64 * MIB;
@@ -1731,7 +1736,11 @@ impl Vhdx {
 
 /// Write `h` (sequence number bumped) into the non-current slot, sync, then
 /// into the other slot, sync. Returns the slot that is now current.
-fn write_header_pair(storage: &dyn Storage, h: &mut Header, current_slot: usize) -> Result<usize> {
+pub(crate) fn write_header_pair(
+    storage: &dyn Storage,
+    h: &mut Header,
+    current_slot: usize,
+) -> Result<usize> {
     let mut buf = vec![0u8; Header::SIZE];
     let mut slot = current_slot;
     for _ in 0..2 {
@@ -1808,7 +1817,10 @@ pub fn parent_locator_for(
 /// 2.6.2.6.3): `relative_path`, `volume_path`, `absolute_win32_path`, then
 /// the file name those paths end in, beside the child (Windows drive and
 /// volume paths cannot exist here: a moved chain is usually one directory).
-fn parent_candidates(child: &Path, loc: &ParentLocator) -> Vec<(String, Option<PathBuf>)> {
+pub(crate) fn parent_candidates(
+    child: &Path,
+    loc: &ParentLocator,
+) -> Vec<(String, Option<PathBuf>)> {
     let dir = match child.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

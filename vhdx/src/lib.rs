@@ -15,6 +15,7 @@
 
 pub mod bat;
 mod bat_cache;
+pub mod check;
 pub mod file_identifier;
 pub mod guid;
 pub mod header;

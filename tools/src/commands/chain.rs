@@ -99,7 +99,7 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
         )?)
     })?;
     let merged = &files[..depth];
-    println!(
+    crate::outln!(
         "Merged {} into '{}': {} copied",
         merged
             .iter()
@@ -108,13 +108,13 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
             .join(", "),
         ancestor.display(),
         human_exact(stats.bytes_copied)
-    );
+    )?;
     if args.keep {
         return Ok(());
     }
     for f in merged {
         std::fs::remove_file(f).with_context(|| format!("{}: cannot delete", f.display()))?;
-        println!("Deleted '{}'", f.display());
+        crate::outln!("Deleted '{}'", f.display())?;
     }
     open::sync_parent_dir(image)?;
     Ok(())
@@ -133,22 +133,22 @@ pub fn rebase(args: &RebaseArgs) -> Result<()> {
     let policy = open::policy();
     if args.unsafe_relink {
         checkpoint::image::set_parent(image, new_parent, true, policy)?;
-        println!(
+        crate::outln!(
             "Rebased '{}' onto '{}' (unsafe: link rewritten, 0 bytes copied)",
             image.display(),
             new_parent.display()
-        );
+        )?;
         return Ok(());
     }
     chain_of(image, "rebase")?;
     let stats = with_progress(args.progress, "rebasing", "rebased", |cb| {
         Ok(checkpoint::merge::rebase(image, new_parent, policy, cb)?)
     })?;
-    println!(
+    crate::outln!(
         "Rebased '{}' onto '{}': {} copied",
         image.display(),
         new_parent.display(),
         human_exact(stats.bytes_copied)
-    );
+    )?;
     Ok(())
 }

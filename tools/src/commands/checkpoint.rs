@@ -15,49 +15,49 @@ pub fn run(args: &CheckpointArgs) -> Result<()> {
         CheckpointCommand::Create(a) => {
             let mut b = open(&a.bundle)?;
             b.create(&a.name)?;
-            println!(
+            crate::outln!(
                 "Created checkpoint '{}' in '{}'; active disk: {}",
                 a.name,
                 a.bundle.display(),
                 b.active_path().display()
-            );
+            )?;
             Ok(())
         }
         CheckpointCommand::List(a) => list(a),
         CheckpointCommand::Revert(a) => {
             let mut b = open(&a.bundle)?;
             b.revert(&a.name)?;
-            println!(
+            crate::outln!(
                 "Reverted '{}' to checkpoint '{}' (later changes dropped); active disk: {}",
                 a.bundle.display(),
                 a.name,
                 b.active_path().display()
-            );
+            )?;
             Ok(())
         }
         CheckpointCommand::Delete(a) => {
             let mut b = open(&a.bundle)?;
             b.delete(&a.name)?;
-            println!(
+            crate::outln!(
                 "Deleted checkpoint '{}' from '{}'",
                 a.name,
                 a.bundle.display()
-            );
+            )?;
             Ok(())
         }
         CheckpointCommand::Merge(a) => {
             let mut b = open(&a.bundle)?;
             b.merge()?;
-            println!(
+            crate::outln!(
                 "Merged '{}' into one disk: {}",
                 a.bundle.display(),
                 b.active_path().display()
-            );
+            )?;
             Ok(())
         }
         CheckpointCommand::Path(a) => {
             let b = open(&a.bundle)?;
-            println!("{}", b.active_path().display());
+            crate::outln!("{}", b.active_path().display())?;
             Ok(())
         }
     }
@@ -96,7 +96,7 @@ fn init(a: &CheckpointInitArgs) -> Result<()> {
         .into_iter()
         .find(|n| n.depth == 0)
         .map(|n| b.disk_path(&n.node));
-    println!(
+    crate::outln!(
         "Created bundle '{}' ({}){}; active disk: {}",
         a.bundle.display(),
         match b.manifest().format {
@@ -106,7 +106,7 @@ fn init(a: &CheckpointInitArgs) -> Result<()> {
         base.map(|p| format!(", base {}", p.display()))
             .unwrap_or_default(),
         b.active_path().display()
-    );
+    )?;
     Ok(())
 }
 
@@ -114,8 +114,8 @@ fn list(a: &CheckpointListArgs) -> Result<()> {
     let b = open(&a.bundle)?;
     let nodes = b.list()?;
     match a.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
-        OutputFormat::Human => print!("{}", tree(&nodes)),
+        OutputFormat::Json => crate::outln!("{}", serde_json::to_string_pretty(&nodes)?)?,
+        OutputFormat::Human => super::print_out(&tree(&nodes))?,
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
     let b_img = open::open(&args.image_b, args.format_b, false)?;
     let (a, b) = (a_img.disk(), b_img.disk());
     if a.virtual_size() != b.virtual_size() {
-        println!("Image size mismatch!");
+        crate::outln!("Image size mismatch!")?;
         return Ok(false);
     }
     let progress = Progress::new(args.progress, a.virtual_size(), "comparing");
@@ -25,11 +25,11 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
     }
     Ok(match result? {
         None => {
-            println!("Images are identical.");
+            crate::outln!("Images are identical.")?;
             true
         }
         Some(off) => {
-            println!("Content mismatch at offset {off}!");
+            crate::outln!("Content mismatch at offset {off}!")?;
             false
         }
     })

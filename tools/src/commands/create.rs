@@ -25,11 +25,11 @@ pub fn run(args: &CreateArgs) -> Result<()> {
     img.close()?;
     open::sync_parent_dir(&args.image)?;
     note_rounding(&target, size, actual);
-    println!(
+    crate::outln!(
         "Formatted '{}', {}",
         args.image.display(),
         options::describe(&target, actual)
-    );
+    )?;
     Ok(())
 }
 
@@ -125,14 +125,14 @@ fn differencing_vhdx(args: &CreateArgs, parent: &Path, size: Option<u64>) -> Res
     img.close()?;
     open::sync_parent_dir(&args.image)?;
     note_policy(&args.image, parent);
-    println!(
+    crate::outln!(
         "Formatted '{}', fmt=vhdx size={actual} subformat=differencing block_size={} \
          log_size={} backing_file={}",
         args.image.display(),
         o.block_size,
         o.log_size,
         parent.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -148,13 +148,13 @@ fn differencing_vhd(args: &CreateArgs, parent: &Path, size: Option<u64>) -> Resu
     img.close()?;
     open::sync_parent_dir(&args.image)?;
     note_policy(&args.image, parent);
-    println!(
+    crate::outln!(
         "Formatted '{}', fmt=vhd size={actual} subformat=differencing block_size={} \
          backing_file={}",
         args.image.display(),
         o.block_size,
         parent.display()
-    );
+    )?;
     Ok(())
 }
 

@@ -96,8 +96,8 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     }
     let report = report(path, args.format, open::policy())?;
     match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Human => print!("{}", human(&report)),
+        OutputFormat::Json => crate::outln!("{}", serde_json::to_string_pretty(&report)?)?,
+        OutputFormat::Human => super::print_out(&human(&report))?,
     }
     Ok(())
 }
@@ -126,10 +126,10 @@ fn chain(args: &InfoArgs) -> Result<()> {
         });
     }
     match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        OutputFormat::Json => crate::outln!("{}", serde_json::to_string_pretty(&reports)?)?,
         OutputFormat::Human => {
             let text: Vec<String> = reports.iter().map(human).collect();
-            print!("{}", text.join("\n"));
+            super::print_out(&text.join("\n"))?;
         }
     }
     Ok(())

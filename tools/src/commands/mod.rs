@@ -1,11 +1,16 @@
 //! One module per subcommand, plus helpers they share.
 
 pub mod chain;
+pub mod check;
 pub mod checkpoint;
 pub mod compare;
+pub mod completions;
 pub mod convert;
 pub mod create;
 pub mod info;
+pub mod map;
+pub mod mount;
+pub mod resize;
 pub mod rw;
 
 use disk::{Extent, Mapping, VirtualDisk};
@@ -14,6 +19,30 @@ use disk::{Extent, Mapping, VirtualDisk};
 /// enough to stay in cache (measured: 4 MiB chunks cost 2-3x the CPU of
 /// 256 KiB-1 MiB ones), and a divisor of every VHDX block size.
 pub const CHUNK: usize = 1 << 20;
+
+/// Write `text` to stdout. Unlike `print!`, which panics when stdout is a
+/// closed pipe (`vdisk info disk.vhdx | head -1`), this returns the
+/// `BrokenPipe` error, which `main` turns into a quiet exit.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    print_bytes(text.as_bytes())
+}
+
+/// [`print_out`] for bytes.
+pub fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `println!` through [`print_out`]: evaluates to its `Result`.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::commands::print_out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 /// The extent at `pos` (up to the end of the disk), checked to start at `pos`.
 pub fn extent_at(d: &dyn VirtualDisk, pos: u64) -> disk::Result<Extent> {

@@ -97,6 +97,6 @@ pub fn write(args: &WriteArgs) -> Result<()> {
     }
     d.flush()?;
     img.close()?;
-    println!("wrote {done} bytes at offset {offset}");
+    crate::outln!("wrote {done} bytes at offset {offset}")?;
     Ok(())
 }

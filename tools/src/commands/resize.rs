@@ -1,0 +1,118 @@
+//! `vdisk resize`: change the virtual size of an image (like `qemu-img
+//! resize`), through [`vhdx::Vhdx::resize`], [`vhd::Vhd::resize`], or the
+//! file length for raw images.
+
+use crate::open::{self, Format};
+use crate::outln;
+use crate::size::parse_size;
+use crate::ResizeArgs;
+use anyhow::{anyhow, bail, Result};
+use disk::{FileStorage, Storage};
+use std::path::Path;
+
+/// A size argument: absolute, or relative to the current size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SizeArg {
+    Absolute(u64),
+    Plus(u64),
+    Minus(u64),
+}
+
+fn parse_size_arg(s: &str) -> Result<SizeArg> {
+    let bad = |e: anyhow::Error| anyhow!("invalid SIZE: {e}");
+    Ok(if let Some(r) = s.strip_prefix('+') {
+        SizeArg::Plus(parse_size(r).map_err(bad)?)
+    } else if let Some(r) = s.strip_prefix('-') {
+        SizeArg::Minus(parse_size(r).map_err(bad)?)
+    } else {
+        SizeArg::Absolute(parse_size(s).map_err(bad)?)
+    })
+}
+
+fn target(image: &Path, current: u64, arg: SizeArg) -> Result<u64> {
+    let name = image.display();
+    let size = match arg {
+        SizeArg::Absolute(n) => Some(n),
+        SizeArg::Plus(n) => current.checked_add(n),
+        SizeArg::Minus(n) => current.checked_sub(n),
+    };
+    match size {
+        Some(s) if s > 0 => Ok(s),
+        _ => bail!(
+            "{name}: the new size would be zero or out of range (current size {current} bytes)"
+        ),
+    }
+}
+
+pub fn run(args: &ResizeArgs) -> Result<()> {
+    let arg = parse_size_arg(&args.size)?;
+    let image = &args.image;
+    let name = image.display().to_string();
+    match open::resolve(image, args.format)? {
+        Format::Vhdx => {
+            let info = vhdx::Vhdx::inspect(image)?;
+            if info.metadata.file_parameters.has_parent {
+                bail!(
+                    "{name}: cannot resize a differencing disk: its size must match its parent's"
+                );
+            }
+            let size = target(image, info.metadata.virtual_disk_size, arg)?;
+            let mut d = vhdx::Vhdx::open(image, &open::vhdx_options(true))?;
+            d.resize(size, args.force)?;
+            d.close()?;
+        }
+        Format::Vhd => {
+            let info = vhd::Vhd::inspect(image)?;
+            let size = target(image, info.virtual_size, arg)?;
+            vhd::Vhd::resize(image, size, args.force)?;
+        }
+        Format::Raw => {
+            let st = FileStorage::open(image, true)?;
+            let cur = st.len()?;
+            let size = target(image, cur, arg)?;
+            if size < cur && !args.force {
+                if let Some(at) = first_nonzero(&st, size, cur)? {
+                    bail!(
+                        "{name}: the part past the new end ({size} bytes) holds data (first \
+                         non-zero byte at offset {at}): shrinking would lose it (use --force \
+                         to discard it)"
+                    );
+                }
+            }
+            st.set_len(size)?;
+            st.flush()?;
+        }
+    }
+    outln!("Image resized.")
+}
+
+fn first_nonzero(st: &FileStorage, from: u64, to: u64) -> Result<Option<u64>> {
+    let mut buf = vec![0u8; super::CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(buf.len() as u64) as usize;
+        st.read_at(&mut buf[..n], at)?;
+        if let Some(i) = super::first_nonzero(&buf[..n]) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_args() {
+        assert_eq!(parse_size_arg("1G").unwrap(), SizeArg::Absolute(1 << 30));
+        assert_eq!(parse_size_arg("+1G").unwrap(), SizeArg::Plus(1 << 30));
+        assert_eq!(parse_size_arg("-512M").unwrap(), SizeArg::Minus(512 << 20));
+        assert!(parse_size_arg("+x").is_err());
+        let p = Path::new("d");
+        assert_eq!(target(p, 10, SizeArg::Minus(4)).unwrap(), 6);
+        assert!(target(p, 10, SizeArg::Minus(10)).is_err());
+        assert!(target(p, u64::MAX, SizeArg::Plus(1)).is_err());
+    }
+}

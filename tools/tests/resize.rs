@@ -1,0 +1,246 @@
+//! End-to-end tests of `vdisk resize`: every format and subformat grows and
+//! shrinks, relative sizes, shrinking over data refused then forced, the
+//! data before the cut unchanged (`vdisk compare` against a raw copy, and
+//! `qemu-img check`/`compare` when installed), and the error paths.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn vdisk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vdisk"))
+}
+
+fn run(args: &[&str]) -> Output {
+    vdisk().args(args).output().expect("run vdisk")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?} failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "vdisk {args:?}: stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn size_of(img: &Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
+    v["virtual_size"].as_u64().unwrap()
+}
+
+fn qemu_img() -> Option<PathBuf> {
+    let q = PathBuf::from("/usr/bin/qemu-img");
+    if q.exists() {
+        Some(q)
+    } else {
+        println!("qemu-img not found at /usr/bin/qemu-img: skipping the qemu-img checks");
+        None
+    }
+}
+
+fn qemu_ok(args: &[&str]) {
+    let Some(q) = qemu_img() else { return };
+    let out = Command::new(q).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Data at the start, in the middle and near the end of a 64 MiB disk.
+const MARKS: [(u64, &[u8]); 3] = [
+    (0, b"first sector"),
+    (5 * MIB + 7, b"middle"),
+    (40 * MIB, b"in the part a shrink to 32M cuts"),
+];
+
+/// An image (format, create options) of 64 MiB holding [`MARKS`], and a raw
+/// copy of its virtual bytes.
+fn setup(dir: &Path, name: &str, fmt: &str, opts: &str) -> (PathBuf, PathBuf) {
+    let img = dir.join(name);
+    let mut args = vec!["create", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([p(&img), "64M"]);
+    ok(&args);
+    for (i, (off, data)) in MARKS.iter().enumerate() {
+        let f = dir.join(format!("{name}.mark{i}"));
+        fs::write(&f, data).unwrap();
+        ok(&["write", p(&img), &off.to_string(), p(&f)]);
+    }
+    let raw = dir.join(format!("{name}.raw"));
+    ok(&["convert", "-O", "raw", p(&img), p(&raw)]);
+    (img, raw)
+}
+
+/// The raw copy resized the way the image was: truncated or extended.
+fn resize_raw(raw: &Path, size: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(raw)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
+fn same(img: &Path, raw: &Path, qfmt: &str) {
+    ok(&["compare", p(raw), p(img)]);
+    if qfmt == "vhdx" {
+        qemu_ok(&["check", "-f", "vhdx", p(img)]);
+    }
+    qemu_ok(&["info", "-f", qfmt, p(img)]);
+    qemu_ok(&["compare", "-f", "raw", "-F", qfmt, p(raw), p(img)]);
+}
+
+fn grow_and_shrink(name: &str, fmt: &str, qfmt: &str, opts: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, raw) = setup(dir.path(), name, fmt, opts);
+    let s0 = size_of(&img);
+    // Grow by a relative size.
+    assert_eq!(ok(&["resize", p(&img), "+1G"]), "Image resized.\n");
+    let s1 = size_of(&img);
+    assert!(s1 >= s0 + GIB, "{name}: {s0} -> {s1}");
+    resize_raw(&raw, s1);
+    same(&img, &raw, qfmt);
+    // Relative shrink back over empty space.
+    ok(&["resize", "-f", fmt, p(&img), "-512M"]);
+    let s2 = size_of(&img);
+    assert!(s2 >= s1 - 512 * MIB && s2 < s1, "{name}: {s1} -> {s2}");
+    resize_raw(&raw, s2);
+    same(&img, &raw, qfmt);
+    // Shrinking to 32M would cut MARKS[2]: refused, naming the file.
+    let e = fails(&["resize", p(&img), "32M"]);
+    assert!(e.contains(p(&img)) && e.contains("--force"), "{name}: {e}");
+    assert_eq!(size_of(&img), s2);
+    same(&img, &raw, qfmt);
+    // Forced: the data before the cut is unchanged.
+    ok(&["resize", "--force", p(&img), "32M"]);
+    let s3 = size_of(&img);
+    assert!((32 * MIB..33 * MIB).contains(&s3), "{name}: {s3}");
+    resize_raw(&raw, s3);
+    same(&img, &raw, qfmt);
+    // Growing again: the cut part reads as zeros.
+    ok(&["resize", "-p", p(&img), "64M"]);
+    let s4 = size_of(&img);
+    resize_raw(&raw, s3); // keep the truncation's zeros
+    resize_raw(&raw, s4);
+    same(&img, &raw, qfmt);
+}
+
+#[test]
+fn vhdx_dynamic_grow_shrink() {
+    grow_and_shrink("d.vhdx", "vhdx", "vhdx", "block_size=1M");
+}
+
+#[test]
+fn vhdx_fixed_grow_shrink() {
+    grow_and_shrink("f.vhdx", "vhdx", "vhdx", "subformat=fixed,block_size=1M");
+}
+
+#[test]
+fn vhd_dynamic_grow_shrink() {
+    grow_and_shrink("d.vhd", "vhd", "vpc", "");
+}
+
+#[test]
+fn vhd_fixed_grow_shrink() {
+    grow_and_shrink("f.vhd", "vhd", "vpc", "subformat=fixed");
+}
+
+#[test]
+fn raw_grow_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.raw");
+    let f = fs::File::create(&img).unwrap();
+    f.set_len(8 * MIB).unwrap();
+    f.write_all_at(b"x", 6 * MIB).unwrap();
+    ok(&["resize", "-f", "raw", p(&img), "+8M"]);
+    assert_eq!(fs::metadata(&img).unwrap().len(), 16 * MIB);
+    fails(&["resize", "-f", "raw", p(&img), "4M"]);
+    ok(&["resize", "-f", "raw", "--force", p(&img), "4M"]);
+    assert_eq!(fs::metadata(&img).unwrap().len(), 4 * MIB);
+}
+
+#[test]
+fn vhdx_grow_relocating_the_first_blocks() {
+    // With 1 MiB blocks the BAT outgrows its 1 MiB region past 128 GiB.
+    let dir = tempfile::tempdir().unwrap();
+    let (img, raw) = setup(dir.path(), "big.vhdx", "vhdx", "block_size=1M");
+    ok(&["resize", p(&img), "130G"]);
+    assert_eq!(size_of(&img), 130 * GIB);
+    resize_raw(&raw, 130 * GIB);
+    ok(&["compare", p(&raw), p(&img)]);
+    qemu_ok(&["check", "-f", "vhdx", p(&img)]);
+}
+
+#[test]
+fn vhd_dynamic_grow_relocating_the_first_block() {
+    // 64M with 2 MiB blocks: a one-sector BAT; 20G needs 20 sectors.
+    let dir = tempfile::tempdir().unwrap();
+    let (img, raw) = setup(dir.path(), "big.vhd", "vhd", "");
+    ok(&["resize", p(&img), "20G"]);
+    let s = size_of(&img);
+    assert!(s >= 20 * GIB);
+    resize_raw(&raw, s);
+    same(&img, &raw, "vpc");
+}
+
+#[test]
+fn error_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.vhdx");
+    let e = fails(&["resize", p(&missing), "1G"]);
+    assert!(e.contains("missing.vhdx"), "{e}");
+    let img = dir.path().join("d.vhdx");
+    ok(&["create", "-f", "vhdx", p(&img), "64M"]);
+    for bad in ["1X", "", "+", "-64M", "-1G", "100"] {
+        let e = fails(&["resize", p(&img), bad]);
+        assert!(e.contains("SIZE") || e.contains("d.vhdx"), "{bad}: {e}");
+    }
+    assert_eq!(size_of(&img), 64 * MIB);
+    for (base, child) in [("b.vhdx", "c.avhdx"), ("b.vhd", "c.vhd")] {
+        let base = dir.path().join(base);
+        let child = dir.path().join(child);
+        let fmt = if p(&base).ends_with("vhdx") {
+            "vhdx"
+        } else {
+            "vhd"
+        };
+        ok(&["create", "-f", fmt, p(&base), "64M"]);
+        ok(&["create", "-b", p(&base), p(&child)]);
+        let e = fails(&["resize", p(&child), "+1G"]);
+        assert!(e.contains("differencing") && e.contains(p(&child)), "{e}");
+    }
+    let help = ok(&["resize", "--help"]);
+    assert!(
+        help.contains("Examples:") && help.contains("--force"),
+        "{help}"
+    );
+}

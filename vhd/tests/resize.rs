@@ -1,0 +1,210 @@
+//! `Vhd::resize`: fixed and dynamic grow and shrink, CHS rounding, Azure
+//! sizes, differencing refused, and a power cut at every write of a dynamic
+//! grow that moves blocks out of the BAT's way: every crash image opens,
+//! reads the data written before the resize, and has the old or new size.
+
+use disk::fault::RecordingStorage;
+use disk::testing::crash::for_each_crash;
+use disk::{MemStorage, VirtualDisk};
+use std::sync::Arc;
+use vhd::footer::ChsGeometry;
+use vhd::{CreateOptions, OpenOptions, Vhd};
+
+const MIB: u64 = 1 << 20;
+
+fn image(size: u64, fixed: bool, azure: bool, marks: &[u64]) -> Vec<u8> {
+    let st = Arc::new(MemStorage::new("base"));
+    let mut o = CreateOptions::new(size);
+    o.fixed = fixed;
+    o.azure = azure;
+    o.block_size = 64 * 1024;
+    let d = Vhd::create_on(Box::new(st.clone()), &o).unwrap();
+    for &m in marks {
+        d.write_at(&mark(m), m).unwrap();
+    }
+    d.close().unwrap();
+    st.to_vec()
+}
+
+fn mark(at: u64) -> Vec<u8> {
+    format!("mark at {at:#x}").into_bytes()
+}
+
+fn check_marks(d: &dyn VirtualDisk, marks: &[u64], what: &str) {
+    for &m in marks {
+        let want = mark(m);
+        let mut got = vec![0u8; want.len()];
+        d.read_at(&mut got, m).unwrap();
+        assert_eq!(got, want, "{what}: mark at {m:#x}");
+    }
+}
+
+fn open(bytes: Vec<u8>) -> Vhd {
+    Vhd::open_storage(
+        Box::new(MemStorage::from_vec("img", bytes)),
+        &OpenOptions::default(),
+    )
+    .unwrap()
+}
+
+fn resize(bytes: Vec<u8>, size: u64, force: bool) -> disk::Result<(u64, Vec<u8>)> {
+    let st = Arc::new(MemStorage::from_vec("img", bytes));
+    let s = Vhd::resize_storage(Box::new(st.clone()), size, force)?;
+    Ok((s, st.to_vec()))
+}
+
+#[test]
+fn dynamic_grow_relocating_crash_at_every_write() {
+    // 64 KiB blocks: 8 MiB is 128 entries, exactly one BAT sector, and
+    // block 0 follows it (CHS rounding makes it two sectors); 20 MiB needs three.
+    let marks = [0, 100, 64 * 1024 + 3, 5 * MIB];
+    let size0 = ChsGeometry::round_up(8 * MIB).0;
+    let base = image(8 * MIB, false, false, &marks);
+    let before = open(base.clone()).map(0, 512).unwrap().mapping;
+    let rec = Arc::new(RecordingStorage::new("rec", base));
+    let new = Vhd::resize_storage(Box::new(rec.clone()), 20 * MIB, false).unwrap();
+    assert_eq!(new, ChsGeometry::round_up(20 * MIB).0);
+    let d = open(rec.contents());
+    assert_eq!(d.virtual_size(), new);
+    check_marks(&d, &marks, "after resize");
+    assert_ne!(
+        d.map(0, 512).unwrap().mapping,
+        before,
+        "block 0 was not moved"
+    );
+    assert!(d.info().header.as_ref().unwrap().max_table_entries >= 320);
+    for_each_crash(&rec, 3, |img, cut, strategy| {
+        let what = format!("{strategy} cut {cut}");
+        let st = Arc::new(MemStorage::from_vec("crash", img));
+        let d = Vhd::open_storage(
+            Box::new(st.clone()),
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+        let s = d.virtual_size();
+        assert!(s == size0 || s == new, "{what}: size {s}");
+        check_marks(&d, &marks, &what);
+        // Still writable: a new block at the end reads back after reopening.
+        let end = s - 512;
+        d.write_at(b"tail", end).unwrap();
+        d.close().unwrap();
+        let again = open(st.to_vec());
+        check_marks(&again, &marks, &what);
+        let mut t = [0u8; 4];
+        again.read_at(&mut t, end).unwrap();
+        assert_eq!(&t, b"tail", "{what}");
+    });
+}
+
+#[test]
+fn fixed_grow_crash_at_every_write() {
+    let marks = [0, 3 * MIB];
+    let size0 = ChsGeometry::round_up(4 * MIB).0;
+    let rec = Arc::new(RecordingStorage::new(
+        "rec",
+        image(4 * MIB, true, false, &marks),
+    ));
+    let new = Vhd::resize_storage(Box::new(rec.clone()), 6 * MIB, false).unwrap();
+    for_each_crash(&rec, 5, |img, cut, strategy| {
+        let what = format!("{strategy} cut {cut}");
+        let d = Vhd::open_storage(
+            Box::new(MemStorage::from_vec("crash", img)),
+            &OpenOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+        let s = d.virtual_size();
+        assert!(s == size0 || s == new, "{what}: size {s}");
+        check_marks(&d, &marks, &what);
+    });
+    // Once done, the grown part reads as zeros (the old footer was cleared).
+    let d = open(rec.contents());
+    let mut b = vec![0xffu8; (new - size0) as usize];
+    d.read_at(&mut b, size0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn dynamic_shrink_rules_and_tail() {
+    let marks = [0, MIB];
+    let img = image(8 * MIB, false, false, &marks);
+    let d = open(img.clone());
+    d.close().unwrap();
+    let st = Arc::new(MemStorage::from_vec("img", img));
+    let w = Vhd::open_storage(
+        Box::new(st.clone()),
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    w.write_at(b"cut", 6 * MIB).unwrap();
+    w.close().unwrap();
+    let e = resize(st.to_vec(), 4 * MIB, false).unwrap_err().to_string();
+    assert!(e.contains("img:") && e.contains("block 96"), "{e}");
+    let (s, shrunk) = resize(st.to_vec(), 4 * MIB, true).unwrap();
+    assert_eq!(s, ChsGeometry::round_up(4 * MIB).0);
+    let d = open(shrunk.clone());
+    assert_eq!(d.virtual_size(), s);
+    check_marks(&d, &marks, "shrunk");
+    // Growing back: the discarded block reads as zeros.
+    let (_, grown) = resize(shrunk, 8 * MIB, false).unwrap();
+    let d = open(grown);
+    check_marks(&d, &marks, "grown back");
+    let mut b = [9u8; 3];
+    d.read_at(&mut b, 6 * MIB).unwrap();
+    assert_eq!(b, [0, 0, 0]);
+}
+
+#[test]
+fn fixed_shrink_refused_over_data_then_forced() {
+    let marks = [0];
+    let img = image(8 * MIB, true, false, &marks);
+    let st = Arc::new(MemStorage::from_vec("img", img));
+    let w = Vhd::open_storage(
+        Box::new(st.clone()),
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    w.write_at(b"cut", 6 * MIB).unwrap();
+    w.close().unwrap();
+    assert!(resize(st.to_vec(), 4 * MIB, false).is_err());
+    let (s, out) = resize(st.to_vec(), 4 * MIB, true).unwrap();
+    assert_eq!(out.len() as u64, s + 512);
+    let d = open(out);
+    assert_eq!(d.virtual_size(), s);
+    check_marks(&d, &marks, "fixed shrunk");
+}
+
+#[test]
+fn azure_sizes_stay_exact() {
+    let img = image(8 * MIB, true, true, &[0]);
+    assert!(resize(img.clone(), 10 * MIB + 512, false).is_err());
+    let (s, out) = resize(img, 10 * MIB, false).unwrap();
+    assert_eq!(s, 10 * MIB);
+    assert_eq!(open(out).virtual_size(), 10 * MIB);
+}
+
+#[test]
+fn differencing_and_bad_sizes_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    Vhd::create(&base, &CreateOptions::new(8 * MIB), false)
+        .unwrap()
+        .close()
+        .unwrap();
+    Vhd::create_differencing_file(&child, &base, &CreateOptions::new(0), false).unwrap();
+    let e = Vhd::resize(&child, 16 * MIB, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("differencing") && e.contains("child.vhd"), "{e}");
+    assert!(Vhd::resize(&base, 0, false).is_err());
+    assert!(Vhd::resize(&base, 3 << 40, false).is_err());
+}

@@ -1,0 +1,217 @@
+//! `Vhdx::resize`: grow (in place and relocating the blocks after the BAT),
+//! shrink (refused over data, forced), fixed and differencing disks, and a
+//! power cut at every write of a grow: every crash image opens, reads the
+//! data written before the resize, and has the old size or the new one.
+
+use disk::fault::RecordingStorage;
+use disk::testing::crash::for_each_crash;
+use disk::{MemStorage, VirtualDisk};
+use std::sync::Arc;
+use vhdx::{CreateOptions, OpenOptions, Vhdx};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn rw() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+/// A closed image of `size` bytes with 1 MiB blocks and `marks` written.
+fn image(size: u64, fixed: bool, marks: &[u64]) -> Vec<u8> {
+    let st = Arc::new(MemStorage::new("base"));
+    let mut o = CreateOptions::new(size);
+    o.block_size = MIB as u32;
+    o.fixed = fixed;
+    let d = Vhdx::create_on(Box::new(st.clone()), &o).unwrap();
+    for &m in marks {
+        d.write_at(&mark(m), m).unwrap();
+    }
+    d.close().unwrap();
+    st.to_vec()
+}
+
+fn mark(at: u64) -> Vec<u8> {
+    format!("mark at {at:#x}").into_bytes()
+}
+
+fn check_marks(d: &dyn VirtualDisk, marks: &[u64], what: &str) {
+    for &m in marks {
+        let want = mark(m);
+        let mut got = vec![0u8; want.len()];
+        d.read_at(&mut got, m).unwrap();
+        assert_eq!(got, want, "{what}: mark at {m:#x}");
+    }
+}
+
+fn open_mem(bytes: Vec<u8>, opts: &OpenOptions) -> Vhdx {
+    Vhdx::open_storage(Box::new(MemStorage::from_vec("img", bytes)), opts).unwrap()
+}
+
+/// Resize on a recording storage, then check every crash image.
+fn crash_resize(size: u64, new_size: u64, fixed: bool, marks: &[u64], moves_block0: bool) {
+    let base = image(size, fixed, marks);
+    let before = open_mem(base.clone(), &OpenOptions::default())
+        .map(0, 512)
+        .unwrap()
+        .mapping;
+    let rec = Arc::new(RecordingStorage::new("rec", base));
+    {
+        let mut d = Vhdx::open_storage(Box::new(rec.clone()), &rw()).unwrap();
+        d.resize(new_size, false).unwrap();
+        assert_eq!(d.virtual_size(), new_size);
+        let after = d.map(0, 512).unwrap().mapping;
+        assert_eq!(
+            after != before,
+            moves_block0,
+            "block 0 moved: {before:?} -> {after:?}"
+        );
+        check_marks(&d, marks, "after resize");
+        std::mem::forget(d); // a crash: no clean close
+    }
+    assert!(rec.op_count() > 0);
+    for_each_crash(&rec, 7, |img, cut, strategy| {
+        let what = format!("{strategy} cut {cut}");
+        let ro = Vhdx::open_storage(
+            Box::new(MemStorage::from_vec("crash-ro", img.clone())),
+            &OpenOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
+        let s = ro.virtual_size();
+        assert!(s == size || s == new_size, "{what}: size {s}");
+        check_marks(&ro, marks, &what);
+        drop(ro);
+        let st = Arc::new(MemStorage::from_vec("crash-rw", img));
+        let d = Vhdx::open_storage(Box::new(st.clone()), &rw())
+            .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
+        check_marks(&d, marks, &what);
+        // The disk stays usable: a write at its end reads back.
+        let end = d.virtual_size() - 512;
+        d.write_at(b"tail", end).unwrap();
+        d.close().unwrap();
+        let again = open_mem(st.to_vec(), &OpenOptions::default());
+        check_marks(&again, marks, &what);
+        let mut t = [0u8; 4];
+        again.read_at(&mut t, end).unwrap();
+        assert_eq!(&t, b"tail", "{what}");
+    });
+}
+
+#[test]
+fn grow_in_place_crash_at_every_write() {
+    crash_resize(
+        64 * MIB,
+        3 * GIB + 512,
+        false,
+        &[0, 5 * MIB, 64 * MIB - 100],
+        false,
+    );
+}
+
+#[test]
+fn grow_relocating_blocks_after_the_bat_crash_at_every_write() {
+    // 1 MiB blocks: past 128 GiB the BAT needs more than its 1 MiB region,
+    // and blocks 0 and 1 sit right after it.
+    crash_resize(8 * MIB, 130 * GIB, false, &[0, MIB + 7, 7 * MIB], true);
+}
+
+#[test]
+fn grow_fixed_crash_at_every_write() {
+    crash_resize(4 * MIB, 8 * MIB, true, &[0, 3 * MIB + 1], false);
+}
+
+#[test]
+fn grow_fixed_relocating() {
+    // A sparse file: the grown fixed disk is 129 GiB.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.vhdx");
+    let marks = [0, MIB, 5 * MIB];
+    std::fs::write(&path, image(8 * MIB, true, &marks)).unwrap();
+    let mut d = Vhdx::open(&path, &rw()).unwrap();
+    d.resize(129 * GIB, false).unwrap();
+    check_marks(&d, &marks, "fixed grown");
+    let stats = d.allocation_stats().unwrap();
+    assert_eq!(stats.present_blocks, 129 * 1024);
+    d.close().unwrap();
+    let again = Vhdx::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(again.virtual_size(), 129 * GIB);
+    check_marks(&again, &marks, "fixed reopened");
+}
+
+#[test]
+fn grow_zeroes_the_old_tail_and_shrink_rules() {
+    let marks = [0, 10 * MIB];
+    let st = Arc::new(MemStorage::from_vec("d", image(64 * MIB, false, &marks)));
+    let mut d = Vhdx::open_storage(Box::new(st.clone()), &rw()).unwrap();
+    d.write_at(b"cut", 40 * MIB).unwrap();
+    // Shrinking over the allocated block at 40 MiB is refused, naming it.
+    let e = d.resize(32 * MIB + 512, false).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("d:") && msg.contains("block 40"), "{msg}");
+    assert_eq!(d.virtual_size(), 64 * MIB);
+    // Shrinking within the blocks written: the bytes past the end of the
+    // partial last block must not come back when growing again.
+    d.write_at(&[0xaa; 1024], 20 * MIB).unwrap();
+    d.resize(32 * MIB + 512, true).unwrap();
+    assert_eq!(d.virtual_size(), 32 * MIB + 512);
+    d.resize(20 * MIB + 512, false).unwrap();
+    d.resize(64 * MIB, false).unwrap();
+    let mut b = vec![0u8; 1024];
+    d.read_at(&mut b, 20 * MIB).unwrap();
+    assert!(b[..512].iter().all(|&x| x == 0xaa));
+    assert!(b[512..].iter().all(|&x| x == 0), "stale bytes came back");
+    d.read_at(&mut b[..3], 40 * MIB).unwrap();
+    assert_eq!(&b[..3], &[0, 0, 0], "forced shrink discarded the block");
+    check_marks(&d, &marks, "after shrink and grow");
+    d.close().unwrap();
+    let again = open_mem(st.to_vec(), &OpenOptions::default());
+    assert_eq!(again.virtual_size(), 64 * MIB);
+    check_marks(&again, &marks, "reopened");
+}
+
+#[test]
+fn invalid_sizes_and_read_only() {
+    let st = Arc::new(MemStorage::from_vec("d", image(64 * MIB, false, &[])));
+    let mut d = Vhdx::open_storage(Box::new(st.clone()), &rw()).unwrap();
+    assert!(d.resize(64 * MIB + 100, false).is_err());
+    assert!(d.resize(0, false).is_err());
+    assert!(d.resize((64 << 40) + 512, false).is_err());
+    d.close().unwrap();
+    let mut ro = open_mem(st.to_vec(), &OpenOptions::default());
+    assert!(ro.resize(128 * MIB, false).is_err());
+}
+
+#[test]
+fn fixed_shrink_needs_force_only_over_data() {
+    let st = Arc::new(MemStorage::from_vec("f", image(16 * MIB, true, &[0])));
+    let mut d = Vhdx::open_storage(Box::new(st.clone()), &rw()).unwrap();
+    d.resize(8 * MIB, false).unwrap(); // the cut blocks are all zeros
+    d.write_at(b"x", 7 * MIB).unwrap();
+    assert!(d.resize(4 * MIB, false).is_err());
+    d.resize(4 * MIB, true).unwrap();
+    d.close().unwrap();
+    let again = open_mem(st.to_vec(), &OpenOptions::default());
+    assert_eq!(again.virtual_size(), 4 * MIB);
+    check_marks(&again, &[0], "fixed shrunk");
+}
+
+#[test]
+fn differencing_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.avhdx");
+    Vhdx::create(&base, &CreateOptions::new(64 * MIB), false)
+        .unwrap()
+        .close()
+        .unwrap();
+    let o = CreateOptions::new(64 * MIB);
+    Vhdx::create_differencing_file(&child, &base, &o, false).unwrap();
+    let mut d = Vhdx::open(&child, &rw()).unwrap();
+    let e = d.resize(128 * MIB, false).unwrap_err().to_string();
+    assert!(
+        e.contains("differencing") && e.contains("child.avhdx"),
+        "{e}"
+    );
+}
