@@ -20,11 +20,31 @@
 //! data; the caller then checks again and reports what remains.
 
 use crate::error::Error;
+use crate::ParentPolicy;
 use std::fmt;
 
 /// At most this many problems are kept in a report (the counts stay exact):
 /// a hostile image can have millions of bad BAT entries.
 pub const MAX_PROBLEMS: usize = 1000;
+
+/// What to check besides the file itself.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Which files a differencing disk's parent may be (as when opening).
+    pub parent_policy: ParentPolicy,
+    /// Look for a differencing disk's parent and check that it is the
+    /// parent (VHDX: its DataWriteGuid is a linkage; VHD: its unique id).
+    pub check_parent: bool,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            parent_policy: ParentPolicy::default(),
+            check_parent: true,
+        }
+    }
+}
 
 /// The class of a [`Problem`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

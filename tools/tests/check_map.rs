@@ -1,6 +1,9 @@
 //! End-to-end tests of `vdisk check`, `vdisk map`, `vdisk completions`,
 //! `vdisk man`, and of output into a closed pipe.
 
+mod common;
+use common::*;
+
 use disk::fault::RecordingStorage;
 use disk::testing::have;
 use disk::VirtualDisk;
@@ -8,18 +11,10 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
-
-fn vdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vdisk"))
-}
-
-fn run(args: &[&str]) -> Output {
-    vdisk().args(args).output().expect("run vdisk")
-}
 
 /// Run `vdisk args...`, expecting exit status `code`; return stdout.
 fn status(code: i32, args: &[&str]) -> String {
@@ -39,10 +34,6 @@ fn status(code: i32, args: &[&str]) -> String {
 
 fn ok(args: &[&str]) -> String {
     status(0, args)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
 }
 
 fn tmp() -> tempfile::TempDir {

@@ -1,50 +1,15 @@
 //! End-to-end tests of the `vdisk` binary.
 
+mod common;
+use common::*;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 const MIB: u64 = 1 << 20;
-
-fn vdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vdisk"))
-}
-
-/// Run `vdisk args...` and return its output.
-fn run(args: &[&str]) -> Output {
-    vdisk().args(args).output().expect("run vdisk")
-}
-
-/// Run `vdisk args...`, which must succeed, and return stdout.
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "vdisk {args:?} failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-/// Run `vdisk args...`, which must fail with exit code `code`; return stderr.
-fn fails(code: i32, args: &[&str]) -> String {
-    let out = run(args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "vdisk {args:?}: stdout {} stderr {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 fn info_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(&["info", "--output", "json", p(path)])).expect("valid JSON")

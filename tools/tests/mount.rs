@@ -4,53 +4,18 @@
 //! mounting is not permitted; every mount is unmounted by a drop guard, also
 //! when a test fails.
 
+mod common;
+use common::*;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-fn vdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vdisk"))
-}
-
-/// Run `vdisk args...` and return its output.
-fn run(args: &[&str]) -> Output {
-    vdisk().args(args).output().expect("run vdisk")
-}
-
-/// Run `vdisk args...`, which must succeed, and return stdout.
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "vdisk {args:?} failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-/// Run `vdisk args...`, which must fail with exit code `code`; return stderr.
-fn fails(code: i32, args: &[&str]) -> String {
-    let out = run(args);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "vdisk {args:?}: stdout {} stderr {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 /// `n` bytes of a deterministic pattern that is never all zero.
 fn pattern(n: usize, seed: u32) -> Vec<u8> {

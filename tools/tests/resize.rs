@@ -3,32 +3,16 @@
 //! data before the cut unchanged (`vdisk compare` against a raw copy, and
 //! `qemu-img check`/`compare` when installed), and the error paths.
 
+mod common;
+use common::*;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn vdisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vdisk"))
-}
-
-fn run(args: &[&str]) -> Output {
-    vdisk().args(args).output().expect("run vdisk")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "vdisk {args:?} failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
 
 fn fails(args: &[&str]) -> String {
     let out = run(args);
@@ -40,10 +24,6 @@ fn fails(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
 }
 
 fn size_of(img: &Path) -> u64 {

@@ -41,23 +41,7 @@ use std::path::Path;
 /// 0 = footer copy, 1 = dynamic disk header, 2 = BAT, 3 + i = locator i.
 const STRUCTURE: u64 = 1 << 63;
 
-/// What to check besides the file itself.
-#[derive(Debug, Clone)]
-pub struct CheckOptions {
-    /// Which files a differencing disk's parent may be (as when opening).
-    pub parent_policy: ParentPolicy,
-    /// Look for a differencing disk's parent and check its unique id.
-    pub check_parent: bool,
-}
-
-impl Default for CheckOptions {
-    fn default() -> Self {
-        CheckOptions {
-            parent_policy: ParentPolicy::default(),
-            check_parent: true,
-        }
-    }
-}
+pub use disk::check::CheckOptions;
 
 /// Check the VHD file at `path` (opened read-only; never written).
 ///

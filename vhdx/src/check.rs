@@ -72,23 +72,7 @@ const STRUCTURE: u64 = 1 << 63;
 /// file space (UNMAPPED or ZERO with a file offset): this bit plus the index.
 const RESERVED: u64 = 1 << 62;
 
-/// What to check besides the file itself.
-#[derive(Debug, Clone)]
-pub struct CheckOptions {
-    /// Which files a differencing disk's parent may be (as when opening).
-    pub parent_policy: ParentPolicy,
-    /// Look for a differencing disk's parent and check its linkage.
-    pub check_parent: bool,
-}
-
-impl Default for CheckOptions {
-    fn default() -> Self {
-        CheckOptions {
-            parent_policy: ParentPolicy::default(),
-            check_parent: true,
-        }
-    }
-}
+pub use disk::check::CheckOptions;
 
 /// Check the VHDX file at `path` (opened read-only; never written).
 ///
