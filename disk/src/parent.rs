@@ -104,10 +104,7 @@ impl ChainSearch {
     /// Start a chain open at `top`, the image the caller named.
     pub fn new(policy: &ParentPolicy, top: &Path) -> Self {
         let mut roots = Vec::new();
-        let top_dir = match top.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let top_dir = dir_of(top).to_path_buf();
         for d in std::iter::once(&top_dir).chain(policy.allowed_dirs.iter()) {
             if let Ok(c) = std::fs::canonicalize(d) {
                 roots.push(c);
@@ -209,6 +206,15 @@ impl ChainSearch {
             return r;
         }
         r
+    }
+}
+
+/// The directory of the file at `path` (where paths relative to it start):
+/// its parent directory, or `.` for a bare file name.
+pub fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
 }
 

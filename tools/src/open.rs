@@ -218,10 +218,7 @@ pub fn create_vhdx_differencing(
 ) -> Result<Image> {
     let name = path.display().to_string();
     let mut popts = vhdx_options(false);
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = disk::parent::dir_of(path);
     popts.parent_policy.allowed_dirs.push(dir.to_path_buf());
     let disk = Vhdx::create_differencing(path, parent, opts, &popts, true)
         .map_err(|e| e.in_file(&name, 0))?;
@@ -230,10 +227,7 @@ pub fn create_vhdx_differencing(
 
 /// Make the directory entry of a newly created `path` durable.
 pub fn sync_parent_dir(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = disk::parent::dir_of(path);
     let name = dir.display().to_string();
     File::open(dir)
         .and_then(|d| d.sync_all())

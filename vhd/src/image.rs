@@ -1236,10 +1236,7 @@ pub(crate) fn parent_candidates(
     h: &DynamicHeader,
     locators: &[(String, String)],
 ) -> Vec<(String, Option<PathBuf>)> {
-    let dir = match child.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent::dir_of(child);
     let relative = |p: &str| parent::relative_candidate(dir, p);
     let absolute = |p: &str| parent::absolute_candidate(dir, p);
     let by_code = |code: &str, f: &dyn Fn(&str) -> Option<PathBuf>| {
@@ -1720,10 +1717,7 @@ fn protected_ranges(v: &Vhd, d: &Dyn, header: &DynamicHeader) -> Vec<(u64, u64)>
 /// does.
 fn parent_link_for(child: &Path, parent_abs: &Path) -> Result<ParentLink> {
     let name = child.display().to_string();
-    let dir = match child.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent::dir_of(child);
     let dir_abs = std::fs::canonicalize(dir)
         .map_err(|e| Error::io("cannot resolve the directory of", e).in_file(&name, 0))?;
     let unicode = |p: &Path| {

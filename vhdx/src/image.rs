@@ -307,17 +307,10 @@ impl Vhdx {
         let Ok(parent_abs) = std::fs::canonicalize(parent) else {
             return Ok(());
         };
-        let dir = match child.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = parent::dir_of(child);
         let leads_to_parent = |key: &str, v: &str| {
-            let c = if key == "relative_path" {
-                parent::relative_candidate(dir, v)
-            } else {
-                parent::absolute_candidate(dir, v)
-            };
-            c.and_then(|c| std::fs::canonicalize(c).ok())
+            locator_path(dir, key, v)
+                .and_then(|c| std::fs::canonicalize(c).ok())
                 .is_some_and(|c| c == parent_abs)
         };
         let fresh = parent_locator_for(child, &parent_abs, Uuid::nil())?;
@@ -1797,10 +1790,7 @@ pub fn parent_locator_for(
             e,
         )
     })?;
-    let child_dir = match child.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let child_dir = parent::dir_of(child).to_path_buf();
     let child_dir = std::fs::canonicalize(&child_dir).unwrap_or(child_dir);
     let mut entries = vec![("parent_linkage".to_string(), linkage_string(linkage))];
     if let Some(rel) = parent::windows_relative_path(&child_dir, &abs) {
@@ -1813,6 +1803,17 @@ pub fn parent_locator_for(
     })
 }
 
+/// The path on this system that the locator entry `key` = `value` names,
+/// for a child in `dir`: `relative_path` is relative to it, the other
+/// path entries are absolute (None: not a path here).
+fn locator_path(dir: &Path, key: &str, value: &str) -> Option<PathBuf> {
+    if key == "relative_path" {
+        parent::relative_candidate(dir, value)
+    } else {
+        parent::absolute_candidate(dir, value)
+    }
+}
+
 /// Where a differencing disk's parent may be, best first (MS-VHDX
 /// 2.6.2.6.3): `relative_path`, `volume_path`, `absolute_win32_path`, then
 /// the file name those paths end in, beside the child (Windows drive and
@@ -1821,20 +1822,12 @@ pub(crate) fn parent_candidates(
     child: &Path,
     loc: &ParentLocator,
 ) -> Vec<(String, Option<PathBuf>)> {
-    let dir = match child.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent::dir_of(child);
     let keys = ["relative_path", "volume_path", "absolute_win32_path"];
     let mut out = Vec::new();
     for key in keys {
         if let Some(v) = loc.get(key) {
-            let c = if key == "relative_path" {
-                parent::relative_candidate(dir, v)
-            } else {
-                parent::absolute_candidate(dir, v)
-            };
-            out.push((format!("{key}={v}"), c));
+            out.push((format!("{key}={v}"), locator_path(dir, key, v)));
         }
     }
     let mut names: Vec<&str> = Vec::new();
