@@ -14,6 +14,9 @@
 #   mount         `dd bs=1M` of the file of a fresh `vdisk mount` (so the
 #                 mount's own page cache starts empty)
 #   mount-odirect the same with `iflag=direct` (no page cache in the mount)
+#   mount-dio     `dd bs=1M` of a fresh `vdisk mount --direct-io` (the file
+#                 is opened FOPEN_DIRECT_IO: no page cache over the mount,
+#                 whatever the reader asks)
 #   qsd           `dd bs=1M` of a fresh `qemu-storage-daemon --export
 #                 type=fuse` of the image (driver=file + driver=vhdx)
 #   qsd-odirect   the same with `iflag=direct`
@@ -117,6 +120,12 @@ run_one() {
         }
         awk -F'seconds=' '/^RESULT/ { split($2, a, " "); print a[1] }' "$DIR/last.log"
         ;;
+    mount-dio)
+        "$VDISK" mount --direct-io "$IMG" "$MNT" >/dev/null
+        s=$(dd_seconds "$MNT/disk")
+        "$VDISK" unmount "$MNT"
+        echo "$s"
+        ;;
     mount | mount-odirect)
         "$VDISK" mount "$IMG" "$MNT" >/dev/null
         s=$(dd_seconds "$MNT/disk" "$([ "$1" = mount-odirect ] && echo iflag=direct)")
@@ -146,7 +155,7 @@ head -c "$BYTES" /dev/urandom >"$DIR/disk.raw"
 rm "$DIR/disk.raw"
 "$VDISK" info "$IMG" | grep -E 'virtual size|block size|allocated'
 
-CONTENDERS=(direct mount mount-odirect)
+CONTENDERS=(direct mount mount-odirect mount-dio)
 if [ "$QSD" = 1 ]; then
     if qsd_start && mounted "$QSD_FILE"; then
         qsd_stop
@@ -193,11 +202,15 @@ for cache in $CACHES; do
     echo "  mount / direct = $r (target >= 0.7: $(verdict "$r" 0.7))"
     r=$(ratio "$(median <"$DIR/result.mount-odirect")" "$d")
     echo "  mount-odirect / direct = $r"
+    r=$(ratio "$(median <"$DIR/result.mount-dio")" "$d")
+    echo "  mount-dio / direct = $r (target >= 0.7: $(verdict "$r" 0.7))"
     if [ "$QSD" = 1 ]; then
         r=$(ratio "$m" "$(median <"$DIR/result.qsd")")
         echo "  mount / qsd = $r (target >= 2: $(verdict "$r" 2))"
         r=$(ratio "$(median <"$DIR/result.mount-odirect")" "$(median <"$DIR/result.qsd-odirect")")
         echo "  mount-odirect / qsd-odirect = $r"
+        r=$(ratio "$(median <"$DIR/result.mount-dio")" "$(median <"$DIR/result.qsd")")
+        echo "  mount-dio / qsd = $r (target >= 2: $(verdict "$r" 2))"
     fi
 done
 echo "== load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) =="

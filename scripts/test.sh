@@ -10,9 +10,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin
 need=()
 # fusermount3 (fuse3): `vdisk mount` without root privilege; mkfs.ext4,
 # debugfs and e2fsck (e2fsprogs): the mount tests put an ext4 file system on
-# a mounted image.
+# a mounted image; sfdisk (fdisk): partition files of a mount.
 for tool in unzip:unzip bzip2:bzip2 gzip:gzip fusermount3:fuse3 \
-  mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs; do
+  mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs sfdisk:fdisk; do
   pkg=${tool#*:}
   have "${tool%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done

@@ -20,9 +20,11 @@
 
 mod chain;
 pub mod check;
+pub mod compact;
 mod error;
 pub mod fault;
 pub mod parent;
+pub mod partition;
 mod raw;
 mod storage;
 #[cfg(feature = "testing")]
@@ -30,6 +32,7 @@ pub mod testing;
 mod virtual_disk;
 
 pub use chain::ChainView;
+pub use compact::{CompactReport, Progress};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use parent::{ChainSearch, ParentPolicy};
 pub use raw::RawDisk;

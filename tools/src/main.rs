@@ -150,6 +150,20 @@ enum Command {
         Differencing disks cannot be resized: their size must match their parent's. Prints \
         \"Image resized.\" on success.")]
     Resize(ResizeArgs),
+    /// Give back unused space: zero blocks become unallocated, the file shrinks (like Optimize-VHD)
+    #[command(after_help = "Examples:\n  \
+        vdisk compact disk.vhdx\n  \
+        vdisk compact -p --output json disk.vhd\n  \
+        vdisk compact child.avhdx                    # blocks reading as the parent does\n\n\
+        Allocated blocks that read as all zeros become unallocated (in a differencing disk: \
+        blocks that hold what the parent reads there; a VHDX block of zeros over other parent \
+        data becomes a ZERO block, a VHD one is kept), then the blocks at the end of the file move into the holes and \
+        the file is cut short. Every byte reads the same afterwards, and a crash at any point \
+        leaves an image that reads the same. Fixed and raw images are refused (a fixed disk \
+        keeps every block allocated by design: convert it to dynamic). Prints what was freed \
+        and reclaimed.\n\
+        Exit status: 0 compacted, 1 error (the image still reads as before).")]
+    Compact(CompactArgs),
     /// Fold a differencing disk into its parent or an older ancestor (like Merge-VHD)
     #[command(after_help = "Examples:\n  \
         vdisk merge child.avhdx                      # into its parent; child.avhdx is deleted\n  \
@@ -204,6 +218,7 @@ enum Command {
         vdisk mount --rw disk.vhdx /mnt/vd && mkfs.ext4 /mnt/vd/disk\n  \
         vdisk mount --rw child.avhdx /mnt/vd         # writes go to child.avhdx only\n  \
         vdisk mount --foreground -f raw disk.raw /mnt/vd   # until Ctrl-C or SIGTERM\n  \
+        vdisk mount --direct-io disk.vhdx /mnt/vd    # no page cache over the mount\n  \
         vdisk unmount /mnt/vd\n\n\
         MOUNTPOINT (an existing directory) then holds one regular file, `disk`, of the \
         virtual size, whose bytes are the virtual disk's (printed on stdout once mounted). \
@@ -211,7 +226,11 @@ enum Command {
         chain and, with --rw, writes only its own file. fsync (and close after writes) \
         flushes the image. The file's size is fixed: write with `dd conv=notrunc`, not a \
         truncating copy. The mount is private to the mounting user (default_permissions, no \
-        allow_other); without root privilege it needs fusermount3 (package fuse3).\n\
+        allow_other); without root privilege it needs fusermount3 (package fuse3). By \
+        default the kernel caches the file's pages (repeated reads are served from memory); \
+        --direct-io sends every read and write to the image instead, which saves memory and \
+        a copy when the data is read once (backups, conversions) or the host caches the \
+        image file already.\n\
         Without --foreground, vdisk returns once the mount is ready and a background process \
         serves it. SIGINT, SIGTERM or SIGHUP to the serving process, `vdisk unmount`, \
         `umount` or `fusermount3 -u` unmount it; the image is then flushed and closed.\n\
@@ -396,7 +415,8 @@ struct ResizeArgs {
     /// Allow shrinking even when the cut part holds data (it is discarded)
     #[arg(long = "force")]
     force: bool,
-    /// Accepted for symmetry with the other commands (resizing writes little)
+    /// Show a spinner with the elapsed time on stderr (a resize that moves
+    /// blocks out of the BAT's way can take a while)
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The image
@@ -404,6 +424,21 @@ struct ResizeArgs {
     /// New size, or +SIZE / -SIZE relative to the current one (K, M, G, T suffixes)
     #[arg(allow_hyphen_values = true)]
     size: String,
+}
+
+#[derive(Args, Debug)]
+struct CompactArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Image format (detected from the content when absent)
+    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    format: Option<Format>,
+    /// Show a progress bar on stderr
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// The image (VHDX or VHD, dynamic or differencing)
+    image: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -520,6 +555,10 @@ struct MountArgs {
     /// once mounted, a background process serves)
     #[arg(long = "foreground")]
     foreground: bool,
+    /// Bypass the kernel's page cache for the mounted file: every read and
+    /// write goes to the image (no second copy of the data in memory)
+    #[arg(long = "direct-io")]
+    direct_io: bool,
     /// Set by `vdisk mount` on the background process it starts
     #[arg(long = "daemon-child", hide = true, requires = "foreground")]
     daemon_child: bool,
@@ -580,6 +619,7 @@ fn main() -> ExitCode {
         Command::Read(a) => commands::rw::read(a),
         Command::Write(a) => commands::rw::write(a),
         Command::Resize(a) => commands::resize::run(a),
+        Command::Compact(a) => commands::compact::run(a),
         Command::Merge(a) => commands::chain::merge(a),
         Command::Rebase(a) => commands::chain::rebase(a),
         Command::Checkpoint(a) => commands::checkpoint::run(a),

@@ -31,6 +31,43 @@ impl Progress {
         Progress { bar }
     }
 
+    /// A bar counting units of work (blocks, entries) rather than bytes,
+    /// drawn on stderr when `enabled`; its length comes with the first
+    /// [`Progress::set_position`].
+    pub fn counting(enabled: bool, message: &str) -> Self {
+        if !enabled {
+            return Progress {
+                bar: ProgressBar::hidden(),
+            };
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        let style =
+            ProgressStyle::with_template("{msg} [{elapsed_precise}] [{wide_bar}] {pos}/{len}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(message.to_string());
+        bar.enable_steady_tick(Duration::from_millis(250));
+        Progress { bar }
+    }
+
+    /// A spinner with the elapsed time, for work whose amount is not known
+    /// beforehand, drawn on stderr when `enabled`.
+    pub fn spinner(enabled: bool, message: &str) -> Self {
+        if !enabled {
+            return Progress {
+                bar: ProgressBar::hidden(),
+            };
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.set_message(message.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Progress { bar }
+    }
+
     /// `n` more bytes are done.
     pub fn inc(&self, n: u64) {
         self.bar.inc(n);

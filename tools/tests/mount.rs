@@ -151,10 +151,13 @@ fn fuse_works() -> bool {
 
 /// `vdisk mount [--rw] IMAGE DIR`, which must succeed and print DIR/disk.
 fn mount(img: &Path, dir: &Path, rw: bool) -> Mounted {
+    mount_with(img, dir, if rw { &["--rw"] } else { &[] })
+}
+
+/// `vdisk mount FLAGS IMAGE DIR`, which must succeed and print DIR/disk.
+fn mount_with(img: &Path, dir: &Path, flags: &[&str]) -> Mounted {
     let mut args = vec!["mount"];
-    if rw {
-        args.push("--rw");
-    }
+    args.extend(flags);
     args.extend([p(img), p(dir)]);
     let out = run(&args);
     let m = Mounted {
@@ -253,6 +256,160 @@ fn mount_rw_mkfs_ext4_debugfs_convert_fsck() {
     }
 }
 
+/// Run `prog args` with `input` on stdin; it must succeed.
+fn sh_in(prog: &Path, args: &[&str], input: &str) {
+    use std::io::Write;
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}",
+        prog.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The partitions `sfdisk --json FILE` lists: (number, start byte, length).
+fn sfdisk_parts(sfdisk: &Path, file: &Path) -> Vec<(u32, u64, u64)> {
+    let j: serde_json::Value = serde_json::from_slice(&sh(sfdisk, &["--json", p(file)])).unwrap();
+    let table = &j["partitiontable"];
+    let ss = table["sectorsize"].as_u64().unwrap_or(512);
+    table["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !matches!(e["type"].as_str(), Some("5" | "f" | "85")))
+        .map(|e| {
+            let node = e["node"].as_str().unwrap();
+            let digits = node.len() - node.chars().rev().take_while(char::is_ascii_digit).count();
+            (
+                node[digits..].parse().unwrap(),
+                e["start"].as_u64().unwrap() * ss,
+                e["size"].as_u64().unwrap() * ss,
+            )
+        })
+        .collect()
+}
+
+/// The `partN` files of a mount: (N, size), sorted.
+fn part_files(dir: &Path) -> Vec<(u32, u64)> {
+    let mut v: Vec<(u32, u64)> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let n = name.strip_prefix("part")?.parse().ok()?;
+            Some((n, e.metadata().unwrap().len()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn partitions_made_through_the_mount_appear_as_files() {
+    let Some(sfdisk) = tool("sfdisk") else {
+        eprintln!("skipping: sfdisk is absent (package fdisk)");
+        return;
+    };
+    if !fuse_works() {
+        return;
+    }
+    let dir = tmp();
+    for (label, script) in [
+        (
+            "gpt",
+            "label: gpt\nsize=8MiB, name=EFI\nsize=20MiB, name=data\nname=rest\n",
+        ),
+        (
+            "dos",
+            "label: dos\nsize=8MiB, type=83, bootable\ntype=5\nsize=6MiB, type=83\nsize=5MiB, \
+             type=c\n",
+        ),
+    ] {
+        let img = dir.path().join(format!("{label}.vhdx"));
+        ok(&[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            p(&img),
+            "48M",
+        ]);
+        let mnt = dir.path().join(format!("mnt-{label}"));
+        fs::create_dir(&mnt).unwrap();
+        let m = mount(&img, &mnt, true);
+        assert!(
+            part_files(&m.dir).is_empty(),
+            "{label}: a blank disk has partitions"
+        );
+        sh_in(&sfdisk, &["-q", p(&m.file())], script);
+        // The oracle: sfdisk's own reading of the table, through the mount.
+        let want = sfdisk_parts(&sfdisk, &m.file());
+        assert!(want.len() >= 3, "{label}: sfdisk made {want:?}");
+        let got = part_files(&m.dir);
+        assert_eq!(
+            got,
+            want.iter().map(|&(n, _, len)| (n, len)).collect::<Vec<_>>(),
+            "{label}: partition files"
+        );
+        if label == "dos" {
+            assert_eq!(got[1].0, 5, "logical partitions are numbered from 5");
+        }
+        // Each partition file shows its own range of the disk.
+        for (i, &(n, start, len)) in want.iter().enumerate() {
+            let part = m.dir.join(format!("part{n}"));
+            let data = pattern(70_000, n + 40);
+            let f = fs::OpenOptions::new().write(true).open(&part).unwrap();
+            f.write_all_at(&data, len - data.len() as u64).unwrap();
+            f.write_all_at(&data, 0).unwrap();
+            // Past its end: nothing fits.
+            let err = f.write_all_at(b"x", len).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(28), "{label} part{n}: {err}"); // ENOSPC
+            f.sync_all().unwrap();
+            drop(f);
+            let disk = fs::File::open(m.file()).unwrap();
+            let mut back = vec![0u8; data.len()];
+            disk.read_exact_at(&mut back, start + len - data.len() as u64)
+                .unwrap();
+            assert!(
+                back == data,
+                "{label} part{n} (#{i}): tail not at its disk offset"
+            );
+            disk.read_exact_at(&mut back, start).unwrap();
+            assert!(back == data, "{label} part{n}: head not at its disk offset");
+        }
+        m.unmount();
+        // The image holds what the partition files wrote.
+        for &(n, start, len) in &want {
+            let data = pattern(70_000, n + 40);
+            let out = vdisk()
+                .args([
+                    "read",
+                    p(&img),
+                    &(start + len - 70_000).to_string(),
+                    "70000",
+                ])
+                .output()
+                .unwrap();
+            assert!(out.stdout == data, "{label} part{n}: the image differs");
+        }
+    }
+}
+
 #[test]
 fn mount_differencing_chain_rw_writes_only_the_leaf() {
     if !fuse_works() {
@@ -318,6 +475,71 @@ fn mount_differencing_chain_rw_writes_only_the_leaf() {
     assert!(out.status.success());
     assert!(out.stdout == model, "the child reads other data");
     assert_eq!(log_state(&child), "clean");
+}
+
+#[test]
+fn direct_io_mount_takes_parallel_writes_and_reads_them_back() {
+    if !fuse_works() {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("dio.vhdx");
+    let size = 64 * MIB;
+    ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        p(&img),
+        "64M",
+    ]);
+    let m = mount_with(&img, &mount_dir(dir.path()), &["--rw", "--direct-io"]);
+    // Four threads write interleaved, unaligned pieces at once (parallel
+    // direct writes reach the server concurrently), some straddling blocks.
+    let pieces: Vec<(u64, usize, u32)> = (0..32u32)
+        .map(|i| {
+            (
+                u64::from(i) * 2 * MIB - u64::from(i % 3) * 777,
+                300_000,
+                i + 1,
+            )
+        })
+        .map(|(at, len, seed)| (at.min(size - len as u64), len, seed))
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let file = m.file();
+            let mine: Vec<_> = pieces.iter().skip(t).step_by(4).copied().collect();
+            s.spawn(move || {
+                let f = fs::OpenOptions::new().write(true).open(file).unwrap();
+                for (at, len, seed) in mine {
+                    f.write_all_at(&pattern(len, seed), at).unwrap();
+                }
+                f.sync_all().unwrap();
+            });
+        }
+    });
+    let mut model = vec![0u8; size as usize];
+    for &(at, len, seed) in &pieces {
+        model[at as usize..at as usize + len].copy_from_slice(&pattern(len, seed));
+    }
+    // Read back through the mount in odd-sized pieces.
+    let f = fs::File::open(m.file()).unwrap();
+    let mut back = vec![0u8; size as usize];
+    for (i, chunk) in back.chunks_mut(999_999).enumerate() {
+        f.read_exact_at(chunk, i as u64 * 999_999).unwrap();
+    }
+    assert!(back == model, "the mount reads other data than was written");
+    drop(f);
+    m.unmount();
+    let out = vdisk()
+        .args(["read", p(&img), "0", &size.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout == model, "the image holds other data");
+    assert_eq!(log_state(&img), "clean");
 }
 
 #[test]

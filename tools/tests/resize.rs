@@ -9,7 +9,6 @@ use common::*;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -30,27 +29,6 @@ fn size_of(img: &Path) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
     v["virtual_size"].as_u64().unwrap()
-}
-
-fn qemu_img() -> Option<PathBuf> {
-    let q = PathBuf::from("/usr/bin/qemu-img");
-    if q.exists() {
-        Some(q)
-    } else {
-        println!("qemu-img not found at /usr/bin/qemu-img: skipping the qemu-img checks");
-        None
-    }
-}
-
-fn qemu_ok(args: &[&str]) {
-    let Some(q) = qemu_img() else { return };
-    let out = Command::new(q).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Data at the start, in the middle and near the end of a 64 MiB disk.

@@ -98,6 +98,11 @@ use uuid::Uuid;
 #[path = "resize.rs"]
 mod resize;
 
+/// `Vhd::compact`: a child module, so that it works on the open image's BAT
+/// and allocation state without widening their visibility.
+#[path = "compact.rs"]
+mod compact;
+
 const MIB: u64 = 1 << 20;
 /// The largest virtual size this library creates: 2040 GiB, the limit of
 /// the format as Virtual PC, Virtual Server and Hyper-V implement it.

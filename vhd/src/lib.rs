@@ -1,6 +1,8 @@
 //! Read and write Microsoft VHD (Virtual Hard Disk Image Format
 //! Specification, 2006) images: fixed, dynamic and differencing disks
-//! (whose parent chains are found by their locators, or given).
+//! (whose parent chains are found by their locators, or given). Dynamic and
+//! differencing images can be compacted in place, crash-safely
+//! ([`Vhd::compact`]).
 //!
 //! ```
 //! use disk::{MemStorage, VirtualDisk};

@@ -208,3 +208,45 @@ fn differencing_and_bad_sizes_refused() {
     assert!(Vhd::resize(&base, 0, false).is_err());
     assert!(Vhd::resize(&base, 3 << 40, false).is_err());
 }
+
+/// A forced shrink of a dynamic disk over data, cut at every write: each
+/// crash image has the old size with all its data, or the new size with
+/// the data before the cut; grown back, the cut part reads as zeros.
+#[test]
+fn dynamic_forced_shrink_crash_at_every_write() {
+    let kept = [0, 100, 3 * MIB];
+    let cut = [9 * MIB, 15 * MIB];
+    let all: Vec<u64> = kept.iter().chain(&cut).copied().collect();
+    let size0 = ChsGeometry::round_up(16 * MIB).0;
+    let rec = Arc::new(RecordingStorage::new(
+        "rec",
+        image(16 * MIB, false, false, &all),
+    ));
+    assert!(Vhd::resize_storage(Box::new(rec.clone()), 8 * MIB, false).is_err());
+    let new = Vhd::resize_storage(Box::new(rec.clone()), 8 * MIB, true).unwrap();
+    assert!(new < 9 * MIB, "{new}");
+    let mut sizes = std::collections::BTreeSet::new();
+    for_each_crash(&rec, 5, |img, at, strategy| {
+        let what = format!("{strategy} cut {at}");
+        let d = open(img.clone());
+        let s = d.virtual_size();
+        sizes.insert(s);
+        assert!(s == size0 || s == new, "{what}: size {s}");
+        check_marks(&d, if s == size0 { &all } else { &kept }, &what);
+        drop(d);
+        if s == new {
+            let (_, grown) = resize(img, size0, false).unwrap();
+            let d = open(grown);
+            check_marks(&d, &kept, &what);
+            for &m in &cut {
+                let mut b = vec![0xffu8; mark(m).len()];
+                d.read_at(&mut b, m).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == 0),
+                    "{what}: cut data at {m:#x} came back"
+                );
+            }
+        }
+    });
+    assert_eq!(sizes.len(), 2, "crash states of both sizes: {sizes:?}");
+}

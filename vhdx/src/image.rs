@@ -54,12 +54,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
+/// `Vhdx::compact`: a child module, like `resize`.
+#[path = "compact.rs"]
+mod compact;
 /// `Vhdx::resize`: a child module, so that it uses the driver's internals
 /// without widening their visibility.
 #[path = "resize.rs"]
 mod resize;
 
 const MIB: u64 = 1 << 20;
+/// Bytes copied or scanned per I/O when relocating or checking a block.
+const COPY_CHUNK: u64 = MIB;
 /// Largest metadata region we read whole (Windows writes 1 MiB).
 const MAX_METADATA_REGION: u64 = 64 * MIB;
 /// Largest log we read whole for replay.
@@ -1575,12 +1580,21 @@ impl Vhdx {
             return Ok(());
         }
         self.flush_inner()?;
+        self.end_session()
+    }
+
+    /// End the write session after a flush: both headers record an empty
+    /// log (LogGuid nil, as a clean close leaves them); the next change
+    /// starts a new session (new FileWriteGuid and LogGuid).
+    fn end_session(&self) -> Result<()> {
         let _f = lock(&self.flush_lock);
         let mut hs = lock(&self.header);
         let mut h = hs.current.clone();
         h.log_guid = Uuid::nil();
         hs.slot = write_header_pair(&*self.storage, &mut h, hs.slot)?;
         hs.current = h;
+        hs.session_log_guid = Uuid::nil();
+        self.session_started.store(false, Ordering::Release);
         Ok(())
     }
 

@@ -1,6 +1,11 @@
 //! Read and write Microsoft VHDX virtual disks, exactly as MS-VHDX v1.0
 //! specifies and as Hyper-V writes them, including the metadata log.
 //!
+//! Besides reading and writing: create (dynamic, fixed, differencing),
+//! [`Vhdx::resize`], [`Vhdx::compact`] (like Hyper-V's Optimize-VHD: frees
+//! zero blocks, packs the file and cuts it short, crash-safe), and
+//! [`check`] / repair.
+//!
 //! ```
 //! use disk::{MemStorage, VirtualDisk};
 //! use vhdx::{CreateOptions, Vhdx};

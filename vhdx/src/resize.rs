@@ -43,9 +43,6 @@
 
 use super::*;
 
-/// Bytes copied per I/O when relocating a block.
-const COPY_CHUNK: u64 = MIB;
-
 impl Vhdx {
     /// Change the virtual size to `new_size` bytes, through the log (see the
     /// module docs of `resize` for the order of the writes). The image stays
@@ -125,7 +122,7 @@ impl Vhdx {
 
     /// Whether the file holds a non-zero byte in `[off, off + len)` (bytes
     /// past the end of the file read as zeros).
-    fn nonzero(&self, off: u64, len: u64) -> Result<bool> {
+    pub(super) fn nonzero(&self, off: u64, len: u64) -> Result<bool> {
         let flen = self.storage.len()?;
         let end = off.saturating_add(len).min(flen);
         let mut buf = vec![0u8; COPY_CHUNK as usize];
@@ -142,7 +139,7 @@ impl Vhdx {
     }
 
     /// Set BAT entry `idx` in the cache (paging it in), dirty.
-    fn set_entry(&self, idx: u64, e: BatEntry) -> Result<()> {
+    pub(super) fn set_entry(&self, idx: u64, e: BatEntry) -> Result<()> {
         self.bat_entry(idx)?;
         let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
         while c.get(idx).is_none() {

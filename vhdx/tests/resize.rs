@@ -215,3 +215,51 @@ fn differencing_refused() {
         "{e}"
     );
 }
+
+/// A forced shrink over data, cut at every write: each crash image has the
+/// old size with all its data, or the new size with the data before the
+/// cut; reopened writable and grown back, the cut part reads as zeros
+/// (bytes cut by a shrink never reappear).
+#[test]
+fn forced_shrink_crash_at_every_write() {
+    let (size, new_size) = (64 * MIB, 16 * MIB);
+    let kept = [0, 5 * MIB, 16 * MIB - 100];
+    let cut = [20 * MIB, 63 * MIB];
+    let all: Vec<u64> = kept.iter().chain(&cut).copied().collect();
+    let rec = Arc::new(RecordingStorage::new("rec", image(size, false, &all)));
+    {
+        let mut d = Vhdx::open_storage(Box::new(rec.clone()), &rw()).unwrap();
+        assert!(
+            d.resize(new_size, false).is_err(),
+            "shrink over data without force"
+        );
+        d.resize(new_size, true).unwrap();
+        check_marks(&d, &kept, "after resize");
+        std::mem::forget(d);
+    }
+    let mut sizes = std::collections::BTreeSet::new();
+    for_each_crash(&rec, 7, |img, at, strategy| {
+        let what = format!("{strategy} cut {at}");
+        let st = Arc::new(MemStorage::from_vec("crash", img));
+        let mut d = Vhdx::open_storage(Box::new(st.clone()), &rw())
+            .unwrap_or_else(|e| panic!("{what}: writable open failed: {e}"));
+        let s = d.virtual_size();
+        sizes.insert(s);
+        assert!(s == size || s == new_size, "{what}: size {s}");
+        check_marks(&d, if s == size { &all } else { &kept }, &what);
+        if s == new_size {
+            d.resize(size, false).unwrap();
+            for &m in &cut {
+                let mut b = vec![0xffu8; mark(m).len()];
+                d.read_at(&mut b, m).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == 0),
+                    "{what}: cut data at {m:#x} came back"
+                );
+            }
+        }
+        check_marks(&d, &kept, &what);
+        d.close().unwrap();
+    });
+    assert_eq!(sizes.len(), 2, "crash states of both sizes: {sizes:?}");
+}

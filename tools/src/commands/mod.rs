@@ -3,6 +3,7 @@
 pub mod chain;
 pub mod check;
 pub mod checkpoint;
+pub mod compact;
 pub mod compare;
 pub mod completions;
 pub mod convert;

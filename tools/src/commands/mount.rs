@@ -21,6 +21,18 @@
 //! open) or when the mount goes away (`vdisk unmount`, `umount`,
 //! `fusermount3 -u`), and then flushes and closes the image.
 //!
+//! # Partitions
+//! When the disk holds an MBR or GPT partition table
+//! ([`disk::partition::partitions`]), each partition is one more file,
+//! `partN` (N as Linux numbers them: sda1 → `part1`, logical MBR
+//! partitions from `part5`), whose bytes are the partition's. The table is
+//! read again whenever the directory is listed or a name looked up (names
+//! are cached for [`PART_TTL`]), so partitions made through `disk` appear
+//! without remounting. Partition files are always served without page
+//! cache (FOPEN_DIRECT_IO); `disk` drops its cached pages at the next open
+//! after a partition file was written. As with `/dev/sda` and `/dev/sda1`,
+//! do not write one file while another is open with cached reads.
+//!
 //! The mount's source (`mount`, `df`, `/proc/self/mountinfo`) is
 //! `vdisk[PID]:IMAGE`: `vdisk unmount` recognises its mounts by it, and
 //! waits for process PID to exit, so that the image is closed when it
@@ -29,6 +41,7 @@
 use crate::open::{self, Format};
 use crate::{MountArgs, UnmountArgs};
 use anyhow::{anyhow, bail, Context, Result};
+use disk::partition::{self, Partition};
 use disk::{ChainView, FileStorage, RawDisk, VirtualDisk};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
@@ -43,7 +56,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use vhd::Vhd;
 use vhdx::Vhdx;
@@ -59,6 +72,13 @@ const FILE_INO: INodeNo = INodeNo(2);
 
 /// How long the kernel may cache names and attributes (they never change).
 const TTL: Duration = Duration::from_secs(60);
+
+/// How long the kernel may cache a partition file's name and attributes
+/// (the table can change through `disk`).
+const PART_TTL: Duration = Duration::from_secs(1);
+
+/// Inode of partition file `partN`: N + [`PART_INO_BASE`] (N ≥ 1).
+const PART_INO_BASE: u64 = 2;
 
 /// Most FUSE worker threads.
 const MAX_THREADS: usize = 4;
@@ -150,6 +170,9 @@ struct DiskFs {
     image: String,
     size: u64,
     writable: bool,
+    /// Open the file with FOPEN_DIRECT_IO (`--direct-io`): no page cache
+    /// over the mount.
+    direct_io: bool,
     /// Owner of the directory and the file: the mounting user.
     uid: u32,
     gid: u32,
@@ -157,6 +180,11 @@ struct DiskFs {
     time: SystemTime,
     /// Whether a write completed since the last flush.
     dirty: AtomicBool,
+    /// The partitions, as last read from the table.
+    parts: RwLock<Vec<Partition>>,
+    /// Whether a partition file was written since `disk` was last opened
+    /// (its cached pages may then be stale).
+    part_written: AtomicBool,
 }
 
 /// The errno for a failed disk operation: ENOSPC and EDQUOT pass through,
@@ -198,10 +226,14 @@ impl DiskFs {
     }
 
     fn file_attr(&self) -> FileAttr {
+        self.attr_for(FILE_INO, self.size)
+    }
+
+    fn attr_for(&self, ino: INodeNo, size: u64) -> FileAttr {
         FileAttr {
-            ino: FILE_INO,
-            size: self.size,
-            blocks: self.size.div_ceil(512),
+            ino,
+            size,
+            blocks: size.div_ceil(512),
             atime: self.time,
             mtime: self.time,
             ctime: self.time,
@@ -220,9 +252,47 @@ impl DiskFs {
     fn attr_of(&self, ino: INodeNo) -> Option<FileAttr> {
         match ino {
             INodeNo::ROOT => Some(self.dir_attr()),
-            FILE_INO => Some(self.file_attr()),
-            _ => None,
+            _ => self.range_of(ino).map(|(_, len)| self.attr_for(ino, len)),
         }
+    }
+
+    /// The byte range of the disk that file `ino` shows: all of it for
+    /// `disk`, the partition's for `partN`.
+    fn range_of(&self, ino: INodeNo) -> Option<(u64, u64)> {
+        if ino == FILE_INO {
+            return Some((0, self.size));
+        }
+        let n = ino.0.checked_sub(PART_INO_BASE)?;
+        let parts = self.parts.read().unwrap_or_else(|e| e.into_inner());
+        parts
+            .iter()
+            .find(|p| u64::from(p.number) == n)
+            .map(|p| (p.start, p.len))
+    }
+
+    /// Read the partition table again (a damaged one shows no partitions,
+    /// with a note on stderr).
+    fn rescan(&self) {
+        let found = partition::partitions(&*self.disk).unwrap_or_else(|e| {
+            note(&format!("{}: partition table: {e}", self.image));
+            Vec::new()
+        });
+        *self.parts.write().unwrap_or_else(|e| e.into_inner()) = found;
+    }
+
+    /// The partition files: (inode, name, size).
+    fn part_files(&self) -> Vec<(INodeNo, String, u64)> {
+        let parts = self.parts.read().unwrap_or_else(|e| e.into_inner());
+        parts
+            .iter()
+            .map(|p| {
+                (
+                    INodeNo(u64::from(p.number) + PART_INO_BASE),
+                    format!("part{}", p.number),
+                    p.len,
+                )
+            })
+            .collect()
     }
 
     /// Flush the image if a write completed since the last flush.
@@ -254,14 +324,34 @@ impl Filesystem for DiskFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent == INodeNo::ROOT && name == FILE_NAME {
             reply.entry(&TTL, &self.file_attr(), fuser::Generation(0));
-        } else {
+            return;
+        }
+        let part = name.to_str().and_then(|n| n.strip_prefix("part"));
+        if parent != INodeNo::ROOT || part.is_none() {
             reply.error(Errno::ENOENT);
+            return;
+        }
+        self.rescan();
+        match self
+            .part_files()
+            .into_iter()
+            .find(|(_, n, _)| n.as_str() == name)
+        {
+            Some((ino, _, len)) => {
+                reply.entry(&PART_TTL, &self.attr_for(ino, len), fuser::Generation(0))
+            }
+            None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = if ino == FILE_INO || ino == INodeNo::ROOT {
+            TTL
+        } else {
+            PART_TTL
+        };
         match self.attr_of(ino) {
-            Some(a) => reply.attr(&TTL, &a),
+            Some(a) => reply.attr(&ttl, &a),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -290,7 +380,7 @@ impl Filesystem for DiskFs {
         };
         if mode.is_some() || uid.is_some() || gid.is_some() {
             reply.error(Errno::EPERM);
-        } else if size.is_some_and(|s| ino != FILE_INO || s != self.size) {
+        } else if size.is_some_and(|s| s != attr.size || ino == INodeNo::ROOT) {
             // The disk has a fixed size: it cannot be truncated or grown
             // (write with `dd conv=notrunc`).
             reply.error(Errno::EINVAL);
@@ -301,13 +391,25 @@ impl Filesystem for DiskFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino != FILE_INO {
+        if ino == INodeNo::ROOT {
             reply.error(Errno::EISDIR);
+        } else if self.range_of(ino).is_none() {
+            reply.error(Errno::ENOENT);
         } else if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.writable {
             reply.error(Errno::EROFS);
         } else {
-            // Only this mount changes the disk: cached pages stay valid.
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            // Our disk takes concurrent writes (no lock around data I/O).
+            let direct = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+            let flags = if self.direct_io || ino != FILE_INO {
+                direct
+            } else if self.part_written.swap(false, Ordering::AcqRel) {
+                // A partition file changed the disk: start a fresh cache.
+                FopenFlags::empty()
+            } else {
+                // Only this mount changes the disk: cached pages stay valid.
+                FopenFlags::FOPEN_KEEP_CACHE
+            };
+            reply.opened(FileHandle(0), flags);
         }
     }
 
@@ -322,21 +424,25 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino != FILE_INO {
-            reply.error(Errno::EISDIR);
+        let Some((base, len)) = self.range_of(ino) else {
+            reply.error(if ino == INodeNo::ROOT {
+                Errno::EISDIR
+            } else {
+                Errno::ENOENT
+            });
             return;
-        }
-        if offset >= self.size {
+        };
+        if offset >= len {
             reply.data(&[]);
             return;
         }
-        let n = u64::from(size).min(self.size - offset) as usize;
+        let n = u64::from(size).min(len - offset) as usize;
         READ_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             if buf.len() < n {
                 buf.resize(n, 0);
             }
-            match self.disk.read_at(&mut buf[..n], offset) {
+            match self.disk.read_at(&mut buf[..n], base + offset) {
                 Ok(()) => reply.data(&buf[..n]),
                 Err(e) => {
                     note(&format!(
@@ -361,10 +467,14 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino != FILE_INO {
-            reply.error(Errno::EISDIR);
+        let Some((base, len)) = self.range_of(ino) else {
+            reply.error(if ino == INodeNo::ROOT {
+                Errno::EISDIR
+            } else {
+                Errno::ENOENT
+            });
             return;
-        }
+        };
         if !self.writable {
             reply.error(Errno::EROFS);
             return;
@@ -373,16 +483,19 @@ impl Filesystem for DiskFs {
             reply.written(0);
             return;
         }
-        if offset >= self.size {
+        if offset >= len {
             // Like a block device: nothing fits past the end.
             reply.error(Errno::ENOSPC);
             return;
         }
         // A write crossing the end is cut short there.
-        let n = (data.len() as u64).min(self.size - offset) as usize;
-        match self.disk.write_at(&data[..n], offset) {
+        let n = (data.len() as u64).min(len - offset) as usize;
+        match self.disk.write_at(&data[..n], base + offset) {
             Ok(()) => {
                 self.dirty.store(true, Ordering::Release);
+                if ino != FILE_INO {
+                    self.part_written.store(true, Ordering::Release);
+                }
                 reply.written(n as u32);
             }
             Err(e) => {
@@ -446,11 +559,17 @@ impl Filesystem for DiskFs {
             reply.error(Errno::ENOTDIR);
             return;
         }
-        let entries = [
-            (INodeNo::ROOT, FileType::Directory, "."),
-            (INodeNo::ROOT, FileType::Directory, ".."),
-            (FILE_INO, FileType::RegularFile, FILE_NAME),
+        if offset == 0 {
+            self.rescan();
+        }
+        let mut entries = vec![
+            (INodeNo::ROOT, FileType::Directory, ".".to_string()),
+            (INodeNo::ROOT, FileType::Directory, "..".to_string()),
+            (FILE_INO, FileType::RegularFile, FILE_NAME.to_string()),
         ];
+        for (ino, name, _) in self.part_files() {
+            entries.push((ino, FileType::RegularFile, name));
+        }
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, i as u64 + 1, *kind, name) {
                 break;
@@ -723,6 +842,9 @@ fn start_background(args: &MountArgs) -> Result<()> {
     if args.rw {
         cmd.arg("--rw");
     }
+    if args.direct_io {
+        cmd.arg("--direct-io");
+    }
     if let Some(f) = args.format {
         cmd.args(["-f", f.name()]);
     }
@@ -905,11 +1027,15 @@ fn serve(args: &MountArgs) -> Result<()> {
         image: image_name.clone(),
         size: opened.disk.virtual_size(),
         writable: args.rw,
+        direct_io: args.direct_io,
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),
         time,
         dirty: AtomicBool::new(false),
+        parts: RwLock::new(Vec::new()),
+        part_written: AtomicBool::new(false),
     };
+    fs.rescan();
 
     let mut config = Config::default();
     config.mount_options = vec![

@@ -4,6 +4,7 @@
 
 use crate::open::{self, Format};
 use crate::outln;
+use crate::progress::Progress;
 use crate::size::parse_size;
 use crate::ResizeArgs;
 use anyhow::{anyhow, bail, Result};
@@ -45,6 +46,18 @@ fn target(image: &Path, current: u64, arg: SizeArg) -> Result<u64> {
 }
 
 pub fn run(args: &ResizeArgs) -> Result<()> {
+    let bar = Progress::spinner(args.progress, "resizing");
+    match resize(args) {
+        Ok(()) => bar.finish(),
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
+        }
+    }
+    outln!("Image resized.")
+}
+
+fn resize(args: &ResizeArgs) -> Result<()> {
     let arg = parse_size_arg(&args.size)?;
     let image = &args.image;
     let name = image.display().to_string();
@@ -83,7 +96,7 @@ pub fn run(args: &ResizeArgs) -> Result<()> {
             st.flush()?;
         }
     }
-    outln!("Image resized.")
+    Ok(())
 }
 
 fn first_nonzero(st: &FileStorage, from: u64, to: u64) -> Result<Option<u64>> {

@@ -1,7 +1,7 @@
 //! Running the `vdisk` binary from the integration tests.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn vdisk() -> Command {
@@ -40,4 +40,27 @@ pub fn fails(code: i32, args: &[&str]) -> String {
 
 pub fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
+}
+
+/// qemu-img, the independent oracle, when installed (says so when not).
+pub fn qemu_img() -> Option<PathBuf> {
+    let q = PathBuf::from("/usr/bin/qemu-img");
+    if q.exists() {
+        Some(q)
+    } else {
+        println!("qemu-img not found at /usr/bin/qemu-img: skipping the qemu-img checks");
+        None
+    }
+}
+
+/// Run `qemu-img args...`, which must succeed (nothing when it is absent).
+pub fn qemu_ok(args: &[&str]) {
+    let Some(q) = qemu_img() else { return };
+    let out = Command::new(q).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

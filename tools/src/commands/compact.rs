@@ -1,0 +1,85 @@
+//! `vdisk compact`: give back the space of blocks that read as zeros (or,
+//! in a differencing disk, as the parent does) and shrink the file (like
+//! Hyper-V's Optimize-VHD), through [`vhdx::Vhdx::compact`] and
+//! [`vhd::Vhd::compact`].
+
+use crate::open::{self, Image};
+use crate::progress::Progress;
+use crate::{outln, CompactArgs, OutputFormat};
+use anyhow::{bail, Result};
+use disk::CompactReport;
+
+pub fn run(args: &CompactArgs) -> Result<()> {
+    let image = &args.image;
+    let name = image.display().to_string();
+    let opened = match open::open(image, args.format, true)? {
+        Image::Raw(_) => bail!(
+            "{name}: a raw image has no allocation table to compact (use `vdisk convert -O vhdx` \
+             for a dynamic image, or `fallocate --dig-holes` to make the file sparse)"
+        ),
+        other => other,
+    };
+    let bar = Progress::counting(args.progress, "compacting");
+    let mut cb = |done: u64, total: u64| bar.set_position(done, total);
+    let result = match opened {
+        Image::Vhdx(mut d) => d.compact(&mut cb).and_then(|r| d.close().map(|()| r)),
+        Image::Vhd(mut d) => d.compact(&mut cb).and_then(|r| d.close().map(|()| r)),
+        Image::Raw(_) => return Ok(()),
+    };
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            bar.abandon();
+            return Err(e.into());
+        }
+    };
+    bar.finish();
+    match args.output {
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&json(&report))?),
+        OutputFormat::Human => outln!("{}", human(&report)),
+    }
+}
+
+fn json(r: &CompactReport) -> serde_json::Value {
+    serde_json::json!({
+        "blocks-freed": r.blocks_freed,
+        "blocks-moved": r.blocks_moved,
+        "old-file-size": r.old_file_size,
+        "new-file-size": r.new_file_size,
+        "reclaimed": r.reclaimed(),
+    })
+}
+
+fn human(r: &CompactReport) -> String {
+    format!(
+        "Image compacted: {} block(s) freed, {} moved; file {} -> {} bytes ({} reclaimed).",
+        r.blocks_freed,
+        r.blocks_moved,
+        r.old_file_size,
+        r.new_file_size,
+        r.reclaimed()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_texts() {
+        let r = CompactReport {
+            blocks_freed: 3,
+            blocks_moved: 2,
+            old_file_size: 10 << 20,
+            new_file_size: 4 << 20,
+        };
+        assert_eq!(
+            human(&r),
+            "Image compacted: 3 block(s) freed, 2 moved; file 10485760 -> 4194304 bytes \
+             (6291456 reclaimed)."
+        );
+        let j = json(&r);
+        assert_eq!(j["reclaimed"], 6 << 20);
+        assert_eq!(j["blocks-freed"], 3);
+    }
+}
