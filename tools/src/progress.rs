@@ -13,58 +13,58 @@ pub struct Progress {
 impl Progress {
     /// A bar for `total` bytes, drawn on stderr when `enabled`.
     pub fn new(enabled: bool, total: u64, message: &str) -> Self {
-        if !enabled {
-            return Progress {
-                bar: ProgressBar::hidden(),
-            };
-        }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
+        Self::drawn(
+            enabled,
+            Some(total),
             "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+            message,
         )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_message(message.to_string());
-        // Keep redrawing while a long flush runs with no bytes moving.
-        bar.enable_steady_tick(Duration::from_millis(250));
-        Progress { bar }
     }
 
     /// A bar counting units of work (blocks, entries) rather than bytes,
     /// drawn on stderr when `enabled`; its length comes with the first
     /// [`Progress::set_position`].
     pub fn counting(enabled: bool, message: &str) -> Self {
-        if !enabled {
-            return Progress {
-                bar: ProgressBar::hidden(),
-            };
-        }
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        let style =
-            ProgressStyle::with_template("{msg} [{elapsed_precise}] [{wide_bar}] {pos}/{len}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
-        bar.set_style(style);
-        bar.set_message(message.to_string());
-        bar.enable_steady_tick(Duration::from_millis(250));
-        Progress { bar }
+        Self::drawn(
+            enabled,
+            Some(0),
+            "{msg} [{elapsed_precise}] [{wide_bar}] {pos}/{len}",
+            message,
+        )
     }
 
     /// A spinner with the elapsed time, for work whose amount is not known
     /// beforehand, drawn on stderr when `enabled`.
     pub fn spinner(enabled: bool, message: &str) -> Self {
+        Self::drawn(
+            enabled,
+            None,
+            "{spinner} {msg} [{elapsed_precise}]",
+            message,
+        )
+    }
+
+    /// A bar (or, without a length, a spinner) in `template`, hidden unless
+    /// `enabled`.
+    fn drawn(enabled: bool, len: Option<u64>, template: &str, message: &str) -> Self {
         if !enabled {
             return Progress {
                 bar: ProgressBar::hidden(),
             };
         }
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
+        let fallback = if len.is_some() {
+            ProgressStyle::default_bar()
+        } else {
+            ProgressStyle::default_spinner()
+        };
+        let style = ProgressStyle::with_template(template)
+            .unwrap_or(fallback)
+            .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(message.to_string());
-        bar.enable_steady_tick(Duration::from_millis(120));
+        // Keep redrawing while a long flush runs with nothing moving.
+        bar.enable_steady_tick(Duration::from_millis(if len.is_some() { 250 } else { 120 }));
         Progress { bar }
     }
 
