@@ -8,6 +8,46 @@
 //! the order of its writes and why a crash at any point leaves every byte
 //! readable as before.
 
+use crate::{Result, Storage, VirtualDisk};
+
+/// Bytes compared at a time by [`reads_as`].
+const COMPARE_CHUNK: usize = 1 << 20;
+
+/// Whether the bytes of `storage` at `[at, at + len)` are what `lower`
+/// reads at `[virt, virt + len)` (zeros when there is no lower layer): the
+/// test for a block, or run of sectors, that a layer may give up without
+/// changing what it reads.
+///
+/// # Errors
+/// Read errors of either side.
+pub fn reads_as(
+    storage: &dyn Storage,
+    at: u64,
+    lower: Option<&dyn VirtualDisk>,
+    virt: u64,
+    len: u64,
+) -> Result<bool> {
+    let chunk = (len.min(COMPARE_CHUNK as u64)) as usize;
+    let (mut mine, mut theirs) = (vec![0u8; chunk], vec![0u8; chunk]);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk as u64) as usize;
+        storage.read_at(&mut mine[..n], at + done)?;
+        let same = match lower {
+            None => mine[..n].iter().all(|&b| b == 0),
+            Some(l) => {
+                l.read_at(&mut theirs[..n], virt + done)?;
+                mine[..n] == theirs[..n]
+            }
+        };
+        if !same {
+            return Ok(false);
+        }
+        done += n as u64;
+    }
+    Ok(true)
+}
+
 /// The outcome of a compaction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactReport {

@@ -36,22 +36,11 @@ fn ok(args: &[&str]) -> String {
     status(0, args)
 }
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
 fn check_json(img: &Path, extra: &[&str], code: i32) -> serde_json::Value {
     let mut args = vec!["check", "--output", "json"];
     args.extend_from_slice(extra);
     args.push(p(img));
     serde_json::from_str(&status(code, &args)).expect("JSON")
-}
-
-/// `n` bytes of a pattern that is never all zero.
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
 }
 
 /// Write `data` at virtual `offset` of `img` through `vdisk write`.

@@ -24,23 +24,6 @@ fn raw_file(path: &Path, size: u64, data: &[(u64, &[u8])]) {
     }
 }
 
-/// `n` bytes of a deterministic pattern that is never all zero.
-fn pattern(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as u8 | 1
-        })
-        .collect()
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
 #[test]
 fn create_and_info_human_and_json() {
     let dir = tmp();

@@ -17,23 +17,6 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-/// `n` bytes of a deterministic pattern that is never all zero.
-fn pattern(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as u8 | 1
-        })
-        .collect()
-}
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
 /// Whether `program` can be run (found on PATH or in /sbin, /usr/sbin).
 fn tool(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -396,16 +379,8 @@ fn partitions_made_through_the_mount_appear_as_files() {
         // The image holds what the partition files wrote.
         for &(n, start, len) in &want {
             let data = pattern(70_000, n + 40);
-            let out = vdisk()
-                .args([
-                    "read",
-                    p(&img),
-                    &(start + len - 70_000).to_string(),
-                    "70000",
-                ])
-                .output()
-                .unwrap();
-            assert!(out.stdout == data, "{label} part{n}: the image differs");
+            let back = read_bytes(&img, start + len - 70_000, 70_000);
+            assert!(back == data, "{label} part{n}: the image differs");
         }
     }
 }
@@ -468,12 +443,8 @@ fn mount_differencing_chain_rw_writes_only_the_leaf() {
         fs::read(&base).unwrap() == base_before,
         "the parent changed"
     );
-    let out = vdisk()
-        .args(["read", p(&child), "0", &size.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(out.stdout == model, "the child reads other data");
+    let back = read_bytes(&child, 0, size);
+    assert!(back == model, "the child reads other data");
     assert_eq!(log_state(&child), "clean");
 }
 
@@ -555,12 +526,8 @@ fn parallel_writes_read_back(flags: &[&str]) {
         eprintln!("{flags:?}: skipping the mmap check: {said}");
     }
     m.unmount();
-    let out = vdisk()
-        .args(["read", p(&img), "0", &size.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(out.stdout == model, "{flags:?}: the image holds other data");
+    let back = read_bytes(&img, 0, size);
+    assert!(back == model, "{flags:?}: the image holds other data");
     assert_eq!(log_state(&img), "clean");
 }
 
@@ -702,17 +669,8 @@ fn sigterm_unmounts_a_foreground_mount_cleanly() {
     if let Some(qemu) = tool("qemu-img") {
         sh(&qemu, &["check", "-f", "vhdx", p(&img)]);
     }
-    let out = vdisk()
-        .args([
-            "read",
-            p(&img),
-            &(5 * MIB + 512).to_string(),
-            &data.len().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(out.stdout == data, "data written before SIGTERM was lost");
+    let back = read_bytes(&img, 5 * MIB + 512, data.len() as u64);
+    assert!(back == data, "data written before SIGTERM was lost");
 }
 
 #[test]

@@ -317,7 +317,6 @@ impl Compactor<'_> {
         let start = b * d.block_size; // b < blocks of the disk: no overflow
         let limit = (self.v.virtual_size - start).min(d.block_size);
         let sectors = limit.div_ceil(SECTOR);
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         let mut s = 0;
         while s < sectors {
             if !bat::bit(&bits, s) {
@@ -329,18 +328,9 @@ impl Compactor<'_> {
                 e += 1;
             }
             let from = s * SECTOR;
-            let len = ((e * SECTOR).min(limit) - from) as usize;
-            mine.resize(len, 0);
-            self.st().read_at(&mut mine, off + d.bitmap_size + from)?;
-            let same = match self.parent {
-                None => mine.iter().all(|&x| x == 0),
-                Some(p) => {
-                    theirs.resize(len, 0);
-                    p.read_at(&mut theirs, start + from)?;
-                    mine == theirs
-                }
-            };
-            if !same {
+            let len = (e * SECTOR).min(limit) - from;
+            let at = off + d.bitmap_size + from;
+            if !disk::compact::reads_as(self.st(), at, self.parent, start + from, len)? {
                 return Ok(false);
             }
             s = e;

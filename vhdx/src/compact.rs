@@ -330,7 +330,7 @@ impl Vhdx {
             let new = match state {
                 PayloadState::FullyPresent => {
                     if let (true, Some(p)) = (geo.has_parent, parent.as_deref()) {
-                        if self.same_as_parent(fo, virt, len, p)? {
+                        if disk::compact::reads_as(&*self.storage, fo, Some(p), virt, len)? {
                             Some(PayloadState::NotPresent)
                         } else if self.nonzero(fo, len)? {
                             None
@@ -389,35 +389,17 @@ impl Vhdx {
                 .in_file(self.name(), 0));
             }
             if let Mapping::Data(_) = m {
-                if !self.same_as_parent(fo + s * ss, virt + s * ss, len, parent)? {
+                if !disk::compact::reads_as(
+                    &*self.storage,
+                    fo + s * ss,
+                    Some(parent),
+                    virt + s * ss,
+                    len,
+                )? {
                     return Ok(false);
                 }
             }
             s += len / ss;
-        }
-        Ok(true)
-    }
-
-    /// Whether the file's bytes `[fo, fo + len)` equal what `parent` reads
-    /// at `[virt, virt + len)`.
-    fn same_as_parent(
-        &self,
-        fo: u64,
-        virt: u64,
-        len: u64,
-        parent: &dyn VirtualDisk,
-    ) -> Result<bool> {
-        let chunk = COPY_CHUNK.min(len) as usize;
-        let (mut mine, mut theirs) = (vec![0u8; chunk], vec![0u8; chunk]);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(COPY_CHUNK) as usize;
-            self.storage.read_at(&mut mine[..n], fo + done)?;
-            parent.read_at(&mut theirs[..n], virt + done)?;
-            if mine[..n] != theirs[..n] {
-                return Ok(false);
-            }
-            done += n as u64;
         }
         Ok(true)
     }

@@ -279,6 +279,16 @@ impl DiskFs {
             .map(|p| (p.start, p.len))
     }
 
+    /// [`Self::range_of`] for a request: EISDIR for the directory, ENOENT
+    /// for a partition that is gone.
+    fn file_range(&self, ino: INodeNo) -> Result<(u64, u64), Errno> {
+        match self.range_of(ino) {
+            Some(r) => Ok(r),
+            None if ino == INodeNo::ROOT => Err(Errno::EISDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
     /// Read the partition table again (a damaged one shows no partitions,
     /// with a note on stderr).
     fn rescan(&self) {
@@ -403,10 +413,8 @@ impl Filesystem for DiskFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino == INodeNo::ROOT {
-            reply.error(Errno::EISDIR);
-        } else if self.range_of(ino).is_none() {
-            reply.error(Errno::ENOENT);
+        if let Err(e) = self.file_range(ino) {
+            reply.error(e);
         } else if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.writable {
             reply.error(Errno::EROFS);
         } else {
@@ -436,13 +444,12 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((base, len)) = self.range_of(ino) else {
-            reply.error(if ino == INodeNo::ROOT {
-                Errno::EISDIR
-            } else {
-                Errno::ENOENT
-            });
-            return;
+        let (base, len) = match self.file_range(ino) {
+            Ok(r) => r,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
         if offset >= len {
             reply.data(&[]);
@@ -458,8 +465,9 @@ impl Filesystem for DiskFs {
                 Ok(()) => reply.data(&buf[..n]),
                 Err(e) => {
                     note(&format!(
-                        "{}: read of {n} bytes at offset {offset} failed: {e}",
-                        self.image
+                        "{}: read of {n} bytes at disk offset {} failed: {e}",
+                        self.image,
+                        base + offset
                     ));
                     reply.error(errno_of(&e));
                 }
@@ -479,13 +487,12 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some((base, len)) = self.range_of(ino) else {
-            reply.error(if ino == INodeNo::ROOT {
-                Errno::EISDIR
-            } else {
-                Errno::ENOENT
-            });
-            return;
+        let (base, len) = match self.file_range(ino) {
+            Ok(r) => r,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
         if !self.writable {
             reply.error(Errno::EROFS);
@@ -512,8 +519,9 @@ impl Filesystem for DiskFs {
             }
             Err(e) => {
                 note(&format!(
-                    "{}: write of {n} bytes at offset {offset} failed: {e}",
-                    self.image
+                    "{}: write of {n} bytes at disk offset {} failed: {e}",
+                    self.image,
+                    base + offset
                 ));
                 reply.error(errno_of(&e));
             }

@@ -64,3 +64,33 @@ pub fn qemu_ok(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `n` bytes of a deterministic pattern that is never all zero.
+pub fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as u8 | 1
+        })
+        .collect()
+}
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// `len` virtual bytes of `img` from `offset`, through `vdisk read`, which
+/// must succeed.
+pub fn read_bytes(img: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let args = ["read", p(img), &offset.to_string(), &len.to_string()];
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
