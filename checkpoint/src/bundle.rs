@@ -14,8 +14,21 @@
 //! the commit. [`Bundle::open`] finishes a pending operation and deletes
 //! leftover garbage, so an operation interrupted at any point is finished
 //! at the next open.
+//!
+//! # Spare child (VHD)
+//! A differencing VHD's BAT is sized to the disk (4 bytes per 2 MiB block:
+//! 4 MiB at 2 TiB), so creating a child costs time in proportion to the
+//! disk size. To keep [`Bundle::create`] O(1), a VHD bundle keeps a spare:
+//! `spare.avhd`, a blank child of a frozen disk of the bundle, made by a
+//! background thread after each operation that used it up (and at init),
+//! written as `spare.avhd.tmp` and renamed once synced. A checkpoint (or a
+//! revert) renames the spare to the new disk's name and rewrites only its
+//! header for the new parent. The spare is never in the manifest; a
+//! leftover `spare.avhd.tmp` is deleted at open; a spare that does not
+//! fit (or is missing) only makes that one checkpoint take the slow way.
+//! The thread is waited for before each operation and on drop.
 
-use crate::image::{self, chain_files, create_child, Format};
+use crate::image::{self, chain_files, create_child, create_child_using_spare, make_spare, Format};
 use crate::merge::{merge_into_ancestor, merge_into_child};
 use crate::{Error, Result};
 use disk::ParentPolicy;
@@ -26,6 +39,8 @@ use uuid::Uuid;
 
 /// The manifest's file name inside a bundle.
 pub const MANIFEST: &str = "bundle.json";
+/// The spare child of a VHD bundle (see the module docs).
+pub const SPARE: &str = "spare.avhd";
 const MANIFEST_VERSION: u32 = 1;
 
 /// One disk of the tree.
@@ -128,6 +143,14 @@ pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
     policy: ParentPolicy,
+    /// The thread making the spare, if one is running.
+    spare_maker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        self.wait_for_spare();
+    }
 }
 
 fn now() -> u64 {
@@ -270,8 +293,10 @@ impl Bundle {
                 garbage: Vec::new(),
             },
             policy: ParentPolicy::default(),
+            spare_maker: None,
         };
         b.save()?;
+        b.start_spare();
         Ok(b)
     }
 
@@ -299,7 +324,9 @@ impl Bundle {
             dir: dir.to_path_buf(),
             manifest,
             policy: ParentPolicy::default(),
+            spare_maker: None,
         };
+        remove_if_present(&b.dir.join(format!("{SPARE}.tmp")))?;
         b.recover()?;
         Ok(b)
     }
@@ -401,7 +428,9 @@ impl Bundle {
 
     /// Take a checkpoint called `name`: the active disk is frozen under that
     /// name and a new, empty differencing disk over it becomes active. Costs
-    /// the creation of one small file, whatever the disk size.
+    /// the creation of one small file, whatever the disk size (a VHD bundle
+    /// uses its spare child, see the module docs, and starts making the
+    /// next one in the background).
     ///
     /// # Errors
     /// Empty or duplicate name, I/O errors.
@@ -481,9 +510,45 @@ impl Bundle {
 
     /// Record `op`, then run it.
     fn begin(&mut self, op: Pending) -> Result<()> {
+        self.wait_for_spare();
         self.manifest.pending = Some(op);
         self.save()?;
-        self.recover()
+        self.recover()?;
+        self.start_spare();
+        Ok(())
+    }
+
+    /// Start making a spare child in the background (VHD bundles without
+    /// one), over the active disk's parent: a frozen disk, which nothing
+    /// writes while the thread reads its footer. Failures are not errors:
+    /// the next checkpoint then creates its disk from scratch.
+    fn start_spare(&mut self) {
+        if self.manifest.format != Format::Vhd || self.spare_maker.is_some() {
+            return;
+        }
+        let spare = self.dir.join(SPARE);
+        let Some(parent) = self.active().parent.as_deref().and_then(|p| self.node(p)) else {
+            return;
+        };
+        if spare.exists() {
+            return;
+        }
+        let parent = self.disk_path(parent);
+        self.spare_maker = Some(std::thread::spawn(move || {
+            let _ = make_spare(&spare, &parent);
+        }));
+    }
+
+    fn wait_for_spare(&mut self) {
+        if let Some(t) = self.spare_maker.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Create the disk `disk` (a name in the bundle) as a new child of
+    /// `parent`, using the spare if it fits.
+    fn new_child(&self, disk: &str, parent: &Path) -> Result<()> {
+        create_child_using_spare(&self.dir.join(disk), parent, &self.dir.join(SPARE))
     }
 
     /// Finish a pending operation (idempotent steps), then delete garbage.
@@ -535,7 +600,7 @@ impl Bundle {
             } => {
                 let active = self.active().clone();
                 let disk = format!("{new_id}.{}", fmt.child_extension());
-                create_child(&self.dir.join(&disk), &self.disk_path(&active))?;
+                self.new_child(&disk, &self.disk_path(&active))?;
                 let m = &mut self.manifest;
                 if let Some(a) = m.nodes.iter_mut().find(|n| n.id == active.id) {
                     a.name = Some(name.clone());
@@ -556,7 +621,7 @@ impl Bundle {
                 created,
             } => {
                 let disk = format!("{new_id}.{}", fmt.child_extension());
-                create_child(&self.dir.join(&disk), &self.path_of(target)?)?;
+                self.new_child(&disk, &self.path_of(target)?)?;
                 let old = self.active().clone();
                 let m = &mut self.manifest;
                 m.nodes.retain(|n| n.id != old.id);

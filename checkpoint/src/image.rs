@@ -212,6 +212,47 @@ pub fn create_child(path: &Path, parent: &Path) -> Result<()> {
     }
 }
 
+/// Make a spare child for [`create_child_using_spare`]: a blank child of
+/// `parent` written to `spare` + `.tmp`, synced, then renamed to `spare`,
+/// so a file at `spare` is always complete. Only for VHD, whose child
+/// creation writes a BAT sized to the disk; returns `Ok(false)` (nothing
+/// made) for VHDX, whose children cost the same at any size.
+///
+/// # Errors
+/// The parent cannot be read, I/O errors.
+pub fn make_spare(spare: &Path, parent: &Path) -> Result<bool> {
+    if detect(parent)? != Format::Vhd {
+        return Ok(false);
+    }
+    let mut tmp = spare.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    Vhd::create_differencing_file(&tmp, parent, &vhd::CreateOptions::new(0), true)?;
+    std::fs::rename(&tmp, spare).map_err(|e| {
+        Error::io(format!("cannot rename to {}", spare.display()), e)
+            .in_file(&tmp.display().to_string(), 0)
+    })?;
+    Ok(true)
+}
+
+/// [`create_child`], in O(1) for a VHD when `spare` holds a spare made by
+/// [`make_spare`] over a disk of the same size: the spare is renamed to
+/// `path` and its header rewritten for `parent`
+/// ([`Vhd::create_differencing_from_spare`]). Without a fitting spare, the
+/// child is created from scratch. The spare is used up either way.
+///
+/// # Errors
+/// As [`create_child`].
+pub fn create_child_using_spare(path: &Path, parent: &Path, spare: &Path) -> Result<()> {
+    if detect(parent)? == Format::Vhd
+        && std::fs::rename(spare, path).is_ok()
+        && Vhd::create_differencing_from_spare(path, parent, &vhd::CreateOptions::new(0))?
+    {
+        return Ok(());
+    }
+    create_child(path, parent)
+}
+
 /// Point the differencing image `child` at `parent`; see [`Vhdx::set_parent`]
 /// and [`Vhd::set_parent`]. `adopt`: record the new parent's identity
 /// (the caller guarantees the child reads the same through it).

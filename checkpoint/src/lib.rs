@@ -33,6 +33,6 @@ mod bundle;
 pub mod image;
 pub mod merge;
 
-pub use bundle::{format_utc, Bundle, Manifest, Node, NodeInfo, Pending, MANIFEST};
+pub use bundle::{format_utc, Bundle, Manifest, Node, NodeInfo, Pending, MANIFEST, SPARE};
 pub use disk::{Error, ErrorKind, Result};
 pub use image::Format;

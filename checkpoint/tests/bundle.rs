@@ -113,6 +113,8 @@ fn run_model(format: Format, ops: Vec<Op>) {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|f| f != MANIFEST)
+            // The VHD spare child (maybe still being made: `.tmp`).
+            .filter(|f| !f.starts_with(checkpoint::SPARE))
             .collect();
         files.sort();
         let mut disks: Vec<String> = b.manifest().nodes.iter().map(|n| n.disk.clone()).collect();
@@ -178,6 +180,94 @@ fn create_is_constant_time() {
     b.create("big").unwrap();
     let len = std::fs::metadata(b.active_path()).unwrap().len();
     assert!(len < 16 << 20, "new active disk is {len} bytes");
+}
+
+/// A VHD bundle keeps a spare child (`spare.avhd`) made in the background,
+/// which a checkpoint renames into place and rewrites the header of: the
+/// new active disk is that very file (same inode), reads its checkpoint and
+/// takes writes; a new spare follows. A create interrupted after the
+/// rename, a leftover half-made spare, a spare that is junk or made for
+/// another disk size: each ends with the right disks.
+#[test]
+fn vhd_checkpoints_use_the_spare_child() {
+    use checkpoint::SPARE;
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vm");
+    let b = Bundle::init(&dir, Format::Vhd, SIZE).unwrap();
+    write(&b.active_path(), 1000, &pattern(300_000, 1));
+    drop(b);
+    assert!(dir.join(SPARE).exists(), "init makes a spare");
+    let spare_ino = ino(&dir.join(SPARE));
+    let mut b = Bundle::open(&dir).unwrap();
+    let want_a = read_all(&b.active_path());
+    b.create("a").unwrap();
+    assert_eq!(
+        ino(&b.active_path()),
+        spare_ino,
+        "the spare became the active disk"
+    );
+    assert_eq!(read_all(&b.active_path()), want_a);
+    write(&b.active_path(), 5000, &pattern(70_000, 2));
+    let want_active = read_all(&b.active_path());
+    assert_eq!(read_all(&b.disk_path(b.checkpoint("a").unwrap())), want_a);
+    drop(b);
+    assert!(dir.join(SPARE).exists(), "a new spare after the create");
+
+    let pending_create = |dir: &std::path::Path| {
+        let b = Bundle::open(dir).unwrap();
+        let mut m: Manifest = b.manifest().clone();
+        m.pending = Some(Pending::Create {
+            name: "c".into(),
+            new_id: "new-id".into(),
+            created: 1,
+        });
+        drop(b);
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+    };
+    let check = |dir: &std::path::Path, what: &str| {
+        let b = Bundle::open(dir).unwrap();
+        assert!(b.manifest().pending.is_none(), "{what}");
+        assert_eq!(
+            read_all(&b.disk_path(b.checkpoint("c").unwrap())),
+            want_active,
+            "{what}"
+        );
+        assert_eq!(
+            read_all(&b.disk_path(b.checkpoint("a").unwrap())),
+            want_a,
+            "{what}"
+        );
+        assert_eq!(read_all(&b.active_path()), want_active, "{what}");
+        let chain = image::chain_files(&b.active_path(), &ParentPolicy::default()).unwrap();
+        assert_eq!(chain.len(), 4, "{what}: base, a, c, active");
+        assert!(!dir.join(format!("{SPARE}.tmp")).exists(), "{what}");
+    };
+    type Damage = fn(&std::path::Path);
+    let cases: [(&str, Damage); 4] = [
+        ("spare renamed, header not yet rewritten", |d| {
+            std::fs::rename(d.join(SPARE), d.join("new-id.avhd")).unwrap()
+        }),
+        ("half-made spare left behind", |d| {
+            std::fs::write(d.join(format!("{SPARE}.tmp")), b"conectix").unwrap()
+        }),
+        ("junk spare", |d| {
+            std::fs::write(d.join(SPARE), vec![0xffu8; 9000]).unwrap()
+        }),
+        ("spare for another disk size", |d| {
+            let other = d.with_file_name("other");
+            drop(Bundle::init(&other, Format::Vhd, 2 * SIZE).unwrap());
+            std::fs::copy(other.join(SPARE), d.join(SPARE)).unwrap();
+        }),
+    ];
+    for (what, damage) in cases {
+        let case = tmp.path().join(what.replace(' ', "-"));
+        copy_dir(&dir, &case);
+        pending_create(&case);
+        damage(&case);
+        check(&case, what);
+    }
 }
 
 /// Every pending operation left in the manifest (a crash after recording

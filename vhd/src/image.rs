@@ -769,7 +769,7 @@ impl Vhd {
         link: &ParentLink,
         opts: &CreateOptions,
     ) -> Result<Self> {
-        write_differencing(&*storage, &parent.info.footer, link, opts)?;
+        write_differencing(&*storage, &parent.info.footer, link, opts, BatFill::Write)?;
         let opts = OpenOptions {
             writable: true,
             ..OpenOptions::default()
@@ -801,7 +801,42 @@ impl Vhd {
         validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
         let link = parent_link_for(path, &parent_abs)?;
         let storage = FileStorage::create(path, overwrite)?;
-        write_differencing(&storage, &pfooter, &link, opts)
+        write_differencing(&storage, &pfooter, &link, opts, BatFill::Write)
+    }
+
+    /// [`Vhd::create_differencing_file`] in O(1): `path` is a blank
+    /// differencing VHD made earlier by `create_differencing_file` (over
+    /// any parent of the same size, with the same options) and never
+    /// written since: a spare. Its BAT, which already says "not present"
+    /// everywhere, is kept; the footer, header, locators and footer copy
+    /// are rewritten for `parent_path` (its unique id, size, geometry,
+    /// name, paths and modification time), and the file is synced. The
+    /// result is byte for byte what `create_differencing_file` writes.
+    ///
+    /// Returns `Ok(false)`, leaving the file untouched, when it is not such
+    /// a spare for this parent (another size or block size, a BAT entry in
+    /// use, not a differencing VHD): the caller then creates the child with
+    /// `create_differencing_file`.
+    ///
+    /// # Errors
+    /// The parent cannot be read or has no valid footer; I/O errors.
+    pub fn create_differencing_from_spare(
+        path: impl AsRef<Path>,
+        parent_path: impl AsRef<Path>,
+        opts: &CreateOptions,
+    ) -> Result<bool> {
+        let path = path.as_ref();
+        let parent_abs = differencing_parent_path(path, parent_path.as_ref())?;
+        let pstorage = FileStorage::open(&parent_abs, false)?;
+        let (pfooter, ..) = Self::find_footer(&pstorage, pstorage.len()?)?;
+        validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
+        let link = parent_link_for(path, &parent_abs)?;
+        let storage = FileStorage::open(path, true)?;
+        if !is_blank_spare(&storage, pfooter.disk_size(), opts)? {
+            return Ok(false);
+        }
+        write_differencing(&storage, &pfooter, &link, opts, BatFill::Keep)?;
+        Ok(true)
     }
 
     /// Footer, header and layout as read at open.
@@ -1407,11 +1442,73 @@ fn differencing_parent_path(path: &Path, parent_path: &Path) -> Result<PathBuf> 
 /// present" BAT, and the parent locators of `link`; then flush.
 /// VHD specification (2006), "Dynamic Disk Header Format" and "Hard Disk
 /// Footer Format".
+/// Whether [`write_differencing`] writes the BAT or finds it already
+/// written (a spare: see [`Vhd::create_differencing_from_spare`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BatFill {
+    Write,
+    Keep,
+}
+
+/// Where `write_differencing` puts the BAT of a disk of `size` bytes: its
+/// offset, entry count and length in bytes (whole sectors).
+fn differencing_bat(size: u64, opts: &CreateOptions) -> Option<(u64, u32, u64)> {
+    let entries = size.div_ceil(u64::from(opts.block_size));
+    let entries32 = u32::try_from(entries).ok()?;
+    Some((
+        3 * SECTOR,
+        entries32,
+        (entries * 4).div_ceil(SECTOR) * SECTOR,
+    ))
+}
+
+/// Whether `storage` holds a differencing VHD laid out as
+/// [`write_differencing`] lays out a disk of `size` bytes with `opts`,
+/// whose BAT entries are all unused (0xFFFFFFFF).
+fn is_blank_spare(storage: &dyn Storage, size: u64, opts: &CreateOptions) -> Result<bool> {
+    let Some((table_offset, entries, table_len)) = differencing_bat(size, opts) else {
+        return Ok(false);
+    };
+    if storage.len()? < table_offset + table_len + FOOTER_SIZE as u64 {
+        return Ok(false);
+    }
+    let mut head = [0u8; FOOTER_SIZE + HEADER_SIZE];
+    storage.read_at(&mut head, 0)?;
+    let (Ok(footer), Ok(header)) = (
+        Footer::parse(&head[..FOOTER_SIZE]),
+        DynamicHeader::parse(&head[FOOTER_SIZE..]),
+    ) else {
+        return Ok(false);
+    };
+    if footer.disk_type != DiskType::Differencing
+        || footer.current_size != size
+        || footer.data_offset != FOOTER_SIZE as u64
+        || header.table_offset != table_offset
+        || header.max_table_entries != entries
+        || header.block_size != opts.block_size
+    {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; table_len.min(MIB) as usize];
+    let mut done = 0;
+    while done < table_len {
+        let n = (table_len - done).min(MIB) as usize;
+        storage.read_at(&mut buf[..n], table_offset + done)?;
+        // A fold without early exit, which the compiler vectorizes.
+        if buf[..n].iter().fold(0xff, |acc, &b| acc & b) != 0xff {
+            return Ok(false);
+        }
+        done += n as u64;
+    }
+    Ok(true)
+}
+
 fn write_differencing(
     storage: &dyn Storage,
     pf: &Footer,
     link: &ParentLink,
     opts: &CreateOptions,
+    bat: BatFill,
 ) -> Result<()> {
     let name = storage.name().to_string();
     let size = pf.disk_size();
@@ -1432,15 +1529,12 @@ fn write_differencing(
         unique_id: Uuid::new_v4(),
         saved_state: 0,
     };
-    let table_offset = 3 * SECTOR;
-    let entries = size.div_ceil(u64::from(opts.block_size));
-    let entries32 = u32::try_from(entries)
-        .map_err(|_| Error::invalid("too many blocks for a VHD BAT").in_file(&name, 0))?;
+    let (table_offset, entries32, table_len) = differencing_bat(size, opts)
+        .ok_or_else(|| Error::invalid("too many blocks for a VHD BAT").in_file(&name, 0))?;
     let mut header = DynamicHeader::new(table_offset, entries32, opts.block_size);
     header
         .set_parent(pf.unique_id, link.timestamp, &link.name)
         .in_file(&name, 0)?;
-    let table_len = (entries * 4).div_ceil(SECTOR) * SECTOR;
     // Each locator's data in its own space after the BAT, in the order
     // of the header entries Windows writes (W2ku first, then W2ru).
     let utf16le = |p: &str| -> Vec<u8> { p.encode_utf16().flat_map(u16::to_le_bytes).collect() };
@@ -1474,6 +1568,10 @@ fn write_differencing(
             reserved: 0,
             data_offset: at,
         };
+        // Zero-padded to the whole space (a reused spare may hold a
+        // longer path there).
+        let mut data = data;
+        data.resize(space as usize, 0);
         datas.push((at, data));
         at += space;
     }
@@ -1481,14 +1579,19 @@ fn write_differencing(
     footer.write_to(&mut fbuf);
     let mut hbuf = [0u8; HEADER_SIZE];
     header.write_to(&mut hbuf);
-    storage.set_len(0)?;
+    if bat == BatFill::Write {
+        storage.set_len(0)?;
+    }
     storage.write_at(&fbuf, 0)?;
     storage.write_at(&hbuf, FOOTER_SIZE as u64)?;
-    write_ones(storage, table_offset, table_len)?;
+    if bat == BatFill::Write {
+        write_ones(storage, table_offset, table_len)?;
+    }
     for (off, data) in &datas {
         storage.write_at(data, *off)?;
     }
     storage.write_at(&fbuf, at)?;
+    storage.set_len(at + FOOTER_SIZE as u64)?;
     storage.flush()
 }
 

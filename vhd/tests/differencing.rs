@@ -174,6 +174,72 @@ fn chain_of_three() {
     assert_eq!(p.map(MIB, 1).unwrap().mapping, Mapping::Parent);
 }
 
+/// A spare (a blank child made over one parent) becomes a child of another
+/// parent of the same size in place: the result is what
+/// `create_differencing_file` writes for that parent, apart from the
+/// fields that differ between any two creations (timestamp, unique id and
+/// the footer checksum), and it reads the new parent. A spare that does
+/// not fit (another size, a used block) is refused and left untouched.
+#[test]
+fn spare_child_is_reused_for_another_parent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a-parent-with-a-much-longer-name.vhd");
+    base_file(&a, 6 * MIB, 3);
+    let b = tmp.path().join("b.vhd");
+    let model_b = base_file(&b, 6 * MIB, 4);
+    let opts = child_opts(2 * MIB as u32);
+    let spare = tmp.path().join("spare.avhd");
+    Vhd::create_differencing_file(&spare, &a, &opts, false).unwrap();
+    assert!(Vhd::create_differencing_from_spare(&spare, &b, &opts).unwrap());
+    let fresh = tmp.path().join("fresh.avhd");
+    Vhd::create_differencing_file(&fresh, &b, &opts, false).unwrap();
+    let (got, want) = (
+        std::fs::read(&spare).unwrap(),
+        std::fs::read(&fresh).unwrap(),
+    );
+    assert_eq!(got.len(), want.len(), "file length");
+    // Footer fields that differ between two creations: timestamp (24..28),
+    // checksum (64..68), unique id (68..84); at the start and at the end.
+    let varies = |i: usize| {
+        let f = if i < 512 { i } else { i + 512 - got.len() };
+        (i < 512 || i >= got.len() - 512) && ((24..28).contains(&f) || (64..84).contains(&f))
+    };
+    let differing: Vec<usize> = (0..got.len())
+        .filter(|&i| got[i] != want[i] && !varies(i))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "bytes differ at {:?}",
+        &differing[..differing.len().min(8)]
+    );
+    let d = Vhd::open(&spare, &rw()).unwrap();
+    assert_same(&read_all(&d), &model_b, "reused spare reads its new parent");
+    let mut model = model_b.clone();
+    apply_writes(&d, &mut model, &[(5000, 70_000)], 9);
+    d.close().unwrap();
+    let d = Vhd::open(&spare, &OpenOptions::default()).unwrap();
+    assert_same(&read_all(&d), &model, "reused spare after a write");
+    drop(d);
+
+    // Now a block is in use: no longer a spare.
+    let before = std::fs::read(&spare).unwrap();
+    assert!(!Vhd::create_differencing_from_spare(&spare, &b, &opts).unwrap());
+    assert_eq!(std::fs::read(&spare).unwrap(), before, "untouched");
+    // Another size or block size: not a spare for this parent.
+    let c = tmp.path().join("c.vhd");
+    base_file(&c, 8 * MIB, 5);
+    let spare2 = tmp.path().join("spare2.avhd");
+    Vhd::create_differencing_file(&spare2, &a, &opts, false).unwrap();
+    let before = std::fs::read(&spare2).unwrap();
+    assert!(!Vhd::create_differencing_from_spare(&spare2, &c, &opts).unwrap());
+    assert!(!Vhd::create_differencing_from_spare(&spare2, &b, &child_opts(512 * 1024)).unwrap());
+    assert_eq!(std::fs::read(&spare2).unwrap(), before, "untouched");
+    // Not a VHD at all.
+    let junk = tmp.path().join("junk.avhd");
+    std::fs::write(&junk, vec![0xffu8; 8192]).unwrap();
+    assert!(!Vhd::create_differencing_from_spare(&junk, &b, &opts).unwrap());
+}
+
 #[test]
 fn moved_parent_is_found_by_relative_locator_and_by_name() {
     let tmp = tempfile::tempdir().unwrap();
