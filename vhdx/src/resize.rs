@@ -25,6 +25,17 @@
 //!    one is used, and both the old length (which fits the old size) and the
 //!    new length (a region of zeros past the old entries, with nothing else
 //!    in it) describe a consistent file at the old size.
+//!
+//!    When R holds something that cannot move (another region, the log, a
+//!    sector bitmap block), the BAT moves instead: everything is flushed
+//!    and the log session ended (headers with a nil LogGuid, so that no
+//!    log entry aimed at the old BAT is replayed once that space is
+//!    reused), the BAT is copied to a new region at the end of the file
+//!    (zeros past the old entries) and synced, then the region table
+//!    copies are rewritten as above to point at it, and a new session
+//!    starts. A crash leaves the old table (the old BAT, untouched) or the
+//!    new one (the complete copy). The old BAT's space stays unused until
+//!    `vdisk compact` packs blocks into it.
 //! 2. The tail of the old last block past the old size is zeroed when the
 //!    size was not a multiple of the block size (so that bytes cut by an
 //!    earlier shrink never reappear).
@@ -55,9 +66,8 @@ impl Vhdx {
     ///
     /// # Errors
     /// Read-only image, differencing disk (its size must match its
-    /// parent's), invalid size, data in the cut part without `force`, a
-    /// BAT region that cannot grow in place because another region follows
-    /// it (unsupported), I/O errors. After an error the size on disk is the
+    /// parent's), invalid size, data in the cut part without `force`, I/O
+    /// errors. After an error the size on disk is the
     /// old one or the new one; close the image.
     pub fn resize(&mut self, new_size: u64, force: bool) -> Result<()> {
         let name = self.name().to_string();
@@ -284,29 +294,30 @@ impl Vhdx {
             .checked_add(new_len)
             .ok_or_else(|| Error::invalid("BAT region would overflow").in_file(&name, 0))?;
         let r_len = r_end - r_start;
-        // Other regions and the log cannot move: refuse when they are in R.
+        // Other regions, the log and sector bitmap blocks do not move: when
+        // one is in R, the BAT moves instead.
         let table = RegionTable {
             entries: self.info.regions.clone(),
         };
-        if let Some(other) = table
+        let region_in_r = table
             .overlapping(r_start, r_len)
-            .filter(|e| e.guid != BAT_REGION)
-        {
-            return Err(Error::unsupported(format!(
-                "the BAT region cannot grow to {new_len} bytes: region {} at {:#x} follows it",
-                other.guid, other.file_offset
-            ))
-            .in_file(&name, 0));
-        }
+            .is_some_and(|e| e.guid != BAT_REGION);
         let (log_off, log_len) = {
             let hs = lock(&self.header);
             (hs.current.log_offset, u64::from(hs.current.log_length))
         };
-        if log_off < r_end && r_start < log_off.saturating_add(log_len) {
-            return Err(Error::unsupported(format!(
-                "the BAT region cannot grow to {new_len} bytes: the log at {log_off:#x} follows it"
-            ))
-            .in_file(&name, 0));
+        let log_in_r = log_off < r_end && r_start < log_off.saturating_add(log_len);
+        let mut bitmap_in_r = false;
+        for chunk in 0..self.bat_geo.bitmap_blocks() {
+            let idx = self.bat_geo.bitmap_index(chunk);
+            if idx >= self.bat_geo.total_entries() {
+                break;
+            }
+            let fo = self.bat_entry(idx)?.file_offset();
+            bitmap_in_r |= fo != 0 && fo < r_end && fo.saturating_add(MIB) > r_start;
+        }
+        if region_in_r || log_in_r || bitmap_in_r {
+            return self.move_bat_region(bat_region, new_len32);
         }
         // New allocations (the copies) go past R.
         {
@@ -357,19 +368,6 @@ impl Vhdx {
             }
             moved = true;
         }
-        for chunk in 0..self.bat_geo.bitmap_blocks() {
-            let idx = self.bat_geo.bitmap_index(chunk);
-            if idx >= self.bat_geo.total_entries() {
-                break;
-            }
-            let fo = self.bat_entry(idx)?.file_offset();
-            if fo != 0 && fo < r_end && fo.saturating_add(MIB) > r_start {
-                return Err(Error::unsupported(format!(
-                    "a sector bitmap block at {fo:#x} is in the way of the BAT region"
-                ))
-                .in_file(&name, 0));
-            }
-        }
         if moved {
             // Copies synced, then the entries through the log.
             self.flush_inner()?;
@@ -377,10 +375,55 @@ impl Vhdx {
         // R is unused now: zero it (NOT_PRESENT entries), sync.
         self.write_zeros(r_start, r_len)?;
         self.storage.flush()?;
-        // The region table, copy by copy (see the module docs).
+        self.set_bat_region(bat_region.file_offset, new_len32)
+    }
+
+    /// Step 1 when the BAT region cannot grow in place (module docs): the
+    /// BAT moves to a new region of `new_len` bytes at the end of the file.
+    fn move_bat_region(&mut self, bat_region: RegionEntry, new_len: u32) -> Result<()> {
+        let name = self.name().to_string();
+        // Every change is in place (resize flushed first). The log session
+        // ends, so that no log entry aimed at the old BAT can be replayed
+        // after a crash, once that space holds something else.
+        self.flush_inner()?;
+        self.end_session()?;
+        let new_off = {
+            let mut end = lock(&self.alloc_end);
+            let off = end.div_ceil(MIB) * MIB;
+            let new_end = off.checked_add(u64::from(new_len)).ok_or_else(|| {
+                Error::invalid("file would exceed the maximum size").in_file(&name, 0)
+            })?;
+            if self.storage.len()? < new_end {
+                // Zeros: NOT_PRESENT entries past the copied ones.
+                self.storage.set_len(new_end)?;
+            }
+            *end = new_end;
+            off
+        };
+        let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let old_len = u64::from(bat_region.length);
+        let mut done = 0;
+        while done < old_len {
+            let n = (old_len - done).min(COPY_CHUNK) as usize;
+            self.storage
+                .read_at(&mut buf[..n], bat_region.file_offset + done)?;
+            self.storage.write_at(&buf[..n], new_off + done)?;
+            done += n as u64;
+        }
+        self.storage.flush()?;
+        self.set_bat_region(new_off, new_len)?;
+        self.bat_offset = new_off;
+        // A new session (new FileWriteGuid and LogGuid) for the rest.
+        self.start_session(true)
+    }
+
+    /// Point the BAT region entry at `offset`, `len` bytes: the region
+    /// table, copy by copy, each synced (see the module docs).
+    fn set_bat_region(&mut self, offset: u64, len: u32) -> Result<()> {
         let mut entries = self.info.regions.clone();
         for e in entries.iter_mut().filter(|e| e.guid == BAT_REGION) {
-            e.length = new_len32;
+            e.file_offset = offset;
+            e.length = len;
         }
         let bytes = RegionTable {
             entries: entries.clone(),

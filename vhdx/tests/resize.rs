@@ -9,6 +9,8 @@ use disk::{MemStorage, VirtualDisk};
 use std::sync::Arc;
 use vhdx::{CreateOptions, OpenOptions, Vhdx};
 
+mod common;
+
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
@@ -52,7 +54,17 @@ fn open_mem(bytes: Vec<u8>, opts: &OpenOptions) -> Vhdx {
 
 /// Resize on a recording storage, then check every crash image.
 fn crash_resize(size: u64, new_size: u64, fixed: bool, marks: &[u64], moves_block0: bool) {
-    let base = image(size, fixed, marks);
+    crash_resize_from(
+        image(size, fixed, marks),
+        size,
+        new_size,
+        marks,
+        moves_block0,
+    );
+}
+
+/// [`crash_resize`] of the image `base` (of `size` bytes).
+fn crash_resize_from(base: Vec<u8>, size: u64, new_size: u64, marks: &[u64], moves_block0: bool) {
     let before = open_mem(base.clone(), &OpenOptions::default())
         .map(0, 512)
         .unwrap()
@@ -115,6 +127,103 @@ fn grow_relocating_blocks_after_the_bat_crash_at_every_write() {
     // 1 MiB blocks: past 128 GiB the BAT needs more than its 1 MiB region,
     // and blocks 0 and 1 sit right after it.
     crash_resize(8 * MIB, 130 * GIB, false, &[0, MIB + 7, 7 * MIB], true);
+}
+
+/// `bytes` (an image from [`image`], whose log, metadata and BAT regions
+/// are 1 MiB each at 1, 2 and 3 MiB) with those three at `log`, `meta` and
+/// `bat` instead (a permutation of 1, 2 and 3 MiB): the headers and both
+/// region table copies are rewritten to match. Payload blocks (at 4 MiB
+/// and beyond) do not move.
+fn relayout(bytes: &[u8], log: u64, meta: u64, bat: u64) -> Vec<u8> {
+    use vhdx::header::Header;
+    use vhdx::region_table::{RegionTable, BAT_REGION, METADATA_REGION};
+    let mut out = bytes.to_vec();
+    let at = |o: u64| o as usize..(o + MIB) as usize;
+    let rt_at = RegionTable::OFFSETS[0] as usize;
+    let mut table = RegionTable::parse(&bytes[rt_at..rt_at + RegionTable::SIZE]).unwrap();
+    for e in &mut table.entries {
+        let to = if e.guid == BAT_REGION {
+            bat
+        } else if e.guid == METADATA_REGION {
+            meta
+        } else {
+            continue;
+        };
+        assert_eq!(e.length as u64, MIB, "a 1 MiB region");
+        out[at(to)].copy_from_slice(&bytes[at(e.file_offset)]);
+        e.file_offset = to;
+    }
+    let t = table.to_bytes();
+    for off in RegionTable::OFFSETS {
+        out[off as usize..off as usize + t.len()].copy_from_slice(&t);
+    }
+    for off in Header::OFFSETS {
+        let r = off as usize..off as usize + Header::SIZE;
+        let mut h = Header::parse(&bytes[r.clone()]).unwrap();
+        assert_eq!((h.log_offset, h.log_length as u64), (MIB, MIB));
+        out[at(log)].copy_from_slice(&bytes[at(MIB)]);
+        h.log_offset = log;
+        h.write_to(&mut out[r]);
+    }
+    out
+}
+
+/// The BAT region must grow past 128 GiB (1 MiB blocks), but what follows
+/// it cannot move (the metadata region, or the log): the BAT moves to the
+/// end of the file, crash-safe at every write; the grown image passes our
+/// check (the old BAT's space counted as a leak only) and qemu-img's, and
+/// reads the same through qemu.
+#[test]
+fn grow_moves_the_bat_when_a_region_or_the_log_follows_it() {
+    let marks = [0, MIB + 7, 7 * MIB];
+    // (log, metadata, BAT): the metadata region after the BAT, then the log.
+    for (log, meta, bat) in [(MIB, 3 * MIB, 2 * MIB), (2 * MIB, 3 * MIB, MIB)] {
+        let base = relayout(&image(8 * MIB, false, &marks), log, meta, bat);
+        let d = open_mem(base.clone(), &OpenOptions::default());
+        check_marks(&d, &marks, "relaid out");
+        drop(d);
+        crash_resize_from(base.clone(), 8 * MIB, 130 * GIB, &marks, false);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moved.vhdx");
+        std::fs::write(&path, &base).unwrap();
+        let mut d = Vhdx::open(&path, &rw()).unwrap();
+        d.resize(130 * GIB, false).unwrap();
+        d.write_at(b"far", 129 * GIB).unwrap();
+        d.close().unwrap();
+        let report = vhdx::check::check_file(&path, &Default::default()).unwrap();
+        assert_eq!(report.corruptions, 0, "{:?}", report.problems);
+        assert!(report.leaked_bytes <= MIB, "{:?}", report.problems);
+        let again = Vhdx::open(&path, &OpenOptions::default()).unwrap();
+        assert_eq!(again.virtual_size(), 130 * GIB);
+        check_marks(&again, &marks, "moved BAT, reopened");
+        let mut far = [0u8; 3];
+        again.read_at(&mut far, 129 * GIB).unwrap();
+        assert_eq!(&far, b"far");
+        drop(again);
+        if common::have_qemu() {
+            let out = std::process::Command::new("qemu-img")
+                .args(["check", "-f", "vhdx"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "qemu-img check: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "vhdx", "-r", "-c"])
+                .arg(format!("read -P 0x66 {} 1", 129 * GIB))
+                .arg(&path)
+                .output();
+            if let Ok(out) = out {
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(!text.contains("Pattern verification failed"), "{text}");
+            }
+        }
+    }
 }
 
 #[test]
