@@ -16,6 +16,11 @@
 #   mount-odirect the same with `iflag=direct`
 #   mount-cache   `dd bs=1M` of a fresh `vdisk mount --page-cache` (the
 #                 kernel caches the mounted file; its cache starts empty)
+#   mount-reread  the second `dd bs=1M` through one `--page-cache` mount
+#                 (the mounted file's own cache is warm: a re-read)
+#   dd-image      `dd bs=1M` of the first SIZE_MIB MiB of the image file
+#                 itself (no FUSE, no format): what dd alone reaches, the
+#                 ceiling of every dd row
 #   qsd           `dd bs=1M` of a fresh `qemu-storage-daemon --export
 #                 type=fuse` of the image (driver=file + driver=vhdx)
 #   qsd-odirect   the same with `iflag=direct`
@@ -81,10 +86,11 @@ BYTES=$((SIZE_MIB << 20))
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 mbps() { awk -v b="$BYTES" -v s="$1" 'BEGIN { printf "%.0f\n", b / s / 1e6 }'; }
 
-# Seconds of `dd if=$1 of=/dev/null bs=1M [$2]`, from dd's own report.
+# Seconds of `dd if=$1 of=/dev/null bs=1M [$2...]`, from dd's own report.
 dd_seconds() {
-    local out
-    out=$(dd if="$1" of=/dev/null bs=1M ${2:+"$2"} 2>&1) || {
+    local out a extra=()
+    for a in "${@:2}"; do [ -n "$a" ] && extra+=("$a"); done
+    out=$(dd if="$1" of=/dev/null bs=1M "${extra[@]}" 2>&1) || {
         echo "bench-mount.sh: dd of $1 failed: $out" >&2
         exit 1
     }
@@ -125,6 +131,16 @@ run_one() {
         "$VDISK" unmount "$MNT"
         echo "$s"
         ;;
+    dd-image)
+        dd_seconds "$IMG" count="$SIZE_MIB"
+        ;;
+    mount-reread)
+        "$VDISK" mount --page-cache "$IMG" "$MNT" >/dev/null
+        dd_seconds "$MNT/disk" >/dev/null
+        s=$(dd_seconds "$MNT/disk")
+        "$VDISK" unmount "$MNT"
+        echo "$s"
+        ;;
     mount | mount-odirect)
         "$VDISK" mount "$IMG" "$MNT" >/dev/null
         s=$(dd_seconds "$MNT/disk" "$([ "$1" = mount-odirect ] && echo iflag=direct)")
@@ -154,7 +170,7 @@ head -c "$BYTES" /dev/urandom >"$DIR/disk.raw"
 rm "$DIR/disk.raw"
 "$VDISK" info "$IMG" | grep -E 'virtual size|block size|allocated'
 
-CONTENDERS=(direct mount mount-odirect mount-cache)
+CONTENDERS=(direct dd-image mount mount-odirect mount-cache mount-reread)
 if [ "$QSD" = 1 ]; then
     if qsd_start && mounted "$QSD_FILE"; then
         qsd_stop
@@ -199,10 +215,14 @@ for cache in $CACHES; do
     verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
     r=$(ratio "$m" "$d")
     echo "  mount / direct = $r (target >= 0.7: $(verdict "$r" 0.7))"
+    r=$(ratio "$m" "$(median <"$DIR/result.dd-image")")
+    echo "  mount / dd-image = $r"
     r=$(ratio "$(median <"$DIR/result.mount-odirect")" "$d")
     echo "  mount-odirect / direct = $r"
     r=$(ratio "$(median <"$DIR/result.mount-cache")" "$d")
     echo "  mount-cache / direct = $r"
+    r=$(ratio "$(median <"$DIR/result.mount-reread")" "$d")
+    echo "  mount-reread / direct = $r"
     if [ "$QSD" = 1 ]; then
         r=$(ratio "$m" "$(median <"$DIR/result.qsd")")
         echo "  mount / qsd = $r (target >= 2: $(verdict "$r" 2))"
