@@ -17,7 +17,8 @@
 #   mount-cache   `dd bs=1M` of a fresh `vdisk mount --page-cache` (the
 #                 kernel caches the mounted file; its cache starts empty)
 #   mount-reread  the second `dd bs=1M` through one `--page-cache` mount
-#                 (the mounted file's own cache is warm: a re-read)
+#                 (a re-read: the kernel serves most of it from the mounted
+#                 file's own page cache)
 #   dd-image      `dd bs=1M` of the first SIZE_MIB MiB of the image file
 #                 itself (no FUSE, no format): what dd alone reaches, the
 #                 ceiling of every dd row
