@@ -51,8 +51,14 @@ impl Default for CheckOptions {
 pub enum ProblemKind {
     /// A structure is invalid or contradicts another one.
     Corruption,
-    /// File space that no structure references.
+    /// File space at the end of the file that no structure references
+    /// (a check repair cuts it off).
     Leak,
+    /// File space between used structures that none references. Not a
+    /// leak: no data is lost, and a check repair cannot give it back by
+    /// truncating (`vdisk compact` packs blocks into it). QEMU, for one,
+    /// leaves 4 MiB of it in every VHDX it creates.
+    Unused,
     /// Something the check could not verify.
     CheckError,
 }
@@ -65,6 +71,7 @@ impl ProblemKind {
             ProblemKind::Corruption => "corruption",
             ProblemKind::Leak => "leak",
             ProblemKind::CheckError => "check-error",
+            ProblemKind::Unused => "unused",
         }
     }
 }
@@ -169,6 +176,9 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Leaked bytes found.
     pub leaked_bytes: u64,
+    /// Bytes between used structures that none references (see
+    /// [`ProblemKind::Unused`]; not counted as leaks).
+    pub unused_bytes: u64,
     /// Things the check could not verify.
     pub check_errors: u64,
     /// The unit of the cluster counts, in bytes (the block size).
@@ -206,6 +216,9 @@ impl CheckReport {
                 self.leaked_bytes = self.leaked_bytes.saturating_add(p.length);
             }
             ProblemKind::CheckError => self.check_errors += 1,
+            ProblemKind::Unused => {
+                self.unused_bytes = self.unused_bytes.saturating_add(p.length);
+            }
         }
         if self.problems.len() < MAX_PROBLEMS {
             self.problems.push(p);
@@ -243,7 +256,7 @@ impl CheckReport {
                 if reclaimable {
                     ""
                 } else {
-                    " (between used blocks: not reclaimable)"
+                    " (reclaimable once the image is repaired)"
                 }
             ),
         );
@@ -252,6 +265,22 @@ impl CheckReport {
             p.repair = Some(RepairMode::Leaks);
         }
         self.add(p, clusters);
+    }
+
+    /// Record unused space between used structures (not a leak).
+    pub fn unused(&mut self, offset: u64, length: u64) {
+        let mut p = Problem::new(
+            ProblemKind::Unused,
+            "file space",
+            offset,
+            format!(
+                "{length} bytes ({offset:#x}..{:#x}) between used structures are not referenced \
+                 by any structure (vdisk compact packs blocks into such space)",
+                offset.saturating_add(length)
+            ),
+        );
+        p.length = length;
+        self.add(p, 0);
     }
 
     /// No problem at all.

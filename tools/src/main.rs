@@ -110,8 +110,9 @@ enum Command {
         blocks inside the file, on no structure and on no other block) and a differencing \
         disk's parent linkage. VHD: the footer and its copy at offset 0 (-r all restores \
         either from the other), the dynamic disk header, the BAT, the parent's unique id. \
-        Leaks: file space no structure uses (only a leak at the end of the file can be \
-        reclaimed). Raw images have nothing to check.\n\
+        Leaks: file space at the end of the file that no structure uses (-r leaks cuts it \
+        off). Unused space between structures is listed but is no leak (nothing is lost, and \
+        vdisk compact packs blocks into it). Raw images have nothing to check.\n\
         Exit status (as qemu-img check; after -r, for what remains): 0 no problem, 1 the \
         check could not be completed, 2 corruptions found, 3 only leaked space found.")]
     Check(CheckArgs),

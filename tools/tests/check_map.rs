@@ -203,6 +203,30 @@ fn clean_images_check_clean() {
     assert_eq!(j["format"], "vhd");
 }
 
+/// QEMU leaves 4 MiB unused between its BAT and its first block in every
+/// VHDX it creates: listed as unused space, not a leak, so a fresh qemu
+/// image checks clean (exit 0), as qemu-img check says.
+#[test]
+fn qemu_made_vhdx_has_unused_space_but_no_leak() {
+    let Some(q) = qemu() else { return };
+    let dir = tmp();
+    let img = dir.path().join("q.vhdx");
+    let st = Command::new(q)
+        .args(["create", "-q", "-f", "vhdx", p(&img), "64M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    write(&img, 0, &pattern(70_000, 3));
+    let out = ok(&["check", p(&img)]);
+    assert!(out.contains("No errors were found on the image."), "{out}");
+    assert!(out.contains("Unused space at offset 0x400000"), "{out}");
+    let j = check_json(&img, &[], 0);
+    assert_eq!(j["leaks"], 0);
+    assert_eq!(j["unused-bytes"], 4 * MIB);
+    assert_eq!(j["problems"][0]["kind"], "unused");
+    assert_eq!(j["problems"][0]["repair"], serde_json::Value::Null);
+}
+
 #[test]
 fn bat_entry_past_the_end_of_the_file() {
     let dir = tmp();

@@ -530,7 +530,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
     for &(start, end) in &s.gaps {
         let len = end - start;
         if len >= slot {
-            f.report.leak(start, len, len / slot, false);
+            f.report.unused(start, len);
         }
     }
     let used_end = s.end.div_ceil(SECTOR) * SECTOR;
@@ -802,12 +802,14 @@ mod tests {
     }
 
     #[test]
-    fn unallocated_block_between_others_is_an_interior_leak() {
+    fn unallocated_block_between_others_is_unused_space_not_a_leak() {
         let mut img = image(&[0, 1, 2]);
         set_entry(&mut img, 1, u32::MAX);
         let r = run(img);
-        let p = only(&r, ProblemKind::Leak);
+        let p = only(&r, ProblemKind::Unused);
         assert_eq!((p.offset, p.length, p.repair), (FIRST + SLOT, SLOT, None));
+        assert_eq!((r.leaks, r.unused_bytes, r.exit_code()), (0, SLOT, 0));
+        assert!(r.is_clean());
         assert!(!r.needs_repair(RepairMode::All));
     }
 

@@ -79,7 +79,8 @@ fn repair(path: &Path, format: Format, mode: RepairMode) -> Result<RepairReport>
 }
 
 /// One problem as a line: `ERROR ...` for corruptions (and what the check
-/// could not verify), `Leaked ...` for leaks, with the repair that fixes it.
+/// could not verify), `Leaked ...` for leaks, with the repair that fixes it,
+/// `Unused ...` for unused space between structures.
 fn problem_line(p: &Problem) -> String {
     let fix = match p.repair {
         Some(RepairMode::All) => " (repair with -r all)",
@@ -93,6 +94,7 @@ fn problem_line(p: &Problem) -> String {
             p.offset, p.message
         ),
         ProblemKind::CheckError => format!("ERROR (not checked) {p}\n"),
+        ProblemKind::Unused => format!("Unused space at offset {:#x}: {}\n", p.offset, p.message),
     }
 }
 
@@ -202,6 +204,8 @@ struct JsonReport<'a> {
     compressed_clusters: u64,
     cluster_size: u64,
     leaked_bytes: u64,
+    /// Space between used structures that none references: not a leak.
+    unused_bytes: u64,
     file_size: u64,
     problems: Vec<JsonProblem<'a>>,
     problems_omitted: u64,
@@ -248,6 +252,7 @@ fn json<'a>(
         compressed_clusters: 0,
         cluster_size: last.cluster_size,
         leaked_bytes: last.leaked_bytes,
+        unused_bytes: last.unused_bytes,
         file_size: last.file_size,
         problems: json_problems(last),
         problems_omitted: last.problems_omitted,
