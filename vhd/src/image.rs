@@ -795,11 +795,7 @@ impl Vhd {
         overwrite: bool,
     ) -> Result<()> {
         let path = path.as_ref();
-        let parent_abs = differencing_parent_path(path, parent_path.as_ref())?;
-        let pstorage = FileStorage::open(&parent_abs, false)?;
-        let (pfooter, ..) = Self::find_footer(&pstorage, pstorage.len()?)?;
-        validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
-        let link = parent_link_for(path, &parent_abs)?;
+        let (pfooter, link) = Self::differencing_parent(path, parent_path.as_ref(), opts)?;
         let storage = FileStorage::create(path, overwrite)?;
         write_differencing(&storage, &pfooter, &link, opts, BatFill::Write)
     }
@@ -826,17 +822,29 @@ impl Vhd {
         opts: &CreateOptions,
     ) -> Result<bool> {
         let path = path.as_ref();
-        let parent_abs = differencing_parent_path(path, parent_path.as_ref())?;
-        let pstorage = FileStorage::open(&parent_abs, false)?;
-        let (pfooter, ..) = Self::find_footer(&pstorage, pstorage.len()?)?;
-        validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
-        let link = parent_link_for(path, &parent_abs)?;
+        let (pfooter, link) = Self::differencing_parent(path, parent_path.as_ref(), opts)?;
         let storage = FileStorage::open(path, true)?;
         if !is_blank_spare(&storage, pfooter.disk_size(), opts)? {
             return Ok(false);
         }
         write_differencing(&storage, &pfooter, &link, opts, BatFill::Keep)?;
         Ok(true)
+    }
+
+    /// For a child at `path` of the VHD at `parent_path`: the parent's
+    /// footer (read alone) and the link to record, after checking `opts`
+    /// against the parent's size.
+    fn differencing_parent(
+        path: &Path,
+        parent_path: &Path,
+        opts: &CreateOptions,
+    ) -> Result<(Footer, ParentLink)> {
+        let parent_abs = differencing_parent_path(path, parent_path)?;
+        let pstorage = FileStorage::open(&parent_abs, false)?;
+        let (pfooter, ..) = Self::find_footer(&pstorage, pstorage.len()?)?;
+        validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
+        let link = parent_link_for(path, &parent_abs)?;
+        Ok((pfooter, link))
     }
 
     /// Footer, header and layout as read at open.
