@@ -36,7 +36,7 @@ pub use compact::{CompactReport, Progress};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use parent::{ChainSearch, ParentPolicy};
 pub use raw::RawDisk;
-pub use storage::{FileStorage, MemStorage, Storage};
+pub use storage::{copy_range, fill_range, range_is, FileStorage, MemStorage, Storage};
 pub use virtual_disk::{
     whole_blocks, Cursor, Extent, FileOffset, Geometry, Mapping, VirtualDisk, WriteExtent,
 };

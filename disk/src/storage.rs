@@ -62,6 +62,61 @@ pub trait Storage: Send + Sync {
     }
 }
 
+/// Bytes per read or write of [`copy_range`] and [`fill_range`].
+const RANGE_CHUNK: u64 = 1 << 20;
+
+/// Copy `len` bytes of `st` at `from` to `to`, 1 MiB at a time, front to
+/// back (so `to` must not lie inside `(from, from + len)`); no sync.
+///
+/// # Errors
+/// I/O errors.
+pub fn copy_range(st: &dyn Storage, from: u64, to: u64, len: u64) -> Result<()> {
+    let mut buf = vec![0u8; len.min(RANGE_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(RANGE_CHUNK) as usize;
+        st.read_at(&mut buf[..n], from + done)?;
+        st.write_at(&buf[..n], to + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Write `len` bytes of `byte` at `offset`, 1 MiB at a time; no sync.
+///
+/// # Errors
+/// I/O errors.
+pub fn fill_range(st: &dyn Storage, offset: u64, len: u64, byte: u8) -> Result<()> {
+    let buf = vec![byte; len.min(RANGE_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(RANGE_CHUNK) as usize;
+        st.write_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Whether every one of the `len` bytes of `st` at `offset` is `byte`
+/// (read 1 MiB at a time).
+///
+/// # Errors
+/// I/O errors (reading past the end is one).
+pub fn range_is(st: &dyn Storage, offset: u64, len: u64, byte: u8) -> Result<bool> {
+    let mut buf = vec![0u8; len.min(RANGE_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(RANGE_CHUNK) as usize;
+        st.read_at(&mut buf[..n], offset + done)?;
+        // A fold without early exit, which the compiler vectorizes.
+        if buf[..n].iter().fold(0, |acc, &b| acc | (b ^ byte)) != 0 {
+            return Ok(false);
+        }
+        done += n as u64;
+    }
+    Ok(true)
+}
+
 /// A file on the host file system.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -335,5 +390,36 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn copy_fill_and_range_is_across_chunks() {
+        let bytes: Vec<u8> = (0..5 * MIB).map(|i| (i % 251) as u8).collect();
+        let st = MemStorage::from_vec("m", bytes.clone());
+        // 2 MiB + 300 bytes: two whole chunks and a part, to later space.
+        let (len, to) = (2 * MIB + 300, 3 * MIB - 5);
+        copy_range(&st, 100, to as u64, len as u64).unwrap();
+        let got = st.to_vec();
+        assert!(got[to..to + len] == bytes[100..100 + len], "copied bytes");
+        assert!(got[..to] == bytes[..to], "bytes before the copy");
+        fill_range(&st, 7, (MIB + 9) as u64, 0xff).unwrap();
+        let got = st.to_vec();
+        assert!(got[7..MIB + 16].iter().all(|&b| b == 0xff));
+        assert_eq!((got[6], got[MIB + 16]), (bytes[6], bytes[MIB + 16]));
+        assert!(range_is(&st, 7, (MIB + 9) as u64, 0xff).unwrap());
+        assert!(!range_is(&st, 6, (MIB + 9) as u64, 0xff).unwrap());
+        assert!(!range_is(&st, 8, (MIB + 9) as u64, 0xff).unwrap());
+        assert!(range_is(&st, 0, 0, 0xff).unwrap());
+        let end = st.len().unwrap();
+        assert!(range_is(&st, end, 1, 0).is_err(), "past the end");
+        copy_range(&st, 0, 0, 0).unwrap();
+        fill_range(&st, 0, 0, 1).unwrap();
     }
 }

@@ -261,7 +261,7 @@ impl Compactor<'_> {
         let (moves, new_end) = self.plan(&layout, &mut kept)?;
         let m = moves.len() as u64;
         for (k, &(b, from, to)) in moves.iter().enumerate() {
-            self.copy(from, to)?;
+            disk::copy_range(self.st(), from, to, self.slot)?;
             self.st().flush()?;
             let sector = u32::try_from(to / SECTOR)
                 .ok()
@@ -477,19 +477,6 @@ impl Compactor<'_> {
             .unwrap_or(0);
         let new_end = sector_align(layout.end.max(blocks_end).max(floor));
         Ok((moves, new_end))
-    }
-
-    /// Copy a block's sector bitmap and data from `from` to `to`.
-    fn copy(&self, from: u64, to: u64) -> Result<()> {
-        let mut buf = vec![0u8; self.slot.min(CHUNK) as usize];
-        let mut done = 0;
-        while done < self.slot {
-            let n = (self.slot - done).min(CHUNK) as usize;
-            self.st().read_at(&mut buf[..n], from + done)?;
-            self.st().write_at(&buf[..n], to + done)?;
-            done += n as u64;
-        }
-        Ok(())
     }
 
     /// The bytes of the trailing footer at `at`, to write again at the new

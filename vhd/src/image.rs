@@ -711,7 +711,7 @@ impl Vhd {
             storage.write_at(&fbuf, 0)?;
             storage.write_at(&hbuf, FOOTER_SIZE as u64)?;
             let table_len = (entries * 4).div_ceil(SECTOR) * SECTOR;
-            write_ones(&*storage, table_offset, table_len)?;
+            disk::fill_range(&*storage, table_offset, table_len, 0xff)?;
             storage.write_at(&fbuf, table_offset + table_len)?;
         }
         storage.flush()?;
@@ -1497,18 +1497,7 @@ fn is_blank_spare(storage: &dyn Storage, size: u64, opts: &CreateOptions) -> Res
     {
         return Ok(false);
     }
-    let mut buf = vec![0u8; table_len.min(MIB) as usize];
-    let mut done = 0;
-    while done < table_len {
-        let n = (table_len - done).min(MIB) as usize;
-        storage.read_at(&mut buf[..n], table_offset + done)?;
-        // A fold without early exit, which the compiler vectorizes.
-        if buf[..n].iter().fold(0xff, |acc, &b| acc & b) != 0xff {
-            return Ok(false);
-        }
-        done += n as u64;
-    }
-    Ok(true)
+    disk::range_is(storage, table_offset, table_len, 0xff)
 }
 
 fn write_differencing(
@@ -1593,7 +1582,7 @@ fn write_differencing(
     storage.write_at(&fbuf, 0)?;
     storage.write_at(&hbuf, FOOTER_SIZE as u64)?;
     if bat == BatFill::Write {
-        write_ones(storage, table_offset, table_len)?;
+        disk::fill_range(storage, table_offset, table_len, 0xff)?;
     }
     for (off, data) in &datas {
         storage.write_at(data, *off)?;
@@ -1601,17 +1590,6 @@ fn write_differencing(
     storage.write_at(&fbuf, at)?;
     storage.set_len(at + FOOTER_SIZE as u64)?;
     storage.flush()
-}
-
-fn write_ones(storage: &dyn Storage, offset: u64, len: u64) -> Result<()> {
-    let ones = vec![0xffu8; len.min(MIB) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(MIB);
-        storage.write_at(&ones[..n as usize], offset + done)?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// `file` relative to the directory `dir` (both absolute), Windows style:

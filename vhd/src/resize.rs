@@ -164,24 +164,13 @@ impl Resizer<'_> {
         Ok(None)
     }
 
-    fn fill(&self, off: u64, len: u64, byte: u8) -> Result<()> {
-        let buf = vec![byte; COPY_CHUNK as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(COPY_CHUNK);
-            self.st.write_at(&buf[..n as usize], off + done)?;
-            done += n;
-        }
-        Ok(())
-    }
-
     fn fixed(&self, info: &Info, size: u64, force: bool) -> Result<()> {
         let old = info.virtual_size;
         let f = info.footer_offset;
         if size > old {
             if size <= f {
                 // Slack before the footer: zero it, then the footer in place.
-                self.fill(old, size - old, 0)?;
+                disk::fill_range(self.st, old, size - old, 0)?;
                 self.st.flush()?;
                 self.st.write_at(&self.footer_bytes, f)?;
                 return self.st.flush();
@@ -189,7 +178,7 @@ impl Resizer<'_> {
             let nf = size.max(f + FOOTER_SIZE as u64);
             self.st.write_at(&self.footer_bytes, nf)?;
             self.st.flush()?;
-            self.fill(old, nf - old, 0)?;
+            disk::fill_range(self.st, old, nf - old, 0)?;
             return self.st.flush();
         }
         if !force {
@@ -251,7 +240,7 @@ impl Resizer<'_> {
         if !old.is_multiple_of(bs) {
             if let Some(off) = bat.block_offset(old_blocks - 1) {
                 let from = old % bs;
-                self.fill(off + bm + from, bs - from, 0)?;
+                disk::fill_range(self.st, off + bm + from, bs - from, 0)?;
             }
         }
         self.st.flush()?;
@@ -286,7 +275,6 @@ impl Resizer<'_> {
                 self.st.write_at(&self.old_footer(info)?, end)?;
                 self.st.flush()?;
             }
-            let mut buf = vec![0u8; COPY_CHUNK as usize];
             for (from, b) in in_way {
                 let to = end;
                 let new_end = to
@@ -297,13 +285,7 @@ impl Resizer<'_> {
                     })?;
                 self.st.write_at(&self.old_footer(info)?, new_end)?;
                 self.st.flush()?;
-                let mut done = 0;
-                while done < bm + bs {
-                    let n = (bm + bs - done).min(COPY_CHUNK) as usize;
-                    self.st.read_at(&mut buf[..n], from + done)?;
-                    self.st.write_at(&buf[..n], to + done)?;
-                    done += n as u64;
-                }
+                disk::copy_range(self.st, from, to, bm + bs)?;
                 self.st.flush()?;
                 let sector = (to / SECTOR) as u32;
                 bat.entries[b as usize] = sector;
@@ -311,7 +293,7 @@ impl Resizer<'_> {
                 self.st.flush()?;
                 end = new_end;
             }
-            self.fill(old_table_end, table_end - old_table_end, 0xff)?;
+            disk::fill_range(self.st, old_table_end, table_end - old_table_end, 0xff)?;
             self.st.flush()?;
             // (3) The header.
             let mut hdr_v = h.clone();

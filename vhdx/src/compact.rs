@@ -449,7 +449,6 @@ impl Vhdx {
         meter: &mut Meter<'_>,
     ) -> Result<u64> {
         let mut moved = 0u64;
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
         loop {
             placed.sort_by_key(|p| p.offset);
             let plan = plan_moves(placed, fixed_end);
@@ -458,13 +457,7 @@ impl Vhdx {
             }
             for &(i, to) in &plan {
                 let p = placed[i];
-                let mut done = 0;
-                while done < p.len {
-                    let n = (p.len - done).min(COPY_CHUNK) as usize;
-                    self.storage.read_at(&mut buf[..n], p.offset + done)?;
-                    self.storage.write_at(&buf[..n], to + done)?;
-                    done += n as u64;
-                }
+                disk::copy_range(&*self.storage, p.offset, to, p.len)?;
             }
             self.start_session(false)?;
             for &(i, to) in &plan {

@@ -63,8 +63,6 @@ mod compact;
 mod resize;
 
 const MIB: u64 = 1 << 20;
-/// Bytes copied or scanned per I/O when relocating or checking a block.
-const COPY_CHUNK: u64 = MIB;
 /// Largest metadata region we read whole (Windows writes 1 MiB).
 const MAX_METADATA_REGION: u64 = 64 * MIB;
 /// Largest log we read whole for replay.

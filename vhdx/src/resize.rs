@@ -135,17 +135,7 @@ impl Vhdx {
     pub(super) fn nonzero(&self, off: u64, len: u64) -> Result<bool> {
         let flen = self.storage.len()?;
         let end = off.saturating_add(len).min(flen);
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
-        let mut at = off;
-        while at < end {
-            let n = (end - at).min(COPY_CHUNK) as usize;
-            self.storage.read_at(&mut buf[..n], at)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                return Ok(true);
-            }
-            at += n as u64;
-        }
-        Ok(false)
+        Ok(end > off && !disk::range_is(&*self.storage, off, end - off, 0)?)
     }
 
     /// Set BAT entry `idx` in the cache (paging it in), dirty.
@@ -237,7 +227,7 @@ impl Vhdx {
             let (state, fo) = self.block_entry(last)?;
             if state == PayloadState::FullyPresent {
                 let from = old_size % self.block_size;
-                self.write_zeros(fo + from, self.block_size - from)?;
+                disk::fill_range(&*self.storage, fo + from, self.block_size - from, 0)?;
             }
         }
         // 3. The new geometry, new entries NOT_PRESENT (or allocated).
@@ -265,18 +255,6 @@ impl Vhdx {
                 BatCache::new(old_geo.total_entries(), self.bat_cap());
         }
         result
-    }
-
-    /// Write zeros over `[off, off + len)` (no sync).
-    fn write_zeros(&self, off: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; COPY_CHUNK as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(COPY_CHUNK);
-            self.storage.write_at(&zeros[..n as usize], off + done)?;
-            done += n;
-        }
-        Ok(())
     }
 
     /// Step 1 of growing (module docs): make the BAT region at least
@@ -331,7 +309,6 @@ impl Vhdx {
         }
         // Relocate the payload blocks in R.
         let mut moved = false;
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
         for b in 0..self.bat_geo.payload_blocks() {
             let idx = self.bat_geo.payload_index(b);
             let e = self.bat_entry(idx)?;
@@ -354,13 +331,7 @@ impl Vhdx {
                         *end = new_end;
                         to
                     };
-                    let mut done = 0;
-                    while done < self.block_size {
-                        let n = (self.block_size - done).min(COPY_CHUNK) as usize;
-                        self.storage.read_at(&mut buf[..n], fo + done)?;
-                        self.storage.write_at(&buf[..n], to + done)?;
-                        done += n as u64;
-                    }
+                    disk::copy_range(&*self.storage, fo, to, self.block_size)?;
                     self.set_entry(idx, BatEntry::new(state as u8, to))?;
                 }
                 // Space kept for a trimmed block: forget it.
@@ -373,7 +344,7 @@ impl Vhdx {
             self.flush_inner()?;
         }
         // R is unused now: zero it (NOT_PRESENT entries), sync.
-        self.write_zeros(r_start, r_len)?;
+        disk::fill_range(&*self.storage, r_start, r_len, 0)?;
         self.storage.flush()?;
         self.set_bat_region(bat_region.file_offset, new_len32)
     }
@@ -400,16 +371,12 @@ impl Vhdx {
             *end = new_end;
             off
         };
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
-        let old_len = u64::from(bat_region.length);
-        let mut done = 0;
-        while done < old_len {
-            let n = (old_len - done).min(COPY_CHUNK) as usize;
-            self.storage
-                .read_at(&mut buf[..n], bat_region.file_offset + done)?;
-            self.storage.write_at(&buf[..n], new_off + done)?;
-            done += n as u64;
-        }
+        disk::copy_range(
+            &*self.storage,
+            bat_region.file_offset,
+            new_off,
+            u64::from(bat_region.length),
+        )?;
         self.storage.flush()?;
         self.set_bat_region(new_off, new_len)?;
         self.bat_offset = new_off;
