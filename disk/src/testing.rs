@@ -171,6 +171,35 @@ pub fn read_all(d: &dyn VirtualDisk) -> Vec<u8> {
     v
 }
 
+/// A short text that names its own offset: written at `at` by tests that
+/// check, after an operation, that what was written stayed in place.
+pub fn mark(at: u64) -> Vec<u8> {
+    format!("mark at {at:#x}").into_bytes()
+}
+
+/// Every [`mark`] of `marks` reads back at its offset.
+pub fn check_marks(d: &dyn VirtualDisk, marks: &[u64], what: &str) {
+    for &m in marks {
+        let want = mark(m);
+        let mut got = vec![0u8; want.len()];
+        d.read_at(&mut got, m).unwrap();
+        assert_eq!(got, want, "{what}: mark at {m:#x}");
+    }
+}
+
+/// Where each [`mark`] of `marks` was, `d` reads zeros (a cut part that
+/// was grown back).
+pub fn check_marks_gone(d: &dyn VirtualDisk, marks: &[u64], what: &str) {
+    for &m in marks {
+        let mut b = vec![0xffu8; mark(m).len()];
+        d.read_at(&mut b, m).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "{what}: cut data at {m:#x} came back"
+        );
+    }
+}
+
 /// Panic naming the first differing byte (a readable failure for disks).
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {

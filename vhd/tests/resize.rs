@@ -5,6 +5,7 @@
 
 use disk::fault::RecordingStorage;
 use disk::testing::crash::for_each_crash;
+use disk::testing::{check_marks, check_marks_gone, mark};
 use disk::{MemStorage, VirtualDisk};
 use std::sync::Arc;
 use vhd::footer::ChsGeometry;
@@ -24,19 +25,6 @@ fn image(size: u64, fixed: bool, azure: bool, marks: &[u64]) -> Vec<u8> {
     }
     d.close().unwrap();
     st.to_vec()
-}
-
-fn mark(at: u64) -> Vec<u8> {
-    format!("mark at {at:#x}").into_bytes()
-}
-
-fn check_marks(d: &dyn VirtualDisk, marks: &[u64], what: &str) {
-    for &m in marks {
-        let want = mark(m);
-        let mut got = vec![0u8; want.len()];
-        d.read_at(&mut got, m).unwrap();
-        assert_eq!(got, want, "{what}: mark at {m:#x}");
-    }
 }
 
 fn open(bytes: Vec<u8>) -> Vhd {
@@ -238,14 +226,7 @@ fn dynamic_forced_shrink_crash_at_every_write() {
             let (_, grown) = resize(img, size0, false).unwrap();
             let d = open(grown);
             check_marks(&d, &kept, &what);
-            for &m in &cut {
-                let mut b = vec![0xffu8; mark(m).len()];
-                d.read_at(&mut b, m).unwrap();
-                assert!(
-                    b.iter().all(|&x| x == 0),
-                    "{what}: cut data at {m:#x} came back"
-                );
-            }
+            check_marks_gone(&d, &cut, &what);
         }
     });
     assert_eq!(sizes.len(), 2, "crash states of both sizes: {sizes:?}");
