@@ -102,15 +102,7 @@ fn write_at(img: &Path, at: u64, bytes: &[u8]) {
 /// A dynamic VHDX with 1 MiB blocks and data in blocks 0 and 2.
 fn vhdx_with_data(dir: &Path, name: &str) -> std::path::PathBuf {
     let img = dir.join(name);
-    ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        p(&img),
-        "16M",
-    ]);
+    create_vhdx_1m(&img, "16M");
     write(&img, 0, &pattern(MIB as usize, 1));
     write(&img, 2 * MIB + 4096, &pattern(8192, 2));
     img
@@ -596,15 +588,7 @@ fn map_of_a_chain_shows_each_layer() {
     let dir = tmp();
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.avhdx");
-    ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        p(&base),
-        "8M",
-    ]);
+    create_vhdx_1m(&base, "8M");
     write(&base, 0, &pattern(2 * MIB as usize, 1));
     ok(&[
         "create",

@@ -1216,15 +1216,7 @@ fn vhdx_chain(dir: &Path) -> ([PathBuf; 3], [Vec<u8>; 3]) {
     let base = dir.join("base.vhdx");
     let child = dir.join("child.avhdx");
     let gc = dir.join("gc.avhdx");
-    ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        p(&base),
-        "8M",
-    ]);
+    create_vhdx_1m(&base, "8M");
     let mut m0 = vec![0u8; CHAIN_SIZE as usize];
     write_both(&base, &mut m0, 0, &pattern(3 * MIB as usize, 1));
     write_both(&base, &mut m0, 5 * MIB + 7, &pattern(100_000, 2));

@@ -323,15 +323,7 @@ fn partitions_made_through_the_mount_appear_as_files() {
         ),
     ] {
         let img = dir.path().join(format!("{label}.vhdx"));
-        ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            p(&img),
-            "48M",
-        ]);
+        create_vhdx_1m(&img, "48M");
         let mnt = dir.path().join(format!("mnt-{label}"));
         fs::create_dir(&mnt).unwrap();
         let m = mount(&img, &mnt, true);
@@ -394,15 +386,7 @@ fn mount_differencing_chain_rw_writes_only_the_leaf() {
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.avhdx");
     let size = 32 * MIB;
-    ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        p(&base),
-        "32M",
-    ]);
+    create_vhdx_1m(&base, "32M");
     let mut model = vec![0u8; size as usize];
     for (at, len, seed) in [(0u64, 2 * MIB, 7u32), (20 * MIB, MIB + 4096, 8)] {
         let data = pattern(len as usize, seed);
@@ -462,15 +446,7 @@ fn parallel_writes_read_back(flags: &[&str]) {
     let dir = tmp();
     let img = dir.path().join("par.vhdx");
     let size = 64 * MIB;
-    ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        p(&img),
-        "64M",
-    ]);
+    create_vhdx_1m(&img, "64M");
     let m = mount_with(&img, &mount_dir(dir.path()), flags);
     // Four threads write interleaved, unaligned pieces at once (parallel
     // direct writes reach the server concurrently), some straddling blocks.

@@ -94,3 +94,8 @@ pub fn read_bytes(img: &Path, offset: u64, len: u64) -> Vec<u8> {
     );
     out.stdout
 }
+
+/// `vdisk create -f vhdx -o block_size=1M IMG SIZE`, which must succeed.
+pub fn create_vhdx_1m(img: &Path, size: &str) {
+    ok(&["create", "-f", "vhdx", "-o", "block_size=1M", p(img), size]);
+}
