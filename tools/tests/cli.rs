@@ -546,16 +546,6 @@ fn info_differencing_disk_without_parent() {
     assert!(e.contains(p(&img)), "{e}");
 }
 
-fn qemu_img() -> Option<PathBuf> {
-    let q = PathBuf::from("/usr/bin/qemu-img");
-    if q.exists() {
-        Some(q)
-    } else {
-        println!("qemu-img not found at /usr/bin/qemu-img: skipping the interop test");
-        None
-    }
-}
-
 #[test]
 fn qemu_img_accepts_converted_vhdx() {
     let Some(qemu) = qemu_img() else { return };
