@@ -28,7 +28,9 @@
 //! fit (or is missing) only makes that one checkpoint take the slow way.
 //! The thread is waited for before each operation and on drop.
 
-use crate::image::{self, chain_files, create_child, create_child_using_spare, make_spare, Format};
+use crate::image::{
+    self, chain_files, create_child, create_vhd_child_using_spare, make_spare, Format,
+};
 use crate::merge::{merge_into_ancestor, merge_into_child};
 use crate::{Error, Result};
 use disk::ParentPolicy;
@@ -546,9 +548,13 @@ impl Bundle {
     }
 
     /// Create the disk `disk` (a name in the bundle) as a new child of
-    /// `parent`, using the spare if it fits.
+    /// `parent`, using the spare (VHD) if it fits.
     fn new_child(&self, disk: &str, parent: &Path) -> Result<()> {
-        create_child_using_spare(&self.dir.join(disk), parent, &self.dir.join(SPARE))
+        let path = self.dir.join(disk);
+        match self.manifest.format {
+            Format::Vhd => create_vhd_child_using_spare(&path, parent, &self.dir.join(SPARE)),
+            Format::Vhdx => create_child(&path, parent),
+        }
     }
 
     /// Finish a pending operation (idempotent steps), then delete garbage.

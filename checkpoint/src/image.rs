@@ -212,18 +212,15 @@ pub fn create_child(path: &Path, parent: &Path) -> Result<()> {
     }
 }
 
-/// Make a spare child for [`create_child_using_spare`]: a blank child of
-/// `parent` written to `spare` + `.tmp`, synced, then renamed to `spare`,
-/// so a file at `spare` is always complete. Only for VHD, whose child
-/// creation writes a BAT sized to the disk; returns `Ok(false)` (nothing
-/// made) for VHDX, whose children cost the same at any size.
+/// Make a spare child for [`create_vhd_child_using_spare`]: a blank child
+/// of the VHD `parent` written to `spare` + `.tmp`, synced, then renamed to
+/// `spare`, so a file at `spare` is always complete. (Only VHD needs one:
+/// its child creation writes a BAT sized to the disk; a VHDX child costs
+/// the same at any size.)
 ///
 /// # Errors
-/// The parent cannot be read, I/O errors.
-pub fn make_spare(spare: &Path, parent: &Path) -> Result<bool> {
-    if detect(parent)? != Format::Vhd {
-        return Ok(false);
-    }
+/// The parent cannot be read or is no VHD, I/O errors.
+pub fn make_spare(spare: &Path, parent: &Path) -> Result<()> {
     let mut tmp = spare.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -231,21 +228,19 @@ pub fn make_spare(spare: &Path, parent: &Path) -> Result<bool> {
     std::fs::rename(&tmp, spare).map_err(|e| {
         Error::io(format!("cannot rename to {}", spare.display()), e)
             .in_file(&tmp.display().to_string(), 0)
-    })?;
-    Ok(true)
+    })
 }
 
-/// [`create_child`], in O(1) for a VHD when `spare` holds a spare made by
-/// [`make_spare`] over a disk of the same size: the spare is renamed to
-/// `path` and its header rewritten for `parent`
+/// [`create_child`] of the VHD `parent`, in O(1) when `spare` holds a
+/// spare made by [`make_spare`] over a disk of the same size: the spare is
+/// renamed to `path` and its header rewritten for `parent`
 /// ([`Vhd::create_differencing_from_spare`]). Without a fitting spare, the
 /// child is created from scratch. The spare is used up either way.
 ///
 /// # Errors
 /// As [`create_child`].
-pub fn create_child_using_spare(path: &Path, parent: &Path, spare: &Path) -> Result<()> {
-    if detect(parent)? == Format::Vhd
-        && std::fs::rename(spare, path).is_ok()
+pub fn create_vhd_child_using_spare(path: &Path, parent: &Path, spare: &Path) -> Result<()> {
+    if std::fs::rename(spare, path).is_ok()
         && Vhd::create_differencing_from_spare(path, parent, &vhd::CreateOptions::new(0))?
     {
         return Ok(());
