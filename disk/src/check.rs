@@ -101,6 +101,9 @@ pub struct Problem {
     pub message: String,
     /// The least repair mode that fixes it, `None` when no repair can.
     pub repair: Option<RepairMode>,
+    /// The virtual byte range `[start, end)` whose data the problem
+    /// concerns (a truncated block), when it concerns one.
+    pub virtual_range: Option<(u64, u64)>,
 }
 
 impl Problem {
@@ -118,6 +121,7 @@ impl Problem {
             length: 0,
             message: message.to_string(),
             repair: None,
+            virtual_range: None,
         }
     }
 
@@ -179,6 +183,9 @@ pub struct CheckReport {
     /// Bytes between used structures that none references (see
     /// [`ProblemKind::Unused`]; not counted as leaks).
     pub unused_bytes: u64,
+    /// Blocks (payload or sector bitmap blocks) that run past the end of
+    /// the file: the file was truncated (each is also a corruption).
+    pub truncated_blocks: u64,
     /// Things the check could not verify.
     pub check_errors: u64,
     /// The unit of the cluster counts, in bytes (the block size).
@@ -265,6 +272,46 @@ impl CheckReport {
             p.repair = Some(RepairMode::Leaks);
         }
         self.add(p, clusters);
+    }
+
+    /// Record a block that runs past the end of the file (`file_len`
+    /// bytes): a corruption about `structure` at `offset` (the block's BAT
+    /// entry), naming the block (`what`, e.g. "block 66"), the virtual range
+    /// `[virt_start, virt_end)` whose data it holds and its file range
+    /// `file_offset + length`. No repair brings the lost bytes back; the
+    /// bytes still inside the file are used space, never a leak.
+    #[allow(clippy::too_many_arguments)]
+    pub fn truncated_block(
+        &mut self,
+        structure: &str,
+        offset: u64,
+        what: &str,
+        (virt_start, virt_end): (u64, u64),
+        file_offset: u64,
+        length: u64,
+        file_len: u64,
+    ) {
+        let inside = file_len.saturating_sub(file_offset).min(length);
+        let mut p = Problem::new(
+            ProblemKind::Corruption,
+            structure,
+            offset,
+            format!(
+                "{what} (virtual {virt_start:#x}..{virt_end:#x}) at file offset \
+                 {file_offset:#x}+{length:#x} runs past the end of the file ({file_len:#x} \
+                 bytes): the file is truncated, {} of its {length:#x} bytes are lost{}",
+                format_args!("{:#x}", length - inside),
+                if inside > 0 {
+                    format!(" ({inside:#x} bytes are still inside the file)")
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        p.length = length;
+        p.virtual_range = Some((virt_start, virt_end));
+        self.truncated_blocks += 1;
+        self.add(p, 0);
     }
 
     /// Record unused space between used structures (not a leak).
@@ -400,6 +447,47 @@ mod tests {
         assert_eq!(r.problems.len(), MAX_PROBLEMS);
         assert_eq!(r.problems_omitted, 3);
         assert_eq!(r.corruptions, MAX_PROBLEMS as u64 + 1);
+    }
+
+    #[test]
+    fn truncated_block_is_a_corruption_with_its_virtual_range() {
+        let mut r = CheckReport::new("a", "vhdx");
+        r.truncated_block(
+            "VHDX BAT",
+            0x300210,
+            "block 66",
+            (0x8400_0000, 0x8600_0000),
+            0xa40_0000,
+            0x200_0000,
+            0xb53_2b80,
+        );
+        assert_eq!(
+            (r.corruptions, r.truncated_blocks, r.exit_code()),
+            (1, 1, 2)
+        );
+        let p = &r.problems[0];
+        assert_eq!(p.virtual_range, Some((0x8400_0000, 0x8600_0000)));
+        assert_eq!((p.offset, p.length, p.repair), (0x300210, 0x200_0000, None));
+        assert!(
+            p.message.contains(
+                "block 66 (virtual 0x84000000..0x86000000) at file offset \
+                 0xa400000+0x2000000 runs past the end of the file (0xb532b80 bytes)"
+            ),
+            "{p}"
+        );
+        assert!(
+            p.message
+                .contains("0xecd480 of its 0x2000000 bytes are lost"),
+            "{p}"
+        );
+        assert!(
+            p.message.contains("0x1132b80 bytes are still inside"),
+            "{p}"
+        );
+        // Wholly past the end: nothing inside.
+        r.truncated_block("VHD BAT", 8, "block 2", (0, 1), 0x1000, 0x200, 0x800);
+        assert!(!r.problems[1].message.contains("still inside"));
+        assert_eq!(r.truncated_blocks, 2);
     }
 
     #[test]

@@ -258,9 +258,8 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             if let Some(h) = &head {
                 f.footer_bytes = Some(padded(h));
             }
-            // Over the damaged footer (moved after the last structure below
-            // if one reaches further).
-            f.restore_tail = Some(file_len.saturating_sub(FOOTER_SIZE as u64));
+            // Where the footer goes back is decided once every structure
+            // is known (below): never over a referenced byte.
             (hf.clone(), None)
         }
         (Err(te), _) => {
@@ -353,6 +352,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
     let table_bytes = entries * 4;
     let table_end = table_off.saturating_add(table_bytes.div_ceil(SECTOR) * SECTOR);
     let mut n = needed.min(entries);
+    let mut table_unread = false;
     if table_off < FOOTER_SIZE as u64 || table_off.saturating_add(table_bytes) > data_limit {
         f.report.corrupt(
             H,
@@ -368,6 +368,8 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         } else {
             n.min(data_limit.saturating_sub(table_off) / 4)
         };
+        // Blocks whose entries are not read may lie anywhere.
+        table_unread = true;
     }
     let mut used = vec![
         Used {
@@ -419,7 +421,9 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
     // blocks are not kept for the overlap sweep (bounded memory on a
     // hostile table), the excess is one corruption.
     let max_blocks = data_limit / slot + 1;
-    let mut in_file = 0u64;
+    let mut kept = 0u64;
+    // One past the last byte a block references, inside the file or not.
+    let mut referenced_end = 0u64;
     let mut allocated = 0u64;
     let mut fragmented = 0u64;
     let mut prev_end: Option<u64> = None;
@@ -440,6 +444,32 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                 fragmented += 1;
             }
             prev_end = Some(end);
+            referenced_end = referenced_end.max(end);
+            if end > data_limit && at_end.is_none() {
+                // No footer at the end and a block running past it: the
+                // file was truncated. What is left of the block inside the
+                // file is used (never a leak, never overwritten).
+                if start < data_limit {
+                    kept += 1;
+                    if kept <= max_blocks {
+                        used.push(Used {
+                            start,
+                            end: data_limit,
+                            what: i,
+                        });
+                    }
+                }
+                f.report.truncated_block(
+                    "VHD BAT",
+                    table_off + i * 4,
+                    &format!("block {i}"),
+                    (i * bs, ((i + 1) * bs).min(size)),
+                    start,
+                    slot,
+                    data_limit,
+                );
+                continue;
+            }
             if end > data_limit {
                 f.report.corrupt(
                     "VHD BAT",
@@ -457,8 +487,8 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                 );
                 continue;
             }
-            in_file += 1;
-            if in_file == max_blocks + 1 {
+            kept += 1;
+            if kept == max_blocks + 1 {
                 f.report.corrupt(
                     "VHD BAT",
                     table_off + i * 4,
@@ -468,7 +498,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                     ),
                 );
             }
-            if in_file <= max_blocks {
+            if kept <= max_blocks {
                 used.push(Used {
                     start,
                     end,
@@ -544,13 +574,39 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             at
         }
     };
-    if footer_at > used_end && footer_at - used_end >= slot {
+    // Space is a leak only when nothing references it and it lies past the
+    // last referenced byte.
+    let may_leak = !table_unread && referenced_end <= used_end;
+    let table_reach = table_off.saturating_add(table_bytes);
+    if f.report.truncated_blocks > 0 || (at_end.is_none() && table_reach > data_limit) {
+        // The footer cannot go back at the end: over the surviving part of
+        // a truncated block (or BAT) it would destroy data, after it the
+        // block (or BAT) would run over it. The damaged footer stays as it is (the image opens
+        // read-only from the copy at offset 0).
+        f.restore_tail = None;
+        if let Some(p) = f
+            .report
+            .problems
+            .iter_mut()
+            .find(|p| p.structure == "VHD footer" && p.offset == tail_off && p.repair.is_some())
+        {
+            p.repair = None;
+            p.message.push_str(
+                "; it cannot be restored while blocks or the BAT run past the end of the file \
+                 (the file is truncated): vdisk convert --salvage copies what is left",
+            );
+        }
+    }
+    if may_leak && footer_at > used_end && footer_at - used_end >= slot {
         let len = footer_at - used_end;
         f.report.leak(used_end, len, len / slot, true);
         f.tail_leak = Some((used_end, len / slot));
     }
     f.report.image_end_offset =
-        used_end.max(if f.tail_leak.is_some() { 0 } else { footer_at }) + footer_size;
+        used_end
+            .max(referenced_end)
+            .max(if f.tail_leak.is_some() { 0 } else { footer_at })
+            + footer_size;
 
     if footer.disk_type == DiskType::Differencing && opts.check_parent {
         check_parent(

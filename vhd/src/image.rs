@@ -189,6 +189,10 @@ pub struct Info {
     pub file_size: u64,
     /// Allocated blocks at open (dynamic and differencing disks).
     pub allocated_blocks: u64,
+    /// Allocated blocks that run past the end of the file (a truncated
+    /// file: its footer is gone, the copy at offset 0 is in use). Reading
+    /// their lost part fails, naming the block.
+    pub truncated_blocks: u64,
     /// Differencing disks: the parent paths the locators name, with their
     /// platform codes.
     pub parent_locators: Vec<(String, String)>,
@@ -232,6 +236,9 @@ struct Dyn {
     table_offset: u64,
     block_size: u64,
     bitmap_size: u64,
+    /// A truncated file (opened read-only): the end of the file, past
+    /// which blocks have lost their bytes.
+    data_limit: Option<u64>,
     state: Mutex<DynState>,
 }
 
@@ -456,6 +463,7 @@ impl Vhd {
             virtual_size,
             file_size: file_len,
             allocated_blocks: 0,
+            truncated_blocks: 0,
             parent_locators: Vec::new(),
             parent_file: None,
             warnings: Vec::new(),
@@ -557,6 +565,7 @@ impl Vhd {
                 let batv = Bat::parse(&tbuf).in_file(&name, table_off)?;
                 let bm = bat::bitmap_size(header.block_size);
                 let mut allocated = 0u64;
+                let mut truncated = 0u64;
                 let mut max_end = table_off + table_bytes;
                 for (i, &e) in batv.entries.iter().enumerate() {
                     if e == UNALLOCATED {
@@ -567,6 +576,16 @@ impl Vhd {
                     let len = bm + bs;
                     let bad = if start < FOOTER_SIZE as u64 {
                         Some("overlaps the footer copy at offset 0".to_string())
+                    } else if source == FooterSource::CopyAtStart
+                        && start.checked_add(len).is_some_and(|x| x > end)
+                        && !overlaps(start, len, hdr_off, HEADER_SIZE as u64)
+                        && !overlaps(start, len, table_off, table_bytes)
+                    {
+                        // The file ends without its footer and this block
+                        // runs past the end: the file was truncated. Opened
+                        // read-only (no footer); reading its lost part fails.
+                        truncated += 1;
+                        None
                     } else if start.checked_add(len).is_none_or(|x| x > end) {
                         Some(format!(
                             "extends past the end of the data area ({end:#x}, where the footer is)"
@@ -589,6 +608,7 @@ impl Vhd {
                     max_end = max_end.max(start + len);
                 }
                 info.allocated_blocks = allocated;
+                info.truncated_blocks = truncated;
                 if footer.disk_type == DiskType::Differencing {
                     info.parent_locators = read_locators(&*storage, &header, file_len);
                     parent = match parent_source {
@@ -616,6 +636,7 @@ impl Vhd {
                     table_offset: table_off,
                     block_size: bs,
                     bitmap_size: bm,
+                    data_limit: (truncated > 0).then_some(end),
                     state: Mutex::new(DynState {
                         bat: batv,
                         full: vec![false; nblocks],
@@ -938,6 +959,41 @@ impl Vhd {
         })
     }
 
+    /// In a truncated file, how many of the `run` bytes from `within` of
+    /// `block` (at `block_off`) lie inside the file: all, the ones before
+    /// its end, or none (or its sector bitmap is lost), which is an error
+    /// naming the block, its virtual range and file range.
+    fn in_file(&self, d: &Dyn, block: u64, block_off: u64, within: u64, run: u64) -> Result<u64> {
+        let Some(limit) = d.data_limit else {
+            return Ok(run);
+        };
+        let data = block_off + d.bitmap_size + within;
+        if data + run <= limit {
+            return Ok(run);
+        }
+        if data < limit && block_off + d.bitmap_size <= limit {
+            return Ok(limit - data);
+        }
+        let slot = d.bitmap_size + d.block_size;
+        let vs = block * d.block_size;
+        let ve = (vs + d.block_size).min(self.virtual_size);
+        let lost = if block_off + d.bitmap_size > limit {
+            vs
+        } else {
+            (vs + (limit - block_off - d.bitmap_size)).min(ve)
+        };
+        Err(Error::corrupt(
+            "VHD block",
+            block_off,
+            format!(
+                "block {block} (virtual {vs:#x}..{ve:#x}) at file offset {block_off:#x}+{slot:#x} \
+                 (sector bitmap and data) runs past the end of the file ({limit:#x} bytes): the \
+                 image is truncated, virtual {lost:#x}..{ve:#x} is lost"
+            ),
+        )
+        .in_file(self.name(), 0))
+    }
+
     fn map_dynamic(&self, d: &Dyn, offset: u64, run: u64) -> Result<Extent> {
         let block = offset / d.block_size;
         let within = offset % d.block_size;
@@ -959,6 +1015,7 @@ impl Vhd {
             (off, full, ov)
         };
         let data = block_off + d.bitmap_size;
+        let run = self.in_file(d, block, block_off, within, run)?;
         if full {
             return Ok(Extent {
                 offset,

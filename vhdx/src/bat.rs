@@ -241,6 +241,24 @@ impl BatGeometry {
         i % r.saturating_add(1) == r
     }
 
+    /// The virtual byte range `[start, end)` whose data BAT entry `i`
+    /// describes: its payload block's, or for a sector bitmap entry the
+    /// range of every block of its chunk (clamped to the disk).
+    pub fn entry_virtual_range(&self, i: u64) -> (u64, u64) {
+        let r = self.chunk_ratio().saturating_add(1);
+        let bs = u64::from(self.block_size);
+        let (first, last) = if self.is_bitmap_index(i) {
+            let chunk = i / r;
+            let first = chunk.saturating_mul(r - 1);
+            (first, first.saturating_add(r - 1))
+        } else {
+            let block = i - i / r;
+            (block, block.saturating_add(1))
+        };
+        let clamp = |b: u64| b.saturating_mul(bs).min(self.virtual_size);
+        (clamp(first), clamp(last))
+    }
+
     /// Validate entry `index` of the BAT (the offset in errors is the entry's
     /// byte offset in the BAT): payload entries need a defined payload state,
     /// `PartiallyPresent` only in differencing disks; sector bitmap entries
@@ -310,6 +328,23 @@ mod tests {
         for s in [0u8, 1, 2, 3, 6, 7] {
             assert_eq!(PayloadState::from_raw(s).unwrap() as u8, s);
         }
+    }
+
+    #[test]
+    fn virtual_range_of_entries() {
+        // 1 MiB blocks, 512-byte sectors: 4096 blocks a chunk; a disk of
+        // 4096 + 10 blocks and a half.
+        let size = (4096 + 10) * MIB + MIB / 2;
+        let g = BatGeometry::new(size, MIB as u32, 512, true).unwrap();
+        assert_eq!(g.entry_virtual_range(0), (0, MIB));
+        assert_eq!(g.entry_virtual_range(4095), (4095 * MIB, 4096 * MIB));
+        // Index 4096 is chunk 0's sector bitmap: blocks 0..4096.
+        assert!(g.is_bitmap_index(4096));
+        assert_eq!(g.entry_virtual_range(4096), (0, 4096 * MIB));
+        assert_eq!(g.entry_virtual_range(4097), (4096 * MIB, 4097 * MIB));
+        // The last block and chunk end at the disk's end.
+        assert_eq!(g.entry_virtual_range(4097 + 10), (4106 * MIB, size));
+        assert_eq!(g.entry_virtual_range(2 * 4097 - 1), (4096 * MIB, size));
     }
 
     #[test]

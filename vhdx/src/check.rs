@@ -165,6 +165,15 @@ pub fn repair(
         }
     }
     if let Some((end, clusters)) = f.tail_leak {
+        // Never cut a referenced byte, whatever else is wrong.
+        if f.referenced_end.is_none_or(|r| r > end) {
+            return Err(Error::corrupt(
+                "file",
+                end,
+                "refusing to truncate: the space to cut is referenced",
+            )
+            .in_file(&name, 0));
+        }
         storage.set_len(end)?;
         storage.flush()?;
         out.leaks_fixed += clusters;
@@ -196,6 +205,8 @@ struct Findings {
     region_fix: Option<(u64, u64)>,
     /// Truncating to `.0` reclaims `.1` leaked clusters.
     tail_leak: Option<(u64, u64)>,
+    /// One past the last referenced byte, when the BAT was read.
+    referenced_end: Option<u64>,
 }
 
 /// The file as the replayed log makes it (reads only).
@@ -266,6 +277,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         replay: None,
         region_fix: None,
         tail_leak: None,
+        referenced_end: None,
     };
     f.report.file_size = file_len;
     if file_len < MIN_FILE {
@@ -473,6 +485,9 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         end: log_end.min(view_len),
         what: STRUCTURE | 1,
     });
+    // One past the last byte any structure references, inside the file or
+    // not: nothing before it is a leak.
+    let mut referenced_end = HEADER_SECTION.max(log_end);
     // Region table entry i is at table_off + 16 + 32 i (MS-VHDX 2.2.3.2).
     let entry_at = |i: usize| table_off + 16 + 32 * i as u64;
     let mut regions_ok = true;
@@ -499,6 +514,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             end: end.min(view_len),
             what: STRUCTURE | (2 + i as u64),
         });
+        referenced_end = referenced_end.max(end);
     }
     let describe = |what: u64, start: u64, end: u64, geo: Option<&BatGeometry>| -> String {
         if what & STRUCTURE != 0 {
@@ -540,7 +556,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         }
     };
     if !regions_ok {
-        return Ok(finish(f, used, &describe, None, &table, view_len));
+        return Ok(finish(f, used, &describe, None, &table, view_len, None));
     }
 
     // 2.6 metadata.
@@ -552,7 +568,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             meta.file_offset,
             format!("a metadata region of {meta_len} bytes is larger than {MAX_METADATA_REGION}: not checked"),
         );
-        return Ok(finish(f, used, &describe, None, &table, view_len));
+        return Ok(finish(f, used, &describe, None, &table, view_len, None));
     }
     let meta_buf = view.read(meta.file_offset, meta_len)?;
     let (meta_table, md) = match Metadata::parse(&meta_buf).in_file(&name, meta.file_offset) {
@@ -562,7 +578,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                 Problem::from_error(&e, "VHDX metadata", meta.file_offset),
                 0,
             );
-            return Ok(finish(f, used, &describe, None, &table, view_len));
+            return Ok(finish(f, used, &describe, None, &table, view_len, None));
         }
     };
     let fp = md.file_parameters;
@@ -575,7 +591,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         Ok(g) => g,
         Err(e) => {
             f.report.corrupt("VHDX metadata", meta.file_offset, e);
-            return Ok(finish(f, used, &describe, None, &table, view_len));
+            return Ok(finish(f, used, &describe, None, &table, view_len, None));
         }
     };
 
@@ -628,6 +644,22 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             );
         }
     };
+    // Entries past the end of the file (a file truncated inside the BAT)
+    // read as zeros: say which blocks can no longer be found.
+    let entries_in_file = view_len.saturating_sub(bat.file_offset) / 8;
+    if entries_in_file < n {
+        let (first, _) = geo.entry_virtual_range(entries_in_file);
+        f.report.corrupt(
+            "VHDX BAT",
+            bat.file_offset + entries_in_file * 8,
+            format!(
+                "entries {entries_in_file}..{n} lie past the end of the file ({view_len:#x} \
+                 bytes): the file is truncated inside the BAT, and the blocks of virtual \
+                 {first:#x}..{:#x} cannot be found",
+                geo.virtual_size
+            ),
+        );
+    }
     let mut idx = 0u64;
     while idx < n {
         let k = (n - idx).min(BAT_CHUNK);
@@ -687,8 +719,32 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                         what,
                     };
                     keep(&mut used, u, &mut f.report, at);
+                    referenced_end = referenced_end.max(end);
                 }
-                _ => f.report.corrupt(
+                Some(end) => {
+                    // A block that runs past the end of the file: the file
+                    // was truncated. What is left of it inside the file is
+                    // used (never a leak), and nothing past it is a leak.
+                    referenced_end = referenced_end.max(end);
+                    if fo < view_len {
+                        let u = Used {
+                            start: fo,
+                            end: view_len,
+                            what,
+                        };
+                        keep(&mut used, u, &mut f.report, at);
+                    }
+                    f.report.truncated_block(
+                        "VHDX BAT",
+                        at,
+                        &format!("entry {i}: {}", describe_entry(&geo, i)),
+                        geo.entry_virtual_range(i),
+                        fo,
+                        len,
+                        view_len,
+                    );
+                }
+                None => f.report.corrupt(
                     "VHDX BAT",
                     at,
                     format!(
@@ -726,7 +782,15 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             .map_or(meta.file_offset, |e| meta.file_offset + u64::from(e.offset));
         check_parent(&mut f.report, &name, &md, loc_at, &opts.parent_policy);
     }
-    Ok(finish(f, used, &describe, Some(&geo), &table, view_len))
+    Ok(finish(
+        f,
+        used,
+        &describe,
+        Some(&geo),
+        &table,
+        view_len,
+        Some(referenced_end),
+    ))
 }
 
 /// "block N" or "the sector bitmap block of chunk N" for BAT entry `i`.
@@ -743,6 +807,9 @@ fn describe_entry(geo: &BatGeometry, i: u64) -> String {
 type Describe<'a> = dyn Fn(u64, u64, u64, Option<&BatGeometry>) -> String + 'a;
 
 /// Overlaps and leaks from the used ranges; fills in the report.
+/// `referenced_end` is one past the last byte any structure references
+/// (`None` when the BAT could not be read: then nothing is known to be
+/// unreferenced, and no space is a leak).
 fn finish(
     mut f: Findings,
     mut used: Vec<Used>,
@@ -750,6 +817,7 @@ fn finish(
     geo: Option<&BatGeometry>,
     table: &RegionTable,
     view_len: u64,
+    referenced_end: Option<u64>,
 ) -> Findings {
     let s = sweep(&mut used);
     let bat_offset = |what: u64| -> Option<u64> {
@@ -781,7 +849,15 @@ fn finish(
     }
     // New blocks go at the next 1 MiB boundary: slack below it is no leak.
     let tail_end = view_len / MIB * MIB;
-    if tail_end > s.end {
+    // Space is a leak only when nothing references it and it lies past the
+    // last referenced byte: with the BAT unread, or a structure running
+    // past the end of the file (truncated), a repair must not cut anything.
+    let may_leak = referenced_end.is_some_and(|e| e <= view_len);
+    if tail_end > s.end && !may_leak {
+        if referenced_end.is_some() {
+            f.report.unused(s.end, tail_end - s.end);
+        }
+    } else if tail_end > s.end {
         let len = tail_end - s.end;
         let clusters = len.div_ceil(cluster);
         f.report.leak(s.end, len, clusters, reclaimable);
@@ -789,7 +865,8 @@ fn finish(
             f.tail_leak = Some((s.end, clusters));
         }
     }
-    f.report.image_end_offset = s.end;
+    f.report.image_end_offset = s.end.max(referenced_end.unwrap_or(0));
+    f.referenced_end = referenced_end;
     f
 }
 

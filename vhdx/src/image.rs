@@ -42,6 +42,7 @@ use crate::metadata::{FileParameters, Metadata, MetadataTable, PARENT_LOCATOR};
 use crate::parent_locator::{ParentLocator, VHDX_PARENT_LOCATOR_TYPE};
 use crate::region_table::{RegionEntry, RegionTable, BAT_REGION, METADATA_REGION};
 use crate::replay::{self, ReplayOverlay};
+use crate::scan;
 use crate::sector_bitmap::{self, BitmapCache, PAGE_BITS};
 use crate::{Error, Result};
 use disk::parent::{self, ChainSearch, ParentPolicy};
@@ -50,7 +51,7 @@ use disk::{
     WriteExtent,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
@@ -235,6 +236,10 @@ pub struct Vhdx {
     next_data_write_guid: Option<Uuid>,
     bat: RwLock<BatCache>,
     alloc_end: Mutex<u64>,
+    /// The file length last seen: a block reaching past it is checked
+    /// against the file's length now (it may have grown), and what lies
+    /// past that is a truncated block.
+    known_len: AtomicU64,
     bitmaps: Mutex<BitmapCache>,
     parent: Option<Arc<dyn VirtualDisk>>,
     closed: AtomicBool,
@@ -611,7 +616,25 @@ impl Vhdx {
             .in_file(&name, 0));
         }
         let cur_len = storage.len()?;
-        let alloc_end = cur_len.div_ceil(MIB) * MIB;
+        // New blocks go past every byte the BAT references (inside the file
+        // or not: in a truncated file, a block at the end of the file would
+        // land on the surviving part of a truncated block), at a 1 MiB
+        // boundary. Only a writable open needs this scan.
+        let mut alloc_end = cur_len;
+        if writable {
+            let s = scan::scan(&*storage, bat_region.file_offset, &bat_geo)?;
+            if s.entries_in_file < s.total_entries {
+                return Err(scan::lost_entry_error(
+                    &name,
+                    &bat_geo,
+                    s.entries_in_file,
+                    bat_region.file_offset + s.entries_in_file * 8,
+                    cur_len,
+                ));
+            }
+            alloc_end = alloc_end.max(s.referenced_end);
+        }
+        let alloc_end = alloc_end.div_ceil(MIB) * MIB;
         let next_sequence = 1;
         let vhdx = Vhdx {
             geometry: Geometry {
@@ -636,6 +659,7 @@ impl Vhdx {
             next_data_write_guid: opts.data_write_guid,
             bat: RwLock::new(BatCache::new(bat_geo.total_entries(), opts.bat_cache_pages)),
             alloc_end: Mutex::new(alloc_end),
+            known_len: AtomicU64::new(cur_len),
             bitmaps: Mutex::new(BitmapCache::new(BITMAP_CACHE_PAGES)),
             parent,
             closed: AtomicBool::new(false),
@@ -939,10 +963,88 @@ impl Vhdx {
         Ok(())
     }
 
+    /// The file's length, asking the storage only when `end` lies past the
+    /// length last seen (the file may have grown since).
+    fn file_len_for(&self, end: u64) -> Result<u64> {
+        let known = self.known_len.load(Ordering::Acquire);
+        if end <= known {
+            return Ok(known);
+        }
+        let now = self.storage.len()?;
+        self.known_len.store(now, Ordering::Release);
+        Ok(now)
+    }
+
+    /// How many of the `run` bytes from `within` of the block of BAT index
+    /// `idx` (at file offset `fo`, `len` bytes long) lie inside the file:
+    /// all, the ones before its end, or none, which is an error naming the
+    /// block, its virtual range and file range (a truncated file).
+    fn in_file(&self, idx: u64, fo: u64, len: u64, within: u64, run: u64) -> Result<u64> {
+        let start = fo + within;
+        let flen = self.file_len_for(start + run)?;
+        if start + run <= flen {
+            Ok(run)
+        } else if start < flen {
+            Ok(flen - start)
+        } else {
+            Err(scan::truncated_error(
+                self.name(),
+                &self.bat_geo,
+                idx,
+                fo,
+                len,
+                flen,
+            ))
+        }
+    }
+
+    /// Fail unless the whole block of BAT index `idx` (at `fo`, `len`
+    /// bytes) lies inside the file: a write into a truncated block would
+    /// put zeros where data was lost, and a sector bitmap cut short would
+    /// read as "nothing present".
+    fn whole_in_file(&self, idx: u64, fo: u64, len: u64) -> Result<()> {
+        let flen = self.file_len_for(fo + len)?;
+        if fo + len <= flen {
+            return Ok(());
+        }
+        Err(scan::truncated_error(
+            self.name(),
+            &self.bat_geo,
+            idx,
+            fo,
+            len,
+            flen,
+        ))
+    }
+
+    /// Fail when entry `idx` (read as zeros) lies past the end of the
+    /// file: a file truncated inside the BAT must not read the blocks whose
+    /// entries it lost as zeros. No writer leaves the BAT region past the
+    /// end of the file (this library, QEMU and Windows all write it or
+    /// extend the file over it).
+    fn entry_in_file(&self, idx: u64, e: BatEntry) -> Result<()> {
+        let at = self.bat_offset + idx * 8;
+        if e.0 != 0 || at + 8 <= self.known_len.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let flen = self.file_len_for(at + 8)?;
+        if at + 8 <= flen {
+            return Ok(());
+        }
+        Err(scan::lost_entry_error(
+            self.name(),
+            &self.bat_geo,
+            idx,
+            at,
+            flen,
+        ))
+    }
+
     /// The payload state and file offset of `block`, validated.
     fn block_entry(&self, block: u64) -> Result<(PayloadState, u64)> {
         let idx = self.bat_geo.payload_index(block);
         let e = self.bat_entry(idx)?;
+        self.entry_in_file(idx, e)?;
         let at = self.bat_offset + idx * 8;
         let state = e
             .payload_state()
@@ -1041,12 +1143,13 @@ impl Vhdx {
             .bat_geo
             .bitmap_index(block / self.bat_geo.chunk_ratio());
         let e = self.bat_entry(idx)?;
+        self.entry_in_file(idx, e)?;
         let at = self.bat_offset + idx * 8;
         match e.state() {
             SB_BLOCK_NOT_PRESENT => Ok(None),
             SB_BLOCK_PRESENT => {
                 let fo = e.file_offset();
-                if fo < MIB {
+                if fo < MIB || fo.checked_add(MIB).is_none() {
                     return Err(Error::corrupt(
                         "BAT entry",
                         at,
@@ -1054,6 +1157,7 @@ impl Vhdx {
                     )
                     .in_file(self.name(), 0));
                 }
+                self.whole_in_file(idx, fo, MIB)?;
                 Ok(Some(fo))
             }
             s => Err(Error::corrupt(
@@ -1538,6 +1642,17 @@ impl Vhdx {
         c.close()
     }
 
+    /// Scan the BAT as stored for blocks that run past the end of the file
+    /// (a truncated file) and entries past it (a file truncated inside the
+    /// BAT); see [`scan::BatScan`]. Reads the whole BAT region in the file
+    /// (its holes skipped).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn truncation(&self) -> Result<scan::BatScan> {
+        scan::scan(&*self.storage, self.bat_offset, &self.bat_geo)
+    }
+
     /// Scan the whole BAT (page by page, without keeping it resident).
     ///
     /// # Errors
@@ -1958,8 +2073,13 @@ impl VirtualDisk for Vhdx {
         let run = len.min(self.block_size - within);
         let (state, fo) = self.block_entry(block)?;
         let has_parent = self.bat_geo.has_parent;
+        let idx = self.bat_geo.payload_index(block);
+        let bs = self.block_size;
         let (mapping, len) = match state {
-            PayloadState::FullyPresent => (Mapping::Data(FileOffset(fo + within)), run),
+            PayloadState::FullyPresent => (
+                Mapping::Data(FileOffset(fo + within)),
+                self.in_file(idx, fo, bs, within, run)?,
+            ),
             PayloadState::Zero => (Mapping::Zero, run),
             // MS-VHDX 2.5.1.1: in a differencing disk a block not present is
             // read from the parent; UNDEFINED may read anything, and the
@@ -1971,7 +2091,10 @@ impl VirtualDisk for Vhdx {
             PayloadState::NotPresent | PayloadState::Undefined | PayloadState::Unmapped => {
                 (Mapping::Unallocated, run)
             }
-            PayloadState::PartiallyPresent => self.map_partial(block, within, run, fo)?,
+            PayloadState::PartiallyPresent => match self.map_partial(block, within, run, fo)? {
+                (m @ Mapping::Data(_), len) => (m, self.in_file(idx, fo, bs, within, len)?),
+                other => other,
+            },
         };
         Ok(Extent {
             offset,
@@ -1987,7 +2110,10 @@ impl VirtualDisk for Vhdx {
         let run = len.min(self.block_size - within);
         let (state, fo) = self.block_entry(block)?;
         let (state, fo) = match state {
-            PayloadState::FullyPresent | PayloadState::PartiallyPresent => (state, fo),
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent => {
+                self.whole_in_file(self.bat_geo.payload_index(block), fo, self.block_size)?;
+                (state, fo)
+            }
             PayloadState::NotPresent | PayloadState::Undefined if self.bat_geo.has_parent => {
                 self.allocate_partial(block)?
             }

@@ -30,6 +30,7 @@ pub mod metadata;
 pub mod parent_locator;
 pub mod region_table;
 mod replay;
+pub mod scan;
 mod sector_bitmap;
 
 pub use disk::{Error, ErrorKind, Result};

@@ -1,0 +1,304 @@
+//! One pass over the whole BAT as stored: where the last referenced byte
+//! of the file is, and which blocks run past the end of the file (a
+//! truncated file).
+//!
+//! A writable open needs the first: new blocks must go past every byte any
+//! entry references, not merely past the end of the file, or a block
+//! allocated in a truncated file would land on the surviving part of a
+//! truncated block. `vdisk info` needs the second. The BAT is read 4 MiB at
+//! a time, and holes of a sparse file (a BAT nobody wrote reads as zeros:
+//! NOT_PRESENT entries) are skipped without reading them.
+
+use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_PRESENT};
+use crate::Error;
+use disk::{Result, Storage};
+
+const MIB: u64 = 1 << 20;
+/// Bytes of BAT read at a time.
+const SCAN_CHUNK: u64 = 4 * MIB;
+/// Truncated blocks listed in a [`BatScan`] (the count stays exact).
+pub const MAX_LISTED: usize = 1000;
+
+/// A block (payload or sector bitmap block) that runs past the end of the
+/// file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TruncatedBlock {
+    /// Its BAT index.
+    pub index: u64,
+    /// The virtual range `[start, end)` whose data it holds (for a sector
+    /// bitmap block, every block of its chunk).
+    pub virtual_range: (u64, u64),
+    /// Its file offset.
+    pub file_offset: u64,
+    /// Its length in the file (the block size, or 1 MiB for a sector
+    /// bitmap block).
+    pub length: u64,
+    /// Whether it is a sector bitmap block.
+    pub bitmap: bool,
+}
+
+/// What [`scan`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatScan {
+    /// One past the last byte a BAT entry references: present payload and
+    /// sector bitmap blocks, and space kept for unmapped blocks
+    /// (LeaveBlocksAllocated), which the driver may reuse. 0 when none.
+    pub referenced_end: u64,
+    /// Blocks that run past the end of the file.
+    pub truncated_blocks: u64,
+    /// The first [`MAX_LISTED`] of them, in BAT order.
+    pub truncated: Vec<TruncatedBlock>,
+    /// BAT entries that lie inside the file; the others (a file truncated
+    /// inside the BAT) are unknown.
+    pub entries_in_file: u64,
+    /// BAT entries the disk has.
+    pub total_entries: u64,
+}
+
+impl BatScan {
+    /// Whether the file is truncated: a block, or part of the BAT, lies
+    /// past its end.
+    pub fn is_truncated(&self) -> bool {
+        self.truncated_blocks > 0 || self.entries_in_file < self.total_entries
+    }
+}
+
+/// Scan the BAT at `bat_offset` of `storage` (geometry `geo`).
+///
+/// # Errors
+/// I/O errors.
+pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) -> Result<BatScan> {
+    let file_len = storage.len()?;
+    let total = geo.total_entries();
+    let in_file = file_len.saturating_sub(bat_offset) / 8;
+    let mut out = BatScan {
+        entries_in_file: in_file.min(total),
+        total_entries: total,
+        ..BatScan::default()
+    };
+    let block_size = u64::from(geo.block_size);
+    let bat_end = bat_offset + out.entries_in_file * 8;
+    let mut buf = vec![0u8; SCAN_CHUNK as usize];
+    let mut pos = bat_offset;
+    while pos < bat_end {
+        // Skip holes: they read as zeros, NOT_PRESENT entries.
+        let Some((data, run_end)) = storage.data_run(pos)? else {
+            break;
+        };
+        // Round down to an entry: a run may start inside one.
+        let start = pos.max(data - (data - bat_offset) % 8);
+        if start >= bat_end {
+            break;
+        }
+        let end = run_end.min(bat_end).min(start + SCAN_CHUNK);
+        let end = end.max(start + 8).min(bat_end);
+        let n = (end - start) as usize;
+        storage.read_at(&mut buf[..n], start)?;
+        let first = (start - bat_offset) / 8;
+        for (j, raw) in buf[..n].chunks_exact(8).enumerate() {
+            let e = BatEntry(u64::from_le_bytes(raw.try_into().expect("8 bytes")));
+            if e.0 == 0 {
+                continue;
+            }
+            let i = first + j as u64;
+            let fo = e.file_offset();
+            let (len, bitmap) = if geo.is_bitmap_index(i) {
+                if e.state() != SB_BLOCK_PRESENT {
+                    continue;
+                }
+                (MIB, true)
+            } else {
+                match e.payload_state() {
+                    Ok(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
+                        (block_size, false)
+                    }
+                    // Space kept for an unmapped block: the driver may reuse
+                    // it, so nothing else may go there (inside the file or
+                    // not), but it holds no data.
+                    Ok(PayloadState::Unmapped | PayloadState::Zero) if fo >= MIB => {
+                        let end = fo.saturating_add(block_size);
+                        out.referenced_end = out.referenced_end.max(end);
+                        continue;
+                    }
+                    _ => continue,
+                }
+            };
+            let block_end = fo.saturating_add(len);
+            out.referenced_end = out.referenced_end.max(block_end);
+            if block_end > file_len {
+                out.truncated_blocks += 1;
+                if out.truncated.len() < MAX_LISTED {
+                    out.truncated.push(TruncatedBlock {
+                        index: i,
+                        virtual_range: geo.entry_virtual_range(i),
+                        file_offset: fo,
+                        length: len,
+                        bitmap,
+                    });
+                }
+            }
+        }
+        pos = start + n as u64;
+    }
+    Ok(out)
+}
+
+/// "block N" or "the sector bitmap block of chunk N" for BAT index `i`.
+pub(crate) fn describe(geo: &BatGeometry, i: u64) -> String {
+    let r = geo.chunk_ratio() + 1;
+    if geo.is_bitmap_index(i) {
+        format!("the sector bitmap block of chunk {}", i / r)
+    } else {
+        format!("block {}", i - i / r)
+    }
+}
+
+/// The error for reaching the part of the block of BAT index `i` (at file
+/// offset `fo`, `len` bytes) that lies past the end of the file
+/// (`file_len` bytes): names the block, its virtual range, its file range
+/// and what is lost.
+pub(crate) fn truncated_error(
+    name: &str,
+    geo: &BatGeometry,
+    i: u64,
+    fo: u64,
+    len: u64,
+    file_len: u64,
+) -> Error {
+    let (vs, ve) = geo.entry_virtual_range(i);
+    let lost_from = if geo.is_bitmap_index(i) {
+        vs
+    } else {
+        (vs + file_len.saturating_sub(fo)).min(ve)
+    };
+    Error::corrupt(
+        "VHDX block",
+        fo,
+        format!(
+            "{} (BAT entry {i}, virtual {vs:#x}..{ve:#x}) at file offset {fo:#x}+{len:#x} runs \
+             past the end of the file ({file_len:#x} bytes): the image is truncated, virtual \
+             {lost_from:#x}..{ve:#x} is lost",
+            describe(geo, i)
+        ),
+    )
+    .in_file(name, 0)
+}
+
+/// The error for reaching BAT entry `i`, which lies past the end of the
+/// file (`file_len` bytes) at `at`.
+pub(crate) fn lost_entry_error(
+    name: &str,
+    geo: &BatGeometry,
+    i: u64,
+    at: u64,
+    file_len: u64,
+) -> Error {
+    let (vs, ve) = geo.entry_virtual_range(i);
+    Error::corrupt(
+        "VHDX BAT",
+        at,
+        format!(
+            "the entry of {} (BAT entry {i}, virtual {vs:#x}..{ve:#x}) lies past the end of the \
+             file ({file_len:#x} bytes): the image is truncated inside the BAT, the block cannot \
+             be found",
+            describe(geo, i)
+        ),
+    )
+    .in_file(name, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::MemStorage;
+
+    const BAT: u64 = 3 * MIB;
+
+    fn geo() -> BatGeometry {
+        // 64 MiB, 1 MiB blocks, a differencing layout (sector bitmap entries).
+        BatGeometry::new(64 * MIB, MIB as u32, 512, true).unwrap()
+    }
+
+    fn file(entries: &[(u64, BatEntry)], len: u64) -> MemStorage {
+        let mut v = vec![0u8; len as usize];
+        for &(i, e) in entries {
+            let at = (BAT + i * 8) as usize;
+            if at + 8 <= v.len() {
+                v[at..at + 8].copy_from_slice(&e.0.to_le_bytes());
+            }
+        }
+        MemStorage::from_vec("s.vhdx", v)
+    }
+
+    #[test]
+    fn finds_the_last_referenced_byte_and_truncated_blocks() {
+        let g = geo();
+        let present = PayloadState::FullyPresent as u8;
+        let sb = g.bitmap_index(0);
+        let st = file(
+            &[
+                (0, BatEntry::new(present, 4 * MIB)),
+                (5, BatEntry::new(present, 6 * MIB)),
+                // Reserved space of an unmapped block, past the end.
+                (7, BatEntry::new(PayloadState::Unmapped as u8, 20 * MIB)),
+                (sb, BatEntry::new(SB_BLOCK_PRESENT, 5 * MIB)),
+            ],
+            6 * MIB + 1000,
+        );
+        let s = scan(&st, BAT, &g).unwrap();
+        assert_eq!(s.referenced_end, 21 * MIB);
+        assert_eq!(s.truncated_blocks, 1);
+        assert_eq!(
+            s.truncated,
+            vec![TruncatedBlock {
+                index: 5,
+                virtual_range: (5 * MIB, 6 * MIB),
+                file_offset: 6 * MIB,
+                length: MIB,
+                bitmap: false,
+            }]
+        );
+        assert_eq!(s.entries_in_file, g.total_entries());
+        assert!(s.is_truncated());
+        let e = truncated_error("s.vhdx", &g, 5, 6 * MIB, MIB, 6 * MIB + 1000).to_string();
+        assert!(
+            e.contains(
+                "block 5 (BAT entry 5, virtual 0x500000..0x600000) at file offset \
+                        0x600000+0x100000 runs past the end of the file (0x6003e8 bytes)"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("virtual 0x5003e8..0x600000 is lost"), "{e}");
+    }
+
+    #[test]
+    fn a_bat_cut_short_leaves_entries_unknown() {
+        let g = geo();
+        let st = file(
+            &[(1, BatEntry::new(PayloadState::FullyPresent as u8, 4 * MIB))],
+            BAT + 80,
+        );
+        let s = scan(&st, BAT, &g).unwrap();
+        assert_eq!(
+            (s.entries_in_file, s.total_entries),
+            (10, g.total_entries())
+        );
+        // Block 1 (4 MiB..5 MiB) lies wholly past the end.
+        assert_eq!((s.truncated_blocks, s.referenced_end), (1, 5 * MIB));
+        let e = lost_entry_error("s.vhdx", &g, 12, BAT + 96, BAT + 80).to_string();
+        assert!(e.contains("at offset 0x300060"), "{e}");
+        assert!(e.contains("block 12 (BAT entry 12"), "{e}");
+    }
+
+    #[test]
+    fn clean_file_is_not_truncated() {
+        let g = geo();
+        let st = file(
+            &[(0, BatEntry::new(PayloadState::FullyPresent as u8, 4 * MIB))],
+            5 * MIB,
+        );
+        let s = scan(&st, BAT, &g).unwrap();
+        assert!(!s.is_truncated());
+        assert_eq!(s.referenced_end, 5 * MIB);
+    }
+}
