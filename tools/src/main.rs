@@ -57,7 +57,12 @@ enum Command {
         The format is detected from the content when -f is absent (a fixed VHD by its \
         trailing footer). A differencing disk shows its parent locator entries (key=value) and \
         the parent file opened; --backing-chain shows every layer of the chain, the image \
-        first (JSON: an array).")]
+        first (JSON: an array).\n\
+        A truncated image (VHDX or VHD blocks that run past the end of the file) gets the \
+        warning \"image is truncated: N blocks lie past the end of the file\" (JSON: \
+        truncated_blocks, null for raw images; a VHDX whose file ends inside its BAT also \
+        warns so, and lost_bat_entries counts the entries lost). Reading its lost data fails, \
+        naming the block; see vdisk check and vdisk convert --salvage.")]
     Info(InfoArgs),
     /// Create a new image (an existing file is overwritten, like qemu-img)
     #[command(after_help = "Examples:\n  \
@@ -89,8 +94,16 @@ enum Command {
         vdisk convert -O vhdx disk.raw disk.vhdx\n  \
         vdisk convert -p -f vhdx -O raw disk.vhdx disk.raw\n  \
         vdisk convert -O vhdx -o block_size=1M disk.raw small-blocks.vhdx\n  \
-        vdisk convert -O vpc -o azure=on disk.raw azure.vhd\n\n\
-        Zero ranges of the source are not allocated in the target.")]
+        vdisk convert -O vpc -o azure=on disk.raw azure.vhd\n  \
+        vdisk convert --salvage -O vhdx truncated.vhdx rescued.vhdx\n\n\
+        Zero ranges of the source are not allocated in the target.\n\
+        --salvage: copy everything readable from a damaged source (a truncated image, I/O \
+        errors). A range that fails to read is read again in smaller pieces (64 KiB, then \
+        one sector) so that only what is really unreadable is replaced by zeros; every range \
+        replaced is listed on stderr (virtual range and why). The target is always complete. \
+        Exit status: 0 nothing was lost, 2 some ranges were replaced by zeros (listed), 1 \
+        error (no target is left behind). Without --salvage, the first read error stops the \
+        convert (exit 1).")]
     Convert(ConvertArgs),
     /// Check whether two images have the same virtual contents
     #[command(after_help = "Examples:\n  \
@@ -110,9 +123,17 @@ enum Command {
         blocks inside the file, on no structure and on no other block) and a differencing \
         disk's parent linkage. VHD: the footer and its copy at offset 0 (-r all restores \
         either from the other), the dynamic disk header, the BAT, the parent's unique id. \
-        Leaks: file space at the end of the file that no structure uses (-r leaks cuts it \
-        off). Unused space between structures is listed but is no leak (nothing is lost, and \
-        vdisk compact packs blocks into it). Raw images have nothing to check.\n\
+        Leaks: file space at the end of the file that no structure uses and that lies past \
+        the last byte any structure references (-r leaks cuts it off). Unused space between \
+        structures is listed but is no leak (nothing is lost, and vdisk compact packs blocks \
+        into it). Raw images have nothing to check.\n\
+        Repairs never destroy data: -r never cuts or overwrites a referenced byte, whatever \
+        else is wrong. A block that runs past the end of the file (the file was truncated) is \
+        an error naming the block, its virtual range (JSON: virtual-offset, virtual-length; \
+        truncated-blocks counts them) and its file offset; the part of it still inside the \
+        file is used space, never a leak. No repair brings lost data back: -r leaves a \
+        truncated file's length alone (a VHD's footer is not restored over a truncated \
+        block); vdisk convert --salvage copies what is left.\n\
         Exit status (as qemu-img check; after -r, for what remains): 0 no problem, 1 the \
         check could not be completed, 2 corruptions found, 3 only leaked space found.")]
     Check(CheckArgs),
@@ -312,6 +333,9 @@ struct ConvertArgs {
     /// Show a progress bar on stderr
     #[arg(short = 'p', long = "progress")]
     progress: bool,
+    /// Copy what is readable, zeros for ranges that fail to read (listed; exit 2)
+    #[arg(long)]
+    salvage: bool,
     /// The source image
     source: PathBuf,
     /// The target image (overwritten if it exists)
@@ -619,7 +643,6 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info(a) => commands::info::run(a),
         Command::Create(a) => commands::create::run(a),
-        Command::Convert(a) => commands::convert::run(a),
         Command::Read(a) => commands::rw::read(a),
         Command::Write(a) => commands::rw::write(a),
         Command::Resize(a) => commands::resize::run(a),
@@ -632,6 +655,15 @@ fn main() -> ExitCode {
         Command::Map(a) => commands::map::run(a),
         Command::Completions(a) => commands::completions::completions(a),
         Command::Man(a) => commands::completions::man(a),
+        Command::Convert(a) => {
+            return match commands::convert::run(a) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    report(&e);
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
         Command::Check(a) => {
             return match commands::check::run(a) {
                 Ok(code) => ExitCode::from(code),

@@ -1660,7 +1660,14 @@ impl Vhdx {
     pub fn allocation_stats(&self) -> Result<AllocationStats> {
         let mut s = AllocationStats::default();
         let blocks = self.bat_geo.payload_blocks();
+        let file_len = self.storage.len()?;
         for b in 0..blocks {
+            // An entry past the end of the file (truncated inside the BAT)
+            // is unknown: not counted as allocated.
+            if self.bat_offset + self.bat_geo.payload_index(b) * 8 + 8 > file_len {
+                s.absent_blocks += 1;
+                continue;
+            }
             let (state, _) = self.block_entry(b)?;
             match state {
                 PayloadState::FullyPresent | PayloadState::PartiallyPresent => {

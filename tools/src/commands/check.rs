@@ -136,6 +136,14 @@ fn human(last: &CheckReport, repaired: Option<&(CheckReport, RepairReport)>) -> 
                 last.corruptions
             ));
         }
+        if last.truncated_blocks > 0 {
+            s.push_str(&format!(
+                "\nThe image is truncated: {} blocks lie past the end of the file.\n\
+                 No repair brings their lost data back (vdisk convert --salvage copies what is \
+                 left, with zeros for what is lost).\n",
+                last.truncated_blocks
+            ));
+        }
         if last.leaks > 0 {
             s.push_str(&format!(
                 "\n{} leaked clusters were found on the image.\n\
@@ -174,6 +182,7 @@ fn human(last: &CheckReport, repaired: Option<&(CheckReport, RepairReport)>) -> 
 
 /// A problem in the JSON output.
 #[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct JsonProblem<'a> {
     kind: &'static str,
     structure: &'a str,
@@ -182,6 +191,11 @@ struct JsonProblem<'a> {
     message: &'a str,
     /// "leaks" or "all": the `-r` mode that fixes it; null when none does.
     repair: Option<&'static str>,
+    /// A truncated block: the virtual range whose data it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    virtual_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    virtual_length: Option<u64>,
 }
 
 /// qemu-img check's JSON keys, plus the problems found.
@@ -206,6 +220,8 @@ struct JsonReport<'a> {
     leaked_bytes: u64,
     /// Space between used structures that none references: not a leak.
     unused_bytes: u64,
+    /// Blocks that run past the end of the file (a truncated image).
+    truncated_blocks: u64,
     file_size: u64,
     problems: Vec<JsonProblem<'a>>,
     problems_omitted: u64,
@@ -229,6 +245,8 @@ fn json_problems(r: &CheckReport) -> Vec<JsonProblem<'_>> {
                 RepairMode::Leaks => "leaks",
                 RepairMode::All => "all",
             }),
+            virtual_offset: p.virtual_range.map(|(s, _)| s),
+            virtual_length: p.virtual_range.map(|(s, e)| e - s),
         })
         .collect()
 }
@@ -253,6 +271,7 @@ fn json<'a>(
         cluster_size: last.cluster_size,
         leaked_bytes: last.leaked_bytes,
         unused_bytes: last.unused_bytes,
+        truncated_blocks: last.truncated_blocks,
         file_size: last.file_size,
         problems: json_problems(last),
         problems_omitted: last.problems_omitted,
@@ -300,5 +319,25 @@ mod tests {
         assert_eq!(j["problems"][1]["offset"], 0x300010);
         assert_eq!(j["problems"][0]["repair"], "leaks");
         assert!(j.get("corruptions-fixed").is_none());
+        assert_eq!(j["truncated-blocks"], 0);
+        assert!(j["problems"][1].get("virtual-offset").is_none());
+        r.truncated_block(
+            "VHDX BAT",
+            0x300210,
+            "block 66",
+            (0x8400_0000, 0x8600_0000),
+            0xa40_0000,
+            0x200_0000,
+            0xb53_2b80,
+        );
+        let s = human(&r, None);
+        assert!(
+            s.contains("The image is truncated: 1 blocks lie past the end of the file."),
+            "{s}"
+        );
+        let j = serde_json::to_value(json(&r, None)).unwrap();
+        assert_eq!(j["truncated-blocks"], 1);
+        assert_eq!(j["problems"][2]["virtual-offset"], 0x8400_0000u64);
+        assert_eq!(j["problems"][2]["virtual-length"], 0x200_0000u64);
     }
 }

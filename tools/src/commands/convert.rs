@@ -17,6 +17,7 @@ use disk::VirtualDisk;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Mutex;
 use std::thread;
 
 /// Windows queued between the reader and the writer.
@@ -32,7 +33,12 @@ const VHDX_GRANULE: u64 = 64 << 10;
 /// (a fixed VHD's file then stays sparse too).
 const VHD_GRANULE: u64 = 4096;
 
-pub fn run(args: &ConvertArgs) -> Result<()> {
+/// Exit status of a salvage that replaced unreadable ranges by zeros.
+pub const EXIT_SALVAGED: u8 = 2;
+
+/// Convert: the exit status (0, or [`EXIT_SALVAGED`] when `--salvage`
+/// replaced unreadable ranges by zeros; the ranges are listed on stderr).
+pub fn run(args: &ConvertArgs) -> Result<u8> {
     let src_img = open::open(&args.source, args.format, false)?;
     let src = src_img.disk();
     let size = src.virtual_size();
@@ -51,7 +57,9 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     let dst_img = create::create(&args.target, &target, size)?;
     create::note_rounding(&target, size, dst_img.disk().virtual_size());
     let progress = Progress::new(args.progress, size, "converting");
-    let result = copy(src, dst_img.disk(), granule, &progress).and_then(|()| {
+    let lost = Mutex::new(Vec::new());
+    let salvage = args.salvage.then_some(&lost);
+    let result = copy(src, dst_img.disk(), granule, &progress, salvage).and_then(|()| {
         progress.set_message("flushing");
         finish(dst_img, &args.target)
     });
@@ -59,7 +67,12 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         Ok(()) => {
             progress.set_message("converted");
             progress.finish();
-            Ok(())
+            let lost = lost.into_inner().unwrap_or_else(|e| e.into_inner());
+            if lost.is_empty() {
+                return Ok(0);
+            }
+            eprint!("{}", lost_report(&args.source, &args.target, &lost));
+            Ok(EXIT_SALVAGED)
         }
         Err(e) => {
             progress.abandon();
@@ -92,11 +105,14 @@ struct Window {
 }
 
 /// Copy every nonzero byte of `src` into `dst` (which reads as zeros).
+/// With `salvage`, ranges of `src` that fail to read are left as zeros in
+/// `dst` and recorded there (see [`salvage_read`]) instead of failing.
 pub fn copy(
     src: &dyn VirtualDisk,
     dst: &dyn VirtualDisk,
     granule: u64,
     progress: &Progress,
+    salvage: Option<&Mutex<Vec<Lost>>>,
 ) -> Result<()> {
     let (tx, rx) = mpsc::sync_channel::<disk::Result<Window>>(QUEUE_DEPTH);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
@@ -106,7 +122,7 @@ pub fn copy(
     // only; metadata still goes through the format's own flush at the end.
     let (sync_tx, sync_rx) = mpsc::sync_channel::<()>(1);
     thread::scope(|s| {
-        s.spawn(move || read_windows(src, &tx, &free_rx, progress));
+        s.spawn(move || read_windows(src, &tx, &free_rx, progress, salvage));
         let syncer = s.spawn(move || -> disk::Result<()> {
             for () in sync_rx {
                 dst.storage().flush()?;
@@ -142,11 +158,12 @@ fn read_windows(
     tx: &SyncSender<disk::Result<Window>>,
     free: &Receiver<Vec<u8>>,
     progress: &Progress,
+    salvage: Option<&Mutex<Vec<Lost>>>,
 ) {
     let size = src.virtual_size();
     let mut pos = 0u64;
     while pos < size {
-        match next_window(src, &mut pos, free, progress) {
+        match next_window(src, &mut pos, free, progress, salvage) {
             Ok(None) => {}
             Ok(Some(w)) => {
                 if tx.send(Ok(w)).is_err() {
@@ -167,19 +184,38 @@ fn next_window(
     pos: &mut u64,
     free: &Receiver<Vec<u8>>,
     progress: &Progress,
+    salvage: Option<&Mutex<Vec<Lost>>>,
 ) -> disk::Result<Option<Window>> {
     let size = src.virtual_size();
-    let ext = extent_at(src, *pos)?;
-    if reads_as_zero(&ext) {
-        progress.inc(ext.len);
-        *pos += ext.len;
-        return Ok(None);
+    match extent_at(src, *pos) {
+        Ok(ext) if reads_as_zero(&ext) => {
+            progress.inc(ext.len);
+            *pos += ext.len;
+            return Ok(None);
+        }
+        Ok(_) => {}
+        // Salvaging, a range that cannot even be mapped is read (and fails)
+        // piece by piece below.
+        Err(_) if salvage.is_some() => {}
+        Err(e) => return Err(e),
     }
     let chunk = CHUNK as u64;
     let end = ((*pos / chunk + 1) * chunk).min(size);
     let len = (end - *pos) as usize;
     let mut buf = free.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-    src.read_at(&mut buf[..len], *pos)?;
+    match salvage {
+        Some(lost) => {
+            let mut found = Vec::new();
+            salvage_read(src, &mut buf[..len], *pos, &mut found);
+            if !found.is_empty() {
+                let mut l = lost.lock().unwrap_or_else(|e| e.into_inner());
+                for r in found {
+                    push_lost(&mut l, r);
+                }
+            }
+        }
+        None => src.read_at(&mut buf[..len], *pos)?,
+    }
     let w = Window {
         offset: *pos,
         buf,
@@ -187,6 +223,111 @@ fn next_window(
     };
     *pos = end;
     Ok(Some(w))
+}
+
+/// A range of the source that could not be read and was written as zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// Virtual offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Why (the read error).
+    pub reason: String,
+}
+
+/// Record `r`, merged with the previous range when they touch and fail for
+/// the same reason (the sectors of one lost block).
+fn push_lost(list: &mut Vec<Lost>, r: Lost) {
+    if let Some(last) = list.last_mut() {
+        if last.offset + last.len == r.offset && last.reason == r.reason {
+            last.len += r.len;
+            return;
+        }
+    }
+    list.push(r);
+}
+
+/// The read pieces a failed salvage read is retried in, after the whole
+/// window: 64 KiB, then one sector.
+const SALVAGE_PIECE: usize = 64 << 10;
+
+/// Read `buf.len()` bytes of `src` at `offset`, zeros for what cannot be
+/// read: a failed read is retried in 64 KiB pieces, a failed piece sector
+/// by sector, so that only the sectors that really fail are zeros. Each
+/// zeroed range is added to `lost`.
+pub fn salvage_read(src: &dyn VirtualDisk, buf: &mut [u8], offset: u64, lost: &mut Vec<Lost>) {
+    if src.read_at(buf, offset).is_ok() {
+        return;
+    }
+    let sector = (src.geometry().logical_sector_size.max(512) as usize).min(SALVAGE_PIECE);
+    let mut at = 0usize;
+    while at < buf.len() {
+        let end = piece_end(offset, at, SALVAGE_PIECE, buf.len());
+        let abs = offset + at as u64;
+        if src.read_at(&mut buf[at..end], abs).is_err() {
+            salvage_sectors(src, &mut buf[at..end], abs, sector, lost);
+        }
+        at = end;
+    }
+}
+
+/// Where the piece of `size` bytes (aligned on the virtual disk) that holds
+/// byte `at` of a buffer at virtual `offset` ends in the buffer.
+fn piece_end(offset: u64, at: usize, size: usize, len: usize) -> usize {
+    let abs = offset + at as u64;
+    let next = (abs / size as u64 + 1) * size as u64;
+    ((next - offset) as usize).min(len)
+}
+
+/// Read `buf` at `offset` sector by sector, zeros (recorded in `lost`) for
+/// each sector that fails.
+fn salvage_sectors(
+    src: &dyn VirtualDisk,
+    buf: &mut [u8],
+    offset: u64,
+    sector: usize,
+    lost: &mut Vec<Lost>,
+) {
+    let mut at = 0usize;
+    while at < buf.len() {
+        let abs = offset + at as u64;
+        let end = piece_end(offset, at, sector, buf.len());
+        if let Err(e) = src.read_at(&mut buf[at..end], abs) {
+            buf[at..end].fill(0);
+            push_lost(
+                lost,
+                Lost {
+                    offset: abs,
+                    len: (end - at) as u64,
+                    reason: e.to_string(),
+                },
+            );
+        }
+        at = end;
+    }
+}
+
+/// What a salvage lost, for stderr: the total, then each range.
+fn lost_report(source: &Path, target: &Path, lost: &[Lost]) -> String {
+    let total: u64 = lost.iter().map(|l| l.len).sum();
+    let mut s = format!(
+        "vdisk: salvage: {} ranges ({total} bytes) of {} could not be read; they are zeros in \
+         {}:\n",
+        lost.len(),
+        source.display(),
+        target.display()
+    );
+    for l in lost {
+        s.push_str(&format!(
+            "  virtual {:#x}..{:#x} ({} bytes): {}\n",
+            l.offset,
+            l.offset + l.len,
+            l.len,
+            l.reason
+        ));
+    }
+    s
 }
 
 /// Write the runs of `data` (virtual offset `offset`) that are not all zero,
@@ -234,7 +375,7 @@ mod tests {
         data[3 * CHUNK + 4999] = 4;
         let src = RawDisk::new(MemStorage::from_vec("src", data.clone())).unwrap();
         let dst = RawDisk::create(MemStorage::new("dst"), data.len() as u64).unwrap();
-        copy(&src, &dst, 4096, &Progress::new(false, 0, "")).unwrap();
+        copy(&src, &dst, 4096, &Progress::new(false, 0, ""), None).unwrap();
         let mut back = vec![0u8; data.len()];
         dst.read_at(&mut back, 0).unwrap();
         assert_eq!(back, data);

@@ -37,6 +37,12 @@ struct Report {
     parent: Option<Vec<(String, String)>>,
     /// Differencing disks whose parent was found: the parent file opened.
     parent_file: Option<String>,
+    /// VHDX and VHD: blocks that run past the end of the file (a truncated
+    /// image; null when not scanned).
+    truncated_blocks: Option<u64>,
+    /// VHDX: BAT entries that lie past the end of the file (a file cut
+    /// inside its BAT; null when not scanned).
+    lost_bat_entries: Option<u64>,
     /// VHD-only details.
     vhd: Option<VhdReport>,
 }
@@ -162,6 +168,8 @@ fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<
                 data_write_guid: None,
                 parent: None,
                 parent_file: None,
+                truncated_blocks: None,
+                lost_bat_entries: None,
                 vhd: None,
             }
         }
@@ -175,22 +183,28 @@ fn vhdx_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy)
         parent_policy: policy.clone(),
         ..vhdx::OpenOptions::default()
     };
-    let (info, allocated_bytes) = match Vhdx::open(path, &opts) {
+    let (info, allocated_bytes, truncation) = match Vhdx::open(path, &opts) {
         Ok(d) => {
             let stats = d.allocation_stats()?;
-            (d.info().clone(), Some(stats.allocated_bytes))
+            let t = d.truncation()?;
+            (d.info().clone(), Some(stats.allocated_bytes), Some(t))
         }
         Err(open_err) => match Vhdx::inspect(path) {
             // A differencing disk whose parent cannot be opened: show its
             // metadata anyway, without the allocation scan.
             Ok(info) if info.metadata.file_parameters.has_parent => {
                 parent_note(&open_err);
-                (info, None)
+                (info, None, None)
             }
             _ => return Err(open_err.into()),
         },
     };
-    Ok(vhdx_fields(&info, name, file_size, allocated_bytes))
+    let mut r = vhdx_fields(&info, name, file_size, allocated_bytes);
+    if let Some(t) = truncation {
+        r.truncated_blocks = Some(t.truncated_blocks);
+        r.lost_bat_entries = Some(t.total_entries - t.entries_in_file);
+    }
+    Ok(r)
 }
 
 fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>) -> Report {
@@ -222,6 +236,8 @@ fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>
         data_write_guid: Some(info.header.data_write_guid.to_string()),
         parent,
         parent_file: info.parent_file.clone(),
+        truncated_blocks: None,
+        lost_bat_entries: None,
         vhd: None,
     }
 }
@@ -341,6 +357,8 @@ fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
         data_write_guid: None,
         parent,
         parent_file: info.parent_file.clone(),
+        truncated_blocks: info.header.as_ref().map(|_| info.truncated_blocks),
+        lost_bat_entries: None,
         vhd: Some(vhd),
     }
 }
@@ -413,6 +431,21 @@ fn human(r: &Report) -> String {
     }
     if let Some(g) = &r.data_write_guid {
         line("data write guid", g);
+    }
+    if let Some(n) = r.truncated_blocks.filter(|&n| n > 0) {
+        line(
+            "warning",
+            &format!("image is truncated: {n} blocks lie past the end of the file"),
+        );
+    }
+    if let Some(n) = r.lost_bat_entries.filter(|&n| n > 0) {
+        line(
+            "warning",
+            &format!(
+                "image is truncated inside its BAT: {n} BAT entries lie past the end of the \
+                 file (their blocks cannot be found)"
+            ),
+        );
     }
     if let Some(p) = &r.parent_file {
         s.push_str(&format!("parent file: {p}\n"));
