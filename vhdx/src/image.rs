@@ -616,10 +616,11 @@ impl Vhdx {
             .in_file(&name, 0));
         }
         let cur_len = storage.len()?;
-        // New blocks go past every byte the BAT references (inside the file
-        // or not: in a truncated file, a block at the end of the file would
-        // land on the surviving part of a truncated block), at a 1 MiB
-        // boundary. Only a writable open needs this scan.
+        // New blocks go past every byte the BAT references, inside the file
+        // or not (space kept for an unmapped block past the end; a block
+        // of a file truncated since it was opened), at a 1 MiB boundary.
+        // Only a writable open needs this scan, which also refuses a
+        // truncated file.
         let mut alloc_end = cur_len;
         if writable {
             let s = scan::scan(&*storage, bat_region.file_offset, &bat_geo)?;
@@ -631,6 +632,29 @@ impl Vhdx {
                     bat_region.file_offset + s.entries_in_file * 8,
                     cur_len,
                 ));
+            }
+            if let Some(b) = s.truncated.first() {
+                // New blocks would extend the file over the lost part of
+                // the truncated blocks, which would then read as zeros
+                // instead of failing: data lost silently. (QEMU refuses to
+                // open such an image at all.)
+                return Err(Error::corrupt(
+                    "BAT",
+                    bat_region.file_offset + b.index * 8,
+                    format!(
+                        "the image is truncated: {} blocks lie past the end of the file (the \
+                         first: {}, virtual {:#x}..{:#x}, file offset {:#x}+{:#x}); it opens \
+                         read-only only, as writing would make their lost data read as zeros \
+                         (vdisk convert --salvage copies what is left)",
+                        s.truncated_blocks,
+                        scan::describe(&bat_geo, b.index),
+                        b.virtual_range.0,
+                        b.virtual_range.1,
+                        b.file_offset,
+                        b.length
+                    ),
+                )
+                .in_file(&name, 0));
             }
             alloc_end = alloc_end.max(s.referenced_end);
         }
