@@ -364,7 +364,97 @@ fn write_nonzero(dst: &dyn VirtualDisk, data: &[u8], offset: u64, granule: u64) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use disk::{MemStorage, RawDisk};
+    use disk::{Extent, Geometry, MemStorage, RawDisk, Storage};
+
+    /// A raw disk whose reads fail when they touch `[bad.0, bad.1)`.
+    struct Flaky {
+        inner: RawDisk<MemStorage>,
+        bad: (u64, u64),
+    }
+
+    impl VirtualDisk for Flaky {
+        fn geometry(&self) -> Geometry {
+            self.inner.geometry()
+        }
+        fn storage(&self) -> &dyn Storage {
+            self.inner.storage()
+        }
+        fn map(&self, offset: u64, len: u64) -> disk::Result<Extent> {
+            self.inner.map(offset, len)
+        }
+        fn flush(&self) -> disk::Result<()> {
+            Ok(())
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+            let end = offset + buf.len() as u64;
+            if offset < self.bad.1 && end > self.bad.0 {
+                return Err(disk::Error::io(
+                    "read",
+                    std::io::Error::other("medium error"),
+                ));
+            }
+            self.inner.read_at(buf, offset)
+        }
+    }
+
+    #[test]
+    fn salvage_zeros_only_the_unreadable_sectors() {
+        let data: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 251) as u8 | 1).collect();
+        // Two unreadable sectors inside the second window.
+        let bad = (
+            CHUNK as u64 + 70_000 - 70_000 % 512,
+            CHUNK as u64 + 70_000 + 600,
+        );
+        let src = Flaky {
+            inner: RawDisk::new(MemStorage::from_vec("src", data.clone())).unwrap(),
+            bad,
+        };
+        let dst = RawDisk::create(MemStorage::new("dst"), data.len() as u64).unwrap();
+        let lost = Mutex::new(Vec::new());
+        copy(&src, &dst, 4096, &Progress::new(false, 0, ""), Some(&lost)).unwrap();
+        let lost = lost.into_inner().unwrap();
+        let (s, e) = (bad.0, bad.1.div_ceil(512) * 512);
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!((lost[0].offset, lost[0].len), (s, e - s));
+        assert!(lost[0].reason.contains("medium error"), "{lost:?}");
+        let mut back = vec![0u8; data.len()];
+        dst.read_at(&mut back, 0).unwrap();
+        let mut want = data.clone();
+        want[s as usize..e as usize].fill(0);
+        assert!(back == want);
+        // Without salvage, the copy fails.
+        let dst = RawDisk::create(MemStorage::new("dst"), data.len() as u64).unwrap();
+        assert!(copy(&src, &dst, 4096, &Progress::new(false, 0, ""), None).is_err());
+        let one = Lost {
+            offset: 0x200,
+            len: 0x400,
+            reason: "why".into(),
+        };
+        let report = lost_report(Path::new("a.vhdx"), Path::new("b.raw"), &[one]);
+        assert_eq!(
+            report,
+            "vdisk: salvage: 1 ranges (1024 bytes) of a.vhdx could not be read; they are zeros \
+             in b.raw:\n  virtual 0x200..0x600 (1024 bytes): why\n"
+        );
+    }
+
+    #[test]
+    fn lost_ranges_merge_when_they_touch_for_the_same_reason() {
+        let r = |offset, len, reason: &str| Lost {
+            offset,
+            len,
+            reason: reason.into(),
+        };
+        let mut l = Vec::new();
+        push_lost(&mut l, r(0, 512, "a"));
+        push_lost(&mut l, r(512, 512, "a"));
+        push_lost(&mut l, r(1024, 512, "b"));
+        push_lost(&mut l, r(4096, 512, "b"));
+        assert_eq!(
+            l,
+            vec![r(0, 1024, "a"), r(1024, 512, "b"), r(4096, 512, "b")]
+        );
+    }
 
     #[test]
     fn copies_only_nonzero_granules() {
