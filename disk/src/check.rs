@@ -9,15 +9,20 @@
 //!   or another structure (a BAT entry past the end of the file, two blocks
 //!   on the same bytes, a bad checksum, a log that still needs replaying):
 //!   data may read wrong, or further writes may corrupt it (exit status 2).
-//! - [`ProblemKind::Leak`]: file space that no structure references: wasted
-//!   space, no harm to data (exit status 3 when there is nothing worse).
+//!   A block that runs past the end of the file is a truncated block
+//!   ([`CheckReport::truncated_block`]), with the virtual range it held.
+//! - [`ProblemKind::Leak`]: file space at the end of the file that no
+//!   structure references and that lies past the last referenced byte:
+//!   wasted space, no harm to data (exit status 3 when there is nothing
+//!   worse).
 //! - [`ProblemKind::CheckError`]: something the check could not verify (the
 //!   parent of a differencing disk is missing, an unsupported feature) (exit
 //!   status 1).
 //!
 //! Every problem names the structure and the absolute file offset it is
 //! about. A repair ([`RepairMode`]) fixes what can be fixed without losing
-//! data; the caller then checks again and reports what remains.
+//! data (it never cuts or overwrites a referenced byte); the caller then
+//! checks again and reports what remains.
 
 use crate::error::Error;
 use crate::ParentPolicy;

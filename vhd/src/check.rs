@@ -22,10 +22,17 @@
 //! - differencing disks: the parent is found through the locators (under the
 //!   parent policy), and its footer's unique id is the Parent Unique Id the
 //!   header records;
+//! - truncation: a file cut short has lost its footer (the copy at offset 0
+//!   remains); every block that runs past the end of such a file is a
+//!   corruption naming the block, its virtual range and file offset, and
+//!   what is left of it is used space. The footer is then not restored
+//!   (over the surviving part of a block it would destroy data, after it
+//!   the block would run over it): the file keeps its length;
 //! - leaks: unreferenced space big enough for a whole block (sector bitmap
 //!   and data) — smaller gaps are the alignment padding Windows leaves
-//!   between blocks. A leak just before the footer is reclaimed by moving
-//!   the footer down and truncating.
+//!   between blocks. A leak just before the footer, past the last byte any
+//!   block references, is reclaimed by moving the footer down and
+//!   truncating; with the BAT unread, nothing is a leak.
 
 use crate::bat::{self, SECTOR, UNALLOCATED};
 use crate::dynamic_header::{DynamicHeader, HEADER_SIZE, LOCATOR_SIZE, LOCATOR_TABLE_OFFSET};

@@ -174,7 +174,7 @@ fn cut_inside_the_bat() {
     );
     footer_not_restorable(&r);
     repairs_change_nothing(&st);
-    let e = open(&st, false).err().expect("refused").to_string();
+    let e = open(&st, false).expect_err("refused").to_string();
     assert!(
         e.contains("VHD dynamic disk header") && e.contains("does not fit in the file"),
         "{e}"
@@ -188,7 +188,7 @@ fn cut_inside_the_dynamic_header() {
     assert_eq!(r.exit_code(), 2, "{:#?}", r.problems);
     // Before the fix, -r all wrote the footer at 688, over the header.
     repairs_change_nothing(&st);
-    let e = open(&st, false).err().expect("refused").to_string();
+    let e = open(&st, false).expect_err("refused").to_string();
     assert!(e.contains("dynamic disk header"), "{e}");
 }
 

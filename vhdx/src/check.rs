@@ -22,21 +22,30 @@
 //!   payload block (FULLY_ or PARTIALLY_PRESENT) and sector bitmap block
 //!   lies inside the file (FileOffsetMB makes it 1 MiB-aligned), outside the
 //!   header section, the log and every region, and overlaps no other block;
-//!   a PARTIALLY_PRESENT block's chunk has a sector bitmap block;
+//!   a PARTIALLY_PRESENT block's chunk has a sector bitmap block. A block
+//!   that runs past the end of the file is a *truncated* block (the file
+//!   was cut short): a corruption naming the block, its virtual range and
+//!   file offset; the part of it still inside the file is used space. A
+//!   file cut inside the BAT names the entries (and blocks) it lost;
 //! - differencing disks (2.6.2.6): the parent is found through the parent
 //!   locator (under the parent policy) and its DataWriteGuid is one the
 //!   locator's `parent_linkage` or `parent_linkage2` records;
-//! - leaks: whole MiBs of the file that no structure uses (the slack of a
+//! - leaks: whole MiBs at the end of the file that no structure uses and
+//!   that lie past the last byte any structure references (the slack of a
 //!   file whose length is not a multiple of 1 MiB is not a leak: new blocks
-//!   go at the next 1 MiB boundary). Only a leak at the end of the file can
-//!   be reclaimed (by truncating it).
+//!   go at the next 1 MiB boundary). With a structure running past the end
+//!   of the file, or the BAT unread (damaged metadata), nothing is a leak.
+//!   Only a leak can be reclaimed (by truncating it); unused space between
+//!   structures is listed, not reclaimed.
 //!
 //! [`repair`] with [`RepairMode::All`] replays a dirty log into the file
 //! (the same steps as a writable open: apply, sync, then both headers with
 //! an empty LogGuid), rewrites a damaged or inconsistent header pair from
 //! the current header, and copies the valid region table over a damaged or
-//! different copy; with either mode it truncates a leaked tail. Damaged BAT
-//! entries are reported, never "repaired" by dropping data.
+//! different copy; with either mode it truncates a leaked tail, never below
+//! the last referenced byte. Damaged BAT entries and truncated blocks are
+//! reported, never "repaired" by dropping data: a truncated file keeps its
+//! length (as `qemu-img check -r all` leaves it).
 
 use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_PRESENT};
 use crate::file_identifier::FileIdentifier;
@@ -737,7 +746,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                     f.report.truncated_block(
                         "VHDX BAT",
                         at,
-                        &format!("entry {i}: {}", describe_entry(&geo, i)),
+                        &format!("entry {i}: {}", crate::scan::describe(&geo, i)),
                         geo.entry_virtual_range(i),
                         fo,
                         len,
@@ -750,7 +759,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                     format!(
                         "entry {i}: {} points past the end of the file: file offset {fo:#x}+{len:#x} \
                          but the file is {view_len:#x} bytes",
-                        describe_entry(&geo, i)
+                        crate::scan::describe(&geo, i)
                     ),
                 ),
             }
@@ -765,7 +774,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
                 format!(
                     "entry {i}: {} is PARTIALLY_PRESENT but its chunk {chunk} has no sector \
                      bitmap block",
-                    describe_entry(&geo, *i)
+                    crate::scan::describe(&geo, *i)
                 ),
             );
         }
@@ -791,16 +800,6 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         view_len,
         Some(referenced_end),
     ))
-}
-
-/// "block N" or "the sector bitmap block of chunk N" for BAT entry `i`.
-fn describe_entry(geo: &BatGeometry, i: u64) -> String {
-    let r = geo.chunk_ratio() + 1;
-    if geo.is_bitmap_index(i) {
-        format!("the sector bitmap block of chunk {}", i / r)
-    } else {
-        format!("block {}", i - i / r)
-    }
 }
 
 /// Describes the user of a used range: `(what, start, end, geometry)`.

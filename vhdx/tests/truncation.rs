@@ -157,8 +157,7 @@ fn cut_in_the_middle_of_a_block() {
     // block 7's lost part, which would then read as zeros.
     let before = st.to_vec();
     let e = Vhdx::open_storage(Box::new(st.clone()), &rw())
-        .err()
-        .expect("a writable open of a truncated image is refused")
+        .expect_err("a writable open of a truncated image is refused")
         .to_string();
     assert!(
         e.contains("the image is truncated: 1 blocks lie past the end of the file")
