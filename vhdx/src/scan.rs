@@ -16,6 +16,8 @@ use disk::{Result, Storage};
 const MIB: u64 = 1 << 20;
 /// Bytes of BAT read at a time.
 const SCAN_CHUNK: u64 = 4 * MIB;
+/// A page of zeros to compare BAT pages with (memcmp).
+static ZERO_PAGE: [u8; 4096] = [0; 4096];
 /// Truncated blocks listed in a [`BatScan`] (the count stays exact).
 pub const MAX_LISTED: usize = 1000;
 
@@ -76,7 +78,6 @@ pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) ->
         total_entries: total,
         ..BatScan::default()
     };
-    let block_size = u64::from(geo.block_size);
     let bat_end = bat_offset + out.entries_in_file * 8;
     let mut buf = vec![0u8; SCAN_CHUNK as usize];
     let mut pos = bat_offset;
@@ -95,52 +96,65 @@ pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) ->
         let n = (end - start) as usize;
         storage.read_at(&mut buf[..n], start)?;
         let first = (start - bat_offset) / 8;
-        for (j, raw) in buf[..n].chunks_exact(8).enumerate() {
-            let e = BatEntry(u64::from_le_bytes(raw.try_into().expect("8 bytes")));
-            if e.0 == 0 {
+        for (k, page) in buf[..n].chunks(4096).enumerate() {
+            // Most of a large BAT is NOT_PRESENT (zeros): skip such a page
+            // with one memcmp instead of entry by entry.
+            if page == &ZERO_PAGE[..page.len()] {
                 continue;
             }
-            let i = first + j as u64;
-            let fo = e.file_offset();
-            let (len, bitmap) = if geo.is_bitmap_index(i) {
-                if e.state() != SB_BLOCK_PRESENT {
-                    continue;
-                }
-                (MIB, true)
-            } else {
-                match e.payload_state() {
-                    Ok(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
-                        (block_size, false)
-                    }
-                    // Space kept for an unmapped block: the driver may reuse
-                    // it, so nothing else may go there (inside the file or
-                    // not), but it holds no data.
-                    Ok(PayloadState::Unmapped | PayloadState::Zero) if fo >= MIB => {
-                        let end = fo.saturating_add(block_size);
-                        out.referenced_end = out.referenced_end.max(end);
-                        continue;
-                    }
-                    _ => continue,
-                }
-            };
-            let block_end = fo.saturating_add(len);
-            out.referenced_end = out.referenced_end.max(block_end);
-            if block_end > file_len {
-                out.truncated_blocks += 1;
-                if out.truncated.len() < MAX_LISTED {
-                    out.truncated.push(TruncatedBlock {
-                        index: i,
-                        virtual_range: geo.entry_virtual_range(i),
-                        file_offset: fo,
-                        length: len,
-                        bitmap,
-                    });
-                }
-            }
+            scan_page(page, first + k as u64 * 512, geo, file_len, &mut out);
         }
         pos = start + n as u64;
     }
     Ok(out)
+}
+
+/// Account for the entries in `page` (BAT entries from index `first`).
+fn scan_page(page: &[u8], first: u64, geo: &BatGeometry, file_len: u64, out: &mut BatScan) {
+    let block_size = u64::from(geo.block_size);
+    for (j, raw) in page.chunks_exact(8).enumerate() {
+        let e = BatEntry(u64::from_le_bytes(raw.try_into().expect("8 bytes")));
+        if e.0 == 0 {
+            continue;
+        }
+        let i = first + j as u64;
+        let fo = e.file_offset();
+        let (len, bitmap) = if geo.is_bitmap_index(i) {
+            if e.state() != SB_BLOCK_PRESENT {
+                continue;
+            }
+            (MIB, true)
+        } else {
+            match e.payload_state() {
+                Ok(PayloadState::FullyPresent | PayloadState::PartiallyPresent) => {
+                    (block_size, false)
+                }
+                // Space kept for an unmapped block: the driver may reuse
+                // it, so nothing else may go there (inside the file or
+                // not), but it holds no data.
+                Ok(PayloadState::Unmapped | PayloadState::Zero) if fo >= MIB => {
+                    let end = fo.saturating_add(block_size);
+                    out.referenced_end = out.referenced_end.max(end);
+                    continue;
+                }
+                _ => continue,
+            }
+        };
+        let block_end = fo.saturating_add(len);
+        out.referenced_end = out.referenced_end.max(block_end);
+        if block_end > file_len {
+            out.truncated_blocks += 1;
+            if out.truncated.len() < MAX_LISTED {
+                out.truncated.push(TruncatedBlock {
+                    index: i,
+                    virtual_range: geo.entry_virtual_range(i),
+                    file_offset: fo,
+                    length: len,
+                    bitmap,
+                });
+            }
+        }
+    }
 }
 
 /// "block N" or "the sector bitmap block of chunk N" for BAT index `i`.
