@@ -554,11 +554,20 @@ fn hostile_bat_is_corrupt_and_nothing_is_written() {
         let mut bytes = st.to_vec();
         bytes[at as usize..at as usize + 8].copy_from_slice(&entry.to_le_bytes());
         let rec = Arc::new(RecordingStorage::new("hostile.vhdx", bytes.clone()));
-        let mut d = Vhdx::open_storage(Box::new(rec.clone()), &rw()).unwrap();
-        let e = d.compact(&mut |_, _| {}).unwrap_err();
+        // A block past the end of the file (a truncated image) is refused
+        // by the writable open already; the others by the compact.
+        let e = match Vhdx::open_storage(Box::new(rec.clone()), &rw()) {
+            Ok(mut d) => d.compact(&mut |_, _| {}).unwrap_err(),
+            Err(e) => {
+                assert!(
+                    what.contains("past the end") || what.contains("2^64"),
+                    "{what}: {e}"
+                );
+                e
+            }
+        };
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
         assert!(e.to_string().contains("hostile.vhdx"), "{what}: {e}");
-        drop(d);
         assert!(rec.contents() == bytes, "{what}: the file changed");
     }
 }
