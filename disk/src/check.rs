@@ -297,6 +297,7 @@ impl CheckReport {
         file_len: u64,
     ) {
         let inside = file_len.saturating_sub(file_offset).min(length);
+        let lost = length - inside;
         let mut p = Problem::new(
             ProblemKind::Corruption,
             structure,
@@ -304,8 +305,7 @@ impl CheckReport {
             format!(
                 "{what} (virtual {virt_start:#x}..{virt_end:#x}) at file offset \
                  {file_offset:#x}+{length:#x} runs past the end of the file ({file_len:#x} \
-                 bytes): the file is truncated, {} of its {length:#x} bytes are lost{}",
-                format_args!("{:#x}", length - inside),
+                 bytes): the file is truncated, {lost:#x} of its {length:#x} bytes are lost{}",
                 if inside > 0 {
                     format!(" ({inside:#x} bytes are still inside the file)")
                 } else {

@@ -977,7 +977,11 @@ impl Vhdx {
         let mut bytes = Box::new([0u8; PAGE_BYTES]);
         let off = self.bat_offset + (p as u64) * PAGE_BYTES as u64;
         let flen = self.storage.len()?;
-        // A sparse or short file reads as NOT_PRESENT past its end.
+        // Bytes past the end of the file read as zeros here, but no writer
+        // leaves the BAT past the end (this library, QEMU and every corpus
+        // image extend the file over it): an entry past the end is a file
+        // truncated inside the BAT, which `entry_in_file` turns into an
+        // error naming the block rather than NOT_PRESENT.
         if off < flen {
             let n = (flen - off).min(PAGE_BYTES as u64) as usize;
             self.storage.read_at(&mut bytes[..n], off)?;
