@@ -249,3 +249,46 @@ fn vhdx_cut_inside_its_bat_warns_in_info() {
     );
     assert_eq!(len(&rescued), 64 * MIB);
 }
+
+#[test]
+fn cut_at_a_block_boundary_counts_every_lost_block_and_refuses_writes() {
+    let dir = tmp();
+    // VHDX: blocks 0..8 at 4 MiB..12 MiB; keep blocks 0..5 whole.
+    let x = dir.path().join("x.vhdx");
+    create_vhdx_1m(&x, "64M");
+    let data = pattern(8 * MIB as usize, 5);
+    write(&x, &data);
+    truncate(&x, 9 * MIB);
+    // VHD: blocks 0, 1, 2 from 2048; keep blocks 0 and 1 whole.
+    let v = dir.path().join("v.vhd");
+    ok(&["create", "-f", "vhd", p(&v), "16M"]);
+    write(&v, &data[..6 * MIB as usize]);
+    truncate(&v, 2048 + 2 * (2 * MIB + 512));
+    let src = dir.path().join("one");
+    fs::write(&src, [7u8; 512]).unwrap();
+    for (img, n, kept, first_lost, elsewhere) in [
+        (&x, 3, 5 * MIB, "block 5", "40M"),
+        (&v, 1, 4 * MIB, "block 2", "12M"),
+    ] {
+        let before = fs::read(img).unwrap();
+        let out = run(&["check", "-r", "all", p(img)]);
+        assert_eq!(out.status.code(), Some(2));
+        let j = json(&["check", "--output", "json", p(img)]);
+        assert_eq!(j["truncated-blocks"], n, "{j}");
+        let i = ok(&["info", p(img)]);
+        assert!(
+            i.contains(&format!(
+                "warning: image is truncated: {n} blocks lie past the end of the file"
+            )),
+            "{i}"
+        );
+        assert!(read_bytes(img, 0, kept) == data[..kept as usize]);
+        let e = fails(1, &["read", p(img), &kept.to_string(), "512"]);
+        assert!(e.contains(first_lost), "{e}");
+        // A write elsewhere (far from every written block) is refused: the
+        // image opens read-only only.
+        let e = fails(1, &["write", p(img), elsewhere, p(&src)]);
+        assert!(e.contains("truncated") || e.contains("read-only"), "{e}");
+        assert!(fs::read(img).unwrap() == before, "{}", img.display());
+    }
+}
