@@ -168,6 +168,40 @@ pub fn open(path: &Path, opts: &ChainOptions) -> Result<Arc<dyn VirtualDisk>> {
     }
 }
 
+/// Open the layers `files` (a chain's files, the top first) read-only,
+/// each over the next, the last over `bottom` (already open: the disk the
+/// last file's parent locator names). Returns the layers, the top first.
+/// The links are not verified again: the caller opened the whole chain
+/// once before (e.g. [`chain_files`]).
+///
+/// # Errors
+/// A file cannot be opened, or does not fit over the disk below it.
+pub fn open_over(
+    files: &[PathBuf],
+    bottom: Arc<dyn VirtualDisk>,
+) -> Result<Vec<Arc<dyn VirtualDisk>>> {
+    let mut below = bottom;
+    let mut out: Vec<Arc<dyn VirtualDisk>> = Vec::with_capacity(files.len());
+    for f in files.iter().rev() {
+        let d: Arc<dyn VirtualDisk> = match detect(f)? {
+            Format::Vhdx => Arc::new(Vhdx::open_with_parent(
+                f,
+                &vhdx::OpenOptions::default(),
+                below,
+            )?),
+            Format::Vhd => Arc::new(Vhd::open_with_parent(
+                f,
+                &vhd::OpenOptions::default(),
+                below,
+            )?),
+        };
+        below = d.clone();
+        out.push(d);
+    }
+    out.reverse();
+    Ok(out)
+}
+
 /// The files of the chain of the image at `path`, the image first.
 ///
 /// # Errors

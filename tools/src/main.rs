@@ -31,7 +31,12 @@ use std::process::ExitCode;
         Parents of differencing disks (VHDX and VHD): the paths come from the image file, so \
         by default a parent must lie under the directory of the image opened (the top of the \
         chain). --parent-dir DIR (repeatable) allows parents under DIR too; \
-        --allow-any-parent follows any path an image names (only for images you trust)."
+        --allow-any-parent follows any path an image names (only for images you trust).\n\n\
+        Image locks: every open claims the image as QEMU's tools do (qemu-img, qemu-io, \
+        qemu-nbd and vdisk refuse each other as they refuse themselves): a writer holds it \
+        alone, readers share it, and a differencing disk's parents are held shared. A refusal \
+        names the file and the process holding it. Read-only commands take -U \
+        (--force-share) to read an image another process is writing."
 )]
 struct Cli {
     /// A directory, besides the opened image's own, where parents of
@@ -200,7 +205,10 @@ enum Command {
         vdisk checkpoint merge vm\n\n\
         The bundle directory holds the disks and bundle.json; the active disk (printed by \
         `path`) is the one a VM writes. Every change is atomic and is finished at the next \
-        command if interrupted.")]
+        command if interrupted. A command holds the bundle while it runs (another one is \
+        refused, naming it), and refuses to change a disk another process has open: a \
+        checkpoint or revert while a VM writes the active disk, a delete or merge while a \
+        disk it rewrites is in use.")]
     Checkpoint(CheckpointArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(after_help = "Examples:\n  \
@@ -224,7 +232,9 @@ enum Command {
         MOUNTPOINT (an existing directory) then holds one regular file, `disk`, of the \
         virtual size, whose bytes are the virtual disk's (printed on stdout once mounted). \
         The image is opened writable only with --rw; a differencing disk reads through its \
-        chain and, with --rw, writes only its own file. fsync (and close after writes) \
+        chain and, with --rw, writes only its own file. The image stays claimed until it is \
+        unmounted (see image locks in vdisk --help): with --rw, a second mount, vdisk write or \
+        qemu-io on it is refused; without, only writers are. fsync (and close after writes) \
         flushes the image. The file's size is fixed: write with `dd conv=notrunc`, not a \
         truncating copy. The mount is private to the mounting user (default_permissions, no \
         allow_other); without root privilege it needs fusermount3 (package fuse3). By \
@@ -260,6 +270,16 @@ enum OutputFormat {
     Json,
 }
 
+/// `-U`: read an image that another process holds for writing.
+#[derive(Args, Debug, Clone, Copy, Default)]
+struct ShareArgs {
+    /// Open read-only images sharing every permission (like qemu-img -U):
+    /// succeeds while another process (vdisk or QEMU) writes the image, but
+    /// what is read may be inconsistent
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+}
+
 #[derive(Args, Debug)]
 struct InfoArgs {
     /// Output format
@@ -273,6 +293,8 @@ struct InfoArgs {
     backing_chain: bool,
     /// The image
     image: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -316,6 +338,8 @@ struct ConvertArgs {
     source: PathBuf,
     /// The target image (overwritten if it exists)
     target: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +357,8 @@ struct CompareArgs {
     image_a: PathBuf,
     /// The second image
     image_b: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 /// What `check -r` may repair.
@@ -357,6 +383,8 @@ struct CheckArgs {
     format: Option<Format>,
     /// The image
     image: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -369,6 +397,8 @@ struct MapArgs {
     format: Option<Format>,
     /// The image
     image: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -396,6 +426,8 @@ struct ReadArgs {
     offset: String,
     /// Number of bytes, in bytes or with a K, M, G or T suffix
     length: String,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -573,6 +605,8 @@ struct MountArgs {
     image: PathBuf,
     /// An existing directory where the file `disk` appears
     mountpoint: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -616,6 +650,12 @@ fn main() -> ExitCode {
         allow_any: cli.allow_any_parent,
         ..ParentPolicy::default()
     });
+    let (read_only, share) = sharing(&cli.command);
+    let _ = READ_ONLY.set(read_only && !share.force_share);
+    if let Err(e) = set_read_lock(&cli.command) {
+        report(&e);
+        return ExitCode::from(EXIT_ERROR);
+    }
     let result = match &cli.command {
         Command::Info(a) => commands::info::run(a),
         Command::Create(a) => commands::create::run(a),
@@ -661,6 +701,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `command` only reads images, and its `-U`.
+fn sharing(command: &Command) -> (bool, ShareArgs) {
+    match command {
+        Command::Info(a) => (true, a.share),
+        Command::Convert(a) => (true, a.share),
+        Command::Compare(a) => (true, a.share),
+        Command::Check(a) => (a.repair.is_none(), a.share),
+        Command::Map(a) => (true, a.share),
+        Command::Read(a) => (true, a.share),
+        Command::Mount(a) => (!a.rw, a.share),
+        _ => (false, ShareArgs::default()),
+    }
+}
+
+/// How this run's read-only opens claim their images: `-U` makes them
+/// force-share; refused where the command writes the image.
+fn set_read_lock(command: &Command) -> anyhow::Result<()> {
+    let (read_only, share) = sharing(command);
+    if share.force_share {
+        if !read_only {
+            anyhow::bail!(
+                "-U (--force-share) is only for read-only use: a writer must hold the image \
+                 alone (drop -U, or drop -r / --rw)"
+            );
+        }
+        open::set_read_lock(disk::LockMode::ForceShare);
+    }
+    Ok(())
+}
+
 /// Exit status when stdout is a closed pipe (128 + SIGPIPE, as a shell
 /// reports a process killed by it).
 const EXIT_BROKEN_PIPE: i32 = 141;
@@ -686,7 +756,21 @@ fn report(e: &anyhow::Error) {
     }
     eprintln!("vdisk: {e:#}");
     policy_hint(&format!("{e:#}"));
+    let locked = e.chain().any(|c| {
+        c.downcast_ref::<disk::Error>()
+            .is_some_and(|d| d.kind() == disk::ErrorKind::Locked)
+    });
+    if locked && READ_ONLY.get() == Some(&true) {
+        eprintln!(
+            "vdisk: hint: -U (--force-share) reads an image while another process writes it \
+             (what is read may be inconsistent)"
+        );
+    }
 }
+
+/// Whether this run's command only reads images without -U (set by `main`):
+/// a lock refusal then comes with the -U hint.
+static READ_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// After a message `msg` on stderr: when it says that the parent policy
 /// refused a parent, print (on stderr) how to allow it.

@@ -2,7 +2,7 @@
 //! creating images, and closing them durably.
 
 use anyhow::Result;
-use disk::{FileStorage, ParentPolicy, RawDisk, VirtualDisk};
+use disk::{FileStorage, LockMode, ParentPolicy, RawDisk, VirtualDisk};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -23,6 +23,30 @@ pub fn set_policy(policy: ParentPolicy) {
 /// files under the directory of the image opened.
 pub fn policy() -> &'static ParentPolicy {
     POLICY.get_or_init(ParentPolicy::default)
+}
+
+/// How this run's read-only opens claim their images (`-U` makes it
+/// [`LockMode::ForceShare`]), set once by `main`.
+static READ_LOCK: OnceLock<LockMode> = OnceLock::new();
+
+/// Set how this run's read-only opens claim their images (the first call wins).
+pub fn set_read_lock(mode: LockMode) {
+    let _ = READ_LOCK.set(mode);
+}
+
+/// How a read-only open claims its image: shared (the default), or
+/// force-share with `-U`. Writable opens always claim it exclusively.
+pub fn read_lock() -> LockMode {
+    *READ_LOCK.get_or_init(LockMode::default)
+}
+
+/// The lock mode of an open, read-only unless `writable`.
+pub fn lock_for(writable: bool) -> LockMode {
+    if writable {
+        LockMode::Auto
+    } else {
+        read_lock()
+    }
 }
 
 /// An image format name as given on the command line.
@@ -154,6 +178,7 @@ pub fn vhdx_options(writable: bool) -> vhdx::OpenOptions {
     vhdx::OpenOptions {
         writable,
         parent_policy: policy().clone(),
+        lock: lock_for(writable),
         ..vhdx::OpenOptions::default()
     }
 }
@@ -163,6 +188,7 @@ pub fn vhd_options(writable: bool) -> vhd::OpenOptions {
     vhd::OpenOptions {
         writable,
         parent_policy: policy().clone(),
+        lock: lock_for(writable),
         ..vhd::OpenOptions::default()
     }
 }
@@ -170,7 +196,11 @@ pub fn vhd_options(writable: bool) -> vhd::OpenOptions {
 /// Open the image at `path` (format given or detected), read-only unless `writable`.
 pub fn open(path: &Path, format: Option<Format>, writable: bool) -> Result<Image> {
     Ok(match resolve(path, format)? {
-        Format::Raw => Image::Raw(RawDisk::new(FileStorage::open(path, writable)?)?),
+        Format::Raw => Image::Raw(RawDisk::new(FileStorage::open_with(
+            path,
+            writable,
+            lock_for(writable),
+        )?)?),
         Format::Vhdx => Image::Vhdx(Box::new(Vhdx::open(path, &vhdx_options(writable))?)),
         Format::Vhd => Image::Vhd(Box::new(Vhd::open(path, &vhd_options(writable))?)),
     })

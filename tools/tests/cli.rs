@@ -479,10 +479,14 @@ fn info_dirty_log_is_replayed_in_memory() {
     use disk::VirtualDisk;
     let dir = tmp();
     let img = dir.path().join("dirty.vhdx");
-    let d = vhdx::Vhdx::create(&img, &vhdx::CreateOptions::new(64 * MIB), false).unwrap();
+    let work = dir.path().join("work.vhdx");
+    let d = vhdx::Vhdx::create(&work, &vhdx::CreateOptions::new(64 * MIB), false).unwrap();
     d.write_at(b"data", MIB).unwrap();
     d.flush().unwrap();
-    // Crash: no clean close, the log still holds the BAT update.
+    // Crash: no clean close, the log still holds the BAT update. (A copy:
+    // the forgotten handle keeps its image lock for this process's life,
+    // where a real crash would release it.)
+    std::fs::copy(&work, &img).unwrap();
     std::mem::forget(d);
     let human = ok(&["info", p(&img)]);
     assert!(human.contains("log: dirty ("), "{human}");

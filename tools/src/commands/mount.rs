@@ -115,7 +115,11 @@ struct Opened {
 fn open_image(path: &Path, format: Option<Format>, writable: bool) -> Result<Opened> {
     let (handle, top): (Handle, Arc<dyn VirtualDisk>) = match open::resolve(path, format)? {
         Format::Raw => {
-            let d = Arc::new(RawDisk::new(FileStorage::open(path, writable)?)?);
+            let d = Arc::new(RawDisk::new(FileStorage::open_with(
+                path,
+                writable,
+                open::lock_for(writable),
+            )?)?);
             (Handle::Raw(d.clone()), d)
         }
         Format::Vhdx => {
