@@ -460,3 +460,34 @@ fn bundle_commands_hold_the_bundle() {
     drop(_h);
     ok(&["checkpoint", "create", p(&vm), "c1"]);
 }
+
+#[test]
+fn qemu_nbd_and_vdisk_refuse_each_other() {
+    let q = PathBuf::from("/usr/bin/qemu-nbd");
+    if !q.exists() {
+        println!("qemu-nbd not found: skipping");
+        return;
+    }
+    let t = tmp();
+    let img = t.path().join("n.vhdx");
+    create_vhdx_1m(&img, "16M");
+    let sock = t.path().join("nbd.sock");
+    {
+        let child = Command::new(&q)
+            .args(["-f", "vhdx", "-k", p(&sock), p(&img)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let _h = Holder(child);
+        wait_locked(&img, 101);
+        let e = fails(1, &["write", p(&img), "0", "/dev/null"]);
+        assert!(e.contains("Failed to get \"write\" lock"), "{e}");
+        assert!(e.contains("qemu-nbd (pid "), "{e}");
+    }
+    let mut w = vdisk_write_hold(&img, 0);
+    let e = qemu_fails(&q, &["-f", "vhdx", "-k", p(&sock), p(&img)]);
+    assert!(e.contains("Failed to get \"write\" lock"), "{e}");
+    drop(w.0.stdin.take());
+    assert!(w.0.wait().unwrap().success());
+}
