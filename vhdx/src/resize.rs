@@ -53,9 +53,10 @@
 //! flush applies the entries in place and syncs them. Then the file gives
 //! back its tail that nothing uses any more, as `compact` cuts the file
 //! (step 4 of its module docs): the end is that of the last block still
-//! in use (present, or space a ZERO or UNMAPPED entry keeps for its block)
-//! or of the fixed structures (header section, log, regions; rounded up to
-//! 1 MiB), whichever is higher. When the file is longer, the log session
+//! in use (present, or space a ZERO or UNMAPPED entry keeps for its block;
+//! a present sector bitmap block) or of the fixed structures (header
+//! section, log, regions; rounded up to 1 MiB), whichever is higher. When
+//! the file is longer, the log session
 //! is ended first (every entry is applied and synced already; both headers
 //! get a nil LogGuid, MS-VHDX 2.2.2), because a log in use records the file
 //! length (FlushedFileOffset, 2.3.1.1) and a file shorter than that is
@@ -233,6 +234,18 @@ impl Vhdx {
             };
             if used {
                 end = end.max(fo.saturating_add(self.block_size));
+            }
+        }
+        // Sector bitmap blocks matter only in differencing disks (which are
+        // not resized), but the check counts any present one as used.
+        for chunk in 0..self.bat_geo.bitmap_blocks() {
+            let idx = self.bat_geo.bitmap_index(chunk);
+            if idx >= self.bat_geo.total_entries() {
+                break;
+            }
+            let e = self.bat_entry(idx)?;
+            if e.state() == SB_BLOCK_PRESENT && e.file_offset() != 0 {
+                end = end.max(e.file_offset().saturating_add(MIB));
             }
         }
         if end < old_len {
