@@ -1,6 +1,7 @@
 //! `vdisk`: inspect, create, convert and compare disk images, shaped like qemu-img.
 
 mod commands;
+mod guessed;
 mod open;
 mod options;
 mod progress;
@@ -32,6 +33,14 @@ use std::process::ExitCode;
         by default a parent must lie under the directory of the image opened (the top of the \
         chain). --parent-dir DIR (repeatable) allows parents under DIR too; \
         --allow-any-parent follows any path an image names (only for images you trust).\n\n\
+        Formats: without -f, an image's format is detected from its content (VHDX: \
+        \"vhdxfile\" at 0; VHD: \"conectix\" at 0 or in the last 512 bytes; else raw). A file \
+        named .vhdx, .avhdx, .vhd or .avhd without that signature is refused as corrupt (the \
+        message lists what survives; -f raw reads it as raw anyway), and an image taken for \
+        raw without -f raw refuses writes to its first sector (bytes 0 to 511) and writes \
+        that would make it detect as a fixed VHD, so a guess can never destroy an image. \
+        New images (create, convert) take the format of their name's extension when -f/-O \
+        is absent.\n\n\
         Image locks: every open claims the image as QEMU's tools do (qemu-img, qemu-io, \
         qemu-nbd and vdisk refuse each other as they refuse themselves): a writer holds it \
         alone, readers share it, and a differencing disk's parents are held shared. A refusal \
@@ -60,7 +69,9 @@ enum Command {
         vdisk info --backing-chain child.avhdx\n  \
         vdisk info --backing-chain --output json child.vhd\n\n\
         The format is detected from the content when -f is absent (a fixed VHD by its \
-        trailing footer). A differencing disk shows its parent locator entries (key=value) and \
+        trailing footer); a file named .vhdx, .avhdx, .vhd or .avhd that lacks the signature \
+        is refused as corrupt, with what survives of it (valid headers, region tables, \
+        footers) and how to go on. A differencing disk shows its parent locator entries (key=value) and \
         the parent file opened; --backing-chain shows every layer of the chain, the image \
         first (JSON: an array).")]
     Info(InfoArgs),
@@ -71,9 +82,13 @@ enum Command {
         vdisk create -f vhd -o subformat=fixed disk.vhd 10G\n  \
         vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
         vdisk create -f raw disk.raw 1G\n  \
+        vdisk create disk.vhdx 64G                  # vhdx, from the name\n  \
         vdisk create -b base.vhdx child.avhdx\n  \
         vdisk create -f vhdx -o block_size=1M -b base.vhdx child.avhdx\n  \
         vdisk create -f vhd -b base.vhd child.vhd\n\n\
+        Without -f the format is the one the name says: .vhdx or .avhdx vhdx, .vhd or .avhd \
+        vhd, any other name raw (a note on stderr says which). -f that contradicts the name \
+        (-f raw disk.vhdx) is obeyed with a warning: the file will need -f to be opened.\n\
         VHDX options (-o): subformat=fixed|dynamic, block_size=SIZE (1M..256M, power of two), \
         logical_sector_size=512|4096, physical_sector_size=512|4096, log_size=SIZE (multiple of 1M)\n\
         VHD options (-o, format vhd or vpc): subformat=fixed|dynamic, block_size=SIZE (dynamic only; \
@@ -81,7 +96,8 @@ enum Command {
         number of MiB, as Azure requires). Without azure=on, a VHD's size is rounded up to a whole \
         CHS geometry, like qemu-img does.\n\
         With -b PARENT, a differencing disk of PARENT's format is created (without -f, the \
-        format is PARENT's; a VHDX child needs a VHDX parent, a VHD child a VHD parent): it \
+        format is PARENT's, and a name that says the other format is refused; a VHDX child \
+        needs a VHDX parent, a VHD child a VHD parent): it \
         starts empty, reads what it does not hold from PARENT (found again by a relative and \
         an absolute path, or by file name beside the child), and takes PARENT's virtual size \
         (a SIZE given must be PARENT's). VHDX: block_size (default 2M, as Hyper-V) and \
@@ -94,14 +110,24 @@ enum Command {
         vdisk convert -O vhdx disk.raw disk.vhdx\n  \
         vdisk convert -p -f vhdx -O raw disk.vhdx disk.raw\n  \
         vdisk convert -O vhdx -o block_size=1M disk.raw small-blocks.vhdx\n  \
-        vdisk convert -O vpc -o azure=on disk.raw azure.vhd\n\n\
-        Zero ranges of the source are not allocated in the target.")]
+        vdisk convert -O vpc -o azure=on disk.raw azure.vhd\n  \
+        vdisk convert disk.raw disk.vhdx            # vhdx, from the target's name\n\n\
+        Without -O the target's format is the one its name says: .vhdx or .avhdx vhdx, .vhd \
+        or .avhd vhd, any other name raw (a note on stderr says which); -O that contradicts \
+        the name is obeyed with a warning. The source's format is detected from its content \
+        when -f is absent. Zero ranges of the source are not allocated in the target.")]
     Convert(ConvertArgs),
     /// Check whether two images have the same virtual contents
     #[command(after_help = "Examples:\n  \
         vdisk compare disk.raw disk.vhdx\n  \
         vdisk compare -f raw -F vhdx disk.raw disk.vhdx\n  \
-        vdisk compare disk.vhd disk.vhdx\n\n\
+        vdisk compare disk.vhd disk.vhdx\n  \
+        vdisk compare -s disk.raw disk.vhd          # sizes must match too\n\n\
+        As qemu-img compare: images of different sizes (a VHD rounded up to a CHS size, say) \
+        are identical when the common part is and the longer image's extra part reads as \
+        zeros; \"Warning: Image size mismatch!\" is printed first. A non-zero byte there is \
+        a difference (\"Content mismatch at offset N!\"). -s (strict): any size difference is \
+        a difference (\"Strict mode: Image size mismatch!\").\n\
         Exit status: 0 identical, 1 different, 2 error.")]
     Compare(CompareArgs),
     /// Check an image's structures for corruption and leaked space (like qemu-img check)
@@ -141,7 +167,12 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vdisk write disk.vhdx 0 mbr.bin\n  \
         printf hello | vdisk write disk.vhdx 1M\n  \
-        vdisk write disk.vhd 0 mbr.bin")]
+        vdisk write disk.vhd 0 mbr.bin\n  \
+        vdisk write -f raw disk.img 0 mbr.bin       # a raw image's first sector needs -f raw\n\n\
+        An image taken for raw without -f raw (no signature found) refuses writes to its \
+        first sector (bytes 0 to 511), and writes that would put a VHD footer cookie 512 \
+        bytes before its end: either could make it detect as another format, or destroy \
+        what is left of a damaged image. Pass -f raw for a raw image.")]
     Write(WriteArgs),
     /// Change the virtual size of an image (like qemu-img resize)
     #[command(after_help = "Examples:\n  \
@@ -153,7 +184,11 @@ enum Command {
         when the cut part holds data (an allocated block of a dynamic image, a non-zero byte \
         of a fixed or raw one) unless --force. VHD sizes are rounded up to a CHS geometry \
         as at creation (whole MiB for Azure disks, whose size is not CHS-rounded). \
-        Differencing disks cannot be resized: their size must match their parent's. Prints \
+        Differencing disks cannot be resized: their size must match their parent's. A \
+        shrink gives back the file space its cut blocks leave at the end of the file (blocks \
+        freed below one that is kept stay as unused space, which vdisk compact packs), so \
+        `vdisk check` finds no leak after any resize. An image taken for raw without -f raw \
+        is not cut to a length that would make it detect as a fixed VHD. Prints \
         \"Image resized.\" on success.")]
     Resize(ResizeArgs),
     /// Give back unused space: zero blocks become unallocated, the file shrinks (like Optimize-VHD)
@@ -248,6 +283,9 @@ enum Command {
         Without --foreground, vdisk returns once the mount is ready and a background process \
         serves it. SIGINT, SIGTERM or SIGHUP to the serving process, `vdisk unmount`, \
         `umount` or `fusermount3 -u` unmount it; the image is then flushed and closed.\n\
+        An image taken for raw without -f raw refuses, with --rw, writes to its first sector \
+        and writes that would make it detect as a fixed VHD (EIO; a note says so at mount \
+        time): pass -f raw for a raw image.\n\
         Exit status: 0 mounted (with --foreground: unmounted and the image closed cleanly), \
         1 error (the mount failed, or closing the image failed).")]
     Mount(MountArgs),
@@ -299,8 +337,9 @@ struct InfoArgs {
 
 #[derive(Args, Debug)]
 struct CreateArgs {
-    /// Image format: vhdx, vhd (alias vpc) or raw (default raw; with -b,
-    /// the parent's format)
+    /// Image format: vhdx, vhd (alias vpc) or raw (by default the one the
+    /// name says: .vhdx/.avhdx vhdx, .vhd/.avhd vhd, else raw; with -b, the
+    /// parent's format)
     #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
     format: Option<Format>,
     /// Format options, comma-separated key=value (may be repeated)
@@ -325,9 +364,10 @@ struct ConvertArgs {
     /// Source format (detected from the content when absent)
     #[arg(short = 'f', value_parser = Format::parse_arg)]
     format: Option<Format>,
-    /// Target format: raw, vhdx or vhd (alias vpc)
-    #[arg(short = 'O', value_parser = Format::parse_arg, default_value = "raw")]
-    output_format: Format,
+    /// Target format: raw, vhdx or vhd (alias vpc); by default the one the
+    /// target's name says (.vhdx/.avhdx vhdx, .vhd/.avhd vhd, else raw)
+    #[arg(short = 'O', value_parser = Format::parse_arg)]
+    output_format: Option<Format>,
     /// Target format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -350,6 +390,10 @@ struct CompareArgs {
     /// Format of the second image (detected when absent)
     #[arg(short = 'F', value_parser = Format::parse_arg)]
     format_b: Option<Format>,
+    /// Strict: images of different sizes are different (by default the
+    /// longer one's extra part must read as zeros)
+    #[arg(short = 's', long = "strict")]
+    strict: bool,
     /// Show a progress bar on stderr
     #[arg(short = 'p', long = "progress")]
     progress: bool,

@@ -395,14 +395,22 @@ fn compare_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("offset 1048577!"));
 
-    // Sizes differ.
+    // Sizes differ: the common part is compared first, and a difference
+    // there is reported without the size warning (as qemu-img does); -s
+    // stops at the sizes.
     let c = dir.path().join("c.raw");
     raw_file(&c, 4 * MIB, &[]);
     let out = run(&["compare", p(&a), p(&c)]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "Image size mismatch!"
+        "Content mismatch at offset 1048576!"
+    );
+    let out = run(&["compare", "-s", p(&a), p(&c)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Strict mode: Image size mismatch!"
     );
 
     // Errors: exit 2.
