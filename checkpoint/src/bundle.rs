@@ -27,13 +27,22 @@
 //! leftover `spare.avhd.tmp` is deleted at open; a spare that does not
 //! fit (or is missing) only makes that one checkpoint take the slow way.
 //! The thread is waited for before each operation and on drop.
+//!
+//! # Lock
+//! An open [`Bundle`] holds the bundle directory exclusively
+//! ([`disk::lock::DirLock`], an `flock` of the directory) from `init` or
+//! `open` until dropped: a second bundle operation, in this process or
+//! another, is refused with an error naming the holder, and never sees a
+//! half-made change. The disks themselves are claimed by their image locks
+//! ([`disk::lock`]) as they are opened.
 
 use crate::image::{
     self, chain_files, create_child, create_vhd_child_using_spare, make_spare, Format,
 };
 use crate::merge::{merge_into_ancestor, merge_into_child};
 use crate::{Error, Result};
-use disk::ParentPolicy;
+use disk::lock::DirLock;
+use disk::{FileStorage, ParentPolicy};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -147,6 +156,8 @@ pub struct Bundle {
     policy: ParentPolicy,
     /// The thread making the spare, if one is running.
     spare_maker: Option<std::thread::JoinHandle<()>>,
+    /// The bundle directory, held for the life of this value.
+    _lock: DirLock,
 }
 
 impl Drop for Bundle {
@@ -206,7 +217,7 @@ impl Bundle {
     /// # Errors
     /// The directory exists and is not empty, invalid size, I/O errors.
     pub fn init(dir: &Path, format: Format, size: u64) -> Result<Bundle> {
-        Self::prepare_dir(dir)?;
+        let lock = Self::prepare_dir(dir)?;
         let base = dir.join(format!("base.{}", format.base_extension()));
         match format {
             Format::Vhdx => {
@@ -216,7 +227,7 @@ impl Bundle {
                 vhd::Vhd::create(&base, &vhd::CreateOptions::new(size), false)?.close()?
             }
         }
-        Self::init_with_base(dir, format, &base)
+        Self::init_with_base(dir, format, &base, lock)
     }
 
     /// Create a bundle in the new (or empty) directory `dir` whose base is a
@@ -233,7 +244,7 @@ impl Bundle {
             )
             .in_file(&image.display().to_string(), 0));
         }
-        Self::prepare_dir(dir)?;
+        let lock = Self::prepare_dir(dir)?;
         let base = dir.join(format!("base.{}", format.base_extension()));
         std::fs::copy(image, &base).map_err(|e| {
             Error::io(format!("cannot copy to {}", base.display()), e)
@@ -242,10 +253,11 @@ impl Bundle {
         std::fs::File::open(&base)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io("cannot sync", e).in_file(&base.display().to_string(), 0))?;
-        Self::init_with_base(dir, format, &base)
+        Self::init_with_base(dir, format, &base, lock)
     }
 
-    fn prepare_dir(dir: &Path) -> Result<()> {
+    /// Make `dir` (or check that it is empty) and claim it.
+    fn prepare_dir(dir: &Path) -> Result<DirLock> {
         let name = dir.display().to_string();
         if dir.exists() {
             let mut it = std::fs::read_dir(dir)
@@ -260,10 +272,10 @@ impl Bundle {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io("cannot create the directory", e).in_file(&name, 0))?;
         }
-        Ok(())
+        DirLock::exclusive(dir, "bundle")
     }
 
-    fn init_with_base(dir: &Path, format: Format, base: &Path) -> Result<Bundle> {
+    fn init_with_base(dir: &Path, format: Format, base: &Path, lock: DirLock) -> Result<Bundle> {
         let t = now();
         let root = Node {
             id: Uuid::new_v4().to_string(),
@@ -296,6 +308,7 @@ impl Bundle {
             },
             policy: ParentPolicy::default(),
             spare_maker: None,
+            _lock: lock,
         };
         b.save()?;
         b.start_spare();
@@ -308,6 +321,7 @@ impl Bundle {
     /// No or invalid manifest (named, with the position of a JSON error),
     /// a failure finishing the pending operation, I/O errors.
     pub fn open(dir: &Path) -> Result<Bundle> {
+        let lock = DirLock::exclusive(dir, "bundle")?;
         let path = dir.join(MANIFEST);
         let name = path.display().to_string();
         let text = std::fs::read_to_string(&path)
@@ -327,6 +341,7 @@ impl Bundle {
             manifest,
             policy: ParentPolicy::default(),
             spare_maker: None,
+            _lock: lock,
         };
         remove_if_present(&b.dir.join(format!("{SPARE}.tmp")))?;
         b.recover()?;
@@ -513,11 +528,56 @@ impl Bundle {
     /// Record `op`, then run it.
     fn begin(&mut self, op: Pending) -> Result<()> {
         self.wait_for_spare();
+        let _held = self.claim_disks(&op)?;
         self.manifest.pending = Some(op);
         self.save()?;
         self.recover()?;
         self.start_spare();
         Ok(())
+    }
+
+    /// Before `op` is recorded: claim the disks it changes, so that a disk
+    /// in use (a VM writing the active disk, a reader of a disk about to be
+    /// merged or dropped) refuses the operation before anything changes.
+    /// A checkpoint holds the active disk shared (it is only read, to be
+    /// frozen: no writer may start meanwhile) and a revert holds it
+    /// exclusively (it is dropped) until the operation is done; merges,
+    /// which open their disks themselves, only check that they are free
+    /// (a disk taken in between fails the merge, which the next open
+    /// finishes).
+    fn claim_disks(&self, op: &Pending) -> Result<Vec<FileStorage>> {
+        let active = self.disk_path(self.active());
+        let claim = |path: &Path, writable: bool| match FileStorage::open(path, writable) {
+            Ok(s) => Ok(Some(s)),
+            // A missing disk is the operation's own error to report.
+            Err(e)
+                if e.io_error()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        let mut held = Vec::new();
+        match op {
+            Pending::Create { .. } => held.extend(claim(&active, false)?),
+            Pending::Revert { .. } => held.extend(claim(&active, true)?),
+            Pending::Delete { node } => {
+                claim(&self.path_of(node)?, true)?;
+                for c in self.children(node) {
+                    claim(&self.disk_path(&c), true)?;
+                }
+            }
+            Pending::MergeUp { child, parent } => {
+                claim(&self.path_of(child)?, true)?;
+                claim(&self.path_of(parent)?, true)?;
+            }
+            Pending::MergeDown { parent, child } => {
+                claim(&self.path_of(child)?, true)?;
+                claim(&self.path_of(parent)?, false)?;
+            }
+        }
+        Ok(held)
     }
 
     /// Start making a spare child in the background (VHD bundles without

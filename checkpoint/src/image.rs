@@ -2,7 +2,6 @@
 
 use crate::{Error, Result};
 use disk::{ChainView, ParentPolicy, VirtualDisk};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vhd::Vhd;
@@ -36,37 +35,16 @@ impl Format {
     }
 }
 
-/// The format of the VHDX or VHD file at `path`, from its signature
-/// (`vhdxfile` at 0; `conectix` at 0 or in the last 512 or 511 bytes).
+/// The format of the VHDX or VHD file at `path`, from its signature (see
+/// [`crate::detect::sniff`]).
 ///
 /// # Errors
-/// The file cannot be read, or is neither VHDX nor VHD.
+/// The file cannot be read, is neither VHDX nor VHD, or is named as one
+/// but lacks its signature (corrupt).
 pub fn detect(path: &Path) -> Result<Format> {
-    let name = path.display().to_string();
-    let io = |what: &str, e| Error::io(what.to_string(), e).in_file(&name, 0);
-    let mut f = std::fs::File::open(path).map_err(|e| io("cannot open", e))?;
-    let len = f.metadata().map_err(|e| io("cannot stat", e))?.len();
-    let mut head = [0u8; 8];
-    if len >= 8 {
-        f.read_exact(&mut head).map_err(|e| io("cannot read", e))?;
-        if &head == b"vhdxfile" {
-            return Ok(Format::Vhdx);
-        }
-        if &head == b"conectix" {
-            return Ok(Format::Vhd);
-        }
-    }
-    if len >= 511 {
-        let n = len.min(512);
-        let mut tail = vec![0u8; n as usize];
-        f.seek(SeekFrom::Start(len - n))
-            .and_then(|_| f.read_exact(&mut tail))
-            .map_err(|e| io("cannot read", e))?;
-        if tail.starts_with(b"conectix") || tail[tail.len() - 511..].starts_with(b"conectix") {
-            return Ok(Format::Vhd);
-        }
-    }
-    Err(Error::invalid("not a VHDX or VHD image").in_file(&name, 0))
+    crate::detect::sniff(path)?.ok_or_else(|| {
+        Error::invalid("not a VHDX or VHD image").in_file(&path.display().to_string(), 0)
+    })
 }
 
 /// How to open a chain.
@@ -166,6 +144,40 @@ pub fn open(path: &Path, opts: &ChainOptions) -> Result<Arc<dyn VirtualDisk>> {
     } else {
         Ok(d)
     }
+}
+
+/// Open the layers `files` (a chain's files, the top first) read-only,
+/// each over the next, the last over `bottom` (already open: the disk the
+/// last file's parent locator names). Returns the layers, the top first.
+/// The links are not verified again: the caller opened the whole chain
+/// once before (e.g. [`chain_files`]).
+///
+/// # Errors
+/// A file cannot be opened, or does not fit over the disk below it.
+pub fn open_over(
+    files: &[PathBuf],
+    bottom: Arc<dyn VirtualDisk>,
+) -> Result<Vec<Arc<dyn VirtualDisk>>> {
+    let mut below = bottom;
+    let mut out: Vec<Arc<dyn VirtualDisk>> = Vec::with_capacity(files.len());
+    for f in files.iter().rev() {
+        let d: Arc<dyn VirtualDisk> = match detect(f)? {
+            Format::Vhdx => Arc::new(Vhdx::open_with_parent(
+                f,
+                &vhdx::OpenOptions::default(),
+                below,
+            )?),
+            Format::Vhd => Arc::new(Vhd::open_with_parent(
+                f,
+                &vhd::OpenOptions::default(),
+                below,
+            )?),
+        };
+        below = d.clone();
+        out.push(d);
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// The files of the chain of the image at `path`, the image first.

@@ -1,5 +1,7 @@
 //! Differencing-disk chains and checkpoint trees over VHDX and VHD.
 //!
+//! - [`detect`]: an image's format from its content, refusing a damaged
+//!   VHDX or VHD (by its name) rather than taking it for raw.
 //! - [`image`]: open a chain as one disk (through a merged block view),
 //!   create a differencing child, relink a child to another parent.
 //! - [`merge`]: fold a parent into its child, or a run of a chain into an
@@ -30,6 +32,7 @@
 #![warn(missing_docs)]
 
 mod bundle;
+pub mod detect;
 pub mod image;
 pub mod merge;
 

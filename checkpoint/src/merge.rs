@@ -178,32 +178,12 @@ pub fn merge_into_ancestor(
         child.close()?;
         next_guid = Some(new);
     }
-    // The layers above the ancestor, read-only.
-    let top_layer = Layer::open(
-        top,
-        &ChainOptions {
-            writable: false,
-            policy: policy.clone(),
-        },
-        false,
-    )?;
-    let mut layers: Vec<Arc<dyn VirtualDisk>> = Vec::new();
-    let mut cur = top_layer.disk().parent().cloned();
-    while let Some(p) = cur {
-        cur = p.parent().cloned();
-        layers.push(p);
-    }
-    let top_disk = top_layer.disk();
-    let layer = |i: usize| -> &dyn VirtualDisk {
-        if i == 0 {
-            top_disk
-        } else {
-            &*layers[i - 1]
-        }
-    };
-    // The ancestor, writable, with its own chain.
-    let target = match format {
-        Format::Vhdx => Layer::Vhdx(Box::new(Vhdx::open(
+    // The ancestor, writable, with its own chain; then the layers above it,
+    // read-only, each over the one below, down to the ancestor: every file
+    // is open once (an image lock refuses a second open of a file this
+    // process writes). `chain_files` above checked the links.
+    let target: Arc<dyn VirtualDisk> = match format {
+        Format::Vhdx => Arc::new(Vhdx::open(
             &ancestor,
             &vhdx::OpenOptions {
                 writable: true,
@@ -211,16 +191,19 @@ pub fn merge_into_ancestor(
                 data_write_guid: next_guid,
                 ..vhdx::OpenOptions::default()
             },
-        )?)),
-        Format::Vhd => Layer::Vhd(Box::new(Vhd::open(
+        )?),
+        Format::Vhd => Arc::new(Vhd::open(
             &ancestor,
             &vhd::OpenOptions {
                 writable: true,
                 parent_policy: policy.clone(),
                 ..vhd::OpenOptions::default()
             },
-        )?)),
+        )?),
     };
+    let layers = crate::image::open_over(&files[..depth], target.clone())?;
+    let layer = |i: usize| -> &dyn VirtualDisk { &*layers[i] };
+    let top_disk = layer(0);
     let size = top_disk.virtual_size();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut stats = MergeStats::default();
@@ -240,13 +223,17 @@ pub fn merge_into_ancestor(
         if let Some(i) = found {
             let b = &mut buf[..len as usize];
             layer(i).read_at(b, off)?;
-            target.disk().write_at(b, off)?;
+            target.write_at(b, off)?;
             stats.bytes_copied += len;
         }
         off += len;
         progress(off, size);
     }
-    target.close()?;
+    // Flushed here, where an error is reported; dropping the last handle
+    // then closes the ancestor cleanly.
+    target.flush()?;
+    drop(layers);
+    drop(target);
     Ok((ancestor, stats))
 }
 

@@ -106,9 +106,12 @@ fn run_model(format: Format, ops: Vec<Op>) {
             }
         }
         check(&b, &model, &active, &what);
-        // The manifest reopens to the same tree; no stray files.
-        let again = Bundle::open(&dir).unwrap();
-        assert_eq!(again.manifest(), b.manifest(), "{what}");
+        // The manifest reopens to the same tree (once this handle lets go
+        // of the bundle); no stray files.
+        let before = b.manifest().clone();
+        drop(b);
+        b = Bundle::open(&dir).unwrap();
+        assert_eq!(b.manifest(), &before, "{what}");
         let mut files: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -121,6 +124,42 @@ fn run_model(format: Format, ops: Vec<Op>) {
         disks.sort();
         assert_eq!(files, disks, "{what}: disk files");
     }
+}
+
+#[test]
+fn an_open_bundle_is_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vm");
+    let b = Bundle::init(&dir, Format::Vhdx, SIZE).unwrap();
+    let e = Bundle::open(&dir).unwrap_err();
+    assert_eq!(e.kind(), checkpoint::ErrorKind::Locked, "{e}");
+    assert!(
+        e.to_string()
+            .contains("the bundle is in use by this process (pid "),
+        "{e}"
+    );
+    drop(b);
+    let mut b = Bundle::open(&dir).unwrap();
+    let e = Bundle::open(&dir).unwrap_err();
+    assert_eq!(e.kind(), checkpoint::ErrorKind::Locked, "{e}");
+    b.create("c").unwrap();
+    // A writer of the active disk holds it: a checkpoint (which must freeze
+    // that disk) is refused, naming the writer, and nothing changes.
+    let active = vhdx::Vhdx::open(
+        b.active_path(),
+        &vhdx::OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = b.manifest().clone();
+    let e = b.create("while-written").unwrap_err();
+    assert_eq!(e.kind(), checkpoint::ErrorKind::Locked, "{e}");
+    drop(b);
+    drop(active);
+    let b = Bundle::open(&dir).unwrap();
+    assert_eq!(b.manifest().nodes, before.nodes, "the tree is unchanged");
 }
 
 proptest! {

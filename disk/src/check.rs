@@ -25,7 +25,7 @@
 //! checks again and reports what remains.
 
 use crate::error::Error;
-use crate::ParentPolicy;
+use crate::{LockMode, ParentPolicy};
 use std::fmt;
 
 /// At most this many problems are kept in a report (the counts stay exact):
@@ -40,6 +40,9 @@ pub struct CheckOptions {
     /// Look for a differencing disk's parent and check that it is the
     /// parent (VHDX: its DataWriteGuid is a linkage; VHD: its unique id).
     pub check_parent: bool,
+    /// How a check (a read-only open) claims the image and its parent
+    /// ([`crate::lock`]); a repair always claims the image exclusively.
+    pub lock: LockMode,
 }
 
 impl Default for CheckOptions {
@@ -47,6 +50,7 @@ impl Default for CheckOptions {
         CheckOptions {
             parent_policy: ParentPolicy::default(),
             check_parent: true,
+            lock: LockMode::Auto,
         }
     }
 }

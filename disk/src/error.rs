@@ -17,6 +17,9 @@ pub enum ErrorKind {
     Io,
     /// The caller asked for something impossible (bad range, bad option...).
     InvalidInput,
+    /// Another open (in this process or another, vdisk's or QEMU's) holds
+    /// the image in a way this open may not share; see [`crate::lock`].
+    Locked,
 }
 
 /// Errors of the disk layer and of the format drivers.
@@ -52,6 +55,14 @@ pub enum Error {
         /// The OS error (part of the message, so not also a `source()`:
         /// `{:#}` chains would print it twice).
         os_error: io::Error,
+    },
+    /// The image is in use: its image lock refuses this open.
+    #[error("{}{msg}", file_prefix(.file))]
+    Locked {
+        /// File name.
+        file: String,
+        /// Which permission was refused, and who holds the image.
+        msg: String,
     },
     /// Bad arguments from the caller.
     #[error("{}{msg}", file_prefix(.file))]
@@ -126,6 +137,7 @@ impl Error {
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Io { .. } => ErrorKind::Io,
             Error::InvalidInput { .. } => ErrorKind::InvalidInput,
+            Error::Locked { .. } => ErrorKind::Locked,
         }
     }
 
@@ -141,7 +153,8 @@ impl Error {
             }
             Error::Unsupported { file, .. }
             | Error::Io { file, .. }
-            | Error::InvalidInput { file, .. } => {
+            | Error::InvalidInput { file, .. }
+            | Error::Locked { file, .. } => {
                 if file.is_empty() {
                     *file = name.to_string();
                 }

@@ -250,6 +250,10 @@ pub fn parent_error(e: Error, child: &str, path: &Path) -> Error {
             file: child.to_string(),
             msg: format!("{what}: {file}: {msg}"),
         },
+        Error::Locked { file, msg } => Error::Locked {
+            file: child.to_string(),
+            msg: format!("{what}: {file}: {msg}"),
+        },
     }
 }
 

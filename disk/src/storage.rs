@@ -2,6 +2,7 @@
 //! fault-injecting recorder in tests). Positional I/O only, `&self` everywhere.
 
 use crate::error::{Error, Result};
+use crate::lock::LockMode;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -127,11 +128,24 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Open an existing file, read-only or read-write.
+    /// Open an existing file, read-only or read-write, with the image lock
+    /// of [`LockMode::Auto`]: exclusive when writable, shared when not.
     ///
     /// # Errors
-    /// The file cannot be opened.
+    /// The file cannot be opened, or another open holds it
+    /// ([`crate::ErrorKind::Locked`]).
     pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self> {
+        Self::open_with(path, writable, LockMode::Auto)
+    }
+
+    /// Open an existing file, read-only or read-write, claiming it as
+    /// `lock` says (see [`crate::lock`]).
+    ///
+    /// # Errors
+    /// The file cannot be opened, another open holds it
+    /// ([`crate::ErrorKind::Locked`]), or [`LockMode::ForceShare`] was
+    /// asked for a writable open.
+    pub fn open_with(path: impl AsRef<Path>, writable: bool, lock: LockMode) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let file = std::fs::OpenOptions::new()
@@ -139,6 +153,7 @@ impl FileStorage {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io("cannot open", e).in_file(&name, 0))?;
+        crate::lock::claim(&file, &name, writable, lock)?;
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -147,23 +162,28 @@ impl FileStorage {
         })
     }
 
-    /// Create a new file (failing if it exists unless `overwrite`).
+    /// Create a new file (failing if it exists unless `overwrite`), holding
+    /// the exclusive image lock. An existing file is emptied only once the
+    /// lock is held, so a file in use by another open is refused untouched.
     ///
     /// # Errors
-    /// The file cannot be created.
+    /// The file cannot be created, or another open holds it.
     pub fn create(path: impl AsRef<Path>, overwrite: bool) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let mut opts = std::fs::OpenOptions::new();
         opts.read(true).write(true);
         if overwrite {
-            opts.create(true).truncate(true);
+            opts.create(true);
         } else {
             opts.create_new(true);
         }
         let file = opts
             .open(path)
             .map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
+        crate::lock::claim(&file, &name, true, LockMode::Auto)?;
+        file.set_len(0)
+            .map_err(|e| Error::io("cannot empty", e).in_file(&name, 0))?;
         #[cfg(feature = "testing")]
         crate::testing::journal::record(path, || crate::fault::Op::SetLen(0));
         Ok(FileStorage {

@@ -1,6 +1,7 @@
 //! `vdisk`: inspect, create, convert and compare disk images, shaped like qemu-img.
 
 mod commands;
+mod guessed;
 mod open;
 mod options;
 mod progress;
@@ -31,7 +32,20 @@ use std::process::ExitCode;
         Parents of differencing disks (VHDX and VHD): the paths come from the image file, so \
         by default a parent must lie under the directory of the image opened (the top of the \
         chain). --parent-dir DIR (repeatable) allows parents under DIR too; \
-        --allow-any-parent follows any path an image names (only for images you trust)."
+        --allow-any-parent follows any path an image names (only for images you trust).\n\n\
+        Formats: without -f, an image's format is detected from its content (VHDX: \
+        \"vhdxfile\" at 0; VHD: \"conectix\" at 0 or in the last 512 bytes; else raw). A file \
+        named .vhdx, .avhdx, .vhd or .avhd without that signature is refused as corrupt (the \
+        message lists what survives; -f raw reads it as raw anyway), and an image taken for \
+        raw without -f raw refuses writes to its first sector (bytes 0 to 511) and writes \
+        that would make it detect as a fixed VHD, so a guess can never destroy an image. \
+        New images (create, convert) take the format of their name's extension when -f/-O \
+        is absent.\n\n\
+        Image locks: every open claims the image as QEMU's tools do (qemu-img, qemu-io, \
+        qemu-nbd and vdisk refuse each other as they refuse themselves): a writer holds it \
+        alone, readers share it, and a differencing disk's parents are held shared. A refusal \
+        names the file and the process holding it. Read-only commands take -U \
+        (--force-share) to read an image another process is writing."
 )]
 struct Cli {
     /// A directory, besides the opened image's own, where parents of
@@ -55,7 +69,9 @@ enum Command {
         vdisk info --backing-chain child.avhdx\n  \
         vdisk info --backing-chain --output json child.vhd\n\n\
         The format is detected from the content when -f is absent (a fixed VHD by its \
-        trailing footer). A differencing disk shows its parent locator entries (key=value) and \
+        trailing footer); a file named .vhdx, .avhdx, .vhd or .avhd that lacks the signature \
+        is refused as corrupt, with what survives of it (valid headers, region tables, \
+        footers) and how to go on. A differencing disk shows its parent locator entries (key=value) and \
         the parent file opened; --backing-chain shows every layer of the chain, the image \
         first (JSON: an array).\n\
         A truncated image (VHDX or VHD blocks that run past the end of the file) gets the \
@@ -71,9 +87,13 @@ enum Command {
         vdisk create -f vhd -o subformat=fixed disk.vhd 10G\n  \
         vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
         vdisk create -f raw disk.raw 1G\n  \
+        vdisk create disk.vhdx 64G                  # vhdx, from the name\n  \
         vdisk create -b base.vhdx child.avhdx\n  \
         vdisk create -f vhdx -o block_size=1M -b base.vhdx child.avhdx\n  \
         vdisk create -f vhd -b base.vhd child.vhd\n\n\
+        Without -f the format is the one the name says: .vhdx or .avhdx vhdx, .vhd or .avhd \
+        vhd, any other name raw (a note on stderr says which). -f that contradicts the name \
+        (-f raw disk.vhdx) is obeyed with a warning: the file will need -f to be opened.\n\
         VHDX options (-o): subformat=fixed|dynamic, block_size=SIZE (1M..256M, power of two), \
         logical_sector_size=512|4096, physical_sector_size=512|4096, log_size=SIZE (multiple of 1M)\n\
         VHD options (-o, format vhd or vpc): subformat=fixed|dynamic, block_size=SIZE (dynamic only; \
@@ -81,7 +101,8 @@ enum Command {
         number of MiB, as Azure requires). Without azure=on, a VHD's size is rounded up to a whole \
         CHS geometry, like qemu-img does.\n\
         With -b PARENT, a differencing disk of PARENT's format is created (without -f, the \
-        format is PARENT's; a VHDX child needs a VHDX parent, a VHD child a VHD parent): it \
+        format is PARENT's, and a name that says the other format is refused; a VHDX child \
+        needs a VHDX parent, a VHD child a VHD parent): it \
         starts empty, reads what it does not hold from PARENT (found again by a relative and \
         an absolute path, or by file name beside the child), and takes PARENT's virtual size \
         (a SIZE given must be PARENT's). VHDX: block_size (default 2M, as Hyper-V) and \
@@ -95,8 +116,12 @@ enum Command {
         vdisk convert -p -f vhdx -O raw disk.vhdx disk.raw\n  \
         vdisk convert -O vhdx -o block_size=1M disk.raw small-blocks.vhdx\n  \
         vdisk convert -O vpc -o azure=on disk.raw azure.vhd\n  \
+        vdisk convert disk.raw disk.vhdx            # vhdx, from the target's name\n  \
         vdisk convert --salvage -O vhdx truncated.vhdx rescued.vhdx\n\n\
-        Zero ranges of the source are not allocated in the target.\n\
+        Without -O the target's format is the one its name says: .vhdx or .avhdx vhdx, .vhd \
+        or .avhd vhd, any other name raw (a note on stderr says which); -O that contradicts \
+        the name is obeyed with a warning. The source's format is detected from its content \
+        when -f is absent. Zero ranges of the source are not allocated in the target.\n\
         --salvage: copy everything readable from a damaged source (a truncated image, I/O \
         errors). A range that fails to read is read again in smaller pieces (64 KiB, then \
         one sector) so that only what is really unreadable is replaced by zeros; every range \
@@ -109,7 +134,13 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vdisk compare disk.raw disk.vhdx\n  \
         vdisk compare -f raw -F vhdx disk.raw disk.vhdx\n  \
-        vdisk compare disk.vhd disk.vhdx\n\n\
+        vdisk compare disk.vhd disk.vhdx\n  \
+        vdisk compare -s disk.raw disk.vhd          # sizes must match too\n\n\
+        As qemu-img compare: images of different sizes (a VHD rounded up to a CHS size, say) \
+        are identical when the common part is and the longer image's extra part reads as \
+        zeros; \"Warning: Image size mismatch!\" is printed first. A non-zero byte there is \
+        a difference (\"Content mismatch at offset N!\"). -s (strict): any size difference is \
+        a difference (\"Strict mode: Image size mismatch!\").\n\
         Exit status: 0 identical, 1 different, 2 error.")]
     Compare(CompareArgs),
     /// Check an image's structures for corruption and leaked space (like qemu-img check)
@@ -157,7 +188,12 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vdisk write disk.vhdx 0 mbr.bin\n  \
         printf hello | vdisk write disk.vhdx 1M\n  \
-        vdisk write disk.vhd 0 mbr.bin")]
+        vdisk write disk.vhd 0 mbr.bin\n  \
+        vdisk write -f raw disk.img 0 mbr.bin       # a raw image's first sector needs -f raw\n\n\
+        An image taken for raw without -f raw (no signature found) refuses writes to its \
+        first sector (bytes 0 to 511), and writes that would put a VHD footer cookie 512 \
+        bytes before its end: either could make it detect as another format, or destroy \
+        what is left of a damaged image. Pass -f raw for a raw image.")]
     Write(WriteArgs),
     /// Change the virtual size of an image (like qemu-img resize)
     #[command(after_help = "Examples:\n  \
@@ -169,7 +205,11 @@ enum Command {
         when the cut part holds data (an allocated block of a dynamic image, a non-zero byte \
         of a fixed or raw one) unless --force. VHD sizes are rounded up to a CHS geometry \
         as at creation (whole MiB for Azure disks, whose size is not CHS-rounded). \
-        Differencing disks cannot be resized: their size must match their parent's. Prints \
+        Differencing disks cannot be resized: their size must match their parent's. A \
+        shrink gives back the file space its cut blocks leave at the end of the file (blocks \
+        freed below one that is kept stay as unused space, which vdisk compact packs), so \
+        `vdisk check` finds no leak after any resize. An image taken for raw without -f raw \
+        is not cut to a length that would make it detect as a fixed VHD. Prints \
         \"Image resized.\" on success.")]
     Resize(ResizeArgs),
     /// Give back unused space: zero blocks become unallocated, the file shrinks (like Optimize-VHD)
@@ -221,7 +261,10 @@ enum Command {
         vdisk checkpoint merge vm\n\n\
         The bundle directory holds the disks and bundle.json; the active disk (printed by \
         `path`) is the one a VM writes. Every change is atomic and is finished at the next \
-        command if interrupted.")]
+        command if interrupted. A command holds the bundle while it runs (another one is \
+        refused, naming it), and refuses to change a disk another process has open: a \
+        checkpoint or revert while a VM writes the active disk, a delete or merge while a \
+        disk it rewrites is in use.")]
     Checkpoint(CheckpointArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(after_help = "Examples:\n  \
@@ -245,7 +288,9 @@ enum Command {
         MOUNTPOINT (an existing directory) then holds one regular file, `disk`, of the \
         virtual size, whose bytes are the virtual disk's (printed on stdout once mounted). \
         The image is opened writable only with --rw; a differencing disk reads through its \
-        chain and, with --rw, writes only its own file. fsync (and close after writes) \
+        chain and, with --rw, writes only its own file. The image stays claimed until it is \
+        unmounted (see image locks in vdisk --help): with --rw, a second mount, vdisk write or \
+        qemu-io on it is refused; without, only writers are. fsync (and close after writes) \
         flushes the image. The file's size is fixed: write with `dd conv=notrunc`, not a \
         truncating copy. The mount is private to the mounting user (default_permissions, no \
         allow_other); without root privilege it needs fusermount3 (package fuse3). By \
@@ -259,6 +304,9 @@ enum Command {
         Without --foreground, vdisk returns once the mount is ready and a background process \
         serves it. SIGINT, SIGTERM or SIGHUP to the serving process, `vdisk unmount`, \
         `umount` or `fusermount3 -u` unmount it; the image is then flushed and closed.\n\
+        An image taken for raw without -f raw refuses, with --rw, writes to its first sector \
+        and writes that would make it detect as a fixed VHD (EIO; a note says so at mount \
+        time): pass -f raw for a raw image.\n\
         Exit status: 0 mounted (with --foreground: unmounted and the image closed cleanly), \
         1 error (the mount failed, or closing the image failed).")]
     Mount(MountArgs),
@@ -281,6 +329,16 @@ enum OutputFormat {
     Json,
 }
 
+/// `-U`: read an image that another process holds for writing.
+#[derive(Args, Debug, Clone, Copy, Default)]
+struct ShareArgs {
+    /// Open read-only images sharing every permission (like qemu-img -U):
+    /// succeeds while another process (vdisk or QEMU) writes the image, but
+    /// what is read may be inconsistent
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+}
+
 #[derive(Args, Debug)]
 struct InfoArgs {
     /// Output format
@@ -294,12 +352,15 @@ struct InfoArgs {
     backing_chain: bool,
     /// The image
     image: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
 struct CreateArgs {
-    /// Image format: vhdx, vhd (alias vpc) or raw (default raw; with -b,
-    /// the parent's format)
+    /// Image format: vhdx, vhd (alias vpc) or raw (by default the one the
+    /// name says: .vhdx/.avhdx vhdx, .vhd/.avhd vhd, else raw; with -b, the
+    /// parent's format)
     #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
     format: Option<Format>,
     /// Format options, comma-separated key=value (may be repeated)
@@ -324,9 +385,10 @@ struct ConvertArgs {
     /// Source format (detected from the content when absent)
     #[arg(short = 'f', value_parser = Format::parse_arg)]
     format: Option<Format>,
-    /// Target format: raw, vhdx or vhd (alias vpc)
-    #[arg(short = 'O', value_parser = Format::parse_arg, default_value = "raw")]
-    output_format: Format,
+    /// Target format: raw, vhdx or vhd (alias vpc); by default the one the
+    /// target's name says (.vhdx/.avhdx vhdx, .vhd/.avhd vhd, else raw)
+    #[arg(short = 'O', value_parser = Format::parse_arg)]
+    output_format: Option<Format>,
     /// Target format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -340,6 +402,8 @@ struct ConvertArgs {
     source: PathBuf,
     /// The target image (overwritten if it exists)
     target: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -350,6 +414,10 @@ struct CompareArgs {
     /// Format of the second image (detected when absent)
     #[arg(short = 'F', value_parser = Format::parse_arg)]
     format_b: Option<Format>,
+    /// Strict: images of different sizes are different (by default the
+    /// longer one's extra part must read as zeros)
+    #[arg(short = 's', long = "strict")]
+    strict: bool,
     /// Show a progress bar on stderr
     #[arg(short = 'p', long = "progress")]
     progress: bool,
@@ -357,6 +425,8 @@ struct CompareArgs {
     image_a: PathBuf,
     /// The second image
     image_b: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 /// What `check -r` may repair.
@@ -381,6 +451,8 @@ struct CheckArgs {
     format: Option<Format>,
     /// The image
     image: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -393,6 +465,8 @@ struct MapArgs {
     format: Option<Format>,
     /// The image
     image: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -420,6 +494,8 @@ struct ReadArgs {
     offset: String,
     /// Number of bytes, in bytes or with a K, M, G or T suffix
     length: String,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -597,6 +673,8 @@ struct MountArgs {
     image: PathBuf,
     /// An existing directory where the file `disk` appears
     mountpoint: PathBuf,
+    #[command(flatten)]
+    share: ShareArgs,
 }
 
 #[derive(Args, Debug)]
@@ -640,6 +718,12 @@ fn main() -> ExitCode {
         allow_any: cli.allow_any_parent,
         ..ParentPolicy::default()
     });
+    let (read_only, share) = sharing(&cli.command);
+    let _ = READ_ONLY.set(read_only && !share.force_share);
+    if let Err(e) = set_read_lock(&cli.command) {
+        report(&e);
+        return ExitCode::from(EXIT_ERROR);
+    }
     let result = match &cli.command {
         Command::Info(a) => commands::info::run(a),
         Command::Create(a) => commands::create::run(a),
@@ -693,6 +777,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `command` only reads images, and its `-U`.
+fn sharing(command: &Command) -> (bool, ShareArgs) {
+    match command {
+        Command::Info(a) => (true, a.share),
+        Command::Convert(a) => (true, a.share),
+        Command::Compare(a) => (true, a.share),
+        Command::Check(a) => (a.repair.is_none(), a.share),
+        Command::Map(a) => (true, a.share),
+        Command::Read(a) => (true, a.share),
+        Command::Mount(a) => (!a.rw, a.share),
+        _ => (false, ShareArgs::default()),
+    }
+}
+
+/// How this run's read-only opens claim their images: `-U` makes them
+/// force-share; refused where the command writes the image.
+fn set_read_lock(command: &Command) -> anyhow::Result<()> {
+    let (read_only, share) = sharing(command);
+    if share.force_share {
+        if !read_only {
+            anyhow::bail!(
+                "-U (--force-share) is only for read-only use: a writer must hold the image \
+                 alone (drop -U, or drop -r / --rw)"
+            );
+        }
+        open::set_read_lock(disk::LockMode::ForceShare);
+    }
+    Ok(())
+}
+
 /// Exit status when stdout is a closed pipe (128 + SIGPIPE, as a shell
 /// reports a process killed by it).
 const EXIT_BROKEN_PIPE: i32 = 141;
@@ -718,7 +832,21 @@ fn report(e: &anyhow::Error) {
     }
     eprintln!("vdisk: {e:#}");
     policy_hint(&format!("{e:#}"));
+    let locked = e.chain().any(|c| {
+        c.downcast_ref::<disk::Error>()
+            .is_some_and(|d| d.kind() == disk::ErrorKind::Locked)
+    });
+    if locked && READ_ONLY.get() == Some(&true) {
+        eprintln!(
+            "vdisk: hint: -U (--force-share) reads an image while another process writes it \
+             (what is read may be inconsistent)"
+        );
+    }
 }
+
+/// Whether this run's command only reads images without -U (set by `main`):
+/// a lock refusal then comes with the -U hint.
+static READ_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// After a message `msg` on stderr: when it says that the parent policy
 /// refused a parent, print (on stderr) how to allow it.

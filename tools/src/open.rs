@@ -1,10 +1,10 @@
 //! Image formats: naming them, detecting them from content, opening and
 //! creating images, and closing them durably.
 
+use crate::guessed::RawImage;
 use anyhow::Result;
-use disk::{FileStorage, ParentPolicy, RawDisk, VirtualDisk};
+use disk::{FileStorage, LockMode, ParentPolicy, RawDisk, VirtualDisk};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::OnceLock;
 use vhd::Vhd;
@@ -23,6 +23,30 @@ pub fn set_policy(policy: ParentPolicy) {
 /// files under the directory of the image opened.
 pub fn policy() -> &'static ParentPolicy {
     POLICY.get_or_init(ParentPolicy::default)
+}
+
+/// How this run's read-only opens claim their images (`-U` makes it
+/// [`LockMode::ForceShare`]), set once by `main`.
+static READ_LOCK: OnceLock<LockMode> = OnceLock::new();
+
+/// Set how this run's read-only opens claim their images (the first call wins).
+pub fn set_read_lock(mode: LockMode) {
+    let _ = READ_LOCK.set(mode);
+}
+
+/// How a read-only open claims its image: shared (the default), or
+/// force-share with `-U`. Writable opens always claim it exclusively.
+pub fn read_lock() -> LockMode {
+    *READ_LOCK.get_or_init(LockMode::default)
+}
+
+/// The lock mode of an open, read-only unless `writable`.
+pub fn lock_for(writable: bool) -> LockMode {
+    if writable {
+        LockMode::Auto
+    } else {
+        read_lock()
+    }
 }
 
 /// An image format name as given on the command line.
@@ -59,55 +83,100 @@ impl Format {
     }
 }
 
-/// VHDX file type identifier signature (MS-VHDX 2.2.1).
-const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
-/// VHD footer cookie; dynamic VHDs start with a copy of the footer, every
-/// VHD ends with the footer.
-const VHD_COOKIE: &[u8; 8] = b"conectix";
-/// The VHD footer, and its size in images made before Virtual PC 2004.
-const VHD_FOOTER: u64 = 512;
-const VHD_OLD_FOOTER: u64 = 511;
+impl From<checkpoint::Format> for Format {
+    fn from(f: checkpoint::Format) -> Format {
+        match f {
+            checkpoint::Format::Vhdx => Format::Vhdx,
+            checkpoint::Format::Vhd => Format::Vhd,
+        }
+    }
+}
+
+/// The format of a new image at `path`: `given` (`flag`, -f or -O), or
+/// the one its name claims (`.vhdx`/`.avhdx` VHDX, `.vhd`/`.avhd` VHD, any
+/// case), raw for any other name. Says on stderr which format a missing
+/// `flag` gave, and warns when `given` contradicts the name (Windows goes
+/// by the name, and `vdisk` refuses a `.vhdx` or `.vhd` file without its
+/// signature unless -f raw).
+pub fn new_image_format(path: &Path, given: Option<Format>, flag: &str) -> Format {
+    let claim = checkpoint::detect::claimed(path).map(Format::from);
+    let n = path.display();
+    match (given, claim) {
+        (Some(f), Some(c)) if f != c => {
+            let why = if f == Format::Raw {
+                "opening it will need -f raw (a file so named without the signature is refused \
+                 as damaged)"
+            } else {
+                "Windows, which goes by the name, will not open it"
+            };
+            eprintln!(
+                "vdisk: warning: {n} will be {} although its name says it is {}: {why}",
+                describe(f),
+                describe(c)
+            );
+            f
+        }
+        (Some(f), _) => f,
+        (None, Some(c)) => {
+            eprintln!(
+                "vdisk: note: no {flag} given: format {}, from the name {n}",
+                c.name()
+            );
+            c
+        }
+        (None, None) => {
+            eprintln!(
+                "vdisk: note: no {flag} given: format raw (the name {n} does not end in .vhdx, \
+                 .avhdx, .vhd or .avhd)"
+            );
+            Format::Raw
+        }
+    }
+}
+
+/// A format's name for messages ("a raw image", "a VHDX").
+pub fn describe(f: Format) -> &'static str {
+    match f {
+        Format::Raw => "a raw image",
+        Format::Vhdx => "a VHDX",
+        Format::Vhd => "a VHD",
+    }
+}
 
 /// Guess the format of the file at `path` from its content: VHDX when it
 /// starts with "vhdxfile"; VHD when it starts with "conectix" (dynamic and
 /// differencing disks) or its last 512 (or, for old images, 511) bytes
-/// start with it (fixed disks); else raw.
+/// start with it (fixed disks); else raw, unless the name says VHDX or VHD:
+/// such a file is refused as corrupt, saying what survives and how to go
+/// on (see [`checkpoint::detect::sniff`]).
 pub fn detect(path: &Path) -> Result<Format> {
-    let name = path.display().to_string();
-    let read_err = |e| disk::Error::io("cannot read", e).in_file(&name, 0);
-    let mut file =
-        File::open(path).map_err(|e| disk::Error::io("cannot open", e).in_file(&name, 0))?;
-    let mut magic = Vec::with_capacity(8);
-    file.by_ref()
-        .take(8)
-        .read_to_end(&mut magic)
-        .map_err(read_err)?;
-    if magic == VHDX_SIGNATURE {
-        return Ok(Format::Vhdx);
-    }
-    if magic == VHD_COOKIE {
-        return Ok(Format::Vhd);
-    }
-    let len = file
-        .metadata()
-        .map_err(|e| disk::Error::io("cannot stat", e).in_file(&name, 0))?
-        .len();
-    if len >= VHD_OLD_FOOTER {
-        let tail_len = len.min(VHD_FOOTER);
-        let mut tail = Vec::with_capacity(tail_len as usize);
-        file.seek(SeekFrom::Start(len - tail_len))
-            .map_err(read_err)?;
-        file.by_ref()
-            .take(tail_len)
-            .read_to_end(&mut tail)
-            .map_err(read_err)?;
-        let old = tail.len().saturating_sub(VHD_OLD_FOOTER as usize);
-        let cookie_at = |at: usize| tail.get(at..at + VHD_COOKIE.len()) == Some(&VHD_COOKIE[..]);
-        if (tail.len() as u64 == VHD_FOOTER && cookie_at(0)) || cookie_at(old) {
-            return Ok(Format::Vhd);
+    match checkpoint::detect::sniff(path) {
+        Ok(f) => Ok(f.map_or(Format::Raw, Format::from)),
+        Err(disk::Error::Corrupt {
+            file,
+            structure,
+            offset,
+            msg,
+        }) => {
+            let f = match checkpoint::detect::claimed(path) {
+                Some(checkpoint::Format::Vhd) => "vhd",
+                _ => "vhdx",
+            };
+            let n = path.display();
+            Err(disk::Error::Corrupt {
+                file,
+                structure,
+                offset,
+                msg: format!(
+                    "{msg}. To go on: `vdisk check -f {f} {n}` reports what is damaged, \
+                     `vdisk convert --salvage` copies out what can be read, or -f raw uses the \
+                     file as a raw image anyway"
+                ),
+            }
+            .into())
         }
+        Err(e) => Err(e.into()),
     }
-    Ok(Format::Raw)
 }
 
 /// The format to use for `path`: `given`, or detected from the content.
@@ -120,8 +189,8 @@ pub fn resolve(path: &Path, given: Option<Format>) -> Result<Format> {
 
 /// An open image of any supported format.
 pub enum Image {
-    /// A raw file.
-    Raw(RawDisk<FileStorage>),
+    /// A raw file (guarded when its format was guessed).
+    Raw(RawImage),
     /// A VHDX image (boxed: it is much larger than a raw disk).
     Vhdx(Box<Vhdx>),
     /// A VHD image.
@@ -154,6 +223,7 @@ pub fn vhdx_options(writable: bool) -> vhdx::OpenOptions {
     vhdx::OpenOptions {
         writable,
         parent_policy: policy().clone(),
+        lock: lock_for(writable),
         ..vhdx::OpenOptions::default()
     }
 }
@@ -163,6 +233,7 @@ pub fn vhd_options(writable: bool) -> vhd::OpenOptions {
     vhd::OpenOptions {
         writable,
         parent_policy: policy().clone(),
+        lock: lock_for(writable),
         ..vhd::OpenOptions::default()
     }
 }
@@ -170,7 +241,7 @@ pub fn vhd_options(writable: bool) -> vhd::OpenOptions {
 /// Open the image at `path` (format given or detected), read-only unless `writable`.
 pub fn open(path: &Path, format: Option<Format>, writable: bool) -> Result<Image> {
     Ok(match resolve(path, format)? {
-        Format::Raw => Image::Raw(RawDisk::new(FileStorage::open(path, writable)?)?),
+        Format::Raw => Image::Raw(RawImage::open(path, writable, format.is_none())?),
         Format::Vhdx => Image::Vhdx(Box::new(Vhdx::open(path, &vhdx_options(writable))?)),
         Format::Vhd => Image::Vhd(Box::new(Vhd::open(path, &vhd_options(writable))?)),
     })
@@ -179,7 +250,10 @@ pub fn open(path: &Path, format: Option<Format>, writable: bool) -> Result<Image
 /// Create (or overwrite, like qemu-img) a sparse raw image of `size` bytes.
 pub fn create_raw(path: &Path, size: u64) -> Result<Image> {
     let storage = FileStorage::create(path, true)?;
-    Ok(Image::Raw(RawDisk::create(storage, size)?))
+    Ok(Image::Raw(RawImage::new(
+        RawDisk::create(storage, size)?,
+        false,
+    )))
 }
 
 /// Create (or overwrite, like qemu-img) a VHDX image.

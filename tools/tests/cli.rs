@@ -395,14 +395,22 @@ fn compare_exit_codes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("offset 1048577!"));
 
-    // Sizes differ.
+    // Sizes differ: the common part is compared first, and a difference
+    // there is reported without the size warning (as qemu-img does); -s
+    // stops at the sizes.
     let c = dir.path().join("c.raw");
     raw_file(&c, 4 * MIB, &[]);
     let out = run(&["compare", p(&a), p(&c)]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "Image size mismatch!"
+        "Content mismatch at offset 1048576!"
+    );
+    let out = run(&["compare", "-s", p(&a), p(&c)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Strict mode: Image size mismatch!"
     );
 
     // Errors: exit 2.
@@ -479,10 +487,14 @@ fn info_dirty_log_is_replayed_in_memory() {
     use disk::VirtualDisk;
     let dir = tmp();
     let img = dir.path().join("dirty.vhdx");
-    let d = vhdx::Vhdx::create(&img, &vhdx::CreateOptions::new(64 * MIB), false).unwrap();
+    let work = dir.path().join("work.vhdx");
+    let d = vhdx::Vhdx::create(&work, &vhdx::CreateOptions::new(64 * MIB), false).unwrap();
     d.write_at(b"data", MIB).unwrap();
     d.flush().unwrap();
-    // Crash: no clean close, the log still holds the BAT update.
+    // Crash: no clean close, the log still holds the BAT update. (A copy:
+    // the forgotten handle keeps its image lock for this process's life,
+    // where a real crash would release it.)
+    std::fs::copy(&work, &img).unwrap();
     std::mem::forget(d);
     let human = ok(&["info", p(&img)]);
     assert!(human.contains("log: dirty ("), "{human}");

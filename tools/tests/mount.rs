@@ -716,3 +716,57 @@ fn mount_help_has_examples_and_exit_status() {
     assert!(out.contains("--rw") && out.contains("--foreground") && out.contains("`disk`"));
     assert!(!out.contains("daemon-child"), "{out}");
 }
+
+/// A raw image mounted --rw without -f raw (its format guessed) says at
+/// mount time that its first sector is kept, refuses writes there through
+/// the mount (EIO), and takes writes elsewhere; with -f raw the first
+/// sector is written.
+#[test]
+fn guessed_raw_mount_keeps_the_first_sector() {
+    if !fuse_works() {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("disk.img");
+    fs::File::create(&img).unwrap().set_len(4 * MIB).unwrap();
+    let mnt = mount_dir(dir.path());
+    let out = run(&["mount", "--rw", p(&img), p(&mnt)]);
+    let m = Mounted {
+        dir: mnt.clone(),
+        done: false,
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("guessed as raw") && err.contains("first sector") && err.contains("-f raw"),
+        "{err}"
+    );
+    let f = fs::OpenOptions::new().write(true).open(m.file()).unwrap();
+    let e = f.write_all_at(&[0x55; 512], 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(5), "{e}"); // EIO
+    f.write_all_at(b"data", 4096).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.unmount();
+    let bytes = fs::read(&img).unwrap();
+    assert!(
+        bytes[..512].iter().all(|&b| b == 0),
+        "the first sector changed"
+    );
+    assert_eq!(&bytes[4096..4100], b"data");
+
+    // -f raw: no note, and the first sector is written.
+    let out = run(&["mount", "--rw", "-f", "raw", p(&img), p(&mnt)]);
+    let m = Mounted {
+        dir: mnt.clone(),
+        done: false,
+    };
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("guessed"));
+    let f = fs::OpenOptions::new().write(true).open(m.file()).unwrap();
+    f.write_all_at(&[0x55; 512], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.unmount();
+    assert_eq!(fs::read(&img).unwrap()[..512], [0x55; 512]);
+}

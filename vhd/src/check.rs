@@ -55,7 +55,7 @@ pub use disk::check::CheckOptions;
 /// # Errors
 /// The file cannot be read, or is not a VHD (no footer cookie at all).
 pub fn check_file(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport> {
-    let storage = FileStorage::open(path.as_ref(), false)?;
+    let storage = FileStorage::open_with(path.as_ref(), false, opts.lock)?;
     check(&storage, opts)
 }
 
@@ -623,6 +623,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             &header,
             size,
             &opts.parent_policy,
+            opts.lock,
         );
     }
     Ok(f)
@@ -638,6 +639,7 @@ fn check_parent(
     header: &DynamicHeader,
     size: u64,
     policy: &ParentPolicy,
+    lock: disk::LockMode,
 ) {
     const H: &str = "VHD dynamic disk header";
     let name = storage.name();
@@ -670,7 +672,7 @@ fn check_parent(
             continue;
         }
         seen.push(canon);
-        let pinfo = match Vhd::inspect(&path) {
+        let pinfo = match Vhd::inspect_with(&path, lock) {
             Ok(i) => i,
             Err(e) => {
                 report.check_error(

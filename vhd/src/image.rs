@@ -84,7 +84,7 @@ use crate::footer::{
 use crate::{Error, Result};
 use disk::parent::{self, ChainSearch, ParentPolicy};
 use disk::{
-    Extent, FileOffset, FileStorage, Geometry, Mapping, ResultExt, Storage, VirtualDisk,
+    Extent, FileOffset, FileStorage, Geometry, LockMode, Mapping, ResultExt, Storage, VirtualDisk,
     WriteExtent,
 };
 use std::collections::{BTreeSet, HashMap};
@@ -128,6 +128,10 @@ pub struct OpenOptions {
     /// Which parent files may be followed (by default only files under the
     /// directory of the image opened; see [`disk::parent`]).
     pub parent_policy: ParentPolicy,
+    /// How the image file and its parents' files are claimed against other
+    /// opens ([`disk::lock`]): by default the image exclusively when
+    /// writable, shared when not, and every parent shared.
+    pub lock: LockMode,
 }
 
 /// How to create an image.
@@ -318,7 +322,7 @@ impl Vhd {
         opts: &OpenOptions,
         parent: Arc<dyn VirtualDisk>,
     ) -> Result<Self> {
-        let storage = FileStorage::open(path.as_ref(), opts.writable)?;
+        let storage = FileStorage::open_with(path.as_ref(), opts.writable, opts.lock)?;
         Self::open_inner(Box::new(storage), opts, ParentSource::Given(parent))
     }
 
@@ -354,7 +358,7 @@ impl Vhd {
     }
 
     fn open_path(path: &Path, opts: &OpenOptions, chain: &mut ChainSearch) -> Result<Self> {
-        let storage = FileStorage::open(path, opts.writable)?;
+        let storage = FileStorage::open_with(path, opts.writable, opts.lock)?;
         Self::open_inner(
             Box::new(storage),
             opts,
@@ -371,7 +375,17 @@ impl Vhd {
     /// # Errors
     /// Not a VHD, or corrupt structures.
     pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
-        let storage = FileStorage::open(path.as_ref(), false)?;
+        Self::inspect_with(path, LockMode::Auto)
+    }
+
+    /// [`Vhd::inspect`], claiming the file as `lock` says (a shared claim
+    /// by default; [`LockMode::ForceShare`] to read an image another
+    /// process is writing).
+    ///
+    /// # Errors
+    /// As [`Vhd::inspect`].
+    pub fn inspect_with(path: impl AsRef<Path>, lock: LockMode) -> Result<Info> {
+        let storage = FileStorage::open_with(path.as_ref(), false, lock)?;
         let v = Self::open_inner(
             Box::new(storage),
             &OpenOptions::default(),

@@ -22,6 +22,7 @@ pub mod check;
 pub mod dynamic_header;
 pub mod footer;
 mod image;
+pub mod probe;
 
 pub use disk::{Error, ErrorKind, Result};
 pub use image::{

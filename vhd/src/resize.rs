@@ -39,7 +39,17 @@
 //! Shrinking: the footer copy at 0, then the trailing footer (commit), each
 //! synced, then the BAT entries past the new end unallocated, sync. Until
 //! then they are ignored (a reader only reads the entries the size needs),
-//! and a later grow clears them first anyway.
+//! and a later grow clears them first anyway. Then the file gives back its
+//! tail that nothing uses any more, as `compact` cuts the file (step 3 of
+//! its module docs): the footer (the same bytes) after the last structure
+//! or block still in use, sync, the file truncated just after it, sync.
+//! Nothing on disk refers to the space the new footer goes into (the
+//! entries of the blocks that were there are unallocated and synced, or
+//! ignored at the new size), and until the truncation persists the old
+//! trailing footer, identical, is still the last 512 bytes: a crash leaves
+//! the new size either way, at worst with a leaked tail. Blocks freed below
+//! the last one kept stay as unused space (not a leak: `vdisk compact`
+//! packs blocks into it).
 
 use super::*;
 use crate::footer::DiskType;
@@ -225,10 +235,12 @@ impl Resizer<'_> {
             self.commit_footers(end)?;
             for b in new_blocks..old_blocks {
                 if bat.block_offset(b).is_some() {
+                    bat.entries[b as usize] = UNALLOCATED;
                     self.write_entry(t, b, UNALLOCATED)?;
                 }
             }
-            return self.st.flush();
+            self.st.flush()?;
+            return self.cut_tail(info, h, &bat, new_blocks, end);
         }
         // (1) Stale entries past the old block count; the old last block's tail.
         for b in old_blocks..m {
@@ -305,6 +317,46 @@ impl Resizer<'_> {
         }
         // (4), (5)
         self.commit_footers(end)
+    }
+
+    /// After a shrink: move the trailing footer at `footer_at` to just
+    /// after the last structure or block (of the first `blocks`) still in
+    /// use, and cut the file there (module docs).
+    fn cut_tail(
+        &self,
+        info: &Info,
+        h: &DynamicHeader,
+        bat: &Bat,
+        blocks: u64,
+        footer_at: u64,
+    ) -> Result<()> {
+        let slot = bat::bitmap_size(h.block_size) + u64::from(h.block_size);
+        let hdr = info.footer.data_offset;
+        let table_end = h
+            .table_offset
+            .saturating_add((u64::from(h.max_table_entries) * 4).div_ceil(SECTOR) * SECTOR);
+        let mut end = (FOOTER_SIZE as u64)
+            .max(hdr.saturating_add(HEADER_SIZE as u64))
+            .max(table_end);
+        for (_, l) in h.locators() {
+            if l.data_offset < footer_at {
+                let len = l.data_space_bytes().max(u64::from(l.data_length));
+                end = end.max(l.data_offset.saturating_add(len).min(footer_at));
+            }
+        }
+        for b in 0..blocks {
+            if let Some(off) = bat.block_offset(b) {
+                end = end.max(off.saturating_add(slot));
+            }
+        }
+        let end = end.div_ceil(SECTOR) * SECTOR;
+        if end.saturating_add(FOOTER_SIZE as u64) > footer_at {
+            return Ok(());
+        }
+        self.st.write_at(&self.footer_bytes, end)?;
+        self.st.flush()?;
+        self.st.set_len(end + FOOTER_SIZE as u64)?;
+        self.st.flush()
     }
 
     /// The footer in use now, as bytes (for moving it at the old size).

@@ -2,7 +2,10 @@
 //! sizes, differencing refused, and a power cut at every write of a dynamic
 //! grow that moves blocks out of the BAT's way: every crash image opens,
 //! reads the data written before the resize, and has the old or new size.
+//! Every finished resize leaves a file `vhd::check` finds clean (a shrink
+//! gives back the tail it frees: no leak), and every crash image is clean after `check -r all`.
 
+use disk::check::{ProblemKind, RepairMode};
 use disk::fault::RecordingStorage;
 use disk::testing::crash::for_each_crash;
 use disk::testing::{check_marks, check_marks_gone, mark};
@@ -35,6 +38,36 @@ fn open(bytes: Vec<u8>) -> Vhd {
     .unwrap()
 }
 
+/// `bytes` is a VHD that `vhd::check` finds clean: no corruption, no leak
+/// (exit status 0).
+fn assert_clean(bytes: Vec<u8>, what: &str) {
+    let r = vhd::check::check(&MemStorage::from_vec("img", bytes), &Default::default()).unwrap();
+    assert_eq!(
+        (r.corruptions, r.leaks, r.exit_code()),
+        (0, 0, 0),
+        "{what}: {:?}",
+        r.problems
+    );
+}
+
+/// `bytes` (a crash image) has nothing `check -r all` cannot repair, and
+/// is clean after it: a leak (a tail not yet cut) and a footer copy at 0
+/// that disagrees with the trailing footer (a crash between the two
+/// footer writes: the trailing one is used) are allowed.
+fn assert_repairable(bytes: Vec<u8>, what: &str) {
+    let st = MemStorage::from_vec("img", bytes);
+    let r = vhd::check::check(&st, &Default::default()).unwrap();
+    for p in r
+        .problems
+        .iter()
+        .filter(|p| p.kind == ProblemKind::Corruption)
+    {
+        assert_eq!(p.repair, Some(RepairMode::All), "{what}: {p:?}");
+    }
+    vhd::check::repair(&st, RepairMode::All, &Default::default()).unwrap();
+    assert_clean(st.to_vec(), &format!("{what}, repaired"));
+}
+
 fn resize(bytes: Vec<u8>, size: u64, force: bool) -> disk::Result<(u64, Vec<u8>)> {
     let st = Arc::new(MemStorage::from_vec("img", bytes));
     let s = Vhd::resize_storage(Box::new(st.clone()), size, force)?;
@@ -61,8 +94,10 @@ fn dynamic_grow_relocating_crash_at_every_write() {
         "block 0 was not moved"
     );
     assert!(d.info().header.as_ref().unwrap().max_table_entries >= 320);
+    assert_clean(rec.contents(), "grown");
     for_each_crash(&rec, 3, |img, cut, strategy| {
         let what = format!("{strategy} cut {cut}");
+        assert_repairable(img.clone(), &what);
         let st = Arc::new(MemStorage::from_vec("crash", img));
         let d = Vhd::open_storage(
             Box::new(st.clone()),
@@ -96,8 +131,10 @@ fn fixed_grow_crash_at_every_write() {
         image(4 * MIB, true, false, &marks),
     ));
     let new = Vhd::resize_storage(Box::new(rec.clone()), 6 * MIB, false).unwrap();
+    assert_clean(rec.contents(), "fixed grown");
     for_each_crash(&rec, 5, |img, cut, strategy| {
         let what = format!("{strategy} cut {cut}");
+        assert_repairable(img.clone(), &what);
         let d = Vhd::open_storage(
             Box::new(MemStorage::from_vec("crash", img)),
             &OpenOptions::default(),
@@ -135,11 +172,17 @@ fn dynamic_shrink_rules_and_tail() {
     assert!(e.contains("img:") && e.contains("block 96"), "{e}");
     let (s, shrunk) = resize(st.to_vec(), 4 * MIB, true).unwrap();
     assert_eq!(s, ChsGeometry::round_up(4 * MIB).0);
+    // The block at 6 MiB, last in the file, is cut off with the footer
+    // moved before it.
+    let slot = 64 * 1024 + 512;
+    assert_eq!(shrunk.len(), st.to_vec().len() - slot);
+    assert_clean(shrunk.clone(), "shrunk");
     let d = open(shrunk.clone());
     assert_eq!(d.virtual_size(), s);
     check_marks(&d, &marks, "shrunk");
     // Growing back: the discarded block reads as zeros.
     let (_, grown) = resize(shrunk, 8 * MIB, false).unwrap();
+    assert_clean(grown.clone(), "grown back");
     let d = open(grown);
     check_marks(&d, &marks, "grown back");
     let mut b = [9u8; 3];
@@ -165,6 +208,7 @@ fn fixed_shrink_refused_over_data_then_forced() {
     assert!(resize(st.to_vec(), 4 * MIB, false).is_err());
     let (s, out) = resize(st.to_vec(), 4 * MIB, true).unwrap();
     assert_eq!(out.len() as u64, s + 512);
+    assert_clean(out.clone(), "fixed shrunk");
     let d = open(out);
     assert_eq!(d.virtual_size(), s);
     check_marks(&d, &marks, "fixed shrunk");
@@ -213,9 +257,18 @@ fn dynamic_forced_shrink_crash_at_every_write() {
     assert!(Vhd::resize_storage(Box::new(rec.clone()), 8 * MIB, false).is_err());
     let new = Vhd::resize_storage(Box::new(rec.clone()), 8 * MIB, true).unwrap();
     assert!(new < 9 * MIB, "{new}");
+    // The blocks at 9 and 15 MiB were allocated last: cut off.
+    let done = rec.contents();
+    let slot = 64 * 1024 + 512;
+    assert_eq!(
+        done.len(),
+        image(16 * MIB, false, false, &all).len() - 2 * slot
+    );
+    assert_clean(done, "shrunk");
     let mut sizes = std::collections::BTreeSet::new();
     for_each_crash(&rec, 5, |img, at, strategy| {
         let what = format!("{strategy} cut {at}");
+        assert_repairable(img.clone(), &what);
         let d = open(img.clone());
         let s = d.virtual_size();
         sizes.insert(s);
@@ -230,4 +283,50 @@ fn dynamic_forced_shrink_crash_at_every_write() {
         }
     });
     assert_eq!(sizes.len(), 2, "crash states of both sizes: {sizes:?}");
+}
+
+/// A shrink, forced or not, leaves no leak: a block freed below one that
+/// is kept stays as unused space, one freed at the end is cut off.
+#[test]
+fn dynamic_shrink_gives_back_the_tail() {
+    let slot = 64 * 1024 + 512;
+    // Blocks allocated in write order: 0, 6 MiB (cut), 1 MiB (kept), 7 MiB (cut).
+    let marks = [0, 6 * MIB, MIB, 7 * MIB];
+    let base = image(8 * MIB, false, false, &marks);
+    // Not forced, over unallocated blocks only: the file keeps its length.
+    let (_, same) = resize(base.clone(), 7 * MIB - 4096, false).unwrap();
+    assert_eq!(same.len(), base.len());
+    assert_clean(same, "shrunk over nothing");
+    let (_, shrunk) = resize(base.clone(), 4 * MIB, true).unwrap();
+    assert_eq!(shrunk.len(), base.len() - slot);
+    let r = vhd::check::check(
+        &MemStorage::from_vec("s", shrunk.clone()),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!((r.corruptions, r.leaks, r.exit_code()), (0, 0, 0), "{r:?}");
+    assert_eq!(r.unused_bytes, slot as u64, "{:?}", r.problems);
+    let d = open(shrunk.clone());
+    check_marks(&d, &[0, MIB], "shrunk");
+    drop(d);
+    // Written and grown again: still clean, the cut data gone.
+    let st = Arc::new(MemStorage::from_vec("img", shrunk));
+    let w = Vhd::open_storage(
+        Box::new(st.clone()),
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    w.write_at(b"new", 3 * MIB).unwrap();
+    w.close().unwrap();
+    let (_, grown) = resize(st.to_vec(), 8 * MIB, false).unwrap();
+    assert_clean(grown.clone(), "written and grown");
+    let d = open(grown);
+    check_marks(&d, &[0, MIB], "grown");
+    check_marks_gone(&d, &[6 * MIB, 7 * MIB], "grown");
+    let mut b = [0u8; 3];
+    d.read_at(&mut b, 3 * MIB).unwrap();
+    assert_eq!(&b, b"new");
 }

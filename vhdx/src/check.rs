@@ -88,7 +88,7 @@ pub use disk::check::CheckOptions;
 /// # Errors
 /// The file cannot be read, or is not a VHDX (no file type identifier).
 pub fn check_file(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport> {
-    let storage = FileStorage::open(path.as_ref(), false)?;
+    let storage = FileStorage::open_with(path.as_ref(), false, opts.lock)?;
     check(&storage, opts)
 }
 
@@ -789,7 +789,14 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         let loc_at = meta_table
             .find(PARENT_LOCATOR)
             .map_or(meta.file_offset, |e| meta.file_offset + u64::from(e.offset));
-        check_parent(&mut f.report, &name, &md, loc_at, &opts.parent_policy);
+        check_parent(
+            &mut f.report,
+            &name,
+            &md,
+            loc_at,
+            &opts.parent_policy,
+            opts.lock,
+        );
     }
     Ok(finish(
         f,
@@ -878,6 +885,7 @@ fn check_parent(
     md: &Metadata,
     loc_at: u64,
     policy: &ParentPolicy,
+    lock: disk::LockMode,
 ) {
     const S: &str = "VHDX parent locator";
     let Some(loc) = &md.parent_locator else {
@@ -929,7 +937,7 @@ fn check_parent(
         report.check_error(S, loc_at, e);
         return;
     };
-    let pinfo = match Vhdx::inspect(&path) {
+    let pinfo = match Vhdx::inspect_with(&path, lock) {
         Ok(i) => i,
         Err(e) => {
             report.check_error(

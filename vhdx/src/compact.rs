@@ -185,7 +185,7 @@ impl Vhdx {
 
     /// The fixed structures (start, end, what) and the end of the highest
     /// of them rounded up to 1 MiB: where the holes may start.
-    fn structures(&self) -> Result<(Vec<Structure>, u64)> {
+    pub(super) fn structures(&self) -> Result<(Vec<Structure>, u64)> {
         let name = self.name().to_string();
         let overflow = |structure: &'static str, at: u64, what: &str| {
             Error::corrupt(structure, at, format!("{what} extends past 2^64")).in_file(&name, 0)

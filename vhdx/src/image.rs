@@ -47,7 +47,7 @@ use crate::sector_bitmap::{self, BitmapCache, PAGE_BITS};
 use crate::{Error, Result};
 use disk::parent::{self, ChainSearch, ParentPolicy};
 use disk::{
-    Extent, FileOffset, FileStorage, Geometry, Mapping, ResultExt, Storage, VirtualDisk,
+    Extent, FileOffset, FileStorage, Geometry, LockMode, Mapping, ResultExt, Storage, VirtualDisk,
     WriteExtent,
 };
 use std::path::{Path, PathBuf};
@@ -97,6 +97,10 @@ pub struct OpenOptions {
     /// random one): lets a caller record it in a child's `parent_linkage2`
     /// before changing this disk (a crash-safe merge into a parent).
     pub data_write_guid: Option<Uuid>,
+    /// How the image file and its parents' files are claimed against other
+    /// opens ([`disk::lock`]): by default the image exclusively when
+    /// writable, shared when not, and every parent shared.
+    pub lock: LockMode,
 }
 
 impl Default for OpenOptions {
@@ -108,6 +112,7 @@ impl Default for OpenOptions {
             ignore_parent_linkage: false,
             keep_data_write_guid: false,
             data_write_guid: None,
+            lock: LockMode::Auto,
         }
     }
 }
@@ -278,7 +283,7 @@ impl Vhdx {
     }
 
     fn open_path(path: &Path, opts: &OpenOptions, chain: &mut ChainSearch) -> Result<Self> {
-        let storage = FileStorage::open(path, opts.writable)?;
+        let storage = FileStorage::open_with(path, opts.writable, opts.lock)?;
         let (vhdx, _) = Self::open_inner(
             Box::new(storage),
             opts,
@@ -373,7 +378,7 @@ impl Vhdx {
         opts: &OpenOptions,
         parent: Arc<dyn VirtualDisk>,
     ) -> Result<Self> {
-        let storage = FileStorage::open(path.as_ref(), opts.writable)?;
+        let storage = FileStorage::open_with(path.as_ref(), opts.writable, opts.lock)?;
         Self::open_storage_with_parent(Box::new(storage), opts, parent)
     }
 
@@ -397,7 +402,17 @@ impl Vhdx {
     /// # Errors
     /// Not a VHDX, or corrupt structures.
     pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
-        let storage = FileStorage::open(path.as_ref(), false)?;
+        Self::inspect_with(path, LockMode::Auto)
+    }
+
+    /// [`Vhdx::inspect`], claiming the file as `lock` says (a shared claim
+    /// by default; [`LockMode::ForceShare`] to read an image another
+    /// process is writing).
+    ///
+    /// # Errors
+    /// As [`Vhdx::inspect`].
+    pub fn inspect_with(path: impl AsRef<Path>, lock: LockMode) -> Result<Info> {
+        let storage = FileStorage::open_with(path.as_ref(), false, lock)?;
         let (_, info) = Self::open_inner(
             Box::new(storage),
             &OpenOptions::default(),

@@ -28,6 +28,7 @@ mod image;
 pub mod log;
 pub mod metadata;
 pub mod parent_locator;
+pub mod probe;
 pub mod region_table;
 mod replay;
 pub mod scan;

@@ -49,8 +49,23 @@
 //! Shrinking: blocks wholly past the new end must not hold data (allocated
 //! blocks of a dynamic disk; non-zero bytes of a fixed disk, whose blocks
 //! are all allocated by design), unless `force`; their entries become
-//! NOT_PRESENT in the same logged flush as the new size, before it. The
-//! file space of cut blocks is not reclaimed (`vdisk convert` does).
+//! NOT_PRESENT in the same logged flush as the new size, before it. That
+//! flush applies the entries in place and syncs them. Then the file gives
+//! back its tail that nothing uses any more, as `compact` cuts the file
+//! (step 4 of its module docs): the end is that of the last block still
+//! in use (present, or space a ZERO or UNMAPPED entry keeps for its block;
+//! a present sector bitmap block) or of the fixed structures (header
+//! section, log, regions; rounded up to 1 MiB), whichever is higher. When
+//! the file is longer, the log session
+//! is ended first (every entry is applied and synced already; both headers
+//! get a nil LogGuid, MS-VHDX 2.2.2), because a log in use records the file
+//! length (FlushedFileOffset, 2.3.1.1) and a file shorter than that is
+//! truncated for a replay; only then is the file cut and synced. A crash
+//! before the headers are durable replays the shrink's entry over the
+//! uncut file; after, nothing is replayed; the bytes cut are used by no
+//! entry either way. Freed blocks below the end stay as unused space (not
+//! a leak: `vdisk compact` packs blocks into it). A fixed disk's blocks lie
+//! in order, so its file shrinks by the blocks cut.
 
 use super::*;
 
@@ -201,6 +216,46 @@ impl Vhdx {
         let pages_cap = self.bat_cap();
         *self.bat.get_mut().unwrap_or_else(|e| e.into_inner()) =
             BatCache::new(new_geo.total_entries(), pages_cap);
+        self.cut_tail()
+    }
+
+    /// After a shrink: cut the file after the last block or structure
+    /// still in use (module docs).
+    fn cut_tail(&mut self) -> Result<()> {
+        let old_len = self.storage.len()?;
+        let (_, mut end) = self.structures()?;
+        for b in 0..self.bat_geo.payload_blocks() {
+            let (state, fo) = self.block_entry(b)?;
+            let used = match state {
+                PayloadState::FullyPresent | PayloadState::PartiallyPresent => true,
+                // Space kept for the block, which a write reuses.
+                PayloadState::Unmapped | PayloadState::Zero => fo >= MIB,
+                _ => false,
+            };
+            if used {
+                end = end.max(fo.saturating_add(self.block_size));
+            }
+        }
+        // Sector bitmap blocks matter only in differencing disks (which are
+        // not resized), but the check counts any present one as used.
+        for chunk in 0..self.bat_geo.bitmap_blocks() {
+            let idx = self.bat_geo.bitmap_index(chunk);
+            if idx >= self.bat_geo.total_entries() {
+                break;
+            }
+            let e = self.bat_entry(idx)?;
+            if e.state() == SB_BLOCK_PRESENT && e.file_offset() != 0 {
+                end = end.max(e.file_offset().saturating_add(MIB));
+            }
+        }
+        if end < old_len {
+            if self.session_started.load(Ordering::Acquire) {
+                self.end_session()?;
+            }
+            self.storage.set_len(end)?;
+            self.storage.flush()?;
+            *lock(&self.alloc_end) = end;
+        }
         Ok(())
     }
 

@@ -351,6 +351,12 @@ fn stale_parent_paths_are_updated_on_a_writable_open() {
     let moved = sub.join("base.vhdx");
     std::fs::rename(&base, &moved).unwrap();
     {
+        let mut loc = loc_of(&child);
+        for (k, v) in loc.entries.iter_mut() {
+            if k == abs_key {
+                *v = std::fs::canonicalize(&moved).unwrap().display().to_string();
+            }
+        }
         let d = Vhdx::open_with_parent(
             &child,
             &OpenOptions {
@@ -361,12 +367,6 @@ fn stale_parent_paths_are_updated_on_a_writable_open() {
             Arc::new(Vhdx::open(&moved, &OpenOptions::default()).unwrap()),
         )
         .unwrap();
-        let mut loc = loc_of(&child);
-        for (k, v) in loc.entries.iter_mut() {
-            if k == abs_key {
-                *v = std::fs::canonicalize(&moved).unwrap().display().to_string();
-            }
-        }
         d.set_parent_locator(&loc).unwrap();
         d.close().unwrap();
     }

@@ -49,6 +49,7 @@ fn vhdx_options() -> vhdx::check::CheckOptions {
     vhdx::check::CheckOptions {
         parent_policy: open::policy().clone(),
         check_parent: true,
+        lock: open::read_lock(),
     }
 }
 
@@ -56,6 +57,7 @@ fn vhd_options() -> vhd::check::CheckOptions {
     vhd::check::CheckOptions {
         parent_policy: open::policy().clone(),
         check_parent: true,
+        lock: open::read_lock(),
     }
 }
 

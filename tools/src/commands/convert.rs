@@ -42,13 +42,14 @@ pub fn run(args: &ConvertArgs) -> Result<u8> {
     let src_img = open::open(&args.source, args.format, false)?;
     let src = src_img.disk();
     let size = src.virtual_size();
-    let target = options::target(args.output_format, size, &args.options)?;
     if same_file(&args.source, &args.target) {
         bail!(
             "{}: the source and the target are the same file",
             args.target.display()
         );
     }
+    let format = open::new_image_format(&args.target, args.output_format, "-O");
+    let target = options::target(format, size, &args.options)?;
     let granule = match target {
         Target::Raw => RAW_GRANULE,
         Target::Vhdx(_) => VHDX_GRANULE,

@@ -18,7 +18,7 @@ pub fn run(args: &CreateArgs) -> Result<()> {
         bail!("the virtual size (SIZE) is required unless -b PARENT is given");
     };
     let size = parse_arg("SIZE", size)?;
-    let format = args.format.unwrap_or(Format::Raw);
+    let format = open::new_image_format(&args.image, args.format, "-f");
     let target = options::target(format, size, &args.options)?;
     let img = create(&args.image, &target, size)?;
     let actual = img.disk().virtual_size();
@@ -36,8 +36,33 @@ pub fn run(args: &CreateArgs) -> Result<()> {
 /// `create -b PARENT`: a differencing VHDX or VHD over PARENT.
 fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
     let pformat = open::resolve(parent, args.backing_format)?;
-    // Without -f, the child takes the parent's format.
-    let format = args.format.unwrap_or(pformat);
+    // Without -f, the child takes the parent's format; a name that says
+    // otherwise is refused (the child would not be what its name says).
+    let claim = checkpoint::detect::claimed(&args.image).map(Format::from);
+    if let (None, Some(c)) = (args.format, claim) {
+        if c != pformat && pformat != Format::Raw {
+            bail!(
+                "{}: the name says {}, but the parent {} is {}, whose format a child takes \
+                 without -f: name the child .{} (or pass -f {} to create {} under this name \
+                 anyway)",
+                args.image.display(),
+                open::describe(c),
+                parent.display(),
+                open::describe(pformat),
+                if pformat == Format::Vhdx {
+                    "avhdx"
+                } else {
+                    "avhd"
+                },
+                pformat.name(),
+                open::describe(pformat)
+            );
+        }
+    }
+    let format = match args.format {
+        Some(f) => open::new_image_format(&args.image, Some(f), "-f"),
+        None => pformat,
+    };
     let size = match &args.size {
         Some(s) => Some(parse_arg("SIZE", s)?),
         None => None,
@@ -53,23 +78,14 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
             "{}: the parent of a differencing VHDX must be a VHDX, not {} \
              (a differencing VHD needs -f vhd and a VHD parent)",
             parent.display(),
-            describe_format(p)
+            open::describe(p)
         ),
         (Format::Vhd, p) => bail!(
             "{}: the parent of a differencing VHD must be a VHD, not {} \
              (a differencing VHDX needs -f vhdx and a VHDX parent)",
             parent.display(),
-            describe_format(p)
+            open::describe(p)
         ),
-    }
-}
-
-/// A format's name for messages ("a raw image", "a VHDX").
-fn describe_format(f: Format) -> &'static str {
-    match f {
-        Format::Raw => "a raw image",
-        Format::Vhdx => "a VHDX",
-        Format::Vhd => "a VHD",
     }
 }
 

@@ -181,6 +181,7 @@ fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<
 fn vhdx_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
     let opts = vhdx::OpenOptions {
         parent_policy: policy.clone(),
+        lock: open::read_lock(),
         ..vhdx::OpenOptions::default()
     };
     let (info, allocated_bytes, truncation) = match Vhdx::open(path, &opts) {
@@ -189,7 +190,7 @@ fn vhdx_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy)
             let t = d.truncation()?;
             (d.info().clone(), Some(stats.allocated_bytes), Some(t))
         }
-        Err(open_err) => match Vhdx::inspect(path) {
+        Err(open_err) => match Vhdx::inspect_with(path, open::read_lock()) {
             // A differencing disk whose parent cannot be opened: show its
             // metadata anyway, without the allocation scan.
             Ok(info) if info.metadata.file_parameters.has_parent => {
@@ -245,11 +246,12 @@ fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>
 fn vhd_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
     let opts = vhd::OpenOptions {
         parent_policy: policy.clone(),
+        lock: open::read_lock(),
         ..vhd::OpenOptions::default()
     };
     let info = match vhd::Vhd::open(path, &opts) {
         Ok(d) => d.info().clone(),
-        Err(open_err) => match vhd::Vhd::inspect(path) {
+        Err(open_err) => match vhd::Vhd::inspect_with(path, open::read_lock()) {
             // A differencing disk (whose parent chain cannot be opened):
             // show its metadata anyway.
             Ok(info) if info.footer.disk_type == vhd::footer::DiskType::Differencing => {

@@ -47,11 +47,12 @@
 //! waits for process PID to exit, so that the image is closed when it
 //! returns.
 
+use crate::guessed::{RawImage, RESTRICTION};
 use crate::open::{self, Format};
 use crate::{MountArgs, UnmountArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use disk::partition::{self, Partition};
-use disk::{ChainView, FileStorage, RawDisk, VirtualDisk};
+use disk::{ChainView, VirtualDisk};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
@@ -99,7 +100,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The format driver's handle, kept to close the image (and see errors).
 enum Handle {
-    Raw(Arc<RawDisk<FileStorage>>),
+    Raw(Arc<RawImage>),
     Vhdx(Arc<Vhdx>),
     Vhd(Arc<Vhd>),
 }
@@ -115,7 +116,7 @@ struct Opened {
 fn open_image(path: &Path, format: Option<Format>, writable: bool) -> Result<Opened> {
     let (handle, top): (Handle, Arc<dyn VirtualDisk>) = match open::resolve(path, format)? {
         Format::Raw => {
-            let d = Arc::new(RawDisk::new(FileStorage::open(path, writable)?)?);
+            let d = Arc::new(RawImage::open(path, writable, format.is_none())?);
             (Handle::Raw(d.clone()), d)
         }
         Format::Vhdx => {
@@ -838,6 +839,16 @@ fn check_mount_point(mount_point: &Path) -> Result<()> {
 /// `vdisk mount`.
 pub fn mount(args: &MountArgs) -> Result<()> {
     check_mount_point(&args.mountpoint)?;
+    // Say it once, from the process the user started.
+    if args.rw && args.format.is_none() && !args.daemon_child {
+        if let Ok(Format::Raw) = open::detect(&args.image) {
+            eprintln!(
+                "vdisk: note: {}: no -f given, the format was guessed as raw: {RESTRICTION} \
+                 (pass -f raw to allow them)",
+                args.image.display()
+            );
+        }
+    }
     if args.foreground {
         serve(args)
     } else {

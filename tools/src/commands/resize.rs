@@ -92,11 +92,34 @@ fn resize(args: &ResizeArgs) -> Result<()> {
                     );
                 }
             }
+            if size < cur && args.format.is_none() && ends_in_vhd_cookie(&st, size)? {
+                bail!(
+                    "{name}: refusing to cut an image whose format was guessed as raw to {size} \
+                     bytes: it would end in a VHD footer cookie (\"conectix\") and detect as a \
+                     fixed VHD; pass -f raw if it is a raw image"
+                );
+            }
             st.set_len(size)?;
             st.flush()?;
         }
     }
     Ok(())
+}
+
+/// Whether the first `size` bytes of `st` end in a VHD footer cookie, 512
+/// (or, as old footers, 511) bytes before their end: what detection takes
+/// for a fixed VHD.
+fn ends_in_vhd_cookie(st: &FileStorage, size: u64) -> Result<bool> {
+    for back in [512, 511] {
+        if let Some(at) = size.checked_sub(back) {
+            let mut b = [0u8; 8];
+            st.read_at(&mut b, at)?;
+            if &b == b"conectix" {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 fn first_nonzero(st: &FileStorage, from: u64, to: u64) -> Result<Option<u64>> {
