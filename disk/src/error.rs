@@ -130,6 +130,20 @@ impl Error {
         }
     }
 
+    /// What is wrong, without the file (and, for corruption, the structure
+    /// and offset) that the full message names.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Corrupt { msg, .. }
+            | Error::Unsupported { msg, .. }
+            | Error::InvalidInput { msg, .. }
+            | Error::Locked { msg, .. } => msg.clone(),
+            Error::Io {
+                context, os_error, ..
+            } => format!("{context}: {os_error}"),
+        }
+    }
+
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -149,11 +149,13 @@ enum Command {
         vdisk check --output json disk.vhd\n  \
         vdisk check -r leaks disk.vhdx             # reclaim unreferenced space at the end\n  \
         vdisk check -r all disk.vhdx               # also replay a dirty log, restore a footer\n\n\
-        VHDX: both headers, the log (a log never replayed is an error until -r all replays \
-        it), both region tables, the metadata, every BAT entry (blocks and sector bitmap \
+        VHDX: the file type identifier (a lost signature is an error that -r all repairs \
+        when a header and a region table are intact), both headers, the log (a log never \
+        replayed is an error until -r all replays it), both region tables, the metadata, every BAT entry (blocks and sector bitmap \
         blocks inside the file, on no structure and on no other block) and a differencing \
         disk's parent linkage. VHD: the footer and its copy at offset 0 (-r all restores \
-        either from the other), the dynamic disk header, the BAT, the parent's unique id. \
+        either from the other, or both when only their cookie was lost and the checksum \
+        proves the rest intact), the dynamic disk header, the BAT, the parent's unique id. \
         Leaks: file space at the end of the file that no structure uses and that lies past \
         the last byte any structure references (-r leaks cuts it off). Unused space between \
         structures is listed but is no leak (nothing is lost, and vdisk compact packs blocks \

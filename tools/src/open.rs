@@ -168,9 +168,12 @@ pub fn detect(path: &Path) -> Result<Format> {
                 structure,
                 offset,
                 msg: format!(
-                    "{msg}. To go on: `vdisk check -f {f} {n}` reports what is damaged, \
-                     `vdisk convert --salvage` copies out what can be read, or -f raw uses the \
-                     file as a raw image anyway"
+                    "{msg}. To go on: `vdisk check -f {f} {n}` reports what is damaged (with \
+                     -r all it restores a lost VHDX signature when a header and a region table \
+                     are intact, and a VHD footer from its copy or when only its cookie was \
+                     lost), then `vdisk convert --salvage \
+                     -f {f}` copies out what can be read; or -f raw uses the file as a raw image \
+                     anyway"
                 ),
             }
             .into())

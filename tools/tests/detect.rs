@@ -83,7 +83,40 @@ fn a_vhdx_without_its_signature_is_refused_not_overwritten() {
         let out = run(&["read", "-f", "raw", p(&img), "64K", "4"]);
         assert!(out.status.success());
         assert_eq!(out.stdout, b"head");
+        // The way forward the message gives: check names the damage, -r all
+        // writes the signature back (headers and region tables are intact)
+        // and changes nothing else; the image then reads as before.
+        let e = fails(2, &["check", "-f", "vhdx", p(&img)]);
+        let out = run(&["check", "-f", "vhdx", p(&img)]);
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            report.contains("ERROR VHDX file identifier at offset 0x0: bad signature")
+                && report.contains("only the signature is lost (repair with -r all)"),
+            "{report}{e}"
+        );
+        assert!(
+            fs::read(&img).unwrap() == before,
+            "check alone writes nothing"
+        );
+        ok(&["check", "-r", "all", "-f", "vhdx", p(&img)]);
+        let after = fs::read(&img).unwrap();
+        assert_eq!(&after[..8], b"vhdxfile");
+        assert!(after[8..] == before[8..], "only the signature was written");
+        assert_eq!(read_bytes(&img, MIB, 6), b"a note");
+        ok(&["check", p(&img)]);
     }
+    // Signature and both headers gone: nothing says it is a VHDX any more,
+    // and check refuses it rather than "repairing" it.
+    let img = dir.path().join("gone.vhdx");
+    create_vhdx_1m(&img, "16M");
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for at in [0, 64 * 1024, 128 * 1024] {
+        f.write_all_at(&[0u8; 8], at).unwrap();
+    }
+    let before = fs::read(&img).unwrap();
+    let e = fails(1, &["check", "-r", "all", "-f", "vhdx", p(&img)]);
+    assert!(e.contains("bad signature"), "{e}");
+    assert!(fs::read(&img).unwrap() == before, "nothing written");
 }
 
 /// A file named `.vhd` or `.avhd` without a footer (neither at the end nor
@@ -99,6 +132,7 @@ fn a_vhd_without_its_footers_is_refused_saying_what_survives() {
     let f = fs::OpenOptions::new().write(true).open(&d).unwrap();
     f.write_all_at(&[0u8; 8], 0).unwrap();
     f.write_all_at(&[0u8; 8], len - 512).unwrap();
+    let before = fs::read(&d).unwrap();
     let e = fails(1, &["info", p(&d)]);
     let at = format!("corrupt VHD footer at offset {:#x}", len - 512);
     for want in [
@@ -111,6 +145,31 @@ fn a_vhd_without_its_footers_is_refused_saying_what_survives() {
     ] {
         assert!(e.contains(want), "no {want:?} in {e}");
     }
+    // Only the cookies were lost: check -r all puts the footer back at the
+    // end and at 0 (its checksum proves the rest intact).
+    let out = run(&["check", "-f", "vhd", p(&d)]);
+    assert_eq!(out.status.code(), Some(2));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("only the cookie is lost (repair with -r all)"),
+        "{report}"
+    );
+    ok(&["check", "-r", "all", "-f", "vhd", p(&d)]);
+    let after = fs::read(&d).unwrap();
+    assert_eq!(&after[..8], b"conectix");
+    assert_eq!(&after[after.len() - 512..][..8], b"conectix");
+    assert!(after[8..after.len() - 512] == before[8..before.len() - 512]);
+    ok(&["check", p(&d)]);
+    // A damaged footer (checksum no longer matches) is not "repaired".
+    let g = dir.path().join("g.vhd");
+    ok(&["create", "-f", "vhd", p(&g), "8M"]);
+    let len = fs::metadata(&g).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(&g).unwrap();
+    f.write_all_at(&[0u8; 8], 0).unwrap();
+    f.write_all_at(&[0u8; 12], len - 512).unwrap(); // the cookie and the features
+    let before = fs::read(&g).unwrap();
+    fails(1, &["check", "-r", "all", "-f", "vhd", p(&g)]);
+    assert!(fs::read(&g).unwrap() == before, "nothing written");
     // A fixed VHD extended past its footer (two sectors appended).
     let fx = dir.path().join("f.avhd");
     ok(&["create", "-f", "vhd", "-o", "subformat=fixed", p(&fx), "1M"]);

@@ -112,9 +112,7 @@ pub fn repair(
                 storage.write_at(&bytes, at)?;
                 storage.flush()?;
                 out.corruptions_fixed += 1;
-                out.actions.push(format!(
-                    "restored the footer at {at:#x} from its copy at offset 0"
-                ));
+                out.actions.push(format!("restored the footer at {at:#x}"));
                 changed = true;
             }
             if f.restore_head {
@@ -155,6 +153,18 @@ struct Findings {
     /// Writing the footer at `.0` (and cutting the file after it) reclaims
     /// `.1` leaked clusters.
     tail_leak: Option<(u64, u64)>,
+}
+
+/// The last 512 bytes of a file, `tail`, with the footer cookie put back,
+/// when that makes a valid footer (checksum included): a footer that lost
+/// only its cookie.
+fn cookie_lost(tail: &[u8]) -> Option<[u8; FOOTER_SIZE]> {
+    let mut b: [u8; FOOTER_SIZE] = tail.try_into().ok()?;
+    if b[..COOKIE.len()] == COOKIE[..] {
+        return None;
+    }
+    b[..COOKIE.len()].copy_from_slice(&COOKIE[..]);
+    Footer::parse(&b).ok().map(|_| b)
 }
 
 fn read(storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<u8>> {
@@ -268,6 +278,43 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             // Where the footer goes back is decided once every structure
             // is known (below): never over a referenced byte.
             (hf.clone(), None)
+        }
+        (Err(te), _) if cookie_lost(&tail).is_some() => {
+            // Only the cookie was lost (zeroed or overwritten), at the end
+            // and at offset 0: with "conectix" back, the footer at the end
+            // checks (its checksum covers the cookie), so -r all writes it
+            // back there and, for a dynamic disk, over the copy at 0.
+            let bytes = cookie_lost(&tail).unwrap_or([0; FOOTER_SIZE]);
+            let ft = Footer::parse(&bytes).in_file(&name, tail_off)?;
+            f.report.add(
+                Problem::new(
+                    ProblemKind::Corruption,
+                    "VHD footer",
+                    tail_off,
+                    format!(
+                        "{}; with the cookie \"conectix\" restored the footer is valid (its \
+                         checksum matches), so only the cookie is lost",
+                        te.message()
+                    ),
+                )
+                .repairable(RepairMode::All),
+                0,
+            );
+            f.footer_bytes = Some(bytes);
+            f.restore_head = ft.disk_type != DiskType::Fixed && head.is_some();
+            if f.restore_head {
+                f.report.add(
+                    Problem::new(
+                        ProblemKind::Corruption,
+                        "VHD footer",
+                        0,
+                        "the footer copy at offset 0 is damaged too",
+                    )
+                    .repairable(RepairMode::All),
+                    0,
+                );
+            }
+            (ft, None)
         }
         (Err(te), _) => {
             let cookie_at = |b: &[u8], at: usize| b.get(at..at + COOKIE.len()) == Some(&COOKIE[..]);

@@ -11,7 +11,6 @@
 
 use crate::dynamic_header::{self, DynamicHeader, HEADER_SIZE};
 use crate::footer::{self, Footer, FOOTER_SIZE};
-use crate::Error;
 use disk::Storage;
 
 /// How far from the end of the file a footer is looked for.
@@ -49,7 +48,7 @@ pub fn traces(st: &dyn Storage) -> Vec<String> {
             )),
             Err(e) if b[..8] == dynamic_header::COOKIE[..] => out.push(format!(
                 "a damaged VHD dynamic disk header at 0x200 ({})",
-                why(&e)
+                e.message()
             )),
             Err(_) => {}
         }
@@ -95,18 +94,8 @@ fn footer_trace(b: &[u8], off: u64, len: u64) -> Option<String> {
             f.disk_type.name(),
             f.disk_size()
         ),
-        Err(e) => format!("a damaged {place}: {}", why(&e)),
+        Err(e) => format!("a damaged {place}: {}", e.message()),
     })
-}
-
-/// What is wrong, without the file and structure an error names.
-fn why(e: &Error) -> String {
-    match e {
-        Error::Corrupt { msg, .. }
-        | Error::Unsupported { msg, .. }
-        | Error::InvalidInput { msg, .. } => msg.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -136,6 +136,15 @@ pub fn repair(
     let mut f = examine(storage, opts)?;
     if mode == RepairMode::All {
         let mut changed = false;
+        if f.identifier_fix {
+            // One sector-contained write: the creator after it is kept.
+            storage.write_at(&crate::file_identifier::SIGNATURE, 0)?;
+            storage.flush()?;
+            out.corruptions_fixed += 1;
+            out.actions
+                .push("restored the signature of the file type identifier".to_string());
+            changed = true;
+        }
         if let Some((slot, mut h)) = f.header.clone() {
             if let Some(r) = f.replay.take() {
                 // MS-VHDX 2.3.3: apply the active sequence, make it durable,
@@ -216,6 +225,8 @@ struct Findings {
     tail_leak: Option<(u64, u64)>,
     /// One past the last referenced byte, when the BAT was read.
     referenced_end: Option<u64>,
+    /// The file type identifier's signature is lost (all else is a VHDX).
+    identifier_fix: bool,
 }
 
 /// The file as the replayed log makes it (reads only).
@@ -287,6 +298,7 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         region_fix: None,
         tail_leak: None,
         referenced_end: None,
+        identifier_fix: false,
     };
     f.report.file_size = file_len;
     if file_len < MIN_FILE {
@@ -297,8 +309,35 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
         )
         .in_file(&name, 0));
     }
-    // 2.2.1: without the identifier this is not a VHDX at all.
-    FileIdentifier::parse(&read(storage, 0, 520)?).in_file(&name, 0)?;
+    // 2.2.1: without the identifier this is not a VHDX at all, unless a
+    // header and a region table are intact: then only the signature was
+    // lost (zeroed or overwritten), and -r all writes it back.
+    if let Err(e) = FileIdentifier::parse(&read(storage, 0, 520)?).in_file(&name, 0) {
+        let header_ok = Header::OFFSETS.iter().any(|&off| {
+            read(storage, off, Header::SIZE as u64).is_ok_and(|b| Header::parse(&b).is_ok())
+        });
+        let regions_ok = RegionTable::OFFSETS.iter().any(|&off| {
+            read(storage, off, RegionTable::SIZE as u64)
+                .is_ok_and(|b| RegionTable::parse(&b).is_ok())
+        });
+        if !(header_ok && regions_ok) {
+            return Err(e);
+        }
+        f.report.add(
+            Problem::new(
+                disk::check::ProblemKind::Corruption,
+                "VHDX file identifier",
+                0,
+                format!(
+                    "{}; a header and a region table are intact, so only the signature is lost",
+                    e.message()
+                ),
+            )
+            .repairable(RepairMode::All),
+            0,
+        );
+        f.identifier_fix = true;
+    }
 
     // 2.2.2 headers.
     let mut hdrs: Vec<(u64, Vec<u8>, std::result::Result<Header, Error>)> = Vec::new();

@@ -10,7 +10,6 @@
 use crate::file_identifier::USED_SIZE;
 use crate::header::{self, Header};
 use crate::region_table::{self, RegionTable};
-use crate::Error;
 use disk::Storage;
 
 /// The VHDX structures found in `st`, one phrase each ("a valid VHDX
@@ -42,7 +41,10 @@ pub fn traces(st: &dyn Storage) -> Vec<String> {
                 h.sequence_number
             )),
             Err(e) if b[..4] == header::SIGNATURE => {
-                out.push(format!("a damaged VHDX header at {off:#x} ({})", why(&e)));
+                out.push(format!(
+                    "a damaged VHDX header at {off:#x} ({})",
+                    e.message()
+                ));
             }
             Err(_) => {}
         }
@@ -59,23 +61,13 @@ pub fn traces(st: &dyn Storage) -> Vec<String> {
             Err(e) if b[..4] == region_table::SIGNATURE => {
                 out.push(format!(
                     "a damaged VHDX region table at {off:#x} ({})",
-                    why(&e)
+                    e.message()
                 ));
             }
             Err(_) => {}
         }
     }
     out
-}
-
-/// What is wrong, without the file and structure an error names.
-fn why(e: &Error) -> String {
-    match e {
-        Error::Corrupt { msg, .. }
-        | Error::Unsupported { msg, .. }
-        | Error::InvalidInput { msg, .. } => msg.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// The `Creator` field (UTF-16LE, NUL-padded) when it holds printable text.
