@@ -7,13 +7,12 @@
 
 use benches::{copy_nonzero, fill_random};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use disk::{FileStorage, RawDisk, VirtualDisk};
+use image::{CreateOptions, Format, Kind, OpenOptions};
 use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
-use vhdx::{CreateOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 256 * MIB;
@@ -40,8 +39,8 @@ fn convert(c: &mut Criterion) {
         .expect("create bench tempdir");
     let src_path = dir.path().join("src.raw");
     make_source(&src_path);
-    let src = RawDisk::new(FileStorage::open(&src_path, false).expect("open source"))
-        .expect("source disk");
+    let src_img = image::open(&src_path, &OpenOptions::new(Format::Raw)).expect("open source");
+    let src = src_img.disk();
     let vhdx_path = dir.path().join("dst.vhdx");
     let raw_path = dir.path().join("dst.raw");
 
@@ -55,9 +54,8 @@ fn convert(c: &mut Criterion) {
             BenchmarkId::new("raw_to_vhdx", format!("{}K", chunk / KIB)),
             |b| {
                 b.iter(|| {
-                    let dst = Vhdx::create(&vhdx_path, &CreateOptions::new(SIZE), true)
-                        .expect("create target");
-                    let n = copy_nonzero(&src, &dst, chunk).expect("copy");
+                    let dst = create(&vhdx_path, Kind::Vhdx(vhdx::CreateOptions::new(SIZE)));
+                    let n = copy_nonzero(&**src, &**dst.disk(), chunk).expect("copy");
                     dst.close().expect("close target");
                     black_box(n)
                 })
@@ -67,14 +65,22 @@ fn convert(c: &mut Criterion) {
     let raw_id = BenchmarkId::new("raw_to_raw", format!("{}K", RAW_CHUNK / KIB));
     g.bench_function(raw_id, |b| {
         b.iter(|| {
-            let st = FileStorage::create(&raw_path, true).expect("create target");
-            let dst = RawDisk::create(st, SIZE).expect("size target");
-            let n = copy_nonzero(&src, &dst, RAW_CHUNK).expect("copy");
-            dst.flush().expect("flush target");
+            let dst = create(&raw_path, Kind::Raw { size: SIZE });
+            let n = copy_nonzero(&**src, &**dst.disk(), RAW_CHUNK).expect("copy");
+            dst.close().expect("flush target");
             black_box(n)
         })
     });
     g.finish();
+}
+
+/// Create (overwriting) `path` as `kind` through the front door.
+fn create(path: &std::path::Path, kind: Kind) -> image::Image {
+    let opts = CreateOptions {
+        overwrite: true,
+        ..CreateOptions::new(kind)
+    };
+    image::create(path, &opts).expect("create target")
 }
 
 criterion_group!(benches, convert);

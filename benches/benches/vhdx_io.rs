@@ -17,12 +17,13 @@
 use benches::{fill_random, Strided};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use disk::{Extent, FileOffset, Mapping, VirtualDisk};
+use image::{CreateOptions, Format, Image, Kind, OpenOptions};
 use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vhdx::{CreateOptions, OpenOptions, Vhdx};
+use vhdx::Vhdx;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -47,12 +48,13 @@ fn bench_dir() -> tempfile::TempDir {
 
 /// A 1 GiB dynamic VHDX with every block written, and a raw file with the
 /// same bytes.
-fn read_fixtures(dir: &Path) -> (Vhdx, File, std::path::PathBuf) {
+fn read_fixtures(dir: &Path) -> (Image, File, std::path::PathBuf) {
     let vhdx_path = dir.join("read.vhdx");
     let raw_path = dir.join("read.raw");
-    let mut opts = CreateOptions::new(READ_DISK);
+    let mut opts = vhdx::CreateOptions::new(READ_DISK);
     opts.block_size = READ_BLOCK;
-    let v = Vhdx::create(&vhdx_path, &opts, true).expect("create read.vhdx");
+    let created = create(&vhdx_path, Kind::Vhdx(opts));
+    let v = created.disk();
     let raw = File::create(&raw_path).expect("create read.raw");
     let mut buf = vec![0u8; 4 * MIB as usize];
     let mut off = 0;
@@ -63,15 +65,28 @@ fn read_fixtures(dir: &Path) -> (Vhdx, File, std::path::PathBuf) {
         off += buf.len() as u64;
     }
     v.close().expect("close read.vhdx");
-    drop(raw);
-    let v = Vhdx::open(&vhdx_path, &OpenOptions::default()).expect("open read.vhdx");
-    let stats = v.allocation_stats().expect("allocation stats");
+    drop((raw, created));
+    let img = image::open(&vhdx_path, &OpenOptions::new(Format::Vhdx)).expect("open read.vhdx");
+    let stats = img
+        .vhdx()
+        .expect("a VHDX")
+        .allocation_stats()
+        .expect("allocation stats");
     assert_eq!(
         stats.allocated_bytes, READ_DISK,
         "read.vhdx fully allocated"
     );
     let raw = File::open(&raw_path).expect("open read.raw");
-    (v, raw, vhdx_path)
+    (img, raw, vhdx_path)
+}
+
+/// Create (overwriting) `path` as `kind` through the front door.
+fn create(path: &Path, kind: Kind) -> Image {
+    let opts = CreateOptions {
+        overwrite: true,
+        ..CreateOptions::new(kind)
+    };
+    image::create(path, &opts).expect("create fixture")
 }
 
 /// Where the 4 KiB reads of one full cycle of the read pattern live in the
@@ -178,17 +193,16 @@ fn first_touch_writes(c: &mut Criterion, dir: &Path) {
     g.bench_function(BenchmarkId::new("vhdx", "1M-blocks"), |b| {
         b.iter_custom(|iters| {
             first_touch(iters, |size| {
-                let mut o = CreateOptions::new(size);
+                let mut o = vhdx::CreateOptions::new(size);
                 o.block_size = WRITE_BLOCK as u32;
-                Vhdx::create(&vhdx_path, &o, true).expect("create write.vhdx")
+                create(&vhdx_path, Kind::Vhdx(o)).disk().clone()
             })
         })
     });
     g.bench_function(BenchmarkId::new("raw", "1M-stride"), |b| {
         b.iter_custom(|iters| {
             first_touch(iters, |size| {
-                let st = disk::FileStorage::create(&raw_path, true).expect("create write.raw");
-                disk::RawDisk::create(st, size).expect("size write.raw")
+                create(&raw_path, Kind::Raw { size }).disk().clone()
             })
         })
     });
@@ -200,9 +214,10 @@ fn first_touch_writes(c: &mut Criterion, dir: &Path) {
 fn vhdx_io(c: &mut Criterion) {
     let dir = bench_dir();
     {
-        let (vhdx, raw, vhdx_path) = read_fixtures(dir.path());
-        random_reads(c, &vhdx, &vhdx_path, &raw);
-        sequential_reads(c, &vhdx, &raw);
+        let (img, raw, vhdx_path) = read_fixtures(dir.path());
+        let vhdx = img.vhdx().expect("a VHDX");
+        random_reads(c, vhdx, &vhdx_path, &raw);
+        sequential_reads(c, vhdx, &raw);
     }
     first_touch_writes(c, dir.path());
 }

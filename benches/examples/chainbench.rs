@@ -35,7 +35,6 @@ use disk::{ChainView, Extent, FileOffset, Mapping, VirtualDisk};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use vhd::{CreateOptions, OpenOptions, Vhd};
 
 /// Bytes per MiB.
 pub const MIB: u64 = 1 << 20;
@@ -130,11 +129,13 @@ fn build_chain(dir: &Path, depth: usize, owner: impl Fn(u64) -> usize) -> Vec<Pa
     let mut paths: Vec<PathBuf> = Vec::with_capacity(depth);
     for layer in 0..depth {
         let path = dir.join(format!("layer{layer:02}.vhd"));
-        let d = match paths.last() {
-            None => Vhd::create(&path, &CreateOptions::new(DISK), false),
-            Some(parent) => Vhd::create_differencing(&path, parent, &CreateOptions::new(0), false),
-        }
-        .expect("create layer");
+        let size = if paths.is_empty() { DISK } else { 0 };
+        let opts = image::CreateOptions {
+            parent: paths.last().cloned(),
+            ..image::CreateOptions::new(image::Kind::Vhd(vhd::CreateOptions::new(size)))
+        };
+        let img = image::create(&path, &opts).expect("create layer");
+        let d = img.disk();
         // CHS rounding adds a few hundred KiB, never read by the benchmark.
         assert!(d.virtual_size() >= DISK);
         for b in (0..DISK / BLOCK).filter(|&b| owner(b) == layer) {
@@ -143,15 +144,17 @@ fn build_chain(dir: &Path, depth: usize, owner: impl Fn(u64) -> usize) -> Vec<Pa
             }
             d.write_at(&buf, b * BLOCK).expect("write block");
         }
-        d.close().expect("close layer");
+        img.close().expect("close layer");
         paths.push(path);
     }
     paths
 }
 
-/// The chain whose leaf is `leaf`, opened read-only.
+/// The leaf layer `leaf` of a chain, opened read-only with its parents
+/// (reads go down the layers one lookup each; see [`ChainView`] for one).
 pub fn open_leaf(leaf: &Path) -> Arc<dyn VirtualDisk> {
-    Arc::new(Vhd::open(leaf, &OpenOptions::default()).expect("open leaf"))
+    let opts = image::OpenOptions::new(image::Format::Vhd);
+    image::open(leaf, &opts).expect("open leaf").driver().disk()
 }
 
 /// `count` aligned 4 KiB request offsets over the disk (xorshift, fixed seed).

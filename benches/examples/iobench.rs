@@ -23,11 +23,11 @@
 //! `RESULT ops=N seconds=S ops_per_sec=R flush_seconds=F`.
 
 use benches::Strided;
-use disk::{FileOffset, FileStorage, Mapping, RawDisk, VirtualDisk};
+use disk::{FileOffset, Mapping, VirtualDisk};
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
-use vhdx::{OpenOptions, Vhdx};
 
 struct Args {
     write: bool,
@@ -107,32 +107,18 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn open(a: &Args) -> Result<Box<dyn VirtualDisk>, String> {
+fn open(a: &Args) -> Result<Arc<dyn VirtualDisk>, String> {
     let format = match &a.format {
-        Some(f) => f.clone(),
-        None => {
-            let st = FileStorage::open(&a.image, false).map_err(|e| e.to_string())?;
-            let mut sig = [0u8; 8];
-            let is_vhdx = disk::Storage::read_at(&st, &mut sig, 0).is_ok() && &sig == b"vhdxfile";
-            if is_vhdx { "vhdx" } else { "raw" }.to_string()
-        }
+        Some(f) => Some(image::Format::parse(f)?),
+        None => None,
     };
-    match format.as_str() {
-        "vhdx" => {
-            let opts = OpenOptions {
-                writable: a.write,
-                ..OpenOptions::default()
-            };
-            Ok(Box::new(
-                Vhdx::open(&a.image, &opts).map_err(|e| e.to_string())?,
-            ))
-        }
-        "raw" => {
-            let st = FileStorage::open(&a.image, a.write).map_err(|e| e.to_string())?;
-            Ok(Box::new(RawDisk::new(st).map_err(|e| e.to_string())?))
-        }
-        f => Err(format!("unknown format {f:?} (raw or vhdx)")),
-    }
+    let opts = image::OpenOptions {
+        format,
+        writable: a.write,
+        ..image::OpenOptions::probing()
+    };
+    let img = image::open(&a.image, &opts).map_err(|e| e.to_string())?;
+    Ok(img.disk().clone())
 }
 
 fn run(a: &Args) -> Result<(), String> {

@@ -36,16 +36,17 @@
 //! half-made change. The disks themselves are claimed by their image locks
 //! ([`disk::lock`]) as they are opened.
 
-use crate::image::{
-    self, chain_files, create_child, create_vhd_child_using_spare, make_spare, Format,
-};
+use crate::disks::{create_child, create_vhd_child_using_spare, detect, make_spare, Format};
 use crate::merge::{merge_into_ancestor, merge_into_child};
 use crate::{Error, Result};
 use disk::lock::DirLock;
-use disk::{FileStorage, ParentPolicy};
+use disk::{LockMode, Opener, Storage};
+use image::chain::chain_files;
+use image::OpenOptions;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// The manifest's file name inside a bundle.
@@ -153,7 +154,8 @@ pub struct NodeInfo {
 pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
-    policy: ParentPolicy,
+    /// How the bundle's disks are opened (format, parent policy, opener).
+    opts: OpenOptions,
     /// The thread making the spare, if one is running.
     spare_maker: Option<std::thread::JoinHandle<()>>,
     /// The bundle directory, held for the life of this value.
@@ -219,14 +221,11 @@ impl Bundle {
     pub fn init(dir: &Path, format: Format, size: u64) -> Result<Bundle> {
         let lock = Self::prepare_dir(dir)?;
         let base = dir.join(format!("base.{}", format.base_extension()));
-        match format {
-            Format::Vhdx => {
-                vhdx::Vhdx::create(&base, &vhdx::CreateOptions::new(size), false)?.close()?
-            }
-            Format::Vhd => {
-                vhd::Vhd::create(&base, &vhd::CreateOptions::new(size), false)?.close()?
-            }
-        }
+        let kind = match format {
+            Format::Vhdx => image::Kind::Vhdx(vhdx::CreateOptions::new(size)),
+            Format::Vhd => image::Kind::Vhd(vhd::CreateOptions::new(size)),
+        };
+        image::create(&base, &image::CreateOptions::new(kind))?.close()?;
         Self::init_with_base(dir, format, &base, lock)
     }
 
@@ -236,8 +235,9 @@ impl Bundle {
     /// # Errors
     /// As [`Bundle::init`]; `image` is differencing or unreadable.
     pub fn init_from(dir: &Path, image: &Path) -> Result<Bundle> {
-        let format = image::detect(image)?;
-        let files = chain_files(image, &ParentPolicy::default())?;
+        let opener = disk::file_opener();
+        let format = detect(image, &*opener)?;
+        let files = chain_files(image, &OpenOptions::new(format.image()))?;
         if files.len() > 1 {
             return Err(Error::invalid(
                 "a differencing disk cannot be a bundle's base: convert (flatten) it first",
@@ -295,7 +295,8 @@ impl Bundle {
             parent: Some(root.id.clone()),
             disk: format!("{active_id}.{}", format.child_extension()),
         };
-        create_child(&dir.join(&active.disk), base)?;
+        let opener = disk::file_opener();
+        create_child(format, &dir.join(&active.disk), base, &opener)?;
         let mut b = Bundle {
             dir: dir.to_path_buf(),
             manifest: Manifest {
@@ -306,7 +307,7 @@ impl Bundle {
                 pending: None,
                 garbage: Vec::new(),
             },
-            policy: ParentPolicy::default(),
+            opts: Self::disk_options(format, opener),
             spare_maker: None,
             _lock: lock,
         };
@@ -321,6 +322,15 @@ impl Bundle {
     /// No or invalid manifest (named, with the position of a JSON error),
     /// a failure finishing the pending operation, I/O errors.
     pub fn open(dir: &Path) -> Result<Bundle> {
+        Self::open_with(dir, disk::file_opener())
+    }
+
+    /// [`Bundle::open`], reaching the disks through `opener` (e.g. one
+    /// that journals writes, for power-cut tests).
+    ///
+    /// # Errors
+    /// As [`Bundle::open`].
+    pub fn open_with(dir: &Path, opener: Arc<dyn Opener>) -> Result<Bundle> {
         let lock = DirLock::exclusive(dir, "bundle")?;
         let path = dir.join(MANIFEST);
         let name = path.display().to_string();
@@ -338,14 +348,23 @@ impl Bundle {
             .map_err(|m| Error::corrupt("bundle manifest", 0, m).in_file(&name, 0))?;
         let mut b = Bundle {
             dir: dir.to_path_buf(),
+            opts: Self::disk_options(manifest.format, opener),
             manifest,
-            policy: ParentPolicy::default(),
             spare_maker: None,
             _lock: lock,
         };
         remove_if_present(&b.dir.join(format!("{SPARE}.tmp")))?;
         b.recover()?;
         Ok(b)
+    }
+
+    /// How a bundle of `format` opens its disks: that format, the default
+    /// parent policy, `opener`.
+    fn disk_options(format: Format, opener: Arc<dyn Opener>) -> OpenOptions {
+        OpenOptions {
+            opener,
+            ..OpenOptions::new(format.image())
+        }
     }
 
     /// The manifest as it is now.
@@ -545,9 +564,11 @@ impl Bundle {
     /// which open their disks themselves, only check that they are free
     /// (a disk taken in between fails the merge, which the next open
     /// finishes).
-    fn claim_disks(&self, op: &Pending) -> Result<Vec<FileStorage>> {
+    fn claim_disks(&self, op: &Pending) -> Result<Vec<Box<dyn Storage>>> {
         let active = self.disk_path(self.active());
-        let claim = |path: &Path, writable: bool| match FileStorage::open(path, writable) {
+        let opener = &self.opts.opener;
+        let claim = |path: &Path, writable: bool| match opener.open(path, writable, LockMode::Auto)
+        {
             Ok(s) => Ok(Some(s)),
             // A missing disk is the operation's own error to report.
             Err(e)
@@ -596,8 +617,9 @@ impl Bundle {
             return;
         }
         let parent = self.disk_path(parent);
+        let opener = self.opts.opener.clone();
         self.spare_maker = Some(std::thread::spawn(move || {
-            let _ = make_spare(&spare, &parent);
+            let _ = make_spare(&spare, &parent, &opener);
         }));
     }
 
@@ -611,9 +633,12 @@ impl Bundle {
     /// `parent`, using the spare (VHD) if it fits.
     fn new_child(&self, disk: &str, parent: &Path) -> Result<()> {
         let path = self.dir.join(disk);
+        let opener = &self.opts.opener;
         match self.manifest.format {
-            Format::Vhd => create_vhd_child_using_spare(&path, parent, &self.dir.join(SPARE)),
-            Format::Vhdx => create_child(&path, parent),
+            Format::Vhd => {
+                create_vhd_child_using_spare(&path, parent, &self.dir.join(SPARE), opener)
+            }
+            Format::Vhdx => create_child(Format::Vhdx, &path, parent, opener),
         }
     }
 
@@ -648,7 +673,7 @@ impl Bundle {
 
     /// Whether the disk at `child` currently reads from the disk at `parent`.
     fn links_to(&self, child: &Path, parent: &Path) -> Result<bool> {
-        let files = chain_files(child, &self.policy)?;
+        let files = chain_files(child, &self.opts)?;
         let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
@@ -707,7 +732,7 @@ impl Bundle {
                 for c in self.children(node) {
                     let cp = self.disk_path(&c);
                     if self.links_to(&cp, &path)? {
-                        merge_into_child(&cp, &self.policy, &mut |_, _| {})?;
+                        merge_into_child(&cp, &self.opts, &mut |_, _| {})?;
                     }
                 }
                 let m = &mut self.manifest;
@@ -725,7 +750,7 @@ impl Bundle {
                 let cp = self.path_of(child)?;
                 let pp = self.path_of(parent)?;
                 if cp.exists() && self.links_to(&cp, &pp)? {
-                    merge_into_ancestor(&cp, 1, &self.policy, &mut |_, _| {})?;
+                    merge_into_ancestor(&cp, 1, &self.opts, &mut |_, _| {})?;
                 }
                 let gone = self.node(child).cloned().expect("path_of checked it");
                 let m = &mut self.manifest;
@@ -741,7 +766,7 @@ impl Bundle {
                 let cp = self.path_of(child)?;
                 let pp = self.path_of(parent)?;
                 if self.links_to(&cp, &pp)? {
-                    merge_into_child(&cp, &self.policy, &mut |_, _| {})?;
+                    merge_into_child(&cp, &self.opts, &mut |_, _| {})?;
                 }
                 let grand = self.node(parent).and_then(|p| p.parent.clone());
                 if let Some(c) = self.manifest.nodes.iter_mut().find(|n| n.id == *child) {

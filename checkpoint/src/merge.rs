@@ -21,9 +21,10 @@
 //! `parent_linkage2` with the ancestor's next DataWriteGuid, so the chain
 //! still opens after a crash and the merge can be run again.
 
-use crate::image::{chain_files, detect, ChainOptions, Format, Layer};
 use crate::{Error, Result};
-use disk::{Mapping, ParentPolicy, VirtualDisk};
+use disk::{Mapping, VirtualDisk};
+use image::chain::{chain_files, open_over, set_parent};
+use image::{Driver, Format, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -54,15 +55,19 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// errors.
 pub fn merge_into_child(
     child: &Path,
-    policy: &ParentPolicy,
+    opts: &OpenOptions,
     progress: Progress<'_>,
 ) -> Result<MergeStats> {
-    let opts = ChainOptions {
-        writable: true,
-        policy: policy.clone(),
-    };
-    let layer = Layer::open(child, &opts, true)?;
-    let c = layer.disk();
+    let img = image::open(
+        child,
+        &OpenOptions {
+            writable: true,
+            keep_identity: true,
+            ..opts.clone()
+        },
+    )?;
+    // The child's own layer (which reads what it lacks from its parent).
+    let c = img.driver().disk();
     let name = child.display().to_string();
     let p = c.parent().cloned().ok_or_else(|| {
         Error::invalid("not a differencing disk: no parent to merge").in_file(&name, 0)
@@ -100,15 +105,31 @@ pub fn merge_into_child(
         progress(off, size);
     }
     c.flush()?;
-    drop(p);
+    drop((p, c));
     match grandparent {
         Some(g) => {
-            layer.close()?;
-            crate::image::set_parent(child, &g, true, policy)?;
+            img.close()?;
+            set_parent(child, &g, true, opts)?;
         }
-        None => layer.make_standalone(child)?,
+        None => make_standalone(img, child, opts)?,
     }
     Ok(stats)
+}
+
+/// Turn the differencing image `img` (at `path`) into a standalone one
+/// (see [`vhdx::Vhdx::make_standalone`], [`vhd::Vhd::make_standalone`]);
+/// closes it.
+fn make_standalone(img: Image, path: &Path, opts: &OpenOptions) -> Result<()> {
+    match img.into_driver() {
+        d @ Driver::Vhdx(_) => d.into_vhdx()?.make_standalone(),
+        d @ Driver::Vhd(_) => {
+            d.disk().close()?;
+            drop(d);
+            Vhd::make_standalone(path, &*opts.opener)
+        }
+        Driver::Raw(_) => Err(Error::invalid("a raw image is no differencing disk")
+            .in_file(&path.display().to_string(), 0)),
+    }
 }
 
 /// Fold `top` and the layers between it and its ancestor `depth` levels
@@ -123,11 +144,11 @@ pub fn merge_into_child(
 pub fn merge_into_ancestor(
     top: &Path,
     depth: usize,
-    policy: &ParentPolicy,
+    opts: &OpenOptions,
     progress: Progress<'_>,
 ) -> Result<(PathBuf, MergeStats)> {
     let name = top.display().to_string();
-    let files = chain_files(top, policy)?;
+    let files = chain_files(top, opts)?;
     if depth == 0 || depth >= files.len() {
         return Err(Error::invalid(format!(
             "cannot merge into the layer {depth} levels down: the chain has {} layers",
@@ -136,28 +157,29 @@ pub fn merge_into_ancestor(
         .in_file(&name, 0));
     }
     let ancestor = files[depth].clone();
-    let format = detect(&ancestor)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => image::probe(&ancestor, &*opts.opener)?,
+    };
+    let opts = OpenOptions {
+        format: Some(format),
+        ..opts.clone()
+    };
     let mut next_guid = None;
     if format == Format::Vhdx {
         // Let the ancestor's direct child accept the ancestor's next
         // identity before the ancestor changes (see the module docs).
-        let info = Vhdx::inspect(&ancestor)?;
+        let info = Vhdx::inspect_with(&ancestor, &opts.vhdx())?;
         let cur = info.header.data_write_guid;
         let new = Uuid::new_v4();
-        let a = Vhdx::open(
-            &ancestor,
-            &vhdx::OpenOptions {
-                parent_policy: policy.clone(),
-                ..vhdx::OpenOptions::default()
-            },
-        )?;
+        let a = Vhdx::open(&ancestor, &opts.vhdx())?;
         let child_path = &files[depth - 1];
         let child = Vhdx::open_with_parent(
             child_path,
             &vhdx::OpenOptions {
                 writable: true,
                 keep_data_write_guid: true,
-                ..vhdx::OpenOptions::default()
+                ..opts.vhdx()
             },
             Arc::new(a),
         )?;
@@ -187,21 +209,15 @@ pub fn merge_into_ancestor(
             &ancestor,
             &vhdx::OpenOptions {
                 writable: true,
-                parent_policy: policy.clone(),
                 data_write_guid: next_guid,
-                ..vhdx::OpenOptions::default()
+                ..opts.vhdx()
             },
         )?),
-        Format::Vhd => Arc::new(Vhd::open(
-            &ancestor,
-            &vhd::OpenOptions {
-                writable: true,
-                parent_policy: policy.clone(),
-                ..vhd::OpenOptions::default()
-            },
-        )?),
+        _ => image::open(&ancestor, &opts.clone().writable())?
+            .driver()
+            .disk(),
     };
-    let layers = crate::image::open_over(&files[..depth], target.clone())?;
+    let layers = open_over(&files[..depth], target.clone(), &opts)?;
     let layer = |i: usize| -> &dyn VirtualDisk { &*layers[i] };
     let top_disk = layer(0);
     let size = top_disk.virtual_size();
@@ -251,33 +267,34 @@ pub fn merge_into_ancestor(
 pub fn rebase(
     child: &Path,
     new_parent: &Path,
-    policy: &ParentPolicy,
+    opts: &OpenOptions,
     progress: Progress<'_>,
 ) -> Result<MergeStats> {
     // Same identity: a verified relink is enough.
-    if crate::image::set_parent(child, new_parent, false, policy).is_ok() {
+    if set_parent(child, new_parent, false, opts).is_ok() {
         return Ok(MergeStats::default());
     }
     let name = child.display().to_string();
-    let layer = Layer::open(
+    let img = image::open(
         child,
-        &ChainOptions {
+        &OpenOptions {
             writable: true,
-            policy: policy.clone(),
+            keep_identity: true,
+            ..opts.clone()
         },
-        true,
     )?;
-    let c = layer.disk();
+    let c = img.driver().disk();
     let old = c.parent().cloned().ok_or_else(|| {
         Error::invalid("not a differencing disk: it has no parent").in_file(&name, 0)
     })?;
-    let new = crate::image::open(
+    let new_img = image::open(
         new_parent,
-        &ChainOptions {
+        &OpenOptions {
             writable: false,
-            policy: policy.clone(),
+            ..opts.clone()
         },
     )?;
+    let new = new_img.disk();
     if new.virtual_size() != c.virtual_size() {
         return Err(Error::invalid(format!(
             "the new parent {} has a virtual size of {} bytes, the child {}",
@@ -307,8 +324,9 @@ pub fn rebase(
         progress(off, size);
     }
     c.flush()?;
-    drop(old);
-    layer.close()?;
-    crate::image::set_parent(child, new_parent, true, policy)?;
+    drop((old, c));
+    img.close()?;
+    drop(new_img);
+    set_parent(child, new_parent, true, opts)?;
     Ok(stats)
 }

@@ -7,12 +7,12 @@
 
 mod common;
 
-use checkpoint::image;
 use checkpoint::merge::{merge_into_ancestor, merge_into_child};
 use checkpoint::{Bundle, Format, Manifest, Pending, MANIFEST};
 use common::*;
 use disk::testing::pattern;
-use disk::ParentPolicy;
+use image::chain::chain_files;
+use image::OpenOptions;
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -279,7 +279,7 @@ fn vhd_checkpoints_use_the_spare_child() {
             "{what}"
         );
         assert_eq!(read_all(&b.active_path()), want_active, "{what}");
-        let chain = image::chain_files(&b.active_path(), &ParentPolicy::default()).unwrap();
+        let chain = chain_files(&b.active_path(), &OpenOptions::probing()).unwrap();
         assert_eq!(chain.len(), 4, "{what}: base, a, c, active");
         assert!(!dir.join(format!("{SPARE}.tmp")).exists(), "{what}");
     };
@@ -483,9 +483,9 @@ fn interrupt_runs(format: Format, into_child: bool) {
                 }
             };
             if into_child {
-                merge_into_child(&top, &ParentPolicy::default(), &mut stop).unwrap();
+                merge_into_child(&top, &OpenOptions::probing(), &mut stop).unwrap();
             } else {
-                merge_into_ancestor(&top, 1, &ParentPolicy::default(), &mut stop).unwrap();
+                merge_into_ancestor(&top, 1, &OpenOptions::probing(), &mut stop).unwrap();
             }
         }));
         let finished = r.is_ok();
@@ -497,15 +497,15 @@ fn interrupt_runs(format: Format, into_child: bool) {
         // Run again to the end: the result is right.
         if !finished {
             if into_child {
-                merge_into_child(&top, &ParentPolicy::default(), &mut |_, _| {}).unwrap();
+                merge_into_child(&top, &OpenOptions::probing(), &mut |_, _| {}).unwrap();
             } else {
-                merge_into_ancestor(&top, 1, &ParentPolicy::default(), &mut |_, _| {}).unwrap();
+                merge_into_ancestor(&top, 1, &OpenOptions::probing(), &mut |_, _| {}).unwrap();
             }
         }
         assert_eq!(read_all(&top), want_top, "cut {cut}: top after resuming");
         if into_child {
             // top now links to base.
-            let files = image::chain_files(&top, &ParentPolicy::default()).unwrap();
+            let files = chain_files(&top, &OpenOptions::probing()).unwrap();
             assert_eq!(files.len(), 2, "cut {cut}");
             assert_eq!(read_all(&mid), want_mid, "cut {cut}: mid unchanged");
         } else {
@@ -545,21 +545,16 @@ fn rebase_keeps_what_the_child_reads() {
         let top = tmp.path().join(format!("top.{ext}"));
         let base = tmp.path().join(format!("base.{ext}"));
         // Rebase top from mid onto base: mid's data is copied into top.
-        let s = checkpoint::merge::rebase(&top, &base, &ParentPolicy::default(), &mut |_, _| {})
+        let s = checkpoint::merge::rebase(&top, &base, &OpenOptions::probing(), &mut |_, _| {})
             .unwrap();
         assert!(s.bytes_copied > 0);
         std::fs::remove_file(tmp.path().join(format!("mid.{ext}"))).unwrap();
         assert_eq!(read_all(&top), want_top, "{format:?}");
-        assert_eq!(
-            image::chain_files(&top, &ParentPolicy::default())
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(chain_files(&top, &OpenOptions::probing()).unwrap().len(), 2);
         // A verified relink to a copy of the same parent copies nothing.
         let copy = tmp.path().join(format!("copy.{ext}"));
         std::fs::copy(&base, &copy).unwrap();
-        let s = checkpoint::merge::rebase(&top, &copy, &ParentPolicy::default(), &mut |_, _| {})
+        let s = checkpoint::merge::rebase(&top, &copy, &OpenOptions::probing(), &mut |_, _| {})
             .unwrap();
         assert_eq!(s.bytes_copied, 0);
         std::fs::remove_file(&base).unwrap();

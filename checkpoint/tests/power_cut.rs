@@ -13,14 +13,16 @@
 
 mod common;
 
-use checkpoint::image::{self, chain_files};
 use checkpoint::merge::{merge_into_ancestor, merge_into_child, rebase};
 use checkpoint::{Bundle, Format, Manifest, Pending, MANIFEST};
 use common::*;
 use disk::testing::journal::{self, Journal};
 use disk::testing::pattern;
-use disk::ParentPolicy;
+use disk::Opener;
+use image::chain::chain_files;
+use image::OpenOptions;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Cut points per operation (spread evenly, plus every flush boundary);
 /// with the environment variable `POWER_CUT_ALL` set, every operation
@@ -59,8 +61,11 @@ enum MergeKind {
     Rebase,
 }
 
-fn run_merge(kind: MergeKind, top: &Path, base: &Path) {
-    let p = ParentPolicy::default();
+fn run_merge(kind: MergeKind, top: &Path, base: &Path, opener: Arc<dyn Opener>) {
+    let p = OpenOptions {
+        opener,
+        ..OpenOptions::probing()
+    };
     match kind {
         MergeKind::IntoChild => merge_into_child(top, &p, &mut |_, _| {}).map(|_| ()),
         MergeKind::IntoParent => merge_into_ancestor(top, 1, &p, &mut |_, _| {}).map(|_| ()),
@@ -82,7 +87,12 @@ fn merge_power_cuts(format: Format, kind: MergeKind) {
     let name = |d: &Path, n: &str| d.join(format!("{n}.{ext}"));
     let want_base = read_all(&name(&master, "base"));
     let rec = journal::start(&master);
-    run_merge(kind, &name(&master, "top"), &name(&master, "base"));
+    run_merge(
+        kind,
+        &name(&master, "top"),
+        &name(&master, "base"),
+        rec.opener(),
+    );
     let j = rec.finish();
     let dir = tmp.path().join("crash");
     for_each_power_cut(&j, &dir, |what| {
@@ -97,13 +107,13 @@ fn merge_power_cuts(format: Format, kind: MergeKind) {
         assert_eq!(read_all(&base), want_base, "{what}: base");
         // Finish the operation, as the bundle does: a merge into the child
         // is done once the child links past its old parent.
-        let files = chain_files(&top, &ParentPolicy::default()).unwrap();
+        let files = chain_files(&top, &OpenOptions::probing()).unwrap();
         let linked_to_mid = files.len() == 3;
         if kind == MergeKind::IntoParent || linked_to_mid {
-            run_merge(kind, &top, &base);
+            run_merge(kind, &top, &base, disk::file_opener());
         }
         assert_eq!(read_all(&top), want_top, "{what}: top after finishing");
-        let files = chain_files(&top, &ParentPolicy::default()).unwrap();
+        let files = chain_files(&top, &OpenOptions::probing()).unwrap();
         match kind {
             MergeKind::IntoParent => {
                 assert_eq!(read_all(&mid), want_top, "{what}: mid holds top's view");
@@ -184,7 +194,7 @@ fn bundle_power_cuts(format: Format, op_kind: usize) {
     drop(b);
     std::fs::write(master.join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
     let rec = journal::start(&master);
-    Bundle::open(&master).unwrap();
+    drop(Bundle::open_with(&master, rec.opener()).unwrap());
     let j = rec.finish();
     let dir = tmp.path().join("crash");
     for_each_power_cut(&j, &dir, |what| {
@@ -219,7 +229,7 @@ fn bundle_power_cuts(format: Format, op_kind: usize) {
         files.sort();
         assert_eq!(files, disks, "{what}: files left");
         // The chain of the active disk is what the manifest says.
-        let chain = image::chain_files(&b.active_path(), &ParentPolicy::default()).unwrap();
+        let chain = chain_files(&b.active_path(), &OpenOptions::probing()).unwrap();
         assert_eq!(chain.len(), b.manifest().nodes.len(), "{what}: chain");
     });
 }

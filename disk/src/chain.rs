@@ -368,8 +368,20 @@ impl VirtualDisk for ChainView {
     fn flush(&self) -> Result<()> {
         self.layers[0].flush()
     }
+    fn close(&self) -> Result<()> {
+        self.layers[0].close()
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.layers[0].discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.layers[0].write_zeroes(offset, len, unmap)
+    }
+    fn discard_granularity(&self) -> u64 {
+        self.layers[0].discard_granularity()
+    }
+    fn disk_id(&self) -> Option<uuid::Uuid> {
+        self.layers[0].disk_id()
     }
     fn is_writable(&self) -> bool {
         self.layers[0].is_writable()

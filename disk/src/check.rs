@@ -25,8 +25,9 @@
 //! checks again and reports what remains.
 
 use crate::error::Error;
-use crate::{LockMode, ParentPolicy};
+use crate::{LockMode, Opener, ParentPolicy};
 use std::fmt;
+use std::sync::Arc;
 
 /// At most this many problems are kept in a report (the counts stay exact):
 /// a hostile image can have millions of bad BAT entries.
@@ -43,6 +44,8 @@ pub struct CheckOptions {
     /// How a check (a read-only open) claims the image and its parent
     /// ([`crate::lock`]); a repair always claims the image exclusively.
     pub lock: LockMode,
+    /// How the image and its parent are reached (real files by default).
+    pub opener: Arc<dyn Opener>,
 }
 
 impl Default for CheckOptions {
@@ -51,6 +54,7 @@ impl Default for CheckOptions {
             parent_policy: ParentPolicy::default(),
             check_parent: true,
             lock: LockMode::Auto,
+            opener: crate::file_opener(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The shared virtual-disk layer under the `vhd` and `vhdx` crates.
 //!
 //! - [`Storage`]: positional byte storage under an image ([`FileStorage`],
-//!   [`MemStorage`], and [`fault::RecordingStorage`] for crash tests).
+//!   [`MemStorage`]; with the feature `testing`, `fault::RecordingStorage`
+//!   for crash tests), reached by path through an [`Opener`].
 //! - [`VirtualDisk`]: what every format, chain, mount and VMM uses. A format
 //!   driver answers where a range lives ([`VirtualDisk::map`]); the provided
 //!   `read_at`/`write_at` are the one I/O loop shared by all formats.
@@ -22,8 +23,10 @@ mod chain;
 pub mod check;
 pub mod compact;
 mod error;
+#[cfg(feature = "testing")]
 pub mod fault;
 pub mod lock;
+mod opener;
 pub mod parent;
 pub mod partition;
 mod raw;
@@ -36,9 +39,11 @@ pub use chain::ChainView;
 pub use compact::{CompactReport, Progress};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lock::LockMode;
+pub use opener::{file_opener, FileOpener, Opener};
 pub use parent::{ChainSearch, ParentPolicy};
 pub use raw::RawDisk;
 pub use storage::{copy_range, fill_range, range_is, FileStorage, MemStorage, Storage};
 pub use virtual_disk::{
-    whole_blocks, Cursor, Extent, FileOffset, Geometry, Mapping, VirtualDisk, WriteExtent,
+    whole_blocks, write_zero_bytes, Cursor, Extent, FileOffset, Geometry, Mapping, VirtualDisk,
+    WriteExtent,
 };

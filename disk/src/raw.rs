@@ -37,9 +37,32 @@ impl<S: Storage> RawDisk<S> {
     }
 }
 
+/// A UUID for the file `(device, inode)`: the same for every open of the
+/// file, different for other files (two 64-bit mixes of both numbers),
+/// marked as a version 8 (custom) RFC 4122 UUID.
+pub(crate) fn file_uuid(dev: u64, ino: u64) -> uuid::Uuid {
+    fn mix(mut x: u64) -> u64 {
+        // splitmix64's finalizer.
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+    let hi = mix(dev ^ mix(ino));
+    let lo = mix(ino ^ mix(dev.wrapping_add(0x9e37_79b9_7f4a_7c15)));
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(b)
+}
+
 impl<S: Storage> VirtualDisk for RawDisk<S> {
     fn geometry(&self) -> Geometry {
         self.geometry
+    }
+    fn disk_id(&self) -> Option<uuid::Uuid> {
+        self.storage.file_id().map(|(dev, ino)| file_uuid(dev, ino))
     }
     fn storage(&self) -> &dyn Storage {
         &self.storage

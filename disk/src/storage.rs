@@ -50,6 +50,12 @@ pub trait Storage: Send + Sync {
     /// Whether writes are allowed.
     fn is_writable(&self) -> bool;
 
+    /// The file behind the storage, as (device, inode), when there is one:
+    /// what identifies a raw image across opens.
+    fn file_id(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Where the byte range starting at `offset` (< length) holds data: the
     /// first data offset at or after `offset` and the end of that data run,
     /// or `None` when only holes follow. Storage that cannot tell reports
@@ -184,8 +190,6 @@ impl FileStorage {
         crate::lock::claim(&file, &name, true, LockMode::Auto)?;
         file.set_len(0)
             .map_err(|e| Error::io("cannot empty", e).in_file(&name, 0))?;
-        #[cfg(feature = "testing")]
-        crate::testing::journal::record(path, || crate::fault::Op::SetLen(0));
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -219,11 +223,6 @@ impl Storage for FileStorage {
         })
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        #[cfg(feature = "testing")]
-        crate::testing::journal::record(&self.path, || crate::fault::Op::Write {
-            offset,
-            data: buf.to_vec(),
-        });
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io(
                 format!("write of {} bytes at offset {offset:#x}", buf.len()),
@@ -236,8 +235,6 @@ impl Storage for FileStorage {
         self.file
             .sync_data()
             .map_err(|e| Error::io("fsync", e).in_file(&self.name, 0))?;
-        #[cfg(feature = "testing")]
-        crate::testing::journal::record(&self.path, || crate::fault::Op::Flush);
         Ok(())
     }
     fn len(&self) -> Result<u64> {
@@ -248,14 +245,17 @@ impl Storage for FileStorage {
             .len())
     }
     fn set_len(&self, len: u64) -> Result<()> {
-        #[cfg(feature = "testing")]
-        crate::testing::journal::record(&self.path, || crate::fault::Op::SetLen(len));
         self.file
             .set_len(len)
             .map_err(|e| Error::io(format!("resize to {len} bytes"), e).in_file(&self.name, 0))
     }
     fn is_writable(&self) -> bool {
         self.writable
+    }
+    fn file_id(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ok()?;
+        Some((m.dev(), m.ino()))
     }
     fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
         use rustix::fs::{seek, SeekFrom};
@@ -381,6 +381,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
+    fn file_id(&self) -> Option<(u64, u64)> {
+        (**self).file_id()
+    }
     fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
         (**self).data_run(offset)
     }
@@ -407,6 +410,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
+    }
+    fn file_id(&self) -> Option<(u64, u64)> {
+        (**self).file_id()
     }
     fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
         (**self).data_run(offset)

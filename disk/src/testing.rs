@@ -502,82 +502,159 @@ pub mod crash {
     }
 }
 
-/// A journal of what [`crate::FileStorage`] writes under one directory,
-/// across files, to rebuild what a power cut could leave of a multi-file
-/// operation (a merge writes several images, each flushed on its own).
+/// A journal of what files opened through a recording [`crate::Opener`]
+/// undergo under one directory, across files, to rebuild what a power cut
+/// could leave of a multi-file operation (a merge writes several images,
+/// each flushed on its own).
 ///
 /// A crash at cut point `k` leaves each file as of its own last flush
 /// before `k`, plus any subset of its later writes before `k` (4 KiB
 /// pieces: a write can tear); a flush of one file makes nothing durable in
 /// another. File creation and the directory itself are taken as durable.
 pub mod journal {
+    use crate::error::Result;
     use crate::fault::Op;
+    use crate::lock::LockMode;
+    use crate::opener::{FileOpener, Opener};
+    use crate::storage::Storage;
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Mutex, MutexGuard};
+    use std::sync::{Arc, Mutex, MutexGuard};
 
-    static ACTIVE: AtomicBool = AtomicBool::new(false);
-    /// The directory recorded and its operations so far.
-    type State = Option<(PathBuf, Vec<(PathBuf, Op)>)>;
-    static STATE: Mutex<State> = Mutex::new(None);
-    /// One journal at a time per process (tests run in parallel threads).
-    static EXCLUSIVE: Mutex<()> = Mutex::new(());
     const PIECE: u64 = 4096;
 
-    fn state() -> MutexGuard<'static, State> {
-        STATE.lock().unwrap_or_else(|e| e.into_inner())
+    /// What was done, in order: (file, operation).
+    type Ops = Arc<Mutex<Vec<(PathBuf, Op)>>>;
+
+    fn lock(ops: &Ops) -> MutexGuard<'_, Vec<(PathBuf, Op)>> {
+        ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Record `op` on the file at `path`, when a journal is on and the file
-    /// lies in its directory. Called by [`crate::FileStorage`].
-    pub(crate) fn record(path: &Path, op: impl FnOnce() -> Op) {
-        if !ACTIVE.load(Ordering::Acquire) {
-            return;
-        }
-        let mut g = state();
-        let Some((dir, ops)) = g.as_mut() else {
-            return;
-        };
-        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        if abs.parent() != Some(dir.as_path()) {
-            return;
-        }
-        match op() {
-            Op::Write { offset, data } => {
-                let mut at = 0usize;
-                while at < data.len() {
-                    let off = offset + at as u64;
-                    let n = ((PIECE - off % PIECE) as usize).min(data.len() - at);
-                    ops.push((
-                        abs.clone(),
-                        Op::Write {
-                            offset: off,
-                            data: data[at..at + n].to_vec(),
-                        },
-                    ));
-                    at += n;
-                }
+    /// An opener of real files that journals what is done to those
+    /// directly in its directory.
+    #[derive(Debug)]
+    struct JournalOpener {
+        dir: PathBuf,
+        ops: Ops,
+    }
+
+    impl JournalOpener {
+        /// `storage` (opened at `path`), journaled when `path` lies in the
+        /// directory.
+        fn wrap(&self, path: &Path, storage: Box<dyn Storage>) -> Box<dyn Storage> {
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+            if abs.parent() != Some(self.dir.as_path()) {
+                return storage;
             }
-            other => ops.push((abs, other)),
+            Box::new(Journaled {
+                inner: storage,
+                path: abs,
+                ops: self.ops.clone(),
+            })
         }
     }
 
-    /// A journal being recorded; [`Recorder::finish`] ends it.
+    impl Opener for JournalOpener {
+        fn open(&self, path: &Path, writable: bool, lock: LockMode) -> Result<Box<dyn Storage>> {
+            Ok(self.wrap(path, FileOpener.open(path, writable, lock)?))
+        }
+
+        fn create(&self, path: &Path, overwrite: bool) -> Result<Box<dyn Storage>> {
+            let st = self.wrap(path, FileOpener.create(path, overwrite)?);
+            // A created (or emptied) file starts empty.
+            st.set_len(0)?;
+            Ok(st)
+        }
+    }
+
+    /// A storage whose writes, length changes and flushes are journaled.
+    struct Journaled {
+        inner: Box<dyn Storage>,
+        path: PathBuf,
+        ops: Ops,
+    }
+
+    impl Journaled {
+        fn record(&self, op: Op) {
+            let mut ops = lock(&self.ops);
+            match op {
+                Op::Write { offset, data } => {
+                    let mut at = 0usize;
+                    while at < data.len() {
+                        let off = offset + at as u64;
+                        let n = ((PIECE - off % PIECE) as usize).min(data.len() - at);
+                        ops.push((
+                            self.path.clone(),
+                            Op::Write {
+                                offset: off,
+                                data: data[at..at + n].to_vec(),
+                            },
+                        ));
+                        at += n;
+                    }
+                }
+                other => ops.push((self.path.clone(), other)),
+            }
+        }
+    }
+
+    impl Storage for Journaled {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.record(Op::Write {
+                offset,
+                data: buf.to_vec(),
+            });
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()?;
+            self.record(Op::Flush);
+            Ok(())
+        }
+        fn len(&self) -> Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.record(Op::SetLen(len));
+            self.inner.set_len(len)
+        }
+        fn is_writable(&self) -> bool {
+            self.inner.is_writable()
+        }
+        fn file_id(&self) -> Option<(u64, u64)> {
+            self.inner.file_id()
+        }
+        fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+            self.inner.data_run(offset)
+        }
+    }
+
+    /// A journal being recorded: pass [`Recorder::opener`] to the operation,
+    /// then [`Recorder::finish`].
     pub struct Recorder {
         initial: BTreeMap<String, Vec<u8>>,
-        _one: MutexGuard<'static, ()>,
+        opener: Arc<JournalOpener>,
     }
 
-    /// Start recording the writes to the files directly in `dir` (which
-    /// must exist), after taking a copy of them.
+    /// Start recording what is done to the files directly in `dir` (which
+    /// must exist) through the recorder's opener, after taking a copy of
+    /// them.
     pub fn start(dir: &Path) -> Recorder {
-        let one = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::fs::canonicalize(dir).unwrap();
         let initial = read_dir_files(&dir);
-        *state() = Some((dir, Vec::new()));
-        ACTIVE.store(true, Ordering::Release);
-        Recorder { initial, _one: one }
+        Recorder {
+            initial,
+            opener: Arc::new(JournalOpener {
+                dir,
+                ops: Arc::default(),
+            }),
+        }
     }
 
     /// The regular files directly in `dir`, by name.
@@ -594,11 +671,14 @@ pub mod journal {
     }
 
     impl Recorder {
+        /// The opener whose files are journaled.
+        pub fn opener(&self) -> Arc<dyn Opener> {
+            self.opener.clone()
+        }
+
         /// Stop recording; the journal of what was done since [`start`].
         pub fn finish(self) -> Journal {
-            ACTIVE.store(false, Ordering::Release);
-            let (_, ops) = state().take().unwrap_or_default();
-            let ops = ops
+            let ops = std::mem::take(&mut *lock(&self.opener.ops))
                 .into_iter()
                 .map(|(p, op)| (p.file_name().unwrap().to_string_lossy().into_owned(), op))
                 .collect();

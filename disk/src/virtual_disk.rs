@@ -155,6 +155,18 @@ pub trait VirtualDisk: Send + Sync {
     /// I/O errors.
     fn flush(&self) -> Result<()>;
 
+    /// Flush and close: what a driver does at a clean close (VHDX: an empty
+    /// log in both headers). Idempotent, and through `&self`, so a disk
+    /// shared between threads (`Arc`) is closed without unwrapping it; once
+    /// closed, writes fail. The file itself (and its image lock) is released
+    /// when the last handle is dropped. The default flushes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// Tell the disk that the range's contents are no longer needed. Drivers
     /// may deallocate whole blocks inside it; afterwards the range reads as
     /// zeros or as its old contents, block by block.
@@ -163,6 +175,71 @@ pub trait VirtualDisk: Send + Sync {
     /// I/O errors.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Make the range read as zeros. With `unmap`, the disk may also give
+    /// back the space of whole blocks inside it (VHDX: such blocks become
+    /// PAYLOAD_BLOCK_ZERO, MS-VHDX 2.5.1.1, keeping their file space
+    /// unless `unmap`); what is not a whole block is written with zeros
+    /// through the one write loop. The default writes zeros.
+    ///
+    /// # Errors
+    /// Read-only disk, out-of-range requests, I/O errors.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let _ = unmap;
+        write_zero_bytes(self, offset, len)
+    }
+
+    /// The unit in which [`VirtualDisk::discard`] and an unmapping
+    /// [`VirtualDisk::write_zeroes`] give space back: whole aligned blocks
+    /// of this many bytes (for virtio-blk's discard_sector_alignment and
+    /// SCSI's optimal unmap granularity); 0 when they never do.
+    fn discard_granularity(&self) -> u64 {
+        0
+    }
+
+    /// A stable identity of the disk, for virtio-blk GET_ID and SCSI VPD
+    /// page 83: the VHDX virtual disk id, the VHD unique id, for a raw file
+    /// one derived from its device and inode. The same across opens of the
+    /// same image; `None` when the disk has none.
+    fn disk_id(&self) -> Option<uuid::Uuid> {
+        None
+    }
+
+    /// Read into several buffers, one after the other from `offset`
+    /// (a guest request's descriptors): each is filled by
+    /// [`VirtualDisk::read_at`], straight from the image, with no
+    /// intermediate copy.
+    ///
+    /// # Errors
+    /// As [`VirtualDisk::read_at`]; the range of all buffers is checked
+    /// first.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        check_range(self, offset, usize::try_from(total).unwrap_or(usize::MAX))?;
+        let mut at = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Write several buffers, one after the other from `offset`, each by
+    /// [`VirtualDisk::write_at`] (no intermediate copy).
+    ///
+    /// # Errors
+    /// As [`VirtualDisk::write_at`]; the range of all buffers is checked
+    /// first.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        check_range(self, offset, usize::try_from(total).unwrap_or(usize::MAX))?;
+        let mut at = offset;
+        for b in bufs {
+            self.write_at(b, at)?;
+            at += b.len() as u64;
+        }
         Ok(())
     }
 
@@ -297,8 +374,26 @@ impl<T: VirtualDisk + ?Sized> VirtualDisk for Arc<T> {
     fn flush(&self) -> Result<()> {
         (**self).flush()
     }
+    fn close(&self) -> Result<()> {
+        (**self).close()
+    }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        (**self).write_zeroes(offset, len, unmap)
+    }
+    fn discard_granularity(&self) -> u64 {
+        (**self).discard_granularity()
+    }
+    fn disk_id(&self) -> Option<uuid::Uuid> {
+        (**self).disk_id()
+    }
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> Result<()> {
+        (**self).read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        (**self).write_vectored_at(bufs, offset)
     }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
@@ -326,6 +421,26 @@ pub fn whole_blocks(offset: u64, len: u64, block_size: u64, virtual_size: u64) -
         last += 1;
     }
     first..last.max(first)
+}
+
+/// Bytes of zeros written at a time by [`write_zero_bytes`].
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Write `len` zero bytes at `offset` through the disk's write loop (what
+/// [`VirtualDisk::write_zeroes`] does for what it cannot state as zeros).
+///
+/// # Errors
+/// As [`VirtualDisk::write_at`].
+pub fn write_zero_bytes<D: VirtualDisk + ?Sized>(disk: &D, offset: u64, len: u64) -> Result<()> {
+    check_range(disk, offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+    let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO_CHUNK) as usize;
+        disk.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 fn check_range<D: VirtualDisk + ?Sized>(disk: &D, offset: u64, len: usize) -> Result<()> {

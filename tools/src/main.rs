@@ -1,7 +1,6 @@
 //! `vdisk`: inspect, create, convert and compare disk images, shaped like qemu-img.
 
 mod commands;
-mod guessed;
 mod open;
 mod options;
 mod progress;
@@ -347,7 +346,7 @@ struct InfoArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// Show every layer of the chain of a differencing disk, the image first
     #[arg(long = "backing-chain")]
@@ -363,7 +362,7 @@ struct CreateArgs {
     /// Image format: vhdx, vhd (alias vpc) or raw (by default the one the
     /// name says: .vhdx/.avhdx vhdx, .vhd/.avhd vhd, else raw; with -b, the
     /// parent's format)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// Format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -373,7 +372,7 @@ struct CreateArgs {
     #[arg(short = 'b', long = "backing", value_name = "PARENT")]
     backing: Option<PathBuf>,
     /// Format of the parent image (vhdx, vhd or vpc; detected when absent)
-    #[arg(short = 'F', long = "backing-format", value_parser = Format::parse_arg)]
+    #[arg(short = 'F', long = "backing-format", value_parser = open::parse_format)]
     backing_format: Option<Format>,
     /// The image to create
     image: PathBuf,
@@ -385,11 +384,11 @@ struct CreateArgs {
 #[derive(Args, Debug)]
 struct ConvertArgs {
     /// Source format (detected from the content when absent)
-    #[arg(short = 'f', value_parser = Format::parse_arg)]
+    #[arg(short = 'f', value_parser = open::parse_format)]
     format: Option<Format>,
     /// Target format: raw, vhdx or vhd (alias vpc); by default the one the
     /// target's name says (.vhdx/.avhdx vhdx, .vhd/.avhd vhd, else raw)
-    #[arg(short = 'O', value_parser = Format::parse_arg)]
+    #[arg(short = 'O', value_parser = open::parse_format)]
     output_format: Option<Format>,
     /// Target format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -411,10 +410,10 @@ struct ConvertArgs {
 #[derive(Args, Debug)]
 struct CompareArgs {
     /// Format of the first image (detected when absent)
-    #[arg(short = 'f', value_parser = Format::parse_arg)]
+    #[arg(short = 'f', value_parser = open::parse_format)]
     format_a: Option<Format>,
     /// Format of the second image (detected when absent)
-    #[arg(short = 'F', value_parser = Format::parse_arg)]
+    #[arg(short = 'F', value_parser = open::parse_format)]
     format_b: Option<Format>,
     /// Strict: images of different sizes are different (by default the
     /// longer one's extra part must read as zeros)
@@ -449,7 +448,7 @@ struct CheckArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// The image
     image: PathBuf,
@@ -463,7 +462,7 @@ struct MapArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// The image
     image: PathBuf,
@@ -488,7 +487,7 @@ struct ManArgs {
 #[derive(Args, Debug)]
 struct ReadArgs {
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// The image
     image: PathBuf,
@@ -503,7 +502,7 @@ struct ReadArgs {
 #[derive(Args, Debug)]
 struct WriteArgs {
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// The image
     image: PathBuf,
@@ -516,7 +515,7 @@ struct WriteArgs {
 #[derive(Args, Debug)]
 struct ResizeArgs {
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// Allow shrinking even when the cut part holds data (it is discarded)
     #[arg(long = "force")]
@@ -538,7 +537,7 @@ struct CompactArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// Show a progress bar on stderr
     #[arg(short = 'p', long = "progress")]
@@ -626,7 +625,7 @@ enum CheckpointCommand {
 #[derive(Args, Debug)]
 struct CheckpointInitArgs {
     /// Format of the disks: vhdx (default) or vhd (alias vpc)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg, conflicts_with = "from")]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format, conflicts_with = "from")]
     format: Option<Format>,
     /// Copy this (non-differencing) VHDX or VHD image as the base
     #[arg(long = "from", value_name = "IMAGE", conflicts_with = "size")]
@@ -669,7 +668,7 @@ struct MountArgs {
     #[arg(long = "daemon-child", hide = true, requires = "foreground")]
     daemon_child: bool,
     /// Image format (detected from the content when absent)
-    #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
     /// The image
     image: PathBuf,
@@ -834,6 +833,7 @@ fn report(e: &anyhow::Error) {
     }
     eprintln!("vdisk: {e:#}");
     policy_hint(&format!("{e:#}"));
+    open::damaged_hint(e);
     let locked = e.chain().any(|c| {
         c.downcast_ref::<disk::Error>()
             .is_some_and(|d| d.kind() == disk::ErrorKind::Locked)

@@ -38,10 +38,10 @@ use crate::bat::{self, SECTOR, UNALLOCATED};
 use crate::dynamic_header::{DynamicHeader, HEADER_SIZE, LOCATOR_SIZE, LOCATOR_TABLE_OFFSET};
 use crate::footer::{fourcc, DiskType, Footer, COOKIE, FOOTER_SIZE, OLD_FOOTER_SIZE};
 use crate::image::{parent_candidates, read_locators};
-use crate::{Error, Result, Vhd};
+use crate::{Error, OpenOptions, Result, Vhd};
 use disk::check::{sweep, CheckReport, Problem, ProblemKind, RepairMode, RepairReport, Used};
 use disk::parent::{ChainSearch, ParentPolicy};
-use disk::{FileStorage, ResultExt, Storage};
+use disk::{LockMode, ResultExt, Storage};
 use std::path::Path;
 
 /// `Used::what` of a structure (not a BAT entry): this bit plus
@@ -55,8 +55,8 @@ pub use disk::check::CheckOptions;
 /// # Errors
 /// The file cannot be read, or is not a VHD (no footer cookie at all).
 pub fn check_file(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport> {
-    let storage = FileStorage::open_with(path.as_ref(), false, opts.lock)?;
-    check(&storage, opts)
+    let storage = opts.opener.open(path.as_ref(), false, opts.lock)?;
+    check(&*storage, opts)
 }
 
 /// Check the VHD on `storage` (read only). A differencing disk's parent is
@@ -78,8 +78,8 @@ pub fn repair_file(
     mode: RepairMode,
     opts: &CheckOptions,
 ) -> Result<RepairReport> {
-    let storage = FileStorage::open(path.as_ref(), true)?;
-    repair(&storage, mode, opts)
+    let storage = opts.opener.open(path.as_ref(), true, LockMode::Auto)?;
+    repair(&*storage, mode, opts)
 }
 
 /// Repair what `mode` allows; check again afterwards to see what remains.
@@ -670,7 +670,11 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             &header,
             size,
             &opts.parent_policy,
-            opts.lock,
+            &OpenOptions {
+                lock: opts.lock,
+                opener: opts.opener.clone(),
+                ..OpenOptions::default()
+            },
         );
     }
     Ok(f)
@@ -686,7 +690,7 @@ fn check_parent(
     header: &DynamicHeader,
     size: u64,
     policy: &ParentPolicy,
-    lock: disk::LockMode,
+    popts: &OpenOptions,
 ) {
     const H: &str = "VHD dynamic disk header";
     let name = storage.name();
@@ -719,7 +723,7 @@ fn check_parent(
             continue;
         }
         seen.push(canon);
-        let pinfo = match Vhd::inspect_with(&path, lock) {
+        let pinfo = match Vhd::inspect_with(&path, popts) {
             Ok(i) => i,
             Err(e) => {
                 report.check_error(

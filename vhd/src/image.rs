@@ -84,7 +84,7 @@ use crate::footer::{
 use crate::{Error, Result};
 use disk::parent::{self, ChainSearch, ParentPolicy};
 use disk::{
-    Extent, FileOffset, FileStorage, Geometry, LockMode, Mapping, ResultExt, Storage, VirtualDisk,
+    Extent, FileOffset, Geometry, LockMode, Mapping, Opener, ResultExt, Storage, VirtualDisk,
     WriteExtent,
 };
 use std::collections::{BTreeSet, HashMap};
@@ -115,7 +115,7 @@ pub const MAX_CHAIN: usize = disk::parent::DEFAULT_MAX_DEPTH;
 const ENTRIES_PER_SECTOR: u64 = SECTOR / 4;
 
 /// How to open an image.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// Open for writing (the parents of a differencing disk are always
     /// opened read-only).
@@ -132,6 +132,21 @@ pub struct OpenOptions {
     /// opens ([`disk::lock`]): by default the image exclusively when
     /// writable, shared when not, and every parent shared.
     pub lock: LockMode,
+    /// How the image file and its parents' files are reached (real files by
+    /// default; see [`disk::Opener`]).
+    pub opener: Arc<dyn Opener>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            ignore_parent_id: false,
+            parent_policy: ParentPolicy::default(),
+            lock: LockMode::Auto,
+            opener: disk::file_opener(),
+        }
+    }
 }
 
 /// How to create an image.
@@ -150,6 +165,9 @@ pub struct CreateOptions {
     /// and whose footer current size is exactly that size (no CHS rounding).
     /// Sizes that are not a whole number of MiB are refused.
     pub azure: bool,
+    /// How the new file (and a differencing disk's parent, read for its
+    /// footer) is reached: real files by default ([`disk::Opener`]).
+    pub opener: Arc<dyn Opener>,
 }
 
 impl CreateOptions {
@@ -160,6 +178,7 @@ impl CreateOptions {
             fixed: false,
             block_size: 2 * MIB as u32,
             azure: false,
+            opener: disk::file_opener(),
         }
     }
 }
@@ -322,8 +341,8 @@ impl Vhd {
         opts: &OpenOptions,
         parent: Arc<dyn VirtualDisk>,
     ) -> Result<Self> {
-        let storage = FileStorage::open_with(path.as_ref(), opts.writable, opts.lock)?;
-        Self::open_inner(Box::new(storage), opts, ParentSource::Given(parent))
+        let storage = opts.opener.open(path.as_ref(), opts.writable, opts.lock)?;
+        Self::open_inner(storage, opts, ParentSource::Given(parent))
     }
 
     /// [`Vhd::open_with_parent`] on any storage.
@@ -358,9 +377,9 @@ impl Vhd {
     }
 
     fn open_path(path: &Path, opts: &OpenOptions, chain: &mut ChainSearch) -> Result<Self> {
-        let storage = FileStorage::open_with(path, opts.writable, opts.lock)?;
+        let storage = opts.opener.open(path, opts.writable, opts.lock)?;
         Self::open_inner(
-            Box::new(storage),
+            storage,
             opts,
             ParentSource::Search {
                 child: path.to_path_buf(),
@@ -375,22 +394,18 @@ impl Vhd {
     /// # Errors
     /// Not a VHD, or corrupt structures.
     pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
-        Self::inspect_with(path, LockMode::Auto)
+        Self::inspect_with(path, &OpenOptions::default())
     }
 
-    /// [`Vhd::inspect`], claiming the file as `lock` says (a shared claim
-    /// by default; [`LockMode::ForceShare`] to read an image another
-    /// process is writing).
+    /// [`Vhd::inspect`] (always read-only) with the lock mode and opener of
+    /// `opts` (a shared claim by default; [`LockMode::ForceShare`] to read
+    /// an image another process is writing).
     ///
     /// # Errors
     /// As [`Vhd::inspect`].
-    pub fn inspect_with(path: impl AsRef<Path>, lock: LockMode) -> Result<Info> {
-        let storage = FileStorage::open_with(path.as_ref(), false, lock)?;
-        let v = Self::open_inner(
-            Box::new(storage),
-            &OpenOptions::default(),
-            ParentSource::Inspect,
-        )?;
+    pub fn inspect_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Info> {
+        let storage = opts.opener.open(path.as_ref(), false, opts.lock)?;
+        let v = Self::open_inner(storage, &OpenOptions::default(), ParentSource::Inspect)?;
         Ok(v.info.clone())
     }
 
@@ -686,8 +701,8 @@ impl Vhd {
     /// size that is not a whole number of MiB), or I/O errors.
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions, overwrite: bool) -> Result<Self> {
         validate_create(opts).map_err(|e| e.in_file(&path.as_ref().display().to_string(), 0))?;
-        let storage = FileStorage::create(path.as_ref(), overwrite)?;
-        Self::create_on(Box::new(storage), opts)
+        let storage = opts.opener.create(path.as_ref(), overwrite)?;
+        Self::create_on(storage, opts)
     }
 
     /// Create a new VHD on empty storage; the image is open read-write.
@@ -788,8 +803,8 @@ impl Vhd {
         // dfvfs-fat-differential-orphan.vhd, and neither it nor QEMU checks
         // the field; nor do we, at open).
         let link = parent_link_for(path, &parent_abs)?;
-        let storage = FileStorage::create(path, overwrite)?;
-        Self::create_differencing_on(Box::new(storage), parent, &link, opts)
+        let storage = opts.opener.create(path, overwrite)?;
+        Self::create_differencing_on(storage, parent, &link, opts)
     }
 
     /// Create a differencing VHD on empty storage, over the already open
@@ -831,8 +846,8 @@ impl Vhd {
     ) -> Result<()> {
         let path = path.as_ref();
         let (pfooter, link) = Self::differencing_parent(path, parent_path.as_ref(), opts)?;
-        let storage = FileStorage::create(path, overwrite)?;
-        write_differencing(&storage, &pfooter, &link, opts, BatFill::Write)
+        let storage = opts.opener.create(path, overwrite)?;
+        write_differencing(&*storage, &pfooter, &link, opts, BatFill::Write)
     }
 
     /// [`Vhd::create_differencing_file`] in O(1): `path` is a blank
@@ -858,11 +873,11 @@ impl Vhd {
     ) -> Result<bool> {
         let path = path.as_ref();
         let (pfooter, link) = Self::differencing_parent(path, parent_path.as_ref(), opts)?;
-        let storage = FileStorage::open(path, true)?;
-        if !is_blank_spare(&storage, pfooter.disk_size(), opts)? {
+        let storage = opts.opener.open(path, true, LockMode::Auto)?;
+        if !is_blank_spare(&*storage, pfooter.disk_size(), opts)? {
             return Ok(false);
         }
-        write_differencing(&storage, &pfooter, &link, opts, BatFill::Keep)?;
+        write_differencing(&*storage, &pfooter, &link, opts, BatFill::Keep)?;
         Ok(true)
     }
 
@@ -875,8 +890,8 @@ impl Vhd {
         opts: &CreateOptions,
     ) -> Result<(Footer, ParentLink)> {
         let parent_abs = differencing_parent_path(path, parent_path)?;
-        let pstorage = FileStorage::open(&parent_abs, false)?;
-        let (pfooter, ..) = Self::find_footer(&pstorage, pstorage.len()?)?;
+        let pstorage = opts.opener.open(&parent_abs, false, LockMode::Auto)?;
+        let (pfooter, ..) = Self::find_footer(&*pstorage, pstorage.len()?)?;
         validate_differencing(opts, pfooter.disk_size()).in_file(&path.display().to_string(), 0)?;
         let link = parent_link_for(path, &parent_abs)?;
         Ok((pfooter, link))
@@ -1804,6 +1819,10 @@ impl VirtualDisk for Vhd {
         }
     }
 
+    fn close(&self) -> Result<()> {
+        self.close_inner()
+    }
+
     fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
@@ -1813,6 +1832,38 @@ impl VirtualDisk for Vhd {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_blocks(offset, len)
+    }
+
+    /// A dynamic disk without a parent unmaps whole blocks (they read as
+    /// zeros once unallocated); the rest, and every differencing disk (an
+    /// unallocated block would read the parent: VHD has no zero state),
+    /// gets zeros written.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let size = self.geometry().virtual_size;
+        let end = offset.saturating_add(len);
+        let bs = self.discard_granularity();
+        if !unmap || bs == 0 || end > size {
+            return disk::write_zero_bytes(self, offset, len);
+        }
+        let blocks = disk::whole_blocks(offset, len, bs, size);
+        if blocks.is_empty() {
+            return disk::write_zero_bytes(self, offset, len);
+        }
+        let (first, past) = (blocks.start * bs, (blocks.end * bs).min(size));
+        disk::write_zero_bytes(self, offset, first - offset)?;
+        self.discard_blocks(first, past - first)?;
+        disk::write_zero_bytes(self, past, end - past)
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        match &self.dynamic {
+            Some(d) if self.parent.is_none() => d.block_size,
+            _ => 0,
+        }
+    }
+
+    fn disk_id(&self) -> Option<Uuid> {
+        Some(self.info.footer.unique_id)
     }
 
     fn is_writable(&self) -> bool {
@@ -2055,7 +2106,8 @@ impl Vhd {
             ancestor = a.parent();
         }
         let link = parent_link_for(child, &parent_abs)?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(child, true)?);
+        let storage: Arc<dyn Storage> =
+            parent_opts.opener.open(child, true, LockMode::Auto)?.into();
         Self::set_parent_on(storage, &parent, &link, adopt)
     }
 
@@ -2248,8 +2300,8 @@ impl Vhd {
     /// # Errors
     /// The file cannot be opened; it is not a differencing VHD, or its
     /// trailing footer is damaged; I/O errors.
-    pub fn make_standalone(child: impl AsRef<Path>) -> Result<()> {
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(child.as_ref(), true)?);
+    pub fn make_standalone(child: impl AsRef<Path>, opener: &dyn Opener) -> Result<()> {
+        let storage: Arc<dyn Storage> = opener.open(child.as_ref(), true, LockMode::Auto)?.into();
         Self::make_standalone_on(storage)
     }
 

@@ -63,7 +63,7 @@ impl Vhd {
     /// # Errors
     /// As [`Vhd::resize_storage`].
     pub fn resize(path: impl AsRef<Path>, new_size: u64, force: bool) -> Result<u64> {
-        let storage = FileStorage::open(path.as_ref(), true)?;
+        let storage = disk::FileStorage::open(path.as_ref(), true)?;
         Self::resize_storage(Box::new(storage), new_size, force)
     }
 

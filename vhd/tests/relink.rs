@@ -294,7 +294,7 @@ fn make_standalone_keeps_the_content() {
     let want = read_file(&child, &OpenOptions::default());
     let id = Vhd::inspect(&child).unwrap().footer.unique_id;
 
-    Vhd::make_standalone(&child).unwrap();
+    Vhd::make_standalone(&child, &disk::FileOpener).unwrap();
     std::fs::remove_file(&base).unwrap();
     let info = Vhd::inspect(&child).unwrap();
     assert_eq!(info.subformat(), "dynamic");
@@ -331,7 +331,7 @@ fn make_standalone_keeps_the_content() {
     );
 
     // A disk that is not differencing is refused.
-    let e = Vhd::make_standalone(&child).unwrap_err();
+    let e = Vhd::make_standalone(&child, &disk::FileOpener).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("not a differencing disk"), "{e}");
 }
@@ -352,7 +352,7 @@ fn make_standalone_reads_zeros_where_the_parent_was() {
     }
     assert!(want.iter().any(|&b| b != 0));
     drop(d);
-    Vhd::make_standalone(&child).unwrap();
+    Vhd::make_standalone(&child, &disk::FileOpener).unwrap();
     std::fs::remove_file(&base).unwrap();
     let d = Vhd::open(&child, &OpenOptions::default()).unwrap();
     assert_same(&read_all(&d), &want, "present sectors, zeros elsewhere");
@@ -634,7 +634,7 @@ fn windows_child_relinks_and_stands_alone() {
     }
     drop(d);
 
-    Vhd::make_standalone(&img).unwrap();
+    Vhd::make_standalone(&img, &disk::FileOpener).unwrap();
     std::fs::remove_file(&parent).unwrap();
     let d = Vhd::open(&img, &OpenOptions::default()).unwrap();
     assert_eq!(d.info().subformat(), "dynamic");

@@ -55,10 +55,10 @@ use crate::log::{self, LogOp, LOG_SECTOR};
 use crate::metadata::{Metadata, PARENT_LOCATOR};
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
 use crate::region_table::{RegionTable, BAT_REGION, METADATA_REGION};
-use crate::{replay, Error, ErrorKind, Result, Vhdx};
+use crate::{replay, Error, ErrorKind, OpenOptions, Result, Vhdx};
 use disk::check::{sweep, CheckReport, Problem, RepairMode, RepairReport, Used};
 use disk::parent::{ChainSearch, ParentPolicy};
-use disk::{FileStorage, ResultExt, Storage};
+use disk::{LockMode, ResultExt, Storage};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use uuid::Uuid;
@@ -88,8 +88,8 @@ pub use disk::check::CheckOptions;
 /// # Errors
 /// The file cannot be read, or is not a VHDX (no file type identifier).
 pub fn check_file(path: impl AsRef<Path>, opts: &CheckOptions) -> Result<CheckReport> {
-    let storage = FileStorage::open_with(path.as_ref(), false, opts.lock)?;
-    check(&storage, opts)
+    let storage = opts.opener.open(path.as_ref(), false, opts.lock)?;
+    check(&*storage, opts)
 }
 
 /// Check the VHDX on `storage` (read only). A differencing disk's parent is
@@ -111,8 +111,8 @@ pub fn repair_file(
     mode: RepairMode,
     opts: &CheckOptions,
 ) -> Result<RepairReport> {
-    let storage = FileStorage::open(path.as_ref(), true)?;
-    repair(&storage, mode, opts)
+    let storage = opts.opener.open(path.as_ref(), true, LockMode::Auto)?;
+    repair(&*storage, mode, opts)
 }
 
 /// Repair what `mode` allows (see the module docs); check again afterwards
@@ -834,7 +834,11 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
             &md,
             loc_at,
             &opts.parent_policy,
-            opts.lock,
+            &OpenOptions {
+                lock: opts.lock,
+                opener: opts.opener.clone(),
+                ..OpenOptions::default()
+            },
         );
     }
     Ok(finish(
@@ -924,7 +928,7 @@ fn check_parent(
     md: &Metadata,
     loc_at: u64,
     policy: &ParentPolicy,
-    lock: disk::LockMode,
+    popts: &OpenOptions,
 ) {
     const S: &str = "VHDX parent locator";
     let Some(loc) = &md.parent_locator else {
@@ -976,7 +980,7 @@ fn check_parent(
         report.check_error(S, loc_at, e);
         return;
     };
-    let pinfo = match Vhdx::inspect_with(&path, lock) {
+    let pinfo = match Vhdx::inspect_with(&path, popts) {
         Ok(i) => i,
         Err(e) => {
             report.check_error(

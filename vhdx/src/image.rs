@@ -47,7 +47,7 @@ use crate::sector_bitmap::{self, BitmapCache, PAGE_BITS};
 use crate::{Error, Result};
 use disk::parent::{self, ChainSearch, ParentPolicy};
 use disk::{
-    Extent, FileOffset, FileStorage, Geometry, LockMode, Mapping, ResultExt, Storage, VirtualDisk,
+    Extent, FileOffset, Geometry, LockMode, Mapping, Opener, ResultExt, Storage, VirtualDisk,
     WriteExtent,
 };
 use std::path::{Path, PathBuf};
@@ -101,6 +101,9 @@ pub struct OpenOptions {
     /// opens ([`disk::lock`]): by default the image exclusively when
     /// writable, shared when not, and every parent shared.
     pub lock: LockMode,
+    /// How the image file and its parents' files are reached (real files by
+    /// default; see [`disk::Opener`]).
+    pub opener: Arc<dyn Opener>,
 }
 
 impl Default for OpenOptions {
@@ -113,6 +116,7 @@ impl Default for OpenOptions {
             keep_data_write_guid: false,
             data_write_guid: None,
             lock: LockMode::Auto,
+            opener: disk::file_opener(),
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct CreateOptions {
     pub physical_sector_size: u32,
     /// Log size: a multiple of 1 MiB (default 1 MiB).
     pub log_size: u32,
+    /// How the new file (and a differencing disk's parent, read for its
+    /// identity) is reached: real files by default ([`disk::Opener`]).
+    pub opener: Arc<dyn Opener>,
 }
 
 impl CreateOptions {
@@ -144,6 +151,7 @@ impl CreateOptions {
             logical_sector_size: 512,
             physical_sector_size: 4096,
             log_size: MIB as u32,
+            opener: disk::file_opener(),
         }
     }
 }
@@ -283,9 +291,9 @@ impl Vhdx {
     }
 
     fn open_path(path: &Path, opts: &OpenOptions, chain: &mut ChainSearch) -> Result<Self> {
-        let storage = FileStorage::open_with(path, opts.writable, opts.lock)?;
+        let storage = opts.opener.open(path, opts.writable, opts.lock)?;
         let (vhdx, _) = Self::open_inner(
-            Box::new(storage),
+            storage,
             opts,
             ParentSource::Search {
                 child: path.to_path_buf(),
@@ -378,8 +386,8 @@ impl Vhdx {
         opts: &OpenOptions,
         parent: Arc<dyn VirtualDisk>,
     ) -> Result<Self> {
-        let storage = FileStorage::open_with(path.as_ref(), opts.writable, opts.lock)?;
-        Self::open_storage_with_parent(Box::new(storage), opts, parent)
+        let storage = opts.opener.open(path.as_ref(), opts.writable, opts.lock)?;
+        Self::open_storage_with_parent(storage, opts, parent)
     }
 
     /// [`Vhdx::open_with_parent`] on any storage.
@@ -402,22 +410,18 @@ impl Vhdx {
     /// # Errors
     /// Not a VHDX, or corrupt structures.
     pub fn inspect(path: impl AsRef<Path>) -> Result<Info> {
-        Self::inspect_with(path, LockMode::Auto)
+        Self::inspect_with(path, &OpenOptions::default())
     }
 
-    /// [`Vhdx::inspect`], claiming the file as `lock` says (a shared claim
-    /// by default; [`LockMode::ForceShare`] to read an image another
-    /// process is writing).
+    /// [`Vhdx::inspect`] (always read-only) with the lock mode and opener
+    /// of `opts` (a shared claim by default; [`LockMode::ForceShare`] to
+    /// read an image another process is writing).
     ///
     /// # Errors
     /// As [`Vhdx::inspect`].
-    pub fn inspect_with(path: impl AsRef<Path>, lock: LockMode) -> Result<Info> {
-        let storage = FileStorage::open_with(path.as_ref(), false, lock)?;
-        let (_, info) = Self::open_inner(
-            Box::new(storage),
-            &OpenOptions::default(),
-            ParentSource::Inspect,
-        )?;
+    pub fn inspect_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Info> {
+        let storage = opts.opener.open(path.as_ref(), false, opts.lock)?;
+        let (_, info) = Self::open_inner(storage, &OpenOptions::default(), ParentSource::Inspect)?;
         Ok(info)
     }
 
@@ -714,8 +718,8 @@ impl Vhdx {
     /// Invalid options, or I/O errors.
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions, overwrite: bool) -> Result<Self> {
         validate_create(opts)?;
-        let storage = FileStorage::create(path.as_ref(), overwrite)?;
-        Self::create_on(Box::new(storage), opts)
+        let storage = opts.opener.create(path.as_ref(), overwrite)?;
+        Self::create_on(storage, opts)
     }
 
     /// Create a new VHDX on empty storage.
@@ -752,8 +756,8 @@ impl Vhdx {
         };
         let parent = Vhdx::open(parent_path, &popts)?;
         let locator = parent_locator_for(path, parent_path, parent.info.header.data_write_guid)?;
-        let storage = FileStorage::create(path, overwrite)?;
-        Self::create_inner(Box::new(storage), opts, Some((locator, Arc::new(parent))))
+        let storage = opts.opener.create(path, overwrite)?;
+        Self::create_inner(storage, opts, Some((locator, Arc::new(parent))))
     }
 
     /// Create a differencing VHDX on empty storage, with the given parent
@@ -785,7 +789,11 @@ impl Vhdx {
         overwrite: bool,
     ) -> Result<()> {
         let (path, parent_path) = (path.as_ref(), parent_path.as_ref());
-        let info = Vhdx::inspect(parent_path)?;
+        let popts = OpenOptions {
+            opener: opts.opener.clone(),
+            ..OpenOptions::default()
+        };
+        let info = Vhdx::inspect_with(parent_path, &popts)?;
         let m = &info.metadata;
         let geo = Geometry {
             virtual_size: m.virtual_disk_size,
@@ -793,8 +801,8 @@ impl Vhdx {
             physical_sector_size: m.physical_sector_size,
         };
         let locator = parent_locator_for(path, parent_path, info.header.data_write_guid)?;
-        let storage = FileStorage::create(path, overwrite)?;
-        Self::write_new(&storage, opts, Some((locator, geo)))
+        let storage = opts.opener.create(path, overwrite)?;
+        Self::write_new(&*storage, opts, Some((locator, geo)))
     }
 
     fn create_inner(
@@ -1867,20 +1875,15 @@ impl Vhdx {
     /// stays reserved for the block; otherwise it is simply no longer used.
     fn discard_blocks(&self, offset: u64, len: u64) -> Result<()> {
         let blocks = disk::whole_blocks(offset, len, self.block_size, self.geometry.virtual_size);
-        if blocks.is_empty() {
-            return Ok(());
-        }
-        self.start_session(true)?;
         // LeaveBlocksAllocated is ignored when HasParent is set (2.6.2.1).
         let keep =
             self.info.metadata.file_parameters.leave_blocks_allocated && !self.bat_geo.has_parent;
-        for b in blocks {
-            let idx = self.bat_geo.payload_index(b);
-            let (state, fo) = self.block_entry(b)?;
+        let has_parent = self.bat_geo.has_parent;
+        self.set_block_entries(blocks, |state, fo| {
             // In a differencing disk every discarded block becomes UNMAPPED
             // (zeros), whether it was here or in the parent, so that a
             // discard reads the same whatever the chain holds.
-            let skip = if self.bat_geo.has_parent {
+            let skip = if has_parent {
                 state == PayloadState::Unmapped
             } else {
                 matches!(
@@ -1888,10 +1891,51 @@ impl Vhdx {
                     PayloadState::NotPresent | PayloadState::Unmapped | PayloadState::Undefined
                 ) && !(keep && state == PayloadState::Unmapped)
             };
-            if skip {
+            (!skip).then(|| BatEntry::new(PayloadState::Unmapped as u8, if keep { fo } else { 0 }))
+        })
+    }
+
+    /// `write_zeroes` of whole blocks: each becomes PAYLOAD_BLOCK_ZERO
+    /// (MS-VHDX 2.5.1.1: reads zeros, in a differencing disk too), keeping
+    /// the file space it has unless `unmap` (or LeaveBlocksAllocated asks
+    /// to keep it). Like a write, this reaches the file through the log at
+    /// the next flush; space given up is never handed out again in this
+    /// session (new blocks go at the end of the file).
+    fn zero_blocks(&self, blocks: std::ops::Range<u64>, unmap: bool) -> Result<()> {
+        let keep = !unmap
+            || (self.info.metadata.file_parameters.leave_blocks_allocated
+                && !self.bat_geo.has_parent);
+        self.set_block_entries(blocks, |state, fo| {
+            let fo = match state {
+                PayloadState::FullyPresent | PayloadState::PartiallyPresent => fo,
+                // Space kept by an UNMAPPED or ZERO entry stays with it.
+                PayloadState::Unmapped | PayloadState::Zero => fo,
+                _ => 0,
+            };
+            let fo = if keep { fo } else { 0 };
+            let same = state == PayloadState::Zero && fo == 0;
+            (!same).then(|| BatEntry::new(PayloadState::Zero as u8, fo))
+        })
+    }
+
+    /// Give each of `blocks` the BAT entry `entry` returns for its state and
+    /// file offset (`None`: leave it), in memory: the log takes the pages
+    /// at the next flush.
+    fn set_block_entries(
+        &self,
+        blocks: std::ops::Range<u64>,
+        entry: impl Fn(PayloadState, u64) -> Option<BatEntry>,
+    ) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        self.start_session(true)?;
+        for b in blocks {
+            let idx = self.bat_geo.payload_index(b);
+            let (state, fo) = self.block_entry(b)?;
+            let Some(new) = entry(state, fo) else {
                 continue;
-            }
-            let new = BatEntry::new(PayloadState::Unmapped as u8, if keep { fo } else { 0 });
+            };
             let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
             if c.get(idx).is_none() {
                 drop(c);
@@ -2211,8 +2255,34 @@ impl VirtualDisk for Vhdx {
         self.flush_inner()
     }
 
+    fn close(&self) -> Result<()> {
+        self.close_inner()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.discard_blocks(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let size = self.geometry.virtual_size;
+        let end = offset.saturating_add(len);
+        let blocks = disk::whole_blocks(offset, len, self.block_size, size);
+        if blocks.is_empty() || end > size {
+            return disk::write_zero_bytes(self, offset, len);
+        }
+        let first = blocks.start * self.block_size;
+        let past = (blocks.end * self.block_size).min(size);
+        disk::write_zero_bytes(self, offset, first - offset)?;
+        self.zero_blocks(blocks, unmap)?;
+        disk::write_zero_bytes(self, past, end - past)
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        self.block_size
+    }
+
+    fn disk_id(&self) -> Option<Uuid> {
+        Some(self.info.metadata.virtual_disk_id)
     }
 
     fn is_writable(&self) -> bool {

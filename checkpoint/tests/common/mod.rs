@@ -1,32 +1,27 @@
 //! Helpers shared by the checkpoint crate's integration tests.
 #![allow(dead_code)]
 
-use checkpoint::image::{self, ChainOptions};
+use checkpoint::disks::create_child;
 use checkpoint::Format;
 use disk::testing::pattern;
 use disk::VirtualDisk;
+use image::OpenOptions;
 use std::path::Path;
 
 pub const SIZE: u64 = 6 << 20;
 
 pub fn read_all(path: &Path) -> Vec<u8> {
-    let d = image::open(path, &ChainOptions::default()).unwrap();
+    let img = image::open(path, &OpenOptions::probing()).unwrap();
+    let d = img.disk();
     let mut v = vec![0u8; d.virtual_size() as usize];
     d.read_at(&mut v, 0).unwrap();
     v
 }
 
 pub fn write(path: &Path, off: u64, data: &[u8]) {
-    let d = image::open(
-        path,
-        &ChainOptions {
-            writable: true,
-            ..ChainOptions::default()
-        },
-    )
-    .unwrap();
-    d.write_at(data, off).unwrap();
-    d.flush().unwrap();
+    let img = image::open(path, &OpenOptions::probing().writable()).unwrap();
+    img.disk().write_at(data, off).unwrap();
+    img.disk().flush().unwrap();
 }
 
 /// Copy `src`'s files (the bundle's chain) to a fresh dir, truncating
@@ -69,11 +64,11 @@ pub fn make_chain(dir: &Path, format: Format) -> (Vec<u8>, Vec<u8>) {
     }
     write(&base, 0, &pattern(3 << 20, 1));
     let mid = dir.join(ext("mid"));
-    image::create_child(&mid, &base).unwrap();
+    create_child(format, &mid, &base, &disk::file_opener()).unwrap();
     write(&mid, 1 << 20, &pattern(1_500_000, 2));
     write(&mid, 4 << 20, &pattern(5000, 3));
     let top = dir.join(ext("top"));
-    image::create_child(&top, &mid).unwrap();
+    create_child(format, &top, &mid, &disk::file_opener()).unwrap();
     write(&top, 777, &pattern(70_000, 4));
     write(&top, (2 << 20) + 3, &pattern(1 << 20, 5));
     (read_all(&mid), read_all(&top))

@@ -24,7 +24,7 @@ fn chain_of(image: &Path, what: &str) -> Result<Vec<PathBuf>> {
             image.display()
         );
     }
-    let files = checkpoint::image::chain_files(image, open::policy())?;
+    let files = image::chain::chain_files(image, &open::options(Some(format), false))?;
     if files.len() < 2 {
         bail!(
             "{}: not a differencing disk (it has no parent): nothing to {what}",
@@ -94,7 +94,7 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
         Ok(checkpoint::merge::merge_into_ancestor(
             image,
             depth,
-            open::policy(),
+            &open::options(None, false),
             cb,
         )?)
     })?;
@@ -130,9 +130,9 @@ pub fn rebase(args: &RebaseArgs) -> Result<()> {
             new_parent.display()
         );
     }
-    let policy = open::policy();
+    let opts = open::options(None, false);
     if args.unsafe_relink {
-        checkpoint::image::set_parent(image, new_parent, true, policy)?;
+        image::chain::set_parent(image, new_parent, true, &opts)?;
         crate::outln!(
             "Rebased '{}' onto '{}' (unsafe: link rewritten, 0 bytes copied)",
             image.display(),
@@ -142,7 +142,7 @@ pub fn rebase(args: &RebaseArgs) -> Result<()> {
     }
     chain_of(image, "rebase")?;
     let stats = with_progress(args.progress, "rebasing", "rebased", |cb| {
-        Ok(checkpoint::merge::rebase(image, new_parent, policy, cb)?)
+        Ok(checkpoint::merge::rebase(image, new_parent, &opts, cb)?)
     })?;
     crate::outln!(
         "Rebased '{}' onto '{}': {} copied",

@@ -50,6 +50,7 @@ fn vhdx_options() -> vhdx::check::CheckOptions {
         parent_policy: open::policy().clone(),
         check_parent: true,
         lock: open::read_lock(),
+        ..Default::default()
     }
 }
 
@@ -58,6 +59,7 @@ fn vhd_options() -> vhd::check::CheckOptions {
         parent_policy: open::policy().clone(),
         check_parent: true,
         lock: open::read_lock(),
+        ..Default::default()
     }
 }
 

@@ -3,28 +3,34 @@
 //! Hyper-V's Optimize-VHD), through [`vhdx::Vhdx::compact`] and
 //! [`vhd::Vhd::compact`].
 
-use crate::open::{self, Image};
+use crate::open;
 use crate::progress::Progress;
 use crate::{outln, CompactArgs, OutputFormat};
 use anyhow::{bail, Result};
 use disk::CompactReport;
+use image::Driver;
 
 pub fn run(args: &CompactArgs) -> Result<()> {
     let image = &args.image;
     let name = image.display().to_string();
-    let opened = match open::open(image, args.format, true)? {
-        Image::Raw(_) => bail!(
+    let driver = open::open(image, args.format, true)?.into_driver();
+    if let Driver::Raw(_) = driver {
+        bail!(
             "{name}: a raw image has no allocation table to compact (use `vdisk convert -O vhdx` \
              for a dynamic image, or `fallocate --dig-holes` to make the file sparse)"
-        ),
-        other => other,
-    };
+        );
+    }
     let bar = Progress::counting(args.progress, "compacting");
     let mut cb = |done: u64, total: u64| bar.set_position(done, total);
-    let result = match opened {
-        Image::Vhdx(mut d) => d.compact(&mut cb).and_then(|r| d.close().map(|()| r)),
-        Image::Vhd(mut d) => d.compact(&mut cb).and_then(|r| d.close().map(|()| r)),
-        Image::Raw(_) => return Ok(()),
+    let result = match driver {
+        d @ Driver::Vhdx(_) => {
+            let mut d = d.into_vhdx()?;
+            d.compact(&mut cb).and_then(|r| d.close().map(|()| r))
+        }
+        d => {
+            let mut d = d.into_vhd()?;
+            d.compact(&mut cb).and_then(|r| d.close().map(|()| r))
+        }
     };
     let report = match result {
         Ok(r) => r,

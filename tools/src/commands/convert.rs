@@ -8,12 +8,13 @@
 
 use super::{extent_at, is_zero, reads_as_zero, CHUNK};
 use crate::commands::create;
-use crate::open::{self, Image};
+use crate::open;
 use crate::options::{self, Target};
 use crate::progress::Progress;
 use crate::ConvertArgs;
 use anyhow::{bail, Result};
 use disk::VirtualDisk;
+use image::Image;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};

@@ -1,10 +1,11 @@
 //! `vdisk create`: a new empty image.
 
-use crate::open::{self, Format, Image};
+use crate::open::{self, Format};
 use crate::options::{self, Target};
 use crate::size::parse_arg;
 use crate::CreateArgs;
 use anyhow::{bail, Result};
+use image::{Image, Kind};
 use std::path::Path;
 
 pub fn run(args: &CreateArgs) -> Result<()> {
@@ -38,7 +39,7 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
     let pformat = open::resolve(parent, args.backing_format)?;
     // Without -f, the child takes the parent's format; a name that says
     // otherwise is refused (the child would not be what its name says).
-    let claim = checkpoint::detect::claimed(&args.image).map(Format::from);
+    let claim = Format::claimed_by(&args.image);
     if let (None, Some(c)) = (args.format, claim) {
         if c != pformat && pformat != Format::Raw {
             bail!(
@@ -46,16 +47,16 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
                  without -f: name the child .{} (or pass -f {} to create {} under this name \
                  anyway)",
                 args.image.display(),
-                open::describe(c),
+                c.describe(),
                 parent.display(),
-                open::describe(pformat),
+                pformat.describe(),
                 if pformat == Format::Vhdx {
                     "avhdx"
                 } else {
                     "avhd"
                 },
                 pformat.name(),
-                open::describe(pformat)
+                pformat.describe()
             );
         }
     }
@@ -78,13 +79,13 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
             "{}: the parent of a differencing VHDX must be a VHDX, not {} \
              (a differencing VHD needs -f vhd and a VHD parent)",
             parent.display(),
-            open::describe(p)
+            p.describe()
         ),
         (Format::Vhd, p) => bail!(
             "{}: the parent of a differencing VHD must be a VHD, not {} \
              (a differencing VHDX needs -f vhdx and a VHDX parent)",
             parent.display(),
-            open::describe(p)
+            p.describe()
         ),
     }
 }
@@ -131,12 +132,13 @@ fn differencing_vhdx(args: &CreateArgs, parent: &Path, size: Option<u64>) -> Res
         o.block_size = vhdx::DEFAULT_DIFFERENCING_BLOCK_SIZE;
     }
     if size.is_some() {
-        let pname = parent.display().to_string();
-        let info = vhdx::Vhdx::inspect(parent).map_err(|e| e.in_file(&pname, 0))?;
-        check_size(args, parent, size, info.metadata.virtual_disk_size)?;
+        let psize = open::open(parent, Some(Format::Vhdx), false)?
+            .disk()
+            .virtual_size();
+        check_size(args, parent, size, psize)?;
     }
     same_file_guard(&args.image, parent)?;
-    let img = open::create_vhdx_differencing(&args.image, parent, &o)?;
+    let img = open::create(&args.image, Kind::Vhdx(o.clone()), Some(parent))?;
     let actual = img.disk().virtual_size();
     img.close()?;
     open::sync_parent_dir(&args.image)?;
@@ -159,7 +161,7 @@ fn differencing_vhd(args: &CreateArgs, parent: &Path, size: Option<u64>) -> Resu
     if o.fixed {
         bail!("a differencing VHD is dynamic: subformat=fixed and azure=on do not apply");
     }
-    let img = open::create_vhd_differencing(&args.image, parent, &o)?;
+    let img = open::create(&args.image, Kind::Vhd(o.clone()), Some(parent))?;
     let actual = img.disk().virtual_size();
     img.close()?;
     open::sync_parent_dir(&args.image)?;
@@ -208,11 +210,12 @@ fn note_policy(child: &Path, parent: &Path) {
 
 /// Create `path` as `target` with a virtual size of `size` bytes.
 pub fn create(path: &Path, target: &Target, size: u64) -> Result<Image> {
-    match target {
-        Target::Raw => open::create_raw(path, size),
-        Target::Vhdx(o) => open::create_vhdx(path, o),
-        Target::Vhd(o) => open::create_vhd(path, o),
-    }
+    let kind = match target {
+        Target::Raw => Kind::Raw { size },
+        Target::Vhdx(o) => Kind::Vhdx(o.clone()),
+        Target::Vhd(o) => Kind::Vhd(o.clone()),
+    };
+    open::create(path, kind, None)
 }
 
 /// Tell (on stderr) when the format made the disk larger than asked: a VHD

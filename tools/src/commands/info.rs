@@ -3,7 +3,7 @@
 use crate::open::{self, Format};
 use crate::size::human_exact;
 use crate::{InfoArgs, OutputFormat};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use disk::ParentPolicy;
 use serde::{Serialize, Serializer};
 use std::os::unix::fs::MetadataExt;
@@ -114,7 +114,9 @@ fn chain(args: &InfoArgs) -> Result<()> {
     let format = open::resolve(path, args.format)?;
     let files = match format {
         Format::Raw => vec![path.to_path_buf()],
-        Format::Vhdx | Format::Vhd => checkpoint::image::chain_files(path, open::policy())?,
+        Format::Vhdx | Format::Vhd => {
+            image::chain::chain_files(path, &open::options(Some(format), false))?
+        }
     };
     // Each layer is opened on its own, with its own directory as the
     // default root: the top's directory (where the chain open found the
@@ -178,19 +180,25 @@ fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<
     })
 }
 
-fn vhdx_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
-    let opts = vhdx::OpenOptions {
+/// How `info` opens the image at `path` of `format`: read-only, under
+/// `policy`.
+fn info_options(format: Format, policy: &ParentPolicy) -> image::OpenOptions {
+    image::OpenOptions {
         parent_policy: policy.clone(),
-        lock: open::read_lock(),
-        ..vhdx::OpenOptions::default()
-    };
-    let (info, allocated_bytes, truncation) = match Vhdx::open(path, &opts) {
-        Ok(d) => {
+        ..open::options(Some(format), false)
+    }
+}
+
+fn vhdx_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
+    let opts = info_options(Format::Vhdx, policy);
+    let (info, allocated_bytes, truncation) = match image::open(path, &opts) {
+        Ok(img) => {
+            let d = img.vhdx().context("a VHDX open gives a VHDX driver")?;
             let stats = d.allocation_stats()?;
             let t = d.truncation()?;
             (d.info().clone(), Some(stats.allocated_bytes), Some(t))
         }
-        Err(open_err) => match Vhdx::inspect_with(path, open::read_lock()) {
+        Err(open_err) => match Vhdx::inspect_with(path, &opts.vhdx()) {
             // A differencing disk whose parent cannot be opened: show its
             // metadata anyway, without the allocation scan.
             Ok(info) if info.metadata.file_parameters.has_parent => {
@@ -244,14 +252,14 @@ fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>
 }
 
 fn vhd_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) -> Result<Report> {
-    let opts = vhd::OpenOptions {
-        parent_policy: policy.clone(),
-        lock: open::read_lock(),
-        ..vhd::OpenOptions::default()
-    };
-    let info = match vhd::Vhd::open(path, &opts) {
-        Ok(d) => d.info().clone(),
-        Err(open_err) => match vhd::Vhd::inspect_with(path, open::read_lock()) {
+    let opts = info_options(Format::Vhd, policy);
+    let info = match image::open(path, &opts) {
+        Ok(img) => img
+            .vhd()
+            .context("a VHD open gives a VHD driver")?
+            .info()
+            .clone(),
+        Err(open_err) => match vhd::Vhd::inspect_with(path, &opts.vhd()) {
             // A differencing disk (whose parent chain cannot be opened):
             // show its metadata anyway.
             Ok(info) if info.footer.disk_type == vhd::footer::DiskType::Differencing => {

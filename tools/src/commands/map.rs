@@ -154,7 +154,10 @@ fn json_entry(e: &Entry) -> Result<String> {
 
 pub fn run(args: &MapArgs) -> Result<()> {
     let img = open::open(&args.image, args.format, false)?;
-    let d = img.disk();
+    // The image's own layer: the walk follows its parents itself, to say
+    // which layer holds each range (a chain view would answer for all).
+    let top = img.driver().disk();
+    let d = &*top;
     // Output goes out in pieces of at most this size, so that a huge map
     // streams and a closed pipe stops the walk early.
     const FLUSH_AT: usize = 64 * 1024;

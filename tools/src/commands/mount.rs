@@ -47,18 +47,18 @@
 //! waits for process PID to exit, so that the image is closed when it
 //! returns.
 
-use crate::guessed::{RawImage, RESTRICTION};
 use crate::open::{self, Format};
 use crate::{MountArgs, UnmountArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use disk::partition::{self, Partition};
-use disk::{ChainView, VirtualDisk};
+use disk::VirtualDisk;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, Session,
     SessionACL, TimeOrNow, WriteFlags,
 };
+use image::guard::RESTRICTION;
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -68,8 +68,6 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use vhd::Vhd;
-use vhdx::Vhdx;
 
 /// Name of the one file in the mount.
 pub const FILE_NAME: &str = "disk";
@@ -95,76 +93,6 @@ const MAX_THREADS: usize = 4;
 
 /// How long `vdisk unmount` waits for the serving process to close the image.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(300);
-
-// ---- The open image. ----
-
-/// The format driver's handle, kept to close the image (and see errors).
-enum Handle {
-    Raw(Arc<RawImage>),
-    Vhdx(Arc<Vhdx>),
-    Vhd(Arc<Vhd>),
-}
-
-/// An open image: the handle to close and the disk to serve (the image
-/// itself, or a chain view over it for a differencing disk).
-struct Opened {
-    handle: Handle,
-    disk: Arc<dyn VirtualDisk>,
-}
-
-/// Open the image at `path` (format given or detected), writable only when `writable`.
-fn open_image(path: &Path, format: Option<Format>, writable: bool) -> Result<Opened> {
-    let (handle, top): (Handle, Arc<dyn VirtualDisk>) = match open::resolve(path, format)? {
-        Format::Raw => {
-            let d = Arc::new(RawImage::open(path, writable, format.is_none())?);
-            (Handle::Raw(d.clone()), d)
-        }
-        Format::Vhdx => {
-            let d = Arc::new(Vhdx::open(path, &open::vhdx_options(writable))?);
-            (Handle::Vhdx(d.clone()), d)
-        }
-        Format::Vhd => {
-            let d = Arc::new(Vhd::open(path, &open::vhd_options(writable))?);
-            (Handle::Vhd(d.clone()), d)
-        }
-    };
-    let disk: Arc<dyn VirtualDisk> = if top.parent().is_some() {
-        Arc::new(ChainView::new(top))
-    } else {
-        top
-    };
-    Ok(Opened { handle, disk })
-}
-
-impl Opened {
-    /// Flush and close (for VHDX, also leave a clean header). Every other
-    /// reference to the disk must be gone for a full close; otherwise the
-    /// image is only flushed (and closed when the last reference goes).
-    fn close(self) -> Result<()> {
-        let Opened { handle, disk } = self;
-        drop(disk);
-        match handle {
-            Handle::Raw(d) => {
-                if d.is_writable() {
-                    d.flush()?;
-                }
-            }
-            Handle::Vhdx(d) => match Arc::try_unwrap(d) {
-                Ok(d) => d.close()?,
-                Err(d) => d.flush()?,
-            },
-            Handle::Vhd(d) => match Arc::try_unwrap(d) {
-                Ok(d) => d.close()?,
-                Err(d) => {
-                    if d.is_writable() {
-                        d.flush()?;
-                    }
-                }
-            },
-        }
-        Ok(())
-    }
-}
 
 // ---- The filesystem. ----
 
@@ -1042,7 +970,7 @@ fn serve(args: &MountArgs) -> Result<()> {
         let _ = signal_thread.join();
     };
 
-    let opened = match open_image(&args.image, args.format, args.rw) {
+    let opened = match open::open(&args.image, args.format, args.rw) {
         Ok(o) => o,
         Err(e) => {
             stop_signals();
@@ -1054,9 +982,9 @@ fn serve(args: &MountArgs) -> Result<()> {
         .unwrap_or_else(|_| SystemTime::now());
     let abs_image = std::fs::canonicalize(&args.image).unwrap_or_else(|_| args.image.clone());
     let fs = DiskFs {
-        disk: opened.disk.clone(),
+        disk: opened.disk().clone(),
         image: image_name.clone(),
-        size: opened.disk.virtual_size(),
+        size: opened.disk().virtual_size(),
         writable: args.rw,
         page_cache: args.page_cache,
         uid: nix::unistd::getuid().as_raw(),

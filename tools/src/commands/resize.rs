@@ -8,7 +8,7 @@ use crate::progress::Progress;
 use crate::size::parse_size;
 use crate::ResizeArgs;
 use anyhow::{anyhow, bail, Result};
-use disk::{FileStorage, Storage};
+use disk::{Storage, VirtualDisk};
 use std::path::Path;
 
 /// A size argument: absolute, or relative to the current size.
@@ -63,28 +63,31 @@ fn resize(args: &ResizeArgs) -> Result<()> {
     let name = image.display().to_string();
     match open::resolve(image, args.format)? {
         Format::Vhdx => {
-            let info = vhdx::Vhdx::inspect(image)?;
-            if info.metadata.file_parameters.has_parent {
+            let img = open::open(image, Some(Format::Vhdx), true)?;
+            if img.driver().disk().parent().is_some() {
                 bail!(
                     "{name}: cannot resize a differencing disk: its size must match its parent's"
                 );
             }
-            let size = target(image, info.metadata.virtual_disk_size, arg)?;
-            let mut d = vhdx::Vhdx::open(image, &open::vhdx_options(true))?;
+            let size = target(image, img.disk().virtual_size(), arg)?;
+            let mut d = img.into_driver().into_vhdx()?;
             d.resize(size, args.force)?;
             d.close()?;
         }
         Format::Vhd => {
-            let info = vhd::Vhd::inspect(image)?;
-            let size = target(image, info.virtual_size, arg)?;
+            let cur = open::open(image, Some(Format::Vhd), false)?
+                .disk()
+                .virtual_size();
+            let size = target(image, cur, arg)?;
             vhd::Vhd::resize(image, size, args.force)?;
         }
         Format::Raw => {
-            let st = FileStorage::open(image, true)?;
+            let img = open::open(image, Some(Format::Raw), true)?;
+            let st = img.storage();
             let cur = st.len()?;
             let size = target(image, cur, arg)?;
             if size < cur && !args.force {
-                if let Some(at) = first_nonzero(&st, size, cur)? {
+                if let Some(at) = first_nonzero(st, size, cur)? {
                     bail!(
                         "{name}: the part past the new end ({size} bytes) holds data (first \
                          non-zero byte at offset {at}): shrinking would lose it (use --force \
@@ -92,7 +95,7 @@ fn resize(args: &ResizeArgs) -> Result<()> {
                     );
                 }
             }
-            if size < cur && args.format.is_none() && ends_in_vhd_cookie(&st, size)? {
+            if size < cur && args.format.is_none() && ends_in_vhd_cookie(st, size)? {
                 bail!(
                     "{name}: refusing to cut an image whose format was guessed as raw to {size} \
                      bytes: it would end in a VHD footer cookie (\"conectix\") and detect as a \
@@ -109,7 +112,7 @@ fn resize(args: &ResizeArgs) -> Result<()> {
 /// Whether the first `size` bytes of `st` end in a VHD footer cookie, 512
 /// (or, as old footers, 511) bytes before their end: what detection takes
 /// for a fixed VHD.
-fn ends_in_vhd_cookie(st: &FileStorage, size: u64) -> Result<bool> {
+fn ends_in_vhd_cookie(st: &dyn Storage, size: u64) -> Result<bool> {
     for back in [512, 511] {
         if let Some(at) = size.checked_sub(back) {
             let mut b = [0u8; 8];
@@ -122,7 +125,7 @@ fn ends_in_vhd_cookie(st: &FileStorage, size: u64) -> Result<bool> {
     Ok(false)
 }
 
-fn first_nonzero(st: &FileStorage, from: u64, to: u64) -> Result<Option<u64>> {
+fn first_nonzero(st: &dyn Storage, from: u64, to: u64) -> Result<Option<u64>> {
     let mut buf = vec![0u8; super::CHUNK];
     let mut at = from;
     while at < to {

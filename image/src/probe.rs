@@ -13,11 +13,8 @@
 //! ([`vhdx::probe`], [`vhd::probe`]) so that the error says what there is
 //! to recover.
 
-use crate::image::Format;
-use crate::{Error, Result};
-use disk::Storage;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::Format;
+use disk::{Error, LockMode, Opener, Result, Storage};
 use std::path::Path;
 
 /// VHDX file type identifier signature (MS-VHDX 2.2.1).
@@ -28,17 +25,6 @@ const VHD_COOKIE: &[u8; 8] = b"conectix";
 const VHD_FOOTER: u64 = 512;
 const VHD_OLD_FOOTER: u64 = 511;
 
-/// The format the name of `path` claims: `.vhdx` and `.avhdx` a VHDX,
-/// `.vhd` and `.avhd` a VHD (any case); `None` for any other name.
-pub fn claimed(path: &Path) -> Option<Format> {
-    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    match ext.as_str() {
-        "vhdx" | "avhdx" => Some(Format::Vhdx),
-        "vhd" | "avhd" => Some(Format::Vhd),
-        _ => None,
-    }
-}
-
 /// The format of the file at `path` by its content (see the module docs):
 /// `Some` for a VHDX or VHD signature, `None` for a file with neither whose
 /// name claims no format (a raw image, for a caller that has one).
@@ -47,10 +33,10 @@ pub fn claimed(path: &Path) -> Option<Format> {
 /// The file cannot be read; [`crate::ErrorKind::Corrupt`] when the name
 /// claims VHDX or VHD but the signature is missing: the message names the
 /// file, the first 8 bytes, and what survives of either format.
-pub fn sniff(path: &Path) -> Result<Option<Format>> {
-    let name = path.display().to_string();
-    let file = File::open(path).map_err(|e| Error::io("cannot open", e).in_file(&name, 0))?;
-    let st = ProbeFile { file, name };
+pub fn sniff(path: &Path, opener: &dyn Opener) -> Result<Option<Format>> {
+    // No image lock: detection only looks, and the open that follows
+    // takes the lock.
+    let st = opener.open(path, false, LockMode::Off)?;
     let len = st.len()?;
     let mut head = vec![0u8; len.min(8) as usize];
     st.read_at(&mut head, 0)?;
@@ -70,11 +56,11 @@ pub fn sniff(path: &Path) -> Result<Option<Format>> {
             return Ok(Some(Format::Vhd));
         }
     }
-    let Some(claim) = claimed(path) else {
+    let Some(claim) = Format::claimed_by(path) else {
         return Ok(None);
     };
-    let mut found = vhdx::probe::traces(&st);
-    found.extend(vhd::probe::traces(&st));
+    let mut found = vhdx::probe::traces(&*st);
+    found.extend(vhd::probe::traces(&*st));
     let found = if found.is_empty() {
         "no VHDX or VHD structure found".to_string()
     } else {
@@ -87,6 +73,7 @@ pub fn sniff(path: &Path) -> Result<Option<Format>> {
         format!("its first 8 bytes are {}", hex.join(" "))
     };
     let err = match claim {
+        Format::Raw => return Ok(None),
         Format::Vhdx => Error::corrupt(
             "VHDX file identifier",
             0,
@@ -104,65 +91,29 @@ pub fn sniff(path: &Path) -> Result<Option<Format>> {
             ),
         ),
     };
-    Err(err.in_file(&st.name, 0))
+    Err(err.in_file(st.name(), 0))
 }
 
-/// A file opened for reading only, as [`Storage`] for the probes (no image
-/// lock: detection only looks, and the open that follows takes the lock).
-struct ProbeFile {
-    file: File,
-    name: String,
-}
-
-impl Storage for ProbeFile {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io(format!("cannot read at offset {offset:#x}"), e))
-            .map_err(|e| e.in_file(&self.name, 0))
-    }
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::invalid("opened for detection only").in_file(&self.name, 0))
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io("cannot stat", e).in_file(&self.name, 0))
-    }
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(Error::invalid("opened for detection only").in_file(&self.name, 0))
-    }
-    fn is_writable(&self) -> bool {
-        false
-    }
+/// The format of the file at `path` by its content: [`sniff`], and raw for
+/// a file with no VHDX or VHD signature whose name claims neither.
+///
+/// Probing is for files whose content the caller trusts. A VMM must not
+/// probe a disk a guest writes: a raw disk whose guest wrote a VHD footer
+/// into its last sector (or "vhdxfile" at its start) would be taken for a
+/// VHD (or VHDX) at the next probe, and the disk would then follow parent
+/// paths the guest chose, reading host files into the guest. Give the
+/// format instead ([`crate::OpenOptions::new`]).
+///
+/// # Errors
+/// As [`sniff`].
+pub fn probe(path: &Path, opener: &dyn Opener) -> Result<Format> {
+    Ok(sniff(path, opener)?.unwrap_or(Format::Raw))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
-
-    #[test]
-    fn claims_by_extension() {
-        for (n, f) in [
-            ("a.vhdx", Some(Format::Vhdx)),
-            ("dir.d/B.AVHDX", Some(Format::Vhdx)),
-            ("a.VHD", Some(Format::Vhd)),
-            ("a.avhd", Some(Format::Vhd)),
-            ("a.raw", None),
-            ("vhdx", None),
-            ("a.vhdx.bak", None),
-        ] {
-            assert_eq!(claimed(Path::new(n)), f, "{n}");
-        }
-    }
+    use disk::{ErrorKind, FileOpener};
 
     #[test]
     fn signatures_names_and_damage() {
@@ -177,17 +128,26 @@ mod tests {
         let mut old = vec![0u8; 4095];
         old[4095 - 511..4095 - 503].copy_from_slice(VHD_COOKIE);
         assert_eq!(
-            sniff(&w("x.img", b"vhdxfile..")).unwrap(),
+            sniff(&w("x.img", b"vhdxfile.."), &FileOpener).unwrap(),
             Some(Format::Vhdx)
         );
-        assert_eq!(sniff(&w("y.vhdx", b"conectix")).unwrap(), Some(Format::Vhd));
-        assert_eq!(sniff(&w("f.img", &fixed)).unwrap(), Some(Format::Vhd));
-        assert_eq!(sniff(&w("o.vhd", &old)).unwrap(), Some(Format::Vhd));
-        assert_eq!(sniff(&w("z.img", &[0u8; 4096])).unwrap(), None);
-        assert_eq!(sniff(&w("empty", &[])).unwrap(), None);
+        assert_eq!(
+            sniff(&w("y.vhdx", b"conectix"), &FileOpener).unwrap(),
+            Some(Format::Vhd)
+        );
+        assert_eq!(
+            sniff(&w("f.img", &fixed), &FileOpener).unwrap(),
+            Some(Format::Vhd)
+        );
+        assert_eq!(
+            sniff(&w("o.vhd", &old), &FileOpener).unwrap(),
+            Some(Format::Vhd)
+        );
+        assert_eq!(sniff(&w("z.img", &[0u8; 4096]), &FileOpener).unwrap(), None);
+        assert_eq!(sniff(&w("empty", &[]), &FileOpener).unwrap(), None);
         for (n, what) in [("z.vhdx", "VHDX file identifier"), ("z.avhd", "VHD footer")] {
             let p = w(n, &[0u8; 4096]);
-            let e = sniff(&p).unwrap_err();
+            let e = sniff(&p, &FileOpener).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Corrupt);
             let msg = e.to_string();
             assert!(
@@ -197,8 +157,10 @@ mod tests {
             assert!(msg.contains("00 00 00 00 00 00 00 00"), "{msg}");
             assert!(msg.contains("no VHDX or VHD structure found"), "{msg}");
         }
-        let e = sniff(&w("tiny.vhd", b"abc")).unwrap_err().to_string();
+        let e = sniff(&w("tiny.vhd", b"abc"), &FileOpener)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("it is 3 bytes long"), "{e}");
-        assert!(sniff(&dir.path().join("missing.vhdx")).is_err());
+        assert!(sniff(&dir.path().join("missing.vhdx"), &FileOpener).is_err());
     }
 }

@@ -15,10 +15,9 @@
 //! Every CLI path that writes guest data (`vdisk write`, `vdisk mount
 //! --rw`) goes through this disk.
 
-use disk::{
-    Error, Extent, FileStorage, Geometry, RawDisk, Result, Storage, VirtualDisk, WriteExtent,
-};
-use std::path::Path;
+use crate::open::RawDriver;
+use disk::{Error, Extent, Geometry, Result, Storage, VirtualDisk, WriteExtent};
+use std::sync::Arc;
 
 /// The first sector, which a guessed raw image does not let anyone write.
 const FIRST_SECTOR: u64 = 512;
@@ -27,33 +26,21 @@ const FIRST_SECTOR: u64 = 512;
 const VHD_COOKIE: &[u8; 8] = b"conectix";
 const FOOTER_PLACES: [u64; 2] = [512, 511];
 
-/// A raw image; `guessed` when its format came from detection.
-pub struct RawImage {
-    disk: RawDisk<FileStorage>,
-    guessed: bool,
+/// A raw image whose format was probed, not given: its writes are
+/// guarded (see the module docs).
+pub struct ProbedRaw {
+    disk: Arc<RawDriver>,
 }
 
-impl RawImage {
-    /// Open the raw image at `path`, read-only unless `writable`.
-    pub fn open(path: &Path, writable: bool, guessed: bool) -> Result<RawImage> {
-        Ok(RawImage::new(
-            RawDisk::new(FileStorage::open_with(
-                path,
-                writable,
-                crate::open::lock_for(writable),
-            )?)?,
-            guessed,
-        ))
-    }
-
-    /// Wrap an open raw disk.
-    pub fn new(disk: RawDisk<FileStorage>, guessed: bool) -> RawImage {
-        RawImage { disk, guessed }
+impl ProbedRaw {
+    /// Guard the raw disk `disk`.
+    pub fn new(disk: Arc<RawDriver>) -> ProbedRaw {
+        ProbedRaw { disk }
     }
 
     /// Refuse what a guessed raw image must not be written (module docs).
     fn check_write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if !self.guessed || buf.is_empty() {
+        if buf.is_empty() {
             return Ok(());
         }
         let name = self.disk.storage().name();
@@ -102,7 +89,7 @@ impl RawImage {
 pub const RESTRICTION: &str = "writes to its first sector (bytes 0 to 511), and writes that \
      would make it look like a fixed VHD, fail (EIO)";
 
-impl VirtualDisk for RawImage {
+impl VirtualDisk for ProbedRaw {
     fn geometry(&self) -> Geometry {
         self.disk.geometry()
     }
@@ -116,9 +103,9 @@ impl VirtualDisk for RawImage {
         self.disk.map_allocation(offset, len)
     }
     /// The first sector stays out of reach here too, for callers that
-    /// write through the mapping rather than [`RawImage::write_at`].
+    /// write through the mapping rather than [`ProbedRaw::write_at`].
     fn map_write(&self, offset: u64, len: u64) -> Result<WriteExtent> {
-        if self.guessed && offset < FIRST_SECTOR && len > 0 {
+        if offset < FIRST_SECTOR && len > 0 {
             return self
                 .check_write(&[0], offset)
                 .and_then(|()| self.disk.map_write(offset, len));
@@ -130,6 +117,12 @@ impl VirtualDisk for RawImage {
     }
     fn flush(&self) -> Result<()> {
         self.disk.flush()
+    }
+    fn close(&self) -> Result<()> {
+        self.disk.close()
+    }
+    fn disk_id(&self) -> Option<uuid::Uuid> {
+        self.disk.disk_id()
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.disk.discard(offset, len)
@@ -146,17 +139,24 @@ impl VirtualDisk for RawImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{open, Format, OpenOptions};
+    use std::path::Path;
 
-    fn image(dir: &Path, len: usize, guessed: bool) -> RawImage {
+    fn image(dir: &Path, len: usize, format: Option<Format>) -> Arc<dyn VirtualDisk> {
         let p = dir.join("g.raw");
         std::fs::write(&p, vec![0u8; len]).unwrap();
-        RawImage::open(&p, true, guessed).unwrap()
+        let opts = OpenOptions {
+            format,
+            writable: true,
+            ..OpenOptions::probing()
+        };
+        open(&p, &opts).unwrap().disk().clone()
     }
 
     #[test]
     fn guessed_refuses_the_first_sector_and_a_footer_cookie() {
         let dir = tempfile::tempdir().unwrap();
-        let d = image(dir.path(), 8192, true);
+        let d = image(dir.path(), 8192, None);
         for off in [0, 1, 511] {
             let e = d.write_at(b"x", off).unwrap_err().to_string();
             assert!(e.contains("first sector") && e.contains("-f raw"), "{e}");
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn given_raw_writes_anywhere() {
         let dir = tempfile::tempdir().unwrap();
-        let d = image(dir.path(), 4096, false);
+        let d = image(dir.path(), 4096, Some(Format::Raw));
         d.write_at(b"vhdxfile", 0).unwrap();
         d.write_at(VHD_COOKIE, 4096 - 512).unwrap();
         let mut b = [0u8; 8];
