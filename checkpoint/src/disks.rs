@@ -5,7 +5,6 @@ use crate::{Error, Result};
 use disk::Opener;
 use std::path::{Path, PathBuf};
 use vhd::Vhd;
-use vhdx::Vhdx;
 
 /// The format of a bundle's disks (recorded in its manifest): one that
 /// has differencing disks.
@@ -83,15 +82,21 @@ pub fn create_child(
     parent: &Path,
     opener: &std::sync::Arc<dyn Opener>,
 ) -> Result<()> {
-    match format {
+    let kind = match format {
         Format::Vhdx => {
             let mut o = vhdx::CreateOptions::new(0);
             o.block_size = vhdx::DEFAULT_DIFFERENCING_BLOCK_SIZE;
-            o.opener = opener.clone();
-            Vhdx::create_differencing_file(path, parent, &o, true)
+            image::Kind::Vhdx(o)
         }
-        Format::Vhd => Vhd::create_differencing_file(path, parent, &vhd_options(opener), true),
-    }
+        Format::Vhd => image::Kind::Vhd(vhd::CreateOptions::new(0)),
+    };
+    let opts = image::CreateOptions {
+        parent: Some(parent.to_path_buf()),
+        overwrite: true,
+        opener: opener.clone(),
+        ..image::CreateOptions::new(kind)
+    };
+    image::create_closed(path, &opts)
 }
 
 fn vhd_options(opener: &std::sync::Arc<dyn Opener>) -> vhd::CreateOptions {
@@ -112,7 +117,7 @@ pub fn make_spare(spare: &Path, parent: &Path, opener: &std::sync::Arc<dyn Opene
     let mut tmp = spare.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    Vhd::create_differencing_file(&tmp, parent, &vhd_options(opener), true)?;
+    create_child(Format::Vhd, &tmp, parent, opener)?;
     std::fs::rename(&tmp, spare).map_err(|e| {
         Error::io(format!("cannot rename to {}", spare.display()), e)
             .in_file(&tmp.display().to_string(), 0)

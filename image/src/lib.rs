@@ -6,7 +6,8 @@
 //!   locks ([`disk::lock`]), reached through an [`disk::Opener`]; returns
 //!   an [`Image`]: the disk to read and write (`Arc<dyn VirtualDisk>`, a
 //!   [`disk::ChainView`] for a chain) and the format's own driver.
-//! - [`create`]: a new raw, VHD or VHDX image, or a differencing child.
+//! - [`create`]: a new raw, VHD or VHDX image, or a differencing child;
+//!   [`create_closed`] the same, closed, a child made in O(1).
 //! - [`probe()`]: a file's format from its content. Opt-in: see its docs for
 //!   why a VMM must give the format of a disk a guest writes.
 //! - [`chain`]: a chain's files, opening layers over a disk already open,
@@ -44,7 +45,7 @@ pub mod guard;
 mod open;
 pub mod probe;
 
-pub use create::{create, CreateOptions, Kind};
+pub use create::{create, create_closed, CreateOptions, Kind};
 pub use disk::{Error, ErrorKind, Result};
 pub use format::Format;
 pub use open::{open, Driver, Image, OpenOptions, RawDriver};

@@ -85,7 +85,12 @@ fn a_chain_opens_as_one_disk_and_relinks() {
                 parent: Some(parent.clone()),
                 ..CreateOptions::new(kind(f, 0))
             };
-            image::create(child, &o).unwrap().close().unwrap();
+            if child == &mid {
+                image::create(child, &o).unwrap().close().unwrap();
+            } else {
+                // In O(1): from the parent's headers alone, closed.
+                image::create_closed(child, &o).unwrap();
+            }
         }
         let img = image::open(&top, &rw(f)).unwrap();
         img.disk().write_at(&[3; 512], 8192).unwrap();
