@@ -132,8 +132,10 @@ pub struct Manifest {
     pub garbage: Vec<String>,
 }
 
-/// A node as `list` shows it.
+/// A node as `list` shows it (serialized with kebab-case keys, as every
+/// JSON output of `vdisk`).
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct NodeInfo {
     /// The node.
     #[serde(flatten)]

@@ -74,11 +74,25 @@ enum Command {
         footers) and how to go on. A differencing disk shows its parent locator entries (key=value) and \
         the parent file opened; --backing-chain shows every layer of the chain, the image \
         first (JSON: an array).\n\
+        File size is the file's length (ls -l); disk size is the space it takes on the host \
+        (du): less where the file is sparse. Allocated bytes are the virtual bytes the image \
+        holds data for.\n\
         A truncated image (VHDX or VHD blocks that run past the end of the file) gets the \
         warning \"image is truncated: N blocks lie past the end of the file\" (JSON: \
-        truncated_blocks, null for raw images; a VHDX whose file ends inside its BAT also \
-        warns so, and lost_bat_entries counts the entries lost). Reading its lost data fails, \
-        naming the block; see vdisk check and vdisk convert --salvage.")]
+        truncated-blocks, null for raw images; a VHDX whose file ends inside its BAT also \
+        warns so, and lost-bat-entries counts the entries lost). Reading its lost data fails, \
+        naming the block; see vdisk check and vdisk convert --salvage.\n\
+        JSON keys (kebab-case, qemu-img's names where it has the same thing; null where a \
+        field does not apply): filename, format, subformat, virtual-size, cluster-size (the \
+        block size), logical-sector-size, physical-sector-size, file-size, actual-size (the \
+        disk size), allocated-bytes (null when the parent is not opened), log (VHDX: clean \
+        or dirty), log-entries, creator, virtual-disk-id, data-write-guid (VHDX), parent (the \
+        parent locator entries as key: value), backing-filename (the parent's path as the \
+        image records it), full-backing-filename (the parent file opened), truncated-blocks, \
+        lost-bat-entries, vhd (VHD only: disk-type, creator-application, creator-version, \
+        creator-host-os, timestamp, original-size, current-size, geometry, unique-id, \
+        saved-state, footer, allocated-blocks, max-table-entries, parent-name, \
+        parent-unique-id, parent-locators, parent-file, warnings).")]
     Info(InfoArgs),
     /// Create a new image (an existing file is overwritten, like qemu-img)
     #[command(after_help = "Examples:\n  \
@@ -167,6 +181,13 @@ enum Command {
         file is used space, never a leak. No repair brings lost data back: -r leaves a \
         truncated file's length alone (a VHD's footer is not restored over a truncated \
         block); vdisk convert --salvage copies what is left.\n\
+        JSON keys (kebab-case; qemu-img check's first): filename, format, check-errors, \
+        corruptions, leaks, corruptions-fixed and leaks-fixed (after -r), image-end-offset, \
+        total-clusters, allocated-clusters, fragmented-clusters, compressed-clusters, \
+        cluster-size, leaked-bytes, unused-bytes, truncated-blocks, file-size, problems (each: \
+        kind, structure, offset, length, message, repair, and for a truncated block \
+        virtual-offset, virtual-length), problems-omitted, and after -r repairs and \
+        problems-before-repair.\n\
         Exit status (as qemu-img check; after -r, for what remains): 0 no problem, 1 the \
         check could not be completed, 2 corruptions found, 3 only leaked space found.")]
     Check(CheckArgs),
@@ -174,11 +195,18 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vdisk map disk.vhdx\n  \
         vdisk map --output json child.avhdx\n\n\
-        Adjacent ranges with the same attributes are merged. JSON (qemu-img's keys): start, \
-        length, depth (0 the image, 1 its parent...), present (some layer holds it), zero \
-        (reads as zeros), data (stored data), compressed (always false), offset (in the \
-        file, for data) and filename (the layer's file). The human form lists the data \
-        ranges only.")]
+        Adjacent ranges with the same attributes are merged. The human form lists the data \
+        ranges only: offset, length, where they are in the file, and the file.\n\
+        --output json prints one JSON array covering the whole virtual disk, one object per \
+        range in order, with qemu-img map's keys: start (virtual offset), length (bytes), \
+        depth (the layer that holds it: 0 the image, 1 its parent...; the last layer looked \
+        at when none does), present (some layer holds it, as data or as zeros), zero (reads \
+        as zeros), data (stored data), compressed (always false), offset (where the data is \
+        in the layer's file; only for data) and filename (the layer's file). For example:\n  \
+        [{ \"start\": 0, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": false, \
+        \"data\": true, \"compressed\": false, \"offset\": 4194304, \"filename\": \"disk.vhdx\"},\n  \
+        { \"start\": 1048576, \"length\": 66060288, \"depth\": 0, \"present\": false, \
+        \"zero\": true, \"data\": false, \"compressed\": false, \"filename\": \"disk.vhdx\"}]")]
     Map(MapArgs),
     /// Copy virtual bytes of an image to stdout
     #[command(after_help = "Examples:\n  \
@@ -225,7 +253,8 @@ enum Command {
         the file is cut short. Every byte reads the same afterwards, and a crash at any point \
         leaves an image that reads the same. Fixed and raw images are refused (a fixed disk \
         keeps every block allocated by design: convert it to dynamic). Prints what was freed \
-        and reclaimed.\n\
+        and reclaimed (JSON: blocks-freed, blocks-moved, old-file-size, new-file-size, \
+        reclaimed).\n\
         Exit status: 0 compacted, 1 error (the image still reads as before).")]
     Compact(CompactArgs),
     /// Fold a differencing disk into its parent or an older ancestor (like Merge-VHD)
@@ -327,7 +356,8 @@ enum Command {
 enum OutputFormat {
     /// Lines for people.
     Human,
-    /// One JSON object with stable snake_case keys.
+    /// JSON with stable kebab-case keys, qemu-img's where it has the same
+    /// thing (listed in the command's help).
     Json,
 }
 
@@ -602,7 +632,11 @@ enum CheckpointCommand {
     /// Show the checkpoint tree and where the active disk is
     #[command(after_help = "Examples:\n  \
         vdisk checkpoint list vm\n  \
-        vdisk checkpoint list --output json vm")]
+        vdisk checkpoint list --output json vm\n\n\
+        JSON: an array of the bundle's disks, parents before children, each with the keys \
+        id, name (null for the active disk), created (Unix seconds), parent (its id; null \
+        for the base), disk (the file, in BUNDLE), created-utc, file-size, active and depth \
+        (0 for the base).")]
     List(CheckpointListArgs),
     /// Drop the active disk's changes: a new child of checkpoint NAME becomes active
     #[command(after_help = "Examples:\n  \

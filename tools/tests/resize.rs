@@ -30,7 +30,7 @@ fn fails(args: &[&str]) -> String {
 fn size_of(img: &Path) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
-    v["virtual_size"].as_u64().unwrap()
+    v["virtual-size"].as_u64().unwrap()
 }
 
 /// Data at the start, in the middle and near the end of a 64 MiB disk.
