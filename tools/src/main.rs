@@ -102,9 +102,14 @@ enum Command {
         vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
         vdisk create -f raw disk.raw 1G\n  \
         vdisk create disk.vhdx 64G                  # vhdx, from the name\n  \
+        vdisk create disk.vhdx 1.5G                 # 1610612736 bytes\n  \
         vdisk create -b base.vhdx child.avhdx\n  \
         vdisk create -f vhdx -o block_size=1M -b base.vhdx child.avhdx\n  \
         vdisk create -f vhd -b base.vhd child.vhd\n\n\
+        SIZE: bytes, or with a K, M, G or T suffix (powers of 1024), fractions allowed \
+        (1.5G is 1610612736 bytes); it is rounded up to a whole number of sectors (512 \
+        bytes; 4096 for a VHDX with logical_sector_size=4096), with a note on stderr when \
+        it was not one. A negative, malformed or too large size is refused.\n\
         Without -f the format is the one the name says: .vhdx or .avhdx vhdx, .vhd or .avhd \
         vhd, any other name raw (a note on stderr says which). -f that contradicts the name \
         (-f raw disk.vhdx) is obeyed with a warning: the file will need -f to be opened.\n\
@@ -231,7 +236,10 @@ enum Command {
         vdisk resize disk.vhdx +1G\n  \
         vdisk resize disk.vhd -512M                  # refused if the cut part holds data\n  \
         vdisk resize --force disk.vhdx 10G           # discards the data past 10G\n\n\
-        SIZE is absolute, or relative to the current size with + or -. Shrinking refuses \
+        SIZE is absolute, or relative to the current size with + or - (K, M, G, T suffixes, \
+        fractions allowed: +1.5G); the new size is rounded up to a whole number of sectors \
+        (512 bytes; a VHDX's logical sector size), with a note when it was not one. \
+        Shrinking refuses \
         when the cut part holds data (an allocated block of a dynamic image, a non-zero byte \
         of a fixed or raw one) unless --force. VHD sizes are rounded up to a CHS geometry \
         as at creation (whole MiB for Azure disks, whose size is not CHS-rounded). \
@@ -407,8 +415,9 @@ struct CreateArgs {
     backing_format: Option<Format>,
     /// The image to create
     image: PathBuf,
-    /// Virtual size, in bytes or with a K, M, G or T suffix (with -b:
-    /// optional, and if given must be the parent's)
+    /// Virtual size, in bytes or with a K, M, G or T suffix, fractions
+    /// allowed (1.5G), rounded up to whole sectors (with -b: optional, and
+    /// if given must be the parent's)
     size: Option<String>,
 }
 
@@ -557,7 +566,8 @@ struct ResizeArgs {
     progress: bool,
     /// The image
     image: PathBuf,
-    /// New size, or +SIZE / -SIZE relative to the current one (K, M, G, T suffixes)
+    /// New size, or +SIZE / -SIZE relative to the current one (K, M, G, T
+    /// suffixes, fractions allowed: 1.5G), rounded up to whole sectors
     #[arg(allow_hyphen_values = true)]
     size: String,
 }
@@ -667,7 +677,8 @@ struct CheckpointInitArgs {
     from: Option<PathBuf>,
     /// The bundle directory (created; must be empty if it exists)
     bundle: PathBuf,
-    /// Virtual size of the base disk, in bytes or with a K, M, G or T suffix
+    /// Virtual size of the base disk, in bytes or with a K, M, G or T
+    /// suffix, fractions allowed (1.5G), rounded up to whole sectors
     #[arg(required_unless_present = "from")]
     size: Option<String>,
 }

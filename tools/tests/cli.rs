@@ -1929,3 +1929,77 @@ fn chain_subcommands_help_has_examples() {
     let out = ok(&["create", "--help"]);
     assert!(out.contains("-b base.vhdx"), "{out}");
 }
+
+/// Run `vdisk args...`, which must succeed; return stderr.
+fn ok_stderr(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn sizes_take_fractions_and_round_up_to_whole_sectors() {
+    let dir = tmp();
+    let img = |n: &str| dir.path().join(n);
+    // 1.5G is exact: no note.
+    let e = ok_stderr(&["create", "-f", "vhdx", p(&img("a.vhdx")), "1.5G"]);
+    assert!(!e.contains("rounded"), "{e}");
+    assert_eq!(info_json(&img("a.vhdx"))["virtual-size"], 1_610_612_736u64);
+    // Whole 512-byte sectors, as qemu-img rounds, with a note.
+    let e = ok_stderr(&["create", "-f", "raw", p(&img("b.raw")), "1000"]);
+    assert!(
+        e.contains(
+            "SIZE 1000 (1000 bytes) rounded up to 1024 bytes, a whole number of 512-byte sectors"
+        ),
+        "{e}"
+    );
+    assert_eq!(fs::metadata(img("b.raw")).unwrap().len(), 1024);
+    let e = ok_stderr(&["create", "-f", "raw", p(&img("c.raw")), "1.3K"]);
+    assert!(e.contains("rounded up to 1536 bytes"), "{e}");
+    assert_eq!(fs::metadata(img("c.raw")).unwrap().len(), 1536);
+    // A VHDX with 4096-byte logical sectors: whole 4096-byte sectors.
+    let e = ok_stderr(&[
+        "create",
+        "-o",
+        "logical_sector_size=4096",
+        p(&img("d.vhdx")),
+        "1.1M",
+    ]);
+    assert!(e.contains("4096-byte sectors"), "{e}");
+    assert_eq!(info_json(&img("d.vhdx"))["virtual-size"], 1_155_072u64);
+    // Resize rounds the new size the same way.
+    let e = ok_stderr(&["resize", p(&img("b.raw")), "+1000"]);
+    assert!(e.contains("rounded up to 2048 bytes"), "{e}");
+    assert_eq!(fs::metadata(img("b.raw")).unwrap().len(), 2048);
+    let e = ok_stderr(&["resize", p(&img("d.vhdx")), "1.5M"]);
+    assert!(!e.contains("rounded"), "{e}");
+    assert_eq!(info_json(&img("d.vhdx"))["virtual-size"], 3 * MIB / 2);
+    // Refused, saying why, and nothing is created.
+    for (size, why) in [
+        ("-1G", "a size cannot be negative"),
+        ("12X", "unknown suffix 'X'"),
+        ("1.G", "a decimal point needs digits after it"),
+        ("abc", "expected a number"),
+        ("99999999999T", "too large"),
+    ] {
+        let e = fails(1, &["create", "-f", "raw", p(&img("x.raw")), "--", size]);
+        assert!(
+            e.contains(&format!("invalid SIZE: invalid size '{size}': {why}")),
+            "{e}"
+        );
+        assert!(!img("x.raw").exists());
+    }
+    // An offset or length must be a whole number of bytes.
+    let e = fails(1, &["read", p(&img("a.vhdx")), "1.3K", "1"]);
+    assert!(
+        e.contains("invalid OFFSET: invalid size '1.3K': not a whole number of bytes"),
+        "{e}"
+    );
+    let out = run(&["read", p(&img("a.vhdx")), "0.5K", "0.5K"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), 512);
+}
