@@ -211,7 +211,7 @@ fn error_paths() {
     assert!(e.contains("missing.vhdx"), "{e}");
     let img = dir.path().join("d.vhdx");
     ok(&["create", "-f", "vhdx", p(&img), "64M"]);
-    for bad in ["1X", "", "+", "-64M", "-1G", "100"] {
+    for bad in ["1X", "", "+", "-64M", "-1G", "1.G", "--5"] {
         let e = fails(&["resize", p(&img), bad]);
         assert!(e.contains("SIZE") || e.contains("d.vhdx"), "{bad}: {e}");
     }
