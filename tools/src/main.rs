@@ -32,7 +32,9 @@ use std::process::ExitCode;
         Parents of differencing disks (VHDX and VHD): the paths come from the image file, so \
         by default a parent must lie under the directory of the image opened (the top of the \
         chain). --parent-dir DIR (repeatable) allows parents under DIR too; \
-        --allow-any-parent follows any path an image names (only for images you trust).\n\n\
+        --allow-any-parent follows any path an image names (only for images you trust). \
+        A parent whose identity no longer matches the child's record is refused, with a \
+        hint naming the `vdisk rebase -u` command that relinks it (see vdisk rebase --help).\n\n\
         Formats: without -f, an image's format is detected from its content (VHDX: \
         \"vhdxfile\" at 0; VHD: \"conectix\" at 0 or in the last 512 bytes; else raw). A file \
         named .vhdx, .avhdx, .vhd or .avhd without that signature is refused as corrupt (the \
@@ -285,7 +287,12 @@ enum Command {
         parents something NEW_PARENT does not hold, those bytes are copied into the image, \
         so it reads the same afterwards (when NEW_PARENT is the same disk as the old parent, \
         e.g. moved, only the link is rewritten). -u (unsafe) only rewrites the link and \
-        records NEW_PARENT's identity: use it when NEW_PARENT holds the same data.")]
+        records NEW_PARENT's identity: use it when NEW_PARENT holds the same data.\n\
+        When a differencing disk does not open because the parent found no longer has the \
+        identity it records (VHDX parent_linkage, VHD parent unique id: the parent was \
+        written, or replaced by a copy), the error is followed by a hint with the \
+        `vdisk rebase -u -b PARENT CHILD` command that relinks it; run it only if PARENT \
+        still holds the data CHILD was made over (else CHILD would read wrong data).")]
     Rebase(RebaseArgs),
     /// Manage a checkpoint tree in a directory (a disk bundle)
     #[command(after_help = "Examples:\n  \
@@ -879,6 +886,7 @@ fn report(e: &anyhow::Error) {
     }
     eprintln!("vdisk: {e:#}");
     policy_hint(&format!("{e:#}"));
+    linkage_hint(&format!("{e:#}"));
     let locked = e.chain().any(|c| {
         c.downcast_ref::<disk::Error>()
             .is_some_and(|d| d.kind() == disk::ErrorKind::Locked)
@@ -907,6 +915,53 @@ pub fn policy_hint(msg: &str) {
     }
 }
 
+/// After a message `msg` on stderr: when it says that the parent found for
+/// a differencing disk does not carry the identity the disk records (VHDX
+/// parent_linkage, VHD parent unique id), print (on stderr) the command
+/// that relinks it, for when that parent is right after all (it was
+/// written without changing what the child reads, or copied).
+pub fn linkage_hint(msg: &str) {
+    if let Some((child, parent)) = linkage_mismatch(msg) {
+        let (c, p) = (shell_quote(&child), shell_quote(&parent));
+        eprintln!(
+            "vdisk: hint: if {parent} still holds the data {child} was made over, \
+             `vdisk rebase -u -b {p} {c}` relinks {child} to it"
+        );
+    }
+}
+
+/// The child and the parent named by a parent identity mismatch in `msg`
+/// (the drivers' messages "CHILD: parent PARENT has DataWriteGuid G, but
+/// this differencing VHDX expects ..." and "... has unique id U, but this
+/// differencing VHD expects ...", perhaps inside the error of a disk
+/// further up the chain, "TOP: cannot open the parent P: P: parent ...").
+fn linkage_mismatch(msg: &str) -> Option<(String, String)> {
+    let at = [" has DataWriteGuid ", " has unique id "]
+        .iter()
+        .filter_map(|m| msg.rfind(m))
+        .max()?;
+    let tail = &msg[at..];
+    let expects = tail.find(", but this differencing VHD")?;
+    if !tail[expects..].contains("expects") {
+        return None;
+    }
+    let head = &msg[..at];
+    let i = head.rfind(": parent ")?;
+    let parent = &head[i + ": parent ".len()..];
+    let child = head[..i].rsplit(": ").next()?;
+    (!child.is_empty() && !parent.is_empty()).then(|| (child.to_string(), parent.to_string()))
+}
+
+/// `s` as one shell word: as it is when that is safe, else single-quoted.
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "._-/+=:,@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// The subcommand named on the command line (the first argument that is
 /// neither an option nor the value of --parent-dir).
 fn subcommand_name() -> Option<String> {
@@ -919,4 +974,41 @@ fn subcommand_name() -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linkage_mismatches_name_child_and_parent() {
+        let vhdx = "d/child.avhdx: parent d/base.vhdx has DataWriteGuid {1}, but this \
+                    differencing VHDX expects parent_linkage {2}: it is not this disk's parent";
+        assert_eq!(
+            linkage_mismatch(vhdx),
+            Some(("d/child.avhdx".into(), "d/base.vhdx".into()))
+        );
+        let vhd = "c.vhd: parent my parent.vhd has unique id 1, but this differencing VHD \
+                   expects parent unique id 2 (dynamic disk header at offset 0x228): it is not";
+        assert_eq!(
+            linkage_mismatch(vhd),
+            Some(("c.vhd".into(), "my parent.vhd".into()))
+        );
+        // Further up the chain: the layer whose parent is wrong.
+        let nested = "top.avhdx: cannot open the parent d/mid.avhdx: d/mid.avhdx: parent \
+                      d/base.vhdx has DataWriteGuid {1}, but this differencing VHDX expects x";
+        assert_eq!(
+            linkage_mismatch(nested),
+            Some(("d/mid.avhdx".into(), "d/base.vhdx".into()))
+        );
+        // Not a mismatch of identity.
+        assert_eq!(linkage_mismatch("x.vhd: parent y.vhd not found"), None);
+        assert_eq!(
+            linkage_mismatch("c: y.vhdx has DataWriteGuid {1}, but this differencing VHDX expects"),
+            None
+        );
+        assert_eq!(shell_quote("d/base.vhdx"), "d/base.vhdx");
+        assert_eq!(shell_quote("my parent.vhd"), "'my parent.vhd'");
+        assert_eq!(shell_quote("it's.vhd"), "'it'\\''s.vhd'");
+    }
 }

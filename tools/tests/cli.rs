@@ -2003,3 +2003,54 @@ fn sizes_take_fractions_and_round_up_to_whole_sectors() {
     assert!(out.status.success());
     assert_eq!(out.stdout.len(), 512);
 }
+
+#[test]
+fn a_parent_identity_mismatch_names_the_command_that_relinks() {
+    let dir = tmp();
+    let data = dir.path().join("data");
+    fs::write(&data, pattern(4096, 9)).unwrap();
+    for (base, child) in [("base.vhdx", "child.avhdx"), ("base.vhd", "child.vhd")] {
+        let base = dir.path().join(base);
+        let child = dir.path().join(child);
+        ok(&["create", p(&base), "8M"]);
+        ok(&["write", p(&base), "0", p(&data)]);
+        ok(&["create", "-b", p(&base), p(&child)]);
+        if p(&base).ends_with(".vhdx") {
+            // Writing the parent renews its DataWriteGuid.
+            ok(&["write", p(&base), "1M", p(&data)]);
+        } else {
+            // A VHD keeps its unique id when written: a new disk under the
+            // parent's name has another one.
+            ok(&[
+                "convert",
+                "-O",
+                "vhd",
+                p(&base),
+                p(&dir.path().join("copy.vhd")),
+            ]);
+            fs::rename(dir.path().join("copy.vhd"), &base).unwrap();
+        }
+        let e = fails(1, &["read", p(&child), "0", "4096"]);
+        let want = format!(
+            "vdisk: hint: if {b} still holds the data {c} was made over, `vdisk rebase -u -b {b} \
+             {c}` relinks {c} to it\n",
+            b = p(&base),
+            c = p(&child)
+        );
+        assert!(e.contains("it is not this disk's parent"), "{e}");
+        assert!(e.ends_with(&want), "{e}");
+        // info shows the disk anyway, with the same hint.
+        let out = run(&["info", p(&child)]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&want));
+        // The command works: the child reads through its parent again.
+        ok(&["rebase", "-u", "-b", p(&base), p(&child)]);
+        let out = run(&["read", p(&child), "0", "4096"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, pattern(4096, 9));
+    }
+}

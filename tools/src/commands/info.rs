@@ -302,6 +302,7 @@ fn vhd_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) 
 fn parent_note(e: &disk::Error) {
     eprintln!("vdisk: note: {e}");
     crate::policy_hint(&e.to_string());
+    crate::linkage_hint(&e.to_string());
 }
 
 /// "vpc " → "vpc"; non-printable bytes escaped.
