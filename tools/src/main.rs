@@ -331,7 +331,9 @@ enum Command {
         vdisk mount --foreground -f raw disk.raw /mnt/vd   # until Ctrl-C or SIGTERM\n  \
         vdisk mount --page-cache disk.vhdx /mnt/vd   # repeated reads from memory\n  \
         vdisk unmount /mnt/vd\n\n\
-        MOUNTPOINT (an existing directory) then holds one regular file, `disk`, of the \
+        MOUNTPOINT must be an existing, empty directory (a mount over files would hide \
+        them until unmounted: a non-empty one is refused). It then holds one regular file, \
+        `disk`, of the \
         virtual size, whose bytes are the virtual disk's (printed on stdout once mounted). \
         The image is opened writable only with --rw; a differencing disk reads through its \
         chain and, with --rw, writes only its own file. The image stays claimed until it is \
@@ -725,7 +727,7 @@ struct MountArgs {
     format: Option<Format>,
     /// The image
     image: PathBuf,
-    /// An existing directory where the file `disk` appears
+    /// An existing, empty directory where the file `disk` appears
     mountpoint: PathBuf,
     #[command(flatten)]
     share: ShareArgs,
