@@ -709,7 +709,7 @@ impl Bundle {
                 for c in self.children(node) {
                     let cp = self.disk_path(&c);
                     if self.links_to(&cp, &path)? {
-                        merge_into_child(&cp, &self.policy, &mut |_, _| {})?;
+                        merge_into_child(&cp, &self.policy, &mut |_| {})?;
                     }
                 }
                 let m = &mut self.manifest;
@@ -727,7 +727,7 @@ impl Bundle {
                 let cp = self.path_of(child)?;
                 let pp = self.path_of(parent)?;
                 if cp.exists() && self.links_to(&cp, &pp)? {
-                    merge_into_ancestor(&cp, 1, &self.policy, &mut |_, _| {})?;
+                    merge_into_ancestor(&cp, 1, &self.policy, &mut |_| {})?;
                 }
                 let gone = self.node(child).cloned().expect("path_of checked it");
                 let m = &mut self.manifest;
@@ -743,7 +743,7 @@ impl Bundle {
                 let cp = self.path_of(child)?;
                 let pp = self.path_of(parent)?;
                 if self.links_to(&cp, &pp)? {
-                    merge_into_child(&cp, &self.policy, &mut |_, _| {})?;
+                    merge_into_child(&cp, &self.policy, &mut |_| {})?;
                 }
                 let grand = self.node(parent).and_then(|p| p.parent.clone());
                 if let Some(c) = self.manifest.nodes.iter_mut().find(|n| n.id == *child) {

@@ -62,9 +62,9 @@ enum MergeKind {
 fn run_merge(kind: MergeKind, top: &Path, base: &Path) {
     let p = ParentPolicy::default();
     match kind {
-        MergeKind::IntoChild => merge_into_child(top, &p, &mut |_, _| {}).map(|_| ()),
-        MergeKind::IntoParent => merge_into_ancestor(top, 1, &p, &mut |_, _| {}).map(|_| ()),
-        MergeKind::Rebase => rebase(top, base, &p, &mut |_, _| {}).map(|_| ()),
+        MergeKind::IntoChild => merge_into_child(top, &p, &mut |_| {}).map(|_| ()),
+        MergeKind::IntoParent => merge_into_ancestor(top, 1, &p, &mut |_| {}).map(|_| ()),
+        MergeKind::Rebase => rebase(top, base, &p, &mut |_| {}).map(|_| ()),
     }
     .unwrap();
 }

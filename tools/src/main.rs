@@ -43,6 +43,13 @@ use std::process::ExitCode;
         that would make it detect as a fixed VHD, so a guess can never destroy an image. \
         New images (create, convert) take the format of their name's extension when -f/-O \
         is absent.\n\n\
+        Progress (-p, on stderr): on a terminal a bar; otherwise (a pipe, a log) lines like \
+        qemu-img's, \"    (12.34/100%) 96.0 MiB written, 120.5 MiB/s\", at most one per whole \
+        percent, the last \"    (100.00/100%) ... in T s, R/s\". The percentage is of the work \
+        scanned; the amount and the rate are of the bytes actually moved: convert the bytes \
+        written into the target (zero ranges are skipped), compare the bytes read and \
+        compared (ranges both images map as zeros are skipped), merge and rebase the bytes \
+        copied into the image, compact the bytes of the blocks moved.\n\n\
         Image locks: every open claims the image as QEMU's tools do (qemu-img, qemu-io, \
         qemu-nbd and vdisk refuse each other as they refuse themselves): a writer holds it \
         alone, readers share it, and a differencing disk's parents are held shared. A refusal \
@@ -442,7 +449,8 @@ struct ConvertArgs {
     /// Target format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes written into the target and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Copy what is readable, zeros for ranges that fail to read (listed; exit 2)
@@ -468,7 +476,8 @@ struct CompareArgs {
     /// longer one's extra part must read as zeros)
     #[arg(short = 's', long = "strict")]
     strict: bool,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes read and compared and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The first image
@@ -570,7 +579,8 @@ struct ResizeArgs {
     #[arg(long = "force")]
     force: bool,
     /// Show a spinner with the elapsed time on stderr (a resize that moves
-    /// blocks out of the BAT's way can take a while)
+    /// blocks out of the BAT's way can take a while); not on a terminal,
+    /// one line when done
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The image
@@ -589,7 +599,8 @@ struct CompactArgs {
     /// Image format (detected from the content when absent)
     #[arg(short = 'f', long = "format", value_parser = Format::parse_arg)]
     format: Option<Format>,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes of the blocks moved and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The image (VHDX or VHD, dynamic or differencing)
@@ -607,7 +618,8 @@ struct MergeArgs {
     /// Keep the merged layers' files (by default they are deleted)
     #[arg(long = "keep")]
     keep: bool,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes copied into the ancestor and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The differencing image to merge
@@ -622,7 +634,8 @@ struct RebaseArgs {
     /// Unsafe: only rewrite the link (NEW_PARENT must hold the same data)
     #[arg(short = 'u', long = "unsafe")]
     unsafe_relink: bool,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes copied into the image and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The differencing image to rebase

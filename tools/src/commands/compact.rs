@@ -20,8 +20,9 @@ pub fn run(args: &CompactArgs) -> Result<()> {
         ),
         other => other,
     };
-    let bar = Progress::counting(args.progress, "compacting");
-    let mut cb = |done: u64, total: u64| bar.set_position(done, total);
+    // The rate: bytes of the blocks moved.
+    let bar = Progress::counting(args.progress, "compacting", "moved");
+    let mut cb = |s: disk::Step| bar.step(s);
     let result = match opened {
         Image::Vhdx(mut d) => d.compact(&mut cb).and_then(|r| d.close().map(|()| r)),
         Image::Vhd(mut d) => d.compact(&mut cb).and_then(|r| d.close().map(|()| r)),
