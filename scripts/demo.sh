@@ -1,24 +1,70 @@
 #!/usr/bin/env bash
-# Builds vdisk and runs the main job on a built-in example: make a raw disk
-# with some data, convert it to VHDX, inspect it, convert back and compare.
+# A short tour of vdisk on a built-in example, in a temporary directory:
+# create a VHDX, write into it, inspect it (file size versus space used),
+# convert it to raw and compare, make a differencing child, take a
+# checkpoint, check the images. Builds vdisk first (cargo build --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "Building vdisk (cargo build --release -p tools; the first build takes a few minutes)..."
 cargo build --release -q -p tools
-vdisk=target/release/vdisk
+target=${CARGO_TARGET_DIR:-target}
+case $target in /*) ;; *) target=$PWD/$target ;; esac
+vdisk=$target/release/vdisk
+[ -x "$vdisk" ] || { echo "demo: $vdisk was not built" >&2; exit 1; }
+
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-head -c 3000000 /dev/urandom > "$dir/payload.bin"
-truncate -s 256M "$dir/example.raw"
-dd if="$dir/payload.bin" of="$dir/example.raw" bs=1M seek=100 conv=notrunc status=none
-echo "+ vdisk convert -O vhdx example.raw example.vhdx"
-$vdisk convert -O vhdx "$dir/example.raw" "$dir/example.vhdx"
-echo "+ vdisk info example.vhdx"
-$vdisk info "$dir/example.vhdx"
-echo "+ vdisk write example.vhdx 1M payload.bin"
-$vdisk write "$dir/example.vhdx" 1M "$dir/payload.bin"
-dd if="$dir/payload.bin" of="$dir/example.raw" bs=1M seek=1 conv=notrunc status=none
-echo "+ vdisk convert -O raw example.vhdx back.raw"
-$vdisk convert -O raw "$dir/example.vhdx" "$dir/back.raw"
-echo "+ vdisk compare example.raw back.raw"
-$vdisk compare "$dir/example.raw" "$dir/back.raw"
-echo "demo ok: $(du -h "$dir/example.vhdx" | cut -f1) VHDX for a 256M disk holding 6 MB of data"
+cd "$dir"
+
+say() { printf '\n# %s\n' "$*"; }
+run() { printf '$ vdisk %s\n' "$*"; "$vdisk" "$@"; }
+# A file's length (what ls -l shows) and the space it takes (what du shows).
+sizes() {
+    for f in "$@"; do
+        printf '  %-12s %11s bytes long (ls -l), %7s KiB used (du)\n' \
+            "$f" "$(stat -c %s "$f")" "$(du -k "$f" | cut -f1)"
+    done
+}
+
+say "A dynamic VHDX of 256 MiB: blocks are allocated as they are written."
+run create disk.vhdx 256M
+head -c 3000000 /dev/urandom > payload.bin
+run write disk.vhdx 1M payload.bin
+run info disk.vhdx
+say "File size is the file's length (ls -l); disk size is the space it takes on the
+# host (du), smaller where the file is sparse; allocated bytes are the virtual bytes
+# in allocated blocks. The one block written (32 MiB) makes the file long, but only
+# its 3 MB of data take space:"
+sizes disk.vhdx
+
+say "Convert to raw and back, and compare the virtual contents."
+run convert -O raw disk.vhdx disk.raw
+sizes disk.raw
+run convert -O vhd disk.raw disk.vhd
+run compare disk.raw disk.vhd
+
+say "A differencing child: it starts empty and reads what it lacks from its parent."
+run create -b disk.vhdx child.avhdx
+printf 'hello from the child' > hello.txt
+run write child.avhdx 0 hello.txt
+run read child.avhdx 0 20
+echo
+run info --backing-chain child.avhdx
+say "The child now differs from its parent (compare exits 1):"
+run compare disk.vhdx child.avhdx || true
+sizes child.avhdx
+
+say "A checkpoint bundle: a base disk, checkpoints, and the active disk a VM writes."
+run checkpoint init vm 256M
+active=$("$vdisk" checkpoint path vm)
+run write "$active" 0 hello.txt
+run checkpoint create vm first-boot
+run checkpoint list vm
+
+say "Check the images' structures (exit 0: no problem)."
+run check disk.vhdx
+run check child.avhdx
+run check disk.vhd
+
+say "demo ok"

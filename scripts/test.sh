@@ -10,9 +10,11 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin
 need=()
 # fusermount3 (fuse3): `vdisk mount` without root privilege; mkfs.ext4,
 # debugfs and e2fsck (e2fsprogs): the mount tests put an ext4 file system on
-# a mounted image; sfdisk (fdisk): partition files of a mount.
+# a mounted image; sfdisk (fdisk): partition files of a mount; vhdimount
+# (libvhdi-utils): another reader of the differencing disks vdisk writes.
 for tool in unzip:unzip bzip2:bzip2 gzip:gzip fusermount3:fuse3 \
-  mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs sfdisk:fdisk; do
+  mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs sfdisk:fdisk \
+  vhdimount:libvhdi-utils; do
   pkg=${tool#*:}
   have "${tool%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done

@@ -133,8 +133,10 @@ pub struct Manifest {
     pub garbage: Vec<String>,
 }
 
-/// A node as `list` shows it.
+/// A node as `list` shows it (serialized with kebab-case keys, as every
+/// JSON output of `vdisk`).
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct NodeInfo {
     /// The node.
     #[serde(flatten)]
@@ -732,7 +734,7 @@ impl Bundle {
                 for c in self.children(node) {
                     let cp = self.disk_path(&c);
                     if self.links_to(&cp, &path)? {
-                        merge_into_child(&cp, &self.opts, &mut |_, _| {})?;
+                        merge_into_child(&cp, &self.opts, &mut |_| {})?;
                     }
                 }
                 let m = &mut self.manifest;
@@ -750,7 +752,7 @@ impl Bundle {
                 let cp = self.path_of(child)?;
                 let pp = self.path_of(parent)?;
                 if cp.exists() && self.links_to(&cp, &pp)? {
-                    merge_into_ancestor(&cp, 1, &self.opts, &mut |_, _| {})?;
+                    merge_into_ancestor(&cp, 1, &self.opts, &mut |_| {})?;
                 }
                 let gone = self.node(child).cloned().expect("path_of checked it");
                 let m = &mut self.manifest;
@@ -766,7 +768,7 @@ impl Bundle {
                 let cp = self.path_of(child)?;
                 let pp = self.path_of(parent)?;
                 if self.links_to(&cp, &pp)? {
-                    merge_into_child(&cp, &self.opts, &mut |_, _| {})?;
+                    merge_into_child(&cp, &self.opts, &mut |_| {})?;
                 }
                 let grand = self.node(parent).and_then(|p| p.parent.clone());
                 if let Some(c) = self.manifest.nodes.iter_mut().find(|n| n.id == *child) {

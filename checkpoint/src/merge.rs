@@ -41,8 +41,19 @@ pub struct MergeStats {
     pub bytes_copied: u64,
 }
 
-/// Progress callback: (bytes of the virtual disk scanned, virtual size).
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+/// Progress callback: `done` bytes of the virtual disk scanned of `total`
+/// (the virtual size), and the bytes `copied` into the target so far (as
+/// [`MergeStats::bytes_copied`] counts them).
+pub type Progress<'a> = disk::Progress<'a>;
+
+/// The [`disk::Step`] at `off` of `size`, with what `stats` copied.
+fn step(off: u64, size: u64, stats: &MergeStats) -> disk::Step {
+    disk::Step {
+        done: off,
+        total: size,
+        copied: stats.bytes_copied,
+    }
+}
 
 /// Fold the parent of the differencing disk `child` into it: every sector
 /// the child reads from its parent's own data is copied into the child, then
@@ -102,7 +113,7 @@ pub fn merge_into_child(
             }
         }
         off += ce.len;
-        progress(off, size);
+        progress(step(off, size, &stats));
     }
     c.flush()?;
     drop((p, c));
@@ -243,7 +254,7 @@ pub fn merge_into_ancestor(
             stats.bytes_copied += len;
         }
         off += len;
-        progress(off, size);
+        progress(step(off, size, &stats));
     }
     // Flushed here, where an error is reported; dropping the last handle
     // then closes the ancestor cleanly.
@@ -321,7 +332,7 @@ pub fn rebase(
             }
         }
         off += e.len;
-        progress(off, size);
+        progress(step(off, size, &stats));
     }
     c.flush()?;
     drop((old, c));

@@ -476,7 +476,7 @@ fn interrupt_runs(format: Format, into_child: bool) {
         let mid = dir.join(format!("mid.{ext}"));
         let mut calls = 0u64;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut stop = |_: u64, _: u64| {
+            let mut stop = |_: disk::Step| {
                 calls += 1;
                 if calls == cut {
                     panic!("interrupted");
@@ -497,9 +497,9 @@ fn interrupt_runs(format: Format, into_child: bool) {
         // Run again to the end: the result is right.
         if !finished {
             if into_child {
-                merge_into_child(&top, &OpenOptions::probing(), &mut |_, _| {}).unwrap();
+                merge_into_child(&top, &OpenOptions::probing(), &mut |_| {}).unwrap();
             } else {
-                merge_into_ancestor(&top, 1, &OpenOptions::probing(), &mut |_, _| {}).unwrap();
+                merge_into_ancestor(&top, 1, &OpenOptions::probing(), &mut |_| {}).unwrap();
             }
         }
         assert_eq!(read_all(&top), want_top, "cut {cut}: top after resuming");
@@ -545,8 +545,8 @@ fn rebase_keeps_what_the_child_reads() {
         let top = tmp.path().join(format!("top.{ext}"));
         let base = tmp.path().join(format!("base.{ext}"));
         // Rebase top from mid onto base: mid's data is copied into top.
-        let s = checkpoint::merge::rebase(&top, &base, &OpenOptions::probing(), &mut |_, _| {})
-            .unwrap();
+        let s =
+            checkpoint::merge::rebase(&top, &base, &OpenOptions::probing(), &mut |_| {}).unwrap();
         assert!(s.bytes_copied > 0);
         std::fs::remove_file(tmp.path().join(format!("mid.{ext}"))).unwrap();
         assert_eq!(read_all(&top), want_top, "{format:?}");
@@ -554,8 +554,8 @@ fn rebase_keeps_what_the_child_reads() {
         // A verified relink to a copy of the same parent copies nothing.
         let copy = tmp.path().join(format!("copy.{ext}"));
         std::fs::copy(&base, &copy).unwrap();
-        let s = checkpoint::merge::rebase(&top, &copy, &OpenOptions::probing(), &mut |_, _| {})
-            .unwrap();
+        let s =
+            checkpoint::merge::rebase(&top, &copy, &OpenOptions::probing(), &mut |_| {}).unwrap();
         assert_eq!(s.bytes_copied, 0);
         std::fs::remove_file(&base).unwrap();
         assert_eq!(read_all(&top), want_top, "{format:?} after relink");

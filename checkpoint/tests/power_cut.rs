@@ -67,9 +67,9 @@ fn run_merge(kind: MergeKind, top: &Path, base: &Path, opener: Arc<dyn Opener>) 
         ..OpenOptions::probing()
     };
     match kind {
-        MergeKind::IntoChild => merge_into_child(top, &p, &mut |_, _| {}).map(|_| ()),
-        MergeKind::IntoParent => merge_into_ancestor(top, 1, &p, &mut |_, _| {}).map(|_| ()),
-        MergeKind::Rebase => rebase(top, base, &p, &mut |_, _| {}).map(|_| ()),
+        MergeKind::IntoChild => merge_into_child(top, &p, &mut |_| {}).map(|_| ()),
+        MergeKind::IntoParent => merge_into_ancestor(top, 1, &p, &mut |_| {}).map(|_| ()),
+        MergeKind::Rebase => rebase(top, base, &p, &mut |_| {}).map(|_| ()),
     }
     .unwrap();
 }

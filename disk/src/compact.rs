@@ -69,6 +69,21 @@ impl CompactReport {
     }
 }
 
-/// Progress callback for long operations: `(units done, units total)`.
-/// Drivers call it with a fixed total and a `done` that only grows.
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+/// How far a long operation is, as its progress callback sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Units done (blocks, or bytes of the virtual disk: the operation
+    /// says which); only grows.
+    pub done: u64,
+    /// Units in all; fixed once the work has started.
+    pub total: u64,
+    /// Bytes of data copied so far (the operation says which: blocks
+    /// moved, bytes written into another layer); only grows. What a
+    /// transfer rate is computed from, unlike `done`, which also counts
+    /// what was only looked at.
+    pub copied: u64,
+}
+
+/// Progress callback for long operations. Drivers call it with a fixed
+/// total and a `done` and `copied` that only grow.
+pub type Progress<'a> = &'a mut dyn FnMut(Step);

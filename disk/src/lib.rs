@@ -36,7 +36,7 @@ pub mod testing;
 mod virtual_disk;
 
 pub use chain::ChainView;
-pub use compact::{CompactReport, Progress};
+pub use compact::{CompactReport, Progress, Step};
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lock::LockMode;
 pub use opener::{file_opener, FileOpener, Opener};

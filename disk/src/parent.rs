@@ -274,11 +274,17 @@ pub fn relative_candidate(child_dir: &Path, p: &str) -> Option<PathBuf> {
     Some(normalize(&child_dir.join(p.replace('\\', "/"))))
 }
 
-/// A path stored in an image as absolute: a Unix path (as this library
-/// writes on Unix) or a `file://` URL is used as is; a relative path is
-/// taken relative to `child_dir`; Windows drive, UNC and volume paths give
-/// `None` (the caller falls back to the file name beside the child).
+/// A path stored in an image as absolute: a rooted Windows path without a
+/// drive (`\vms\base.vhdx`, as [`windows_absolute_path`] writes a Unix
+/// path) is that Unix path; a Unix path (as this library wrote before) or a
+/// `file://` URL is used as is; a relative path is taken relative to
+/// `child_dir`; Windows drive, UNC and volume paths give `None` (the caller
+/// falls back to the file name beside the child).
 pub fn absolute_candidate(child_dir: &Path, p: &str) -> Option<PathBuf> {
+    if let Some(rest) = p.strip_prefix('\\').filter(|r| !r.starts_with('\\')) {
+        return (!rest.is_empty())
+            .then(|| normalize(&Path::new("/").join(rest.replace('\\', "/"))));
+    }
     if p.is_empty() || is_windows_absolute(p) {
         return None;
     }
@@ -290,6 +296,32 @@ pub fn absolute_candidate(child_dir: &Path, p: &str) -> Option<PathBuf> {
     }
 }
 
+/// The absolute path of `file` in Win32 syntax, for the absolute locators
+/// of a differencing disk (VHDX `absolute_win32_path`, VHD `W2ku`): Windows
+/// writes `C:\dir\parent.vhdx`; a Unix path has no drive, so this is the
+/// rooted path `\dir\parent.vhdx`, separated by backslashes as Windows
+/// separates them (other readers, such as libvhdi's `vhdimount`, split the
+/// value at backslashes only and look for its last component beside the
+/// child; a Unix path with slashes would be one component to them).
+/// [`absolute_candidate`] reads it back. `None` when a component is not
+/// Unicode or holds a backslash (it cannot be written in Win32 syntax).
+pub fn windows_absolute_path(file: &Path) -> Option<String> {
+    let abs = normalize(&absolute(file)?);
+    let mut out = String::new();
+    for c in abs.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => {
+                let n = n.to_str().filter(|n| !n.contains('\\'))?;
+                out.push('\\');
+                out.push_str(n);
+            }
+            _ => return None,
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// The last component of a path of either system (`C:\vms\base.vhdx` →
 /// `base.vhdx`), if it can be a file name.
 pub fn file_name_of(p: &str) -> Option<&str> {
@@ -299,7 +331,8 @@ pub fn file_name_of(p: &str) -> Option<&str> {
 
 /// `dir` relative path from `from_dir` to `file`, Windows style
 /// (`.\p.vhdx`, `..\base\p.vhdx`), as Hyper-V writes relative locators.
-/// `None` if no such path exists (e.g. different roots).
+/// `None` if no such path exists (e.g. different roots), or a name on the
+/// way is not Unicode or holds a backslash.
 pub fn windows_relative_path(from_dir: &Path, file: &Path) -> Option<String> {
     let from = normalize(&absolute(from_dir)?);
     let to = normalize(&absolute(file)?);
@@ -314,7 +347,9 @@ pub fn windows_relative_path(from_dir: &Path, file: &Path) -> Option<String> {
         parts.push("..".into());
     }
     for c in &tc[common..] {
-        parts.push(c.as_os_str().to_str()?.to_string());
+        // A backslash inside a name would read back as a separator.
+        let name = c.as_os_str().to_str().filter(|n| !n.contains('\\'))?;
+        parts.push(name.to_string());
     }
     if parts.is_empty() {
         return None;
@@ -389,6 +424,37 @@ mod tests {
             windows_relative_path(Path::new("/a/b"), Path::new("/a/c/p.vhdx")).as_deref(),
             Some("..\\c\\p.vhdx")
         );
+        assert_eq!(
+            windows_relative_path(Path::new("/a/b"), Path::new("/a/b/p\\q.vhdx")),
+            None
+        );
+    }
+
+    #[test]
+    fn windows_absolute_paths_round_trip() {
+        let w = |p: &str| windows_absolute_path(Path::new(p));
+        assert_eq!(
+            w("/vms/x/base.vhdx").as_deref(),
+            Some("\\vms\\x\\base.vhdx")
+        );
+        assert_eq!(w("/vms/./x/../y.vhdx").as_deref(), Some("\\vms\\y.vhdx"));
+        assert_eq!(w("/vms/a\\b.vhdx"), None, "a backslash in a name");
+        assert_eq!(w("/"), None);
+        let d = Path::new("/elsewhere");
+        for p in ["/vms/x/base.vhdx", "/b.vhdx", "/a b/c.vhdx"] {
+            let stored = w(p).unwrap();
+            assert!(is_windows_absolute(&stored), "{stored}");
+            assert_eq!(
+                absolute_candidate(d, &stored),
+                Some(PathBuf::from(p)),
+                "{stored}"
+            );
+        }
+        // Not a rooted path: drive, UNC, volume and empty ones.
+        assert_eq!(absolute_candidate(d, "\\"), None);
+        assert_eq!(absolute_candidate(d, "\\\\server\\share\\b.vhdx"), None);
+        assert_eq!(absolute_candidate(d, "\\\\?\\Volume{1}\\b.vhdx"), None);
+        assert_eq!(absolute_candidate(d, "D:\\b.vhdx"), None);
     }
 
     #[test]

@@ -31,7 +31,9 @@ use std::process::ExitCode;
         Parents of differencing disks (VHDX and VHD): the paths come from the image file, so \
         by default a parent must lie under the directory of the image opened (the top of the \
         chain). --parent-dir DIR (repeatable) allows parents under DIR too; \
-        --allow-any-parent follows any path an image names (only for images you trust).\n\n\
+        --allow-any-parent follows any path an image names (only for images you trust). \
+        A parent whose identity no longer matches the child's record is refused, with a \
+        hint naming the `vdisk rebase -u` command that relinks it (see vdisk rebase --help).\n\n\
         Formats: without -f, an image's format is detected from its content (VHDX: \
         \"vhdxfile\" at 0; VHD: \"conectix\" at 0 or in the last 512 bytes; else raw). A file \
         named .vhdx, .avhdx, .vhd or .avhd without that signature is refused as corrupt (the \
@@ -40,6 +42,13 @@ use std::process::ExitCode;
         that would make it detect as a fixed VHD, so a guess can never destroy an image. \
         New images (create, convert) take the format of their name's extension when -f/-O \
         is absent.\n\n\
+        Progress (-p, on stderr): on a terminal a bar; otherwise (a pipe, a log) lines like \
+        qemu-img's, \"    (12.34/100%) 96.0 MiB written, 120.5 MiB/s\", at most one per whole \
+        percent, the last \"    (100.00/100%) ... in T s, R/s\". The percentage is of the work \
+        scanned; the amount and the rate are of the bytes actually moved: convert the bytes \
+        written into the target (zero ranges are skipped), compare the bytes read and \
+        compared (ranges both images map as zeros are skipped), merge and rebase the bytes \
+        copied into the image, compact the bytes of the blocks moved.\n\n\
         Image locks: every open claims the image as QEMU's tools do (qemu-img, qemu-io, \
         qemu-nbd and vdisk refuse each other as they refuse themselves): a writer holds it \
         alone, readers share it, and a differencing disk's parents are held shared. A refusal \
@@ -73,11 +82,25 @@ enum Command {
         footers) and how to go on. A differencing disk shows its parent locator entries (key=value) and \
         the parent file opened; --backing-chain shows every layer of the chain, the image \
         first (JSON: an array).\n\
+        File size is the file's length (ls -l); disk size is the space it takes on the host \
+        (du): less where the file is sparse. Allocated bytes are the virtual bytes the image \
+        holds data for.\n\
         A truncated image (VHDX or VHD blocks that run past the end of the file) gets the \
         warning \"image is truncated: N blocks lie past the end of the file\" (JSON: \
-        truncated_blocks, null for raw images; a VHDX whose file ends inside its BAT also \
-        warns so, and lost_bat_entries counts the entries lost). Reading its lost data fails, \
-        naming the block; see vdisk check and vdisk convert --salvage.")]
+        truncated-blocks, null for raw images; a VHDX whose file ends inside its BAT also \
+        warns so, and lost-bat-entries counts the entries lost). Reading its lost data fails, \
+        naming the block; see vdisk check and vdisk convert --salvage.\n\
+        JSON keys (kebab-case, qemu-img's names where it has the same thing; null where a \
+        field does not apply): filename, format, subformat, virtual-size, cluster-size (the \
+        block size), logical-sector-size, physical-sector-size, file-size, actual-size (the \
+        disk size), allocated-bytes (null when the parent is not opened), log (VHDX: clean \
+        or dirty), log-entries, creator, virtual-disk-id, data-write-guid (VHDX), parent (the \
+        parent locator entries as key: value), backing-filename (the parent's path as the \
+        image records it), full-backing-filename (the parent file opened), truncated-blocks, \
+        lost-bat-entries, vhd (VHD only: disk-type, creator-application, creator-version, \
+        creator-host-os, timestamp, original-size, current-size, geometry, unique-id, \
+        saved-state, footer, allocated-blocks, max-table-entries, parent-name, \
+        parent-unique-id, parent-locators, parent-file, warnings).")]
     Info(InfoArgs),
     /// Create a new image (an existing file is overwritten, like qemu-img)
     #[command(after_help = "Examples:\n  \
@@ -87,9 +110,14 @@ enum Command {
         vdisk create -f vhd -o azure=on azure.vhd 30G\n  \
         vdisk create -f raw disk.raw 1G\n  \
         vdisk create disk.vhdx 64G                  # vhdx, from the name\n  \
+        vdisk create disk.vhdx 1.5G                 # 1610612736 bytes\n  \
         vdisk create -b base.vhdx child.avhdx\n  \
         vdisk create -f vhdx -o block_size=1M -b base.vhdx child.avhdx\n  \
         vdisk create -f vhd -b base.vhd child.vhd\n\n\
+        SIZE: bytes, or with a K, M, G or T suffix (powers of 1024), fractions allowed \
+        (1.5G is 1610612736 bytes); it is rounded up to a whole number of sectors (512 \
+        bytes; 4096 for a VHDX with logical_sector_size=4096), with a note on stderr when \
+        it was not one. A negative, malformed or too large size is refused.\n\
         Without -f the format is the one the name says: .vhdx or .avhdx vhdx, .vhd or .avhd \
         vhd, any other name raw (a note on stderr says which). -f that contradicts the name \
         (-f raw disk.vhdx) is obeyed with a warning: the file will need -f to be opened.\n\
@@ -166,6 +194,13 @@ enum Command {
         file is used space, never a leak. No repair brings lost data back: -r leaves a \
         truncated file's length alone (a VHD's footer is not restored over a truncated \
         block); vdisk convert --salvage copies what is left.\n\
+        JSON keys (kebab-case; qemu-img check's first): filename, format, check-errors, \
+        corruptions, leaks, corruptions-fixed and leaks-fixed (after -r), image-end-offset, \
+        total-clusters, allocated-clusters, fragmented-clusters, compressed-clusters, \
+        cluster-size, leaked-bytes, unused-bytes, truncated-blocks, file-size, problems (each: \
+        kind, structure, offset, length, message, repair, and for a truncated block \
+        virtual-offset, virtual-length), problems-omitted, and after -r repairs and \
+        problems-before-repair.\n\
         Exit status (as qemu-img check; after -r, for what remains): 0 no problem, 1 the \
         check could not be completed, 2 corruptions found, 3 only leaked space found.")]
     Check(CheckArgs),
@@ -173,11 +208,18 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vdisk map disk.vhdx\n  \
         vdisk map --output json child.avhdx\n\n\
-        Adjacent ranges with the same attributes are merged. JSON (qemu-img's keys): start, \
-        length, depth (0 the image, 1 its parent...), present (some layer holds it), zero \
-        (reads as zeros), data (stored data), compressed (always false), offset (in the \
-        file, for data) and filename (the layer's file). The human form lists the data \
-        ranges only.")]
+        Adjacent ranges with the same attributes are merged. The human form lists the data \
+        ranges only: offset, length, where they are in the file, and the file.\n\
+        --output json prints one JSON array covering the whole virtual disk, one object per \
+        range in order, with qemu-img map's keys: start (virtual offset), length (bytes), \
+        depth (the layer that holds it: 0 the image, 1 its parent...; the last layer looked \
+        at when none does), present (some layer holds it, as data or as zeros), zero (reads \
+        as zeros), data (stored data), compressed (always false), offset (where the data is \
+        in the layer's file; only for data) and filename (the layer's file). For example:\n  \
+        [{ \"start\": 0, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": false, \
+        \"data\": true, \"compressed\": false, \"offset\": 4194304, \"filename\": \"disk.vhdx\"},\n  \
+        { \"start\": 1048576, \"length\": 66060288, \"depth\": 0, \"present\": false, \
+        \"zero\": true, \"data\": false, \"compressed\": false, \"filename\": \"disk.vhdx\"}]")]
     Map(MapArgs),
     /// Copy virtual bytes of an image to stdout
     #[command(after_help = "Examples:\n  \
@@ -202,7 +244,10 @@ enum Command {
         vdisk resize disk.vhdx +1G\n  \
         vdisk resize disk.vhd -512M                  # refused if the cut part holds data\n  \
         vdisk resize --force disk.vhdx 10G           # discards the data past 10G\n\n\
-        SIZE is absolute, or relative to the current size with + or -. Shrinking refuses \
+        SIZE is absolute, or relative to the current size with + or - (K, M, G, T suffixes, \
+        fractions allowed: +1.5G); the new size is rounded up to a whole number of sectors \
+        (512 bytes; a VHDX's logical sector size), with a note when it was not one. \
+        Shrinking refuses \
         when the cut part holds data (an allocated block of a dynamic image, a non-zero byte \
         of a fixed or raw one) unless --force. VHD sizes are rounded up to a CHS geometry \
         as at creation (whole MiB for Azure disks, whose size is not CHS-rounded). \
@@ -224,7 +269,8 @@ enum Command {
         the file is cut short. Every byte reads the same afterwards, and a crash at any point \
         leaves an image that reads the same. Fixed and raw images are refused (a fixed disk \
         keeps every block allocated by design: convert it to dynamic). Prints what was freed \
-        and reclaimed.\n\
+        and reclaimed (JSON: blocks-freed, blocks-moved, old-file-size, new-file-size, \
+        reclaimed).\n\
         Exit status: 0 compacted, 1 error (the image still reads as before).")]
     Compact(CompactArgs),
     /// Fold a differencing disk into its parent or an older ancestor (like Merge-VHD)
@@ -247,7 +293,12 @@ enum Command {
         parents something NEW_PARENT does not hold, those bytes are copied into the image, \
         so it reads the same afterwards (when NEW_PARENT is the same disk as the old parent, \
         e.g. moved, only the link is rewritten). -u (unsafe) only rewrites the link and \
-        records NEW_PARENT's identity: use it when NEW_PARENT holds the same data.")]
+        records NEW_PARENT's identity: use it when NEW_PARENT holds the same data.\n\
+        When a differencing disk does not open because the parent found no longer has the \
+        identity it records (VHDX parent_linkage, VHD parent unique id: the parent was \
+        written, or replaced by a copy), the error is followed by a hint with the \
+        `vdisk rebase -u -b PARENT CHILD` command that relinks it; run it only if PARENT \
+        still holds the data CHILD was made over (else CHILD would read wrong data).")]
     Rebase(RebaseArgs),
     /// Manage a checkpoint tree in a directory (a disk bundle)
     #[command(after_help = "Examples:\n  \
@@ -286,7 +337,9 @@ enum Command {
         vdisk mount --foreground -f raw disk.raw /mnt/vd   # until Ctrl-C or SIGTERM\n  \
         vdisk mount --page-cache disk.vhdx /mnt/vd   # repeated reads from memory\n  \
         vdisk unmount /mnt/vd\n\n\
-        MOUNTPOINT (an existing directory) then holds one regular file, `disk`, of the \
+        MOUNTPOINT must be an existing, empty directory (a mount over files would hide \
+        them until unmounted: a non-empty one is refused). It then holds one regular file, \
+        `disk`, of the \
         virtual size, whose bytes are the virtual disk's (printed on stdout once mounted). \
         The image is opened writable only with --rw; a differencing disk reads through its \
         chain and, with --rw, writes only its own file. The image stays claimed until it is \
@@ -326,7 +379,8 @@ enum Command {
 enum OutputFormat {
     /// Lines for people.
     Human,
-    /// One JSON object with stable snake_case keys.
+    /// JSON with stable kebab-case keys, qemu-img's where it has the same
+    /// thing (listed in the command's help).
     Json,
 }
 
@@ -376,8 +430,9 @@ struct CreateArgs {
     backing_format: Option<Format>,
     /// The image to create
     image: PathBuf,
-    /// Virtual size, in bytes or with a K, M, G or T suffix (with -b:
-    /// optional, and if given must be the parent's)
+    /// Virtual size, in bytes or with a K, M, G or T suffix, fractions
+    /// allowed (1.5G), rounded up to whole sectors (with -b: optional, and
+    /// if given must be the parent's)
     size: Option<String>,
 }
 
@@ -393,7 +448,8 @@ struct ConvertArgs {
     /// Target format options, comma-separated key=value (may be repeated)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes written into the target and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Copy what is readable, zeros for ranges that fail to read (listed; exit 2)
@@ -419,7 +475,8 @@ struct CompareArgs {
     /// longer one's extra part must read as zeros)
     #[arg(short = 's', long = "strict")]
     strict: bool,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes read and compared and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The first image
@@ -521,12 +578,14 @@ struct ResizeArgs {
     #[arg(long = "force")]
     force: bool,
     /// Show a spinner with the elapsed time on stderr (a resize that moves
-    /// blocks out of the BAT's way can take a while)
+    /// blocks out of the BAT's way can take a while); not on a terminal,
+    /// one line when done
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The image
     image: PathBuf,
-    /// New size, or +SIZE / -SIZE relative to the current one (K, M, G, T suffixes)
+    /// New size, or +SIZE / -SIZE relative to the current one (K, M, G, T
+    /// suffixes, fractions allowed: 1.5G), rounded up to whole sectors
     #[arg(allow_hyphen_values = true)]
     size: String,
 }
@@ -539,7 +598,8 @@ struct CompactArgs {
     /// Image format (detected from the content when absent)
     #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
     format: Option<Format>,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes of the blocks moved and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The image (VHDX or VHD, dynamic or differencing)
@@ -557,7 +617,8 @@ struct MergeArgs {
     /// Keep the merged layers' files (by default they are deleted)
     #[arg(long = "keep")]
     keep: bool,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes copied into the ancestor and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The differencing image to merge
@@ -572,7 +633,8 @@ struct RebaseArgs {
     /// Unsafe: only rewrite the link (NEW_PARENT must hold the same data)
     #[arg(short = 'u', long = "unsafe")]
     unsafe_relink: bool,
-    /// Show a progress bar on stderr
+    /// Show progress on stderr: a bar on a terminal, else percentage lines
+    /// (one per whole percent) with the bytes copied into the image and the rate
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// The differencing image to rebase
@@ -601,7 +663,11 @@ enum CheckpointCommand {
     /// Show the checkpoint tree and where the active disk is
     #[command(after_help = "Examples:\n  \
         vdisk checkpoint list vm\n  \
-        vdisk checkpoint list --output json vm")]
+        vdisk checkpoint list --output json vm\n\n\
+        JSON: an array of the bundle's disks, parents before children, each with the keys \
+        id, name (null for the active disk), created (Unix seconds), parent (its id; null \
+        for the base), disk (the file, in BUNDLE), created-utc, file-size, active and depth \
+        (0 for the base).")]
     List(CheckpointListArgs),
     /// Drop the active disk's changes: a new child of checkpoint NAME becomes active
     #[command(after_help = "Examples:\n  \
@@ -632,7 +698,8 @@ struct CheckpointInitArgs {
     from: Option<PathBuf>,
     /// The bundle directory (created; must be empty if it exists)
     bundle: PathBuf,
-    /// Virtual size of the base disk, in bytes or with a K, M, G or T suffix
+    /// Virtual size of the base disk, in bytes or with a K, M, G or T
+    /// suffix, fractions allowed (1.5G), rounded up to whole sectors
     #[arg(required_unless_present = "from")]
     size: Option<String>,
 }
@@ -672,7 +739,7 @@ struct MountArgs {
     format: Option<Format>,
     /// The image
     image: PathBuf,
-    /// An existing directory where the file `disk` appears
+    /// An existing, empty directory where the file `disk` appears
     mountpoint: PathBuf,
     #[command(flatten)]
     share: ShareArgs,
@@ -834,6 +901,7 @@ fn report(e: &anyhow::Error) {
     eprintln!("vdisk: {e:#}");
     policy_hint(&format!("{e:#}"));
     open::damaged_hint(e);
+    linkage_hint(&format!("{e:#}"));
     let locked = e.chain().any(|c| {
         c.downcast_ref::<disk::Error>()
             .is_some_and(|d| d.kind() == disk::ErrorKind::Locked)
@@ -862,6 +930,53 @@ pub fn policy_hint(msg: &str) {
     }
 }
 
+/// After a message `msg` on stderr: when it says that the parent found for
+/// a differencing disk does not carry the identity the disk records (VHDX
+/// parent_linkage, VHD parent unique id), print (on stderr) the command
+/// that relinks it, for when that parent is right after all (it was
+/// written without changing what the child reads, or copied).
+pub fn linkage_hint(msg: &str) {
+    if let Some((child, parent)) = linkage_mismatch(msg) {
+        let (c, p) = (shell_quote(&child), shell_quote(&parent));
+        eprintln!(
+            "vdisk: hint: if {parent} still holds the data {child} was made over, \
+             `vdisk rebase -u -b {p} {c}` relinks {child} to it"
+        );
+    }
+}
+
+/// The child and the parent named by a parent identity mismatch in `msg`
+/// (the drivers' messages "CHILD: parent PARENT has DataWriteGuid G, but
+/// this differencing VHDX expects ..." and "... has unique id U, but this
+/// differencing VHD expects ...", perhaps inside the error of a disk
+/// further up the chain, "TOP: cannot open the parent P: P: parent ...").
+fn linkage_mismatch(msg: &str) -> Option<(String, String)> {
+    let at = [" has DataWriteGuid ", " has unique id "]
+        .iter()
+        .filter_map(|m| msg.rfind(m))
+        .max()?;
+    let tail = &msg[at..];
+    let expects = tail.find(", but this differencing VHD")?;
+    if !tail[expects..].contains("expects") {
+        return None;
+    }
+    let head = &msg[..at];
+    let i = head.rfind(": parent ")?;
+    let parent = &head[i + ": parent ".len()..];
+    let child = head[..i].rsplit(": ").next()?;
+    (!child.is_empty() && !parent.is_empty()).then(|| (child.to_string(), parent.to_string()))
+}
+
+/// `s` as one shell word: as it is when that is safe, else single-quoted.
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "._-/+=:,@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// The subcommand named on the command line (the first argument that is
 /// neither an option nor the value of --parent-dir).
 fn subcommand_name() -> Option<String> {
@@ -874,4 +989,41 @@ fn subcommand_name() -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linkage_mismatches_name_child_and_parent() {
+        let vhdx = "d/child.avhdx: parent d/base.vhdx has DataWriteGuid {1}, but this \
+                    differencing VHDX expects parent_linkage {2}: it is not this disk's parent";
+        assert_eq!(
+            linkage_mismatch(vhdx),
+            Some(("d/child.avhdx".into(), "d/base.vhdx".into()))
+        );
+        let vhd = "c.vhd: parent my parent.vhd has unique id 1, but this differencing VHD \
+                   expects parent unique id 2 (dynamic disk header at offset 0x228): it is not";
+        assert_eq!(
+            linkage_mismatch(vhd),
+            Some(("c.vhd".into(), "my parent.vhd".into()))
+        );
+        // Further up the chain: the layer whose parent is wrong.
+        let nested = "top.avhdx: cannot open the parent d/mid.avhdx: d/mid.avhdx: parent \
+                      d/base.vhdx has DataWriteGuid {1}, but this differencing VHDX expects x";
+        assert_eq!(
+            linkage_mismatch(nested),
+            Some(("d/mid.avhdx".into(), "d/base.vhdx".into()))
+        );
+        // Not a mismatch of identity.
+        assert_eq!(linkage_mismatch("x.vhd: parent y.vhd not found"), None);
+        assert_eq!(
+            linkage_mismatch("c: y.vhdx has DataWriteGuid {1}, but this differencing VHDX expects"),
+            None
+        );
+        assert_eq!(shell_quote("d/base.vhdx"), "d/base.vhdx");
+        assert_eq!(shell_quote("my parent.vhd"), "'my parent.vhd'");
+        assert_eq!(shell_quote("it's.vhd"), "'it'\\''s.vhd'");
+    }
 }

@@ -126,6 +126,15 @@ fn vhdx_options(size: u64, kv: &[(String, String)]) -> Result<CreateOptions> {
     Ok(o)
 }
 
+/// The logical sector size of a new image of `target`: its virtual size
+/// is a whole number of these.
+pub fn sector_size(target: &Target) -> u64 {
+    match target {
+        Target::Vhdx(o) => u64::from(o.logical_sector_size).max(512),
+        Target::Raw | Target::Vhd(_) => 512,
+    }
+}
+
 /// A one-line summary like qemu-img's "Formatting ..." line.
 pub fn describe(target: &Target, size: u64) -> String {
     match target {

@@ -53,31 +53,66 @@ fn create_and_info_human_and_json() {
         "filename",
         "format",
         "subformat",
-        "virtual_size",
-        "block_size",
-        "logical_sector_size",
-        "physical_sector_size",
-        "file_size",
-        "allocated_bytes",
+        "virtual-size",
+        "cluster-size",
+        "logical-sector-size",
+        "physical-sector-size",
+        "file-size",
+        "actual-size",
+        "allocated-bytes",
         "log",
+        "log-entries",
         "creator",
-        "virtual_disk_id",
+        "virtual-disk-id",
+        "data-write-guid",
         "parent",
+        "backing-filename",
+        "full-backing-filename",
+        "truncated-blocks",
+        "lost-bat-entries",
+        "vhd",
     ] {
         assert!(keys.contains(&k), "missing key {k} in {j}");
     }
+    assert_eq!(keys.len(), 21, "{keys:?}");
+    // One style: every key of every object kebab-case.
+    fn kebab(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(o) => o.iter().all(|(k, v)| {
+                !k.contains('_') && !k.chars().any(|c| c.is_ascii_uppercase()) && kebab(v)
+            }),
+            serde_json::Value::Array(a) => a.iter().all(kebab),
+            _ => true,
+        }
+    }
+    assert!(kebab(&j), "{j}");
+    // What the human form shows, the JSON has.
+    let guid = j["data-write-guid"].as_str().unwrap();
+    assert!(
+        human.contains(&format!("data write guid: {guid}")),
+        "{human}"
+    );
+    assert_eq!(j["log-entries"], 0);
+    let du = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&img).unwrap()) * 512;
+    assert_eq!(j["actual-size"], du);
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("disk size: ") && l.ends_with(&format!("({du} bytes)"))),
+        "{human}"
+    );
     assert_eq!(j["filename"], p(&img));
     assert_eq!(j["format"], "vhdx");
     assert_eq!(j["subformat"], "dynamic");
-    assert_eq!(j["virtual_size"], 64 * MIB);
-    assert_eq!(j["block_size"], 32 * MIB);
-    assert_eq!(j["logical_sector_size"], 512);
-    assert_eq!(j["physical_sector_size"], 4096);
-    assert_eq!(j["file_size"], fs::metadata(&img).unwrap().len());
-    assert_eq!(j["allocated_bytes"], 0);
+    assert_eq!(j["virtual-size"], 64 * MIB);
+    assert_eq!(j["cluster-size"], 32 * MIB);
+    assert_eq!(j["logical-sector-size"], 512);
+    assert_eq!(j["physical-sector-size"], 4096);
+    assert_eq!(j["file-size"], fs::metadata(&img).unwrap().len());
+    assert_eq!(j["allocated-bytes"], 0);
     assert_eq!(j["log"], "clean");
     assert!(j["creator"].as_str().unwrap().starts_with("vdisk"));
-    assert_eq!(j["virtual_disk_id"].as_str().unwrap().len(), 36);
+    assert_eq!(j["virtual-disk-id"].as_str().unwrap().len(), 36);
     assert!(j["parent"].is_null());
 }
 
@@ -89,9 +124,9 @@ fn create_and_info_raw() {
     assert_eq!(fs::metadata(&img).unwrap().len(), 10 * MIB);
     let j = info_json(&img);
     assert_eq!(j["format"], "raw");
-    assert_eq!(j["virtual_size"], 10 * MIB);
-    assert_eq!(j["file_size"], 10 * MIB);
-    assert!(j["allocated_bytes"].as_u64().unwrap() < MIB, "sparse: {j}");
+    assert_eq!(j["virtual-size"], 10 * MIB);
+    assert_eq!(j["file-size"], 10 * MIB);
+    assert!(j["allocated-bytes"].as_u64().unwrap() < MIB, "sparse: {j}");
     assert!(j["parent"].is_null());
     let human = ok(&["info", p(&img)]);
     assert!(human.contains("file format: raw"), "{human}");
@@ -104,17 +139,17 @@ fn create_with_each_option() {
     let cases: &[(&str, &str, serde_json::Value)] = &[
         ("subformat=fixed", "subformat", "fixed".into()),
         ("subformat=dynamic", "subformat", "dynamic".into()),
-        ("block_size=1M", "block_size", (MIB).into()),
-        ("block_size=256MiB", "block_size", (256 * MIB).into()),
+        ("block_size=1M", "cluster-size", (MIB).into()),
+        ("block_size=256MiB", "cluster-size", (256 * MIB).into()),
         (
             "logical_sector_size=4096",
-            "logical_sector_size",
+            "logical-sector-size",
             4096.into(),
         ),
-        ("logical_sector_size=4k", "logical_sector_size", 4096.into()),
+        ("logical_sector_size=4k", "logical-sector-size", 4096.into()),
         (
             "physical_sector_size=512",
-            "physical_sector_size",
+            "physical-sector-size",
             512.into(),
         ),
     ];
@@ -143,8 +178,8 @@ fn create_with_each_option() {
     ]);
     let j = info_json(&img);
     assert_eq!(j["subformat"], "fixed");
-    assert_eq!(j["block_size"], 2 * MIB);
-    assert_eq!(j["allocated_bytes"], 16 * MIB);
+    assert_eq!(j["cluster-size"], 2 * MIB);
+    assert_eq!(j["allocated-bytes"], 16 * MIB);
 }
 
 #[test]
@@ -192,7 +227,7 @@ fn create_overwrites_like_qemu_img() {
     let img = dir.path().join("again.vhdx");
     ok(&["create", "-f", "vhdx", p(&img), "64M"]);
     ok(&["create", "-f", "vhdx", p(&img), "128M"]);
-    assert_eq!(info_json(&img)["virtual_size"], 128 * MIB);
+    assert_eq!(info_json(&img)["virtual-size"], 128 * MIB);
 }
 
 #[test]
@@ -207,7 +242,7 @@ fn write_read_round_trip_unaligned() {
     ] {
         let img = dir.path().join(format!("rw.{fmt}"));
         ok(&["create", "-f", fmt, "-o", opts, p(&img), "64M"]);
-        let size = info_json(&img)["virtual_size"].as_u64().unwrap();
+        let size = info_json(&img)["virtual-size"].as_u64().unwrap();
         let data = pattern(100_000, 7);
         let input = dir.path().join("input.bin");
         fs::write(&input, &data).unwrap();
@@ -247,7 +282,7 @@ fn write_read_round_trip_unaligned() {
     }
     let img = dir.path().join("rw.vhdx");
     assert_eq!(info_json(&img)["log"], "clean");
-    assert_eq!(info_json(&img)["allocated_bytes"], 64 * MIB);
+    assert_eq!(info_json(&img)["allocated-bytes"], 64 * MIB);
 }
 
 #[test]
@@ -285,10 +320,10 @@ fn convert_round_trip_raw_vhdx_raw() {
         "files differ"
     );
     let j = info_json(&mid);
-    assert_eq!(j["virtual_size"], 96 * MIB);
+    assert_eq!(j["virtual-size"], 96 * MIB);
     assert_eq!(j["log"], "clean");
     // Blocks 0 and 1 (data at 5-8 MiB and 40 MiB) and block 2 (last byte).
-    assert_eq!(j["allocated_bytes"], 96 * MIB);
+    assert_eq!(j["allocated-bytes"], 96 * MIB);
     // vhdx -> vhdx with other options.
     let small = dir.path().join("small.vhdx");
     ok(&[
@@ -301,7 +336,7 @@ fn convert_round_trip_raw_vhdx_raw() {
         p(&small),
     ]);
     ok(&["compare", p(&small), p(&src)]);
-    assert_eq!(info_json(&small)["allocated_bytes"], 4 * MIB + MIB + MIB);
+    assert_eq!(info_json(&small)["allocated-bytes"], 4 * MIB + MIB + MIB);
 }
 
 #[test]
@@ -320,15 +355,15 @@ fn convert_skips_zeros() {
     let dst = dir.path().join("sparse.vhdx");
     ok(&["convert", "-O", "vhdx", p(&src), p(&dst)]);
     let j = info_json(&dst);
-    let block = j["block_size"].as_u64().unwrap();
-    assert!(j["allocated_bytes"].as_u64().unwrap() <= block, "{j}");
+    let block = j["cluster-size"].as_u64().unwrap();
+    assert!(j["allocated-bytes"].as_u64().unwrap() <= block, "{j}");
     ok(&["compare", p(&src), p(&dst)]);
     // And back to raw: the target file stays sparse.
     let back = dir.path().join("back.raw");
     ok(&["convert", "-O", "raw", p(&dst), p(&back)]);
     let j = info_json(&back);
-    assert_eq!(j["virtual_size"], 64 * MIB);
-    assert!(j["allocated_bytes"].as_u64().unwrap() <= 2 * MIB, "{j}");
+    assert_eq!(j["virtual-size"], 64 * MIB);
+    assert!(j["allocated-bytes"].as_u64().unwrap() <= 2 * MIB, "{j}");
     assert!(fs::read(&src).unwrap() == fs::read(&back).unwrap());
 }
 
@@ -501,7 +536,7 @@ fn info_dirty_log_is_replayed_in_memory() {
     assert!(human.contains("replayed in memory)"), "{human}");
     let j = info_json(&img);
     assert_eq!(j["log"], "dirty");
-    assert_eq!(j["allocated_bytes"], 32 * MIB);
+    assert_eq!(j["allocated-bytes"], 32 * MIB);
     let out = vdisk().args(["read", p(&img), "1M", "4"]).output().unwrap();
     assert_eq!(out.stdout, b"data");
 }
@@ -549,7 +584,7 @@ fn info_differencing_disk_without_parent() {
         j["parent"]["parent_linkage"],
         "{83f8638b-8dca-4152-9eda-2ca8b33039b4}"
     );
-    assert!(j["allocated_bytes"].is_null());
+    assert!(j["allocated-bytes"].is_null());
     let human = ok(&["info", p(&img)]);
     assert!(human.contains("subformat: differencing"), "{human}");
     assert!(human.contains("relative_path=.\\base.vhdx"), "{human}");
@@ -634,32 +669,32 @@ fn create_and_info_vhd() {
     assert_eq!(j["filename"], p(&img));
     assert_eq!(j["format"], "vhd");
     assert_eq!(j["subformat"], "dynamic");
-    assert_eq!(j["virtual_size"], 67_125_248u64);
-    assert_eq!(j["block_size"], 2 * MIB);
-    assert_eq!(j["logical_sector_size"], 512);
-    assert_eq!(j["physical_sector_size"], 512);
-    assert_eq!(j["file_size"], fs::metadata(&img).unwrap().len());
-    assert_eq!(j["allocated_bytes"], 0);
+    assert_eq!(j["virtual-size"], 67_125_248u64);
+    assert_eq!(j["cluster-size"], 2 * MIB);
+    assert_eq!(j["logical-sector-size"], 512);
+    assert_eq!(j["physical-sector-size"], 512);
+    assert_eq!(j["file-size"], fs::metadata(&img).unwrap().len());
+    assert_eq!(j["allocated-bytes"], 0);
     assert!(j["log"].is_null());
     assert!(j["parent"].is_null());
     assert!(j["creator"].as_str().unwrap().starts_with("vdsk "), "{j}");
     let v = &j["vhd"];
-    assert_eq!(v["disk_type"], "dynamic");
-    assert_eq!(v["creator_application"], "vdsk");
-    assert_eq!(v["creator_host_os"], "Wi2k");
-    assert_eq!(v["creator_version"], "0.1");
-    assert_eq!(v["current_size"], 67_125_248u64);
-    assert_eq!(v["original_size"], 67_125_248u64);
+    assert_eq!(v["disk-type"], "dynamic");
+    assert_eq!(v["creator-application"], "vdsk");
+    assert_eq!(v["creator-host-os"], "Wi2k");
+    assert_eq!(v["creator-version"], "0.1");
+    assert_eq!(v["current-size"], 67_125_248u64);
+    assert_eq!(v["original-size"], 67_125_248u64);
     let g = &v["geometry"];
     let chs = g["cylinders"].as_u64().unwrap()
         * g["heads"].as_u64().unwrap()
-        * g["sectors_per_track"].as_u64().unwrap();
+        * g["sectors-per-track"].as_u64().unwrap();
     assert_eq!(chs * 512, 67_125_248, "{g}");
-    assert_eq!(v["unique_id"], j["virtual_disk_id"]);
-    assert_eq!(v["unique_id"].as_str().unwrap().len(), 36);
+    assert_eq!(v["unique-id"], j["virtual-disk-id"]);
+    assert_eq!(v["unique-id"].as_str().unwrap().len(), 36);
     assert_eq!(v["footer"], "end");
-    assert_eq!(v["allocated_blocks"], 0);
-    assert!(v["parent_name"].is_null());
+    assert_eq!(v["allocated-blocks"], 0);
+    assert!(v["parent-name"].is_null());
     let human = ok(&["info", p(&img)]);
     for want in [
         "file format: vhd",
@@ -680,7 +715,7 @@ fn create_and_info_vhd() {
     let one = dir.path().join("one.bin");
     fs::write(&one, [7]).unwrap();
     ok(&["write", p(&img), "5M", p(&one)]);
-    assert_eq!(info_json(&img)["allocated_bytes"], 2 * MIB);
+    assert_eq!(info_json(&img)["allocated-bytes"], 2 * MIB);
 
     // Dynamic with small blocks, through the vpc alias.
     ok(&[
@@ -693,7 +728,7 @@ fn create_and_info_vhd() {
         "10M",
     ]);
     let j = info_json(&img);
-    assert_eq!(j["block_size"], 64 << 10);
+    assert_eq!(j["cluster-size"], 64 << 10);
     assert_eq!(ok(&["info", "-f", "vpc", p(&img)]), ok(&["info", p(&img)]));
 
     // Fixed.
@@ -710,11 +745,11 @@ fn create_and_info_vhd() {
     let j = info_json(&img);
     assert_eq!(keys(&j), keys(&vhdx_json));
     assert_eq!(j["subformat"], "fixed");
-    assert_eq!(j["virtual_size"], 67_125_248u64);
-    assert!(j["block_size"].is_null());
-    assert_eq!(j["allocated_bytes"], 67_125_248u64);
-    assert_eq!(j["file_size"], 67_125_248u64 + 512);
-    assert!(j["vhd"]["allocated_blocks"].is_null());
+    assert_eq!(j["virtual-size"], 67_125_248u64);
+    assert!(j["cluster-size"].is_null());
+    assert_eq!(j["allocated-bytes"], 67_125_248u64);
+    assert_eq!(j["file-size"], 67_125_248u64 + 512);
+    assert!(j["vhd"]["allocated-blocks"].is_null());
     let human = ok(&["info", p(&img)]);
     assert!(human.contains("subformat: fixed"), "{human}");
     assert!(!human.contains("block size"), "{human}");
@@ -725,9 +760,9 @@ fn create_and_info_vhd() {
     assert!(out.contains("subformat=fixed azure=on"), "{out}");
     let j = info_json(&img);
     assert_eq!(j["subformat"], "fixed");
-    assert_eq!(j["virtual_size"], 48 * MIB);
-    assert_eq!(j["vhd"]["current_size"], 48 * MIB);
-    assert_eq!(j["file_size"], 48 * MIB + 512);
+    assert_eq!(j["virtual-size"], 48 * MIB);
+    assert_eq!(j["vhd"]["current-size"], 48 * MIB);
+    assert_eq!(j["file-size"], 48 * MIB + 512);
     let human = ok(&["info", p(&img)]);
     assert!(
         human.contains("current size: 48 MiB (50331648 bytes)"),
@@ -799,7 +834,7 @@ fn detect_fixed_vhd_by_trailing_footer() {
     let j = info_json(&img);
     assert_eq!(j["format"], "vhd");
     assert_eq!(j["subformat"], "fixed");
-    let size = j["virtual_size"].as_u64().unwrap();
+    let size = j["virtual-size"].as_u64().unwrap();
     let out = vdisk().args(["read", p(&img), "0", "8"]).output().unwrap();
     assert_eq!(out.stdout, &pattern(1000, 4)[..8]);
 
@@ -809,8 +844,8 @@ fn detect_fixed_vhd_by_trailing_footer() {
     drop(f);
     let j = info_json(&img);
     assert_eq!(j["format"], "vhd", "{j}");
-    assert_eq!(j["vhd"]["footer"], "end_511");
-    assert_eq!(j["virtual_size"], size);
+    assert_eq!(j["vhd"]["footer"], "end-511");
+    assert_eq!(j["virtual-size"], size);
     assert!(ok(&["info", p(&img)]).contains("511 bytes"));
 
     // Without the cookie at the end it is raw; so are tiny files.
@@ -870,7 +905,7 @@ fn convert_every_direction_with_vhd() {
     // A size a CHS geometry describes exactly, so that every format holds it.
     let probe = dir.path().join("probe.vhd");
     ok(&["create", "-f", "vhd", p(&probe), "40M"]);
-    let size = info_json(&probe)["virtual_size"].as_u64().unwrap();
+    let size = info_json(&probe)["virtual-size"].as_u64().unwrap();
     let src = dir.path().join("src.raw");
     let a = pattern(3 * MIB as usize + 777, 11);
     let b = pattern(4096, 12);
@@ -896,9 +931,9 @@ fn convert_every_direction_with_vhd() {
     qemu_same(qemu.as_deref(), &src, &dyn_vhd, "vpc", false);
     let j = info_json(&dyn_vhd);
     assert_eq!(j["subformat"], "dynamic");
-    assert_eq!(j["virtual_size"], size);
+    assert_eq!(j["virtual-size"], size);
     // Blocks 2, 3 and 4 (5 MiB + 3 .. 8 MiB + 780), 10 (20 MiB) and the last.
-    assert_eq!(j["allocated_bytes"], 5 * 2 * MIB, "{j}");
+    assert_eq!(j["allocated-bytes"], 5 * 2 * MIB, "{j}");
 
     // vhd -> vhdx
     let vhdx_img = dir.path().join("b.vhdx");
@@ -950,10 +985,10 @@ fn convert_every_direction_with_vhd() {
     same(&fixed_vhd, &small_vhd);
     qemu_same(qemu.as_deref(), &src, &small_vhd, "vpc", false);
     let j = info_json(&small_vhd);
-    assert_eq!(j["block_size"], 4096);
+    assert_eq!(j["cluster-size"], 4096);
     // 3 MiB + 777 bytes from 5 MiB + 3 spans 4 KiB blocks 1280..=2048; one
     // more each for the data at 20 MiB and the last byte.
-    assert_eq!(j["allocated_bytes"], (769 + 1 + 1) * 4096, "{j}");
+    assert_eq!(j["allocated-bytes"], (769 + 1 + 1) * 4096, "{j}");
 
     // vhd -> raw, and vhdx -> raw
     for (from, name) in [
@@ -979,8 +1014,8 @@ fn convert_every_direction_with_vhd() {
     let az = dir.path().join("az.vhd");
     ok(&["convert", "-O", "vhd", "-o", "azure=on", p(&src48), p(&az)]);
     let j = info_json(&az);
-    assert_eq!(j["virtual_size"], 48 * MIB);
-    assert_eq!(j["vhd"]["current_size"], 48 * MIB);
+    assert_eq!(j["virtual-size"], 48 * MIB);
+    assert_eq!(j["vhd"]["current-size"], 48 * MIB);
     same(&src48, &az);
     qemu_same(qemu.as_deref(), &src48, &az, "vpc", true);
     let az_vhdx = dir.path().join("az.vhdx");
@@ -1011,7 +1046,7 @@ fn convert_every_direction_with_vhd() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let big = info_json(&dyn48)["virtual_size"].as_u64().unwrap();
+    let big = info_json(&dyn48)["virtual-size"].as_u64().unwrap();
     assert!(big > 48 * MIB);
     let tail = vdisk()
         .args(["read", p(&dyn48), &(48 * MIB - 3).to_string(), "3"])
@@ -1053,19 +1088,25 @@ fn orphan_differencing_vhd() {
     assert_eq!(j["format"], "vhd");
     assert_eq!(j["subformat"], "differencing");
     let parent = "C:\\Projects\\dfvfs\\test_data\\fat-parent.vhd";
-    assert_eq!(j["parent"]["parent_name"], parent, "{j}");
+    assert_eq!(j["parent"]["parent-name"], parent, "{j}");
     assert_eq!(j["parent"]["W2ru"], ".\\fat-parent.vhd", "{j}");
-    assert_eq!(j["vhd"]["parent_name"], parent);
+    assert_eq!(j["vhd"]["parent-name"], parent);
     assert_eq!(
-        j["vhd"]["parent_unique_id"].as_str().unwrap(),
-        j["parent"]["parent_unique_id"].as_str().unwrap()
+        j["vhd"]["parent-unique-id"].as_str().unwrap(),
+        j["parent"]["parent-unique-id"].as_str().unwrap()
     );
-    let locators = j["vhd"]["parent_locators"].as_array().unwrap();
-    assert!(locators.iter().any(|l| l["platform_code"] == "W2ku"), "{j}");
+    let locators = j["vhd"]["parent-locators"].as_array().unwrap();
+    assert!(locators.iter().any(|l| l["platform-code"] == "W2ku"), "{j}");
     let human = ok(&["info", p(&img)]);
     assert!(human.contains("subformat: differencing"), "{human}");
-    assert!(human.contains(&format!("parent_name={parent}")), "{human}");
+    assert!(human.contains(&format!("parent-name={parent}")), "{human}");
     assert!(human.contains("W2ru=.\\fat-parent.vhd"), "{human}");
+    // The path Windows tries first, as qemu-img's backing-filename.
+    assert_eq!(j["backing-filename"], ".\\fat-parent.vhd", "{j}");
+    assert!(
+        human.contains("backing file: .\\fat-parent.vhd\n"),
+        "{human}"
+    );
 
     // Reading it needs the parent: the error names the file and the parent.
     let target = dir.path().join("out.raw");
@@ -1089,7 +1130,7 @@ fn differencing_vhd_create_write_convert() {
     let dir = tmp();
     let base = dir.path().join("base.vhd");
     ok(&["create", "-f", "vhd", p(&base), "8M"]);
-    let size = info_json(&base)["virtual_size"].as_u64().unwrap();
+    let size = info_json(&base)["virtual-size"].as_u64().unwrap();
     let mut expect = vec![0u8; size as usize];
     let input = dir.path().join("input.bin");
     for (at, len, seed) in [(0u64, 3 * MIB as usize, 1u32), (5 * MIB + 7, 100_000, 2)] {
@@ -1141,15 +1182,15 @@ fn differencing_vhd_create_write_convert() {
     // info shows the parent.
     let j = info_json(&child);
     assert_eq!(j["subformat"], "differencing");
-    assert_eq!(j["parent"]["parent_name"], "base.vhd");
+    assert_eq!(j["parent"]["parent-name"], "base.vhd");
     assert_eq!(j["parent"]["W2ru"], ".\\base.vhd");
     assert_eq!(
-        j["parent"]["parent_unique_id"],
-        info_json(&base)["vhd"]["unique_id"]
+        j["parent"]["parent-unique-id"],
+        info_json(&base)["vhd"]["unique-id"]
     );
     let canon = base.canonicalize().unwrap();
-    assert_eq!(j["vhd"]["parent_file"], p(&canon));
-    assert_eq!(j["block_size"], 512 * 1024);
+    assert_eq!(j["vhd"]["parent-file"], p(&canon));
+    assert_eq!(j["cluster-size"], 512 * 1024);
     let human = ok(&["info", p(&child)]);
     assert!(
         human.contains(&format!("parent file: {}", p(&canon))),
@@ -1194,7 +1235,7 @@ fn write_both(img: &Path, model: &mut [u8], at: u64, data: &[u8]) {
 
 /// All the virtual bytes of `img`, through `vdisk read`.
 fn read_all(img: &Path) -> Vec<u8> {
-    let size = info_json(img)["virtual_size"].as_u64().unwrap();
+    let size = info_json(img)["virtual-size"].as_u64().unwrap();
     let out = run(&["read", p(img), "0", &size.to_string()]);
     assert!(
         out.status.success(),
@@ -1300,15 +1341,15 @@ fn vhdx_chain_reads_correctly_at_every_layer() {
     }
     let j = info_json(&files[1]);
     assert_eq!(j["subformat"], "differencing");
-    assert_eq!(j["block_size"], 2 * MIB);
-    assert_eq!(j["virtual_size"], CHAIN_SIZE);
+    assert_eq!(j["cluster-size"], 2 * MIB);
+    assert_eq!(j["virtual-size"], CHAIN_SIZE);
     assert!(
-        same_path(j["parent_file"].as_str().unwrap(), &files[0]),
+        same_path(j["full-backing-filename"].as_str().unwrap(), &files[0]),
         "{j}"
     );
     assert_eq!(j["parent"]["relative_path"], ".\\base.vhdx", "{j}");
     assert!(j["parent"]["parent_linkage"].is_string(), "{j}");
-    assert_eq!(info_json(&files[2])["block_size"], MIB);
+    assert_eq!(info_json(&files[2])["cluster-size"], MIB);
 }
 
 #[test]
@@ -1372,7 +1413,7 @@ fn create_differencing_vhdx_errors() {
         p(&child),
     ]);
     assert!(out.contains("block_size=4194304 log_size=2097152"), "{out}");
-    assert_eq!(info_json(&child)["block_size"], 4 * MIB);
+    assert_eq!(info_json(&child)["cluster-size"], 4 * MIB);
 }
 
 #[test]
@@ -1418,13 +1459,19 @@ fn info_backing_chain_lists_every_layer() {
     for (l, file) in arr.iter().zip([&gc, &child, &base]) {
         assert!(same_path(l["filename"].as_str().unwrap(), file), "{l}");
         assert_eq!(l["format"], "vhdx");
-        assert_eq!(l["virtual_size"], CHAIN_SIZE);
+        assert_eq!(l["virtual-size"], CHAIN_SIZE);
     }
-    assert!(same_path(arr[0]["parent_file"].as_str().unwrap(), &child));
-    assert!(same_path(arr[1]["parent_file"].as_str().unwrap(), &base));
+    assert!(same_path(
+        arr[0]["full-backing-filename"].as_str().unwrap(),
+        &child
+    ));
+    assert!(same_path(
+        arr[1]["full-backing-filename"].as_str().unwrap(),
+        &base
+    ));
     assert_eq!(arr[1]["parent"]["relative_path"], ".\\base.vhdx");
     assert!(arr[2]["parent"].is_null());
-    assert!(arr[2]["parent_file"].is_null());
+    assert!(arr[2]["full-backing-filename"].is_null());
     // The same keys as plain info.
     assert_eq!(keys(&arr[0]), keys(&info_json(&gc)));
 
@@ -1453,10 +1500,10 @@ fn info_backing_chain_lists_every_layer() {
     assert_eq!(j.as_array().unwrap().len(), 3, "{j}");
     assert!(same_path(j[1]["filename"].as_str().unwrap(), &mid), "{j}");
     assert!(
-        same_path(j[1]["parent_file"].as_str().unwrap(), &base),
+        same_path(j[1]["full-backing-filename"].as_str().unwrap(), &base),
         "{j}"
     );
-    assert!(j[1]["allocated_bytes"].is_u64(), "{j}");
+    assert!(j[1]["allocated-bytes"].is_u64(), "{j}");
 
     // A differencing VHD chain too.
     let vbase = dir.path().join("vbase.vhd");
@@ -1495,9 +1542,10 @@ fn orphan_differencing_vhdx() {
     let j = info_json(&img);
     assert!(j["parent"]["parent_linkage"].is_string(), "{j}");
     assert_eq!(j["parent"]["relative_path"], format!(".\\{parent}"), "{j}");
+    assert_eq!(j["backing-filename"], format!(".\\{parent}"), "{j}");
     assert!(j["parent"]["absolute_win32_path"].is_string(), "{j}");
-    assert!(j["allocated_bytes"].is_null(), "{j}");
-    assert!(j["parent_file"].is_null(), "{j}");
+    assert!(j["allocated-bytes"].is_null(), "{j}");
+    assert!(j["full-backing-filename"].is_null(), "{j}");
 
     // Opening it for data fails, naming the image and the parent path tried.
     for args in [
@@ -1543,7 +1591,7 @@ fn parent_policy_flags() {
         // info still shows the image (exit 0).
         let j = info_json(&child);
         assert_eq!(j["subformat"], "differencing");
-        assert!(j["parent_file"].is_null(), "{j}");
+        assert!(j["full-backing-filename"].is_null(), "{j}");
 
         // Allowed by --parent-dir (before or after the subcommand) or
         // --allow-any-parent.
@@ -1565,7 +1613,10 @@ fn parent_policy_flags() {
         assert!(e.contains("parent policy"), "{e}");
         let out = ok(&["info", "--allow-any-parent", "--output", "json", p(&child)]);
         let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert!(same_path(j["parent_file"].as_str().unwrap(), &base), "{j}");
+        assert!(
+            same_path(j["full-backing-filename"].as_str().unwrap(), &base),
+            "{j}"
+        );
         let out = ok(&["--parent-dir", p(&a), "info", "--backing-chain", p(&child)]);
         assert_eq!(out.matches("image: ").count(), 2, "{out}");
     }
@@ -1638,7 +1689,7 @@ fn merge_into_parent_and_ancestor() {
     let vchild = dir.path().join("vchild.vhd");
     ok(&["create", "-f", "vhd", p(&vbase), "8M"]);
     ok(&["create", "-b", p(&vbase), p(&vchild)]);
-    let size = info_json(&vbase)["virtual_size"].as_u64().unwrap();
+    let size = info_json(&vbase)["virtual-size"].as_u64().unwrap();
     let mut m = vec![0u8; size as usize];
     write_both(&vchild, &mut m, 12_345, &pattern(70_000, 20));
     ok(&["merge", p(&vchild)]);
@@ -1656,7 +1707,10 @@ fn rebase_safe_and_unsafe() {
     fs::remove_file(&child).unwrap();
     assert!(read_all(&gc) == models[2], "gc reads the same over base");
     let j = info_json(&gc);
-    assert!(same_path(j["parent_file"].as_str().unwrap(), &base), "{j}");
+    assert!(
+        same_path(j["full-backing-filename"].as_str().unwrap(), &base),
+        "{j}"
+    );
 
     // Unsafe: only the link, to a copy of the same data.
     let copy = dir.path().join("copy.vhdx");
@@ -1664,7 +1718,10 @@ fn rebase_safe_and_unsafe() {
     let out = ok(&["rebase", "-u", "-b", p(&copy), p(&gc)]);
     assert!(out.contains("unsafe"), "{out}");
     let j = info_json(&gc);
-    assert!(same_path(j["parent_file"].as_str().unwrap(), &copy), "{j}");
+    assert!(
+        same_path(j["full-backing-filename"].as_str().unwrap(), &copy),
+        "{j}"
+    );
     assert!(read_all(&gc) == models[2]);
     // Safe onto the same disk (a copy, with the same identity) copies nothing.
     let out = ok(&["rebase", "-b", p(&base), p(&gc)]);
@@ -1761,7 +1818,7 @@ fn checkpoint_bundle_end_to_end() {
     assert_eq!(act["depth"], 2);
     assert_eq!(second["parent"], first["id"]);
     for n in &nodes {
-        for k in ["id", "created", "created_utc", "file_size", "disk", "depth"] {
+        for k in ["id", "created", "created-utc", "file-size", "disk", "depth"] {
             assert!(!n[k].is_null(), "{k} in {n}");
         }
     }
@@ -1871,4 +1928,129 @@ fn chain_subcommands_help_has_examples() {
     assert!(out.contains("--backing-chain"), "{out}");
     let out = ok(&["create", "--help"]);
     assert!(out.contains("-b base.vhdx"), "{out}");
+}
+
+/// Run `vdisk args...`, which must succeed; return stderr.
+fn ok_stderr(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "vdisk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn sizes_take_fractions_and_round_up_to_whole_sectors() {
+    let dir = tmp();
+    let img = |n: &str| dir.path().join(n);
+    // 1.5G is exact: no note.
+    let e = ok_stderr(&["create", "-f", "vhdx", p(&img("a.vhdx")), "1.5G"]);
+    assert!(!e.contains("rounded"), "{e}");
+    assert_eq!(info_json(&img("a.vhdx"))["virtual-size"], 1_610_612_736u64);
+    // Whole 512-byte sectors, as qemu-img rounds, with a note.
+    let e = ok_stderr(&["create", "-f", "raw", p(&img("b.raw")), "1000"]);
+    assert!(
+        e.contains(
+            "SIZE 1000 (1000 bytes) rounded up to 1024 bytes, a whole number of 512-byte sectors"
+        ),
+        "{e}"
+    );
+    assert_eq!(fs::metadata(img("b.raw")).unwrap().len(), 1024);
+    let e = ok_stderr(&["create", "-f", "raw", p(&img("c.raw")), "1.3K"]);
+    assert!(e.contains("rounded up to 1536 bytes"), "{e}");
+    assert_eq!(fs::metadata(img("c.raw")).unwrap().len(), 1536);
+    // A VHDX with 4096-byte logical sectors: whole 4096-byte sectors.
+    let e = ok_stderr(&[
+        "create",
+        "-o",
+        "logical_sector_size=4096",
+        p(&img("d.vhdx")),
+        "1.1M",
+    ]);
+    assert!(e.contains("4096-byte sectors"), "{e}");
+    assert_eq!(info_json(&img("d.vhdx"))["virtual-size"], 1_155_072u64);
+    // Resize rounds the new size the same way.
+    let e = ok_stderr(&["resize", p(&img("b.raw")), "+1000"]);
+    assert!(e.contains("rounded up to 2048 bytes"), "{e}");
+    assert_eq!(fs::metadata(img("b.raw")).unwrap().len(), 2048);
+    let e = ok_stderr(&["resize", p(&img("d.vhdx")), "1.5M"]);
+    assert!(!e.contains("rounded"), "{e}");
+    assert_eq!(info_json(&img("d.vhdx"))["virtual-size"], 3 * MIB / 2);
+    // Refused, saying why, and nothing is created.
+    for (size, why) in [
+        ("-1G", "a size cannot be negative"),
+        ("12X", "unknown suffix 'X'"),
+        ("1.G", "a decimal point needs digits after it"),
+        ("abc", "expected a number"),
+        ("99999999999T", "too large"),
+    ] {
+        let e = fails(1, &["create", "-f", "raw", p(&img("x.raw")), "--", size]);
+        assert!(
+            e.contains(&format!("invalid SIZE: invalid size '{size}': {why}")),
+            "{e}"
+        );
+        assert!(!img("x.raw").exists());
+    }
+    // An offset or length must be a whole number of bytes.
+    let e = fails(1, &["read", p(&img("a.vhdx")), "1.3K", "1"]);
+    assert!(
+        e.contains("invalid OFFSET: invalid size '1.3K': not a whole number of bytes"),
+        "{e}"
+    );
+    let out = run(&["read", p(&img("a.vhdx")), "0.5K", "0.5K"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), 512);
+}
+
+#[test]
+fn a_parent_identity_mismatch_names_the_command_that_relinks() {
+    let dir = tmp();
+    let data = dir.path().join("data");
+    fs::write(&data, pattern(4096, 9)).unwrap();
+    for (base, child) in [("base.vhdx", "child.avhdx"), ("base.vhd", "child.vhd")] {
+        let base = dir.path().join(base);
+        let child = dir.path().join(child);
+        ok(&["create", p(&base), "8M"]);
+        ok(&["write", p(&base), "0", p(&data)]);
+        ok(&["create", "-b", p(&base), p(&child)]);
+        if p(&base).ends_with(".vhdx") {
+            // Writing the parent renews its DataWriteGuid.
+            ok(&["write", p(&base), "1M", p(&data)]);
+        } else {
+            // A VHD keeps its unique id when written: a new disk under the
+            // parent's name has another one.
+            ok(&[
+                "convert",
+                "-O",
+                "vhd",
+                p(&base),
+                p(&dir.path().join("copy.vhd")),
+            ]);
+            fs::rename(dir.path().join("copy.vhd"), &base).unwrap();
+        }
+        let e = fails(1, &["read", p(&child), "0", "4096"]);
+        let want = format!(
+            "vdisk: hint: if {b} still holds the data {c} was made over, `vdisk rebase -u -b {b} \
+             {c}` relinks {c} to it\n",
+            b = p(&base),
+            c = p(&child)
+        );
+        assert!(e.contains("it is not this disk's parent"), "{e}");
+        assert!(e.ends_with(&want), "{e}");
+        // info shows the disk anyway, with the same hint.
+        let out = run(&["info", p(&child)]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&want));
+        // The command works: the child reads through its parent again.
+        ok(&["rebase", "-u", "-b", p(&base), p(&child)]);
+        let out = run(&["read", p(&child), "0", "4096"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, pattern(4096, 9));
+    }
 }

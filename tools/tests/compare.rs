@@ -46,7 +46,7 @@ fn qemu_agrees(flags: &[&str], a: &Path, b: &Path, want: &(i32, String)) {
 fn vhd_size(img: &Path) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
-    v["virtual_size"].as_u64().unwrap()
+    v["virtual-size"].as_u64().unwrap()
 }
 
 /// The case: a raw image and its VHD made by `convert -O vpc`,

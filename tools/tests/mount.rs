@@ -679,6 +679,28 @@ fn mount_and_unmount_errors() {
         err.contains("plain.txt") && err.contains("not a directory"),
         "{err}"
     );
+    // A directory with files in it: the mount would hide them.
+    let full = dir.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("keep.txt"), b"mine").unwrap();
+    fs::create_dir(full.join("sub")).unwrap();
+    for fg in [false, true] {
+        let mut args = vec!["mount"];
+        if fg {
+            args.push("--foreground");
+        }
+        args.extend([p(&img), p(&full)]);
+        let err = fails(1, &args);
+        assert!(
+            err.contains(&format!("{}: the mount point is not empty", p(&full)))
+                && (err.contains("holds keep.txt and 1 more entry")
+                    || err.contains("holds sub and 1 more entry"))
+                && err.contains("use an empty directory"),
+            "{err}"
+        );
+        assert!(!is_mounted(&full));
+        assert_eq!(fs::read(full.join("keep.txt")).unwrap(), b"mine");
+    }
     let err = fails(1, &["mount", p(&img), p(&dir.path().join("nowhere"))]);
     assert!(
         err.contains("nowhere") && err.contains("No such file"),

@@ -30,7 +30,7 @@ fn fails(args: &[&str]) -> String {
 fn size_of(img: &Path) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
-    v["virtual_size"].as_u64().unwrap()
+    v["virtual-size"].as_u64().unwrap()
 }
 
 /// Data at the start, in the middle and near the end of a 64 MiB disk.
@@ -211,7 +211,7 @@ fn error_paths() {
     assert!(e.contains("missing.vhdx"), "{e}");
     let img = dir.path().join("d.vhdx");
     ok(&["create", "-f", "vhdx", p(&img), "64M"]);
-    for bad in ["1X", "", "+", "-64M", "-1G", "100"] {
+    for bad in ["1X", "", "+", "-64M", "-1G", "1.G", "--5"] {
         let e = fails(&["resize", p(&img), bad]);
         assert!(e.contains("SIZE") || e.contains("d.vhdx"), "{bad}: {e}");
     }

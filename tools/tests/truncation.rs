@@ -92,7 +92,7 @@ fn truncated_image_end_to_end(
         "{i}"
     );
     assert_eq!(
-        json(&["info", "--output", "json", p(img)])["truncated_blocks"],
+        json(&["info", "--output", "json", p(img)])["truncated-blocks"],
         1
     );
     // What is left reads the same; lost data fails, naming the block.
@@ -223,8 +223,8 @@ fn vhdx_cut_inside_its_bat_warns_in_info() {
     let j = json(&["info", "--output", "json", p(&img)]);
     assert_eq!(
         (
-            j["truncated_blocks"].as_u64(),
-            j["lost_bat_entries"].as_u64()
+            j["truncated-blocks"].as_u64(),
+            j["lost-bat-entries"].as_u64()
         ),
         (Some(5), Some(59))
     );

@@ -61,7 +61,7 @@
 
 use super::*;
 use disk::check::{sweep, Used};
-use disk::{CompactReport, Progress};
+use disk::{CompactReport, Progress, Step};
 
 /// Bytes read or copied at a time.
 const CHUNK: u64 = MIB;
@@ -78,8 +78,9 @@ impl Vhd {
     /// docs of `compact` for the rules and the crash-safe order of the
     /// writes.
     ///
-    /// `progress(done, total)` is called with a fixed `total` (twice the
-    /// allocated blocks, plus one), `done` only growing to `total`.
+    /// `progress` is called with a fixed `total` (twice the allocated
+    /// blocks, plus one), `done` only growing to `total`, and `copied`
+    /// counting the bytes of the blocks moved (sector bitmap and data).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind) when the image is open
@@ -230,7 +231,15 @@ impl Compactor<'_> {
         )?;
         let n = blocks.len() as u64;
         let total = 2 * n + 1;
-        progress(0, total);
+        let mut copied = 0u64;
+        let mut progress = |done: u64, copied: u64| {
+            progress(Step {
+                done,
+                total,
+                copied,
+            })
+        };
+        progress(0, 0);
 
         // 1. Free.
         let mut freed = BTreeSet::new();
@@ -241,7 +250,7 @@ impl Compactor<'_> {
             } else {
                 kept.push((off, b));
             }
-            progress(i as u64 + 1, total);
+            progress(i as u64 + 1, 0);
         }
         if !freed.is_empty() {
             let mut st = lock(&self.d.state);
@@ -271,14 +280,15 @@ impl Compactor<'_> {
             st.bat.entries[b as usize] = sector;
             self.write_bat(&mut st, &BTreeSet::from([b / ENTRIES_PER_SECTOR]))?;
             drop(st);
+            copied += self.slot;
             let k = k as u64 + 1;
             progress(
                 n + (u128::from(n) * u128::from(k) / u128::from(m)) as u64,
-                total,
+                copied,
             );
         }
         if m == 0 {
-            progress(2 * n, total);
+            progress(2 * n, copied);
         }
 
         // 3. The file end.
@@ -295,7 +305,7 @@ impl Compactor<'_> {
             lock(&self.d.state).end = new_end;
             cut = Some(new_end);
         }
-        progress(total, total);
+        progress(total, copied);
         Ok(Outcome {
             report: CompactReport {
                 blocks_freed: freed.len() as u64,

@@ -1494,9 +1494,12 @@ pub struct ParentLink {
     /// The `W2ru` locator: the parent's path relative to the child's
     /// directory, Windows style (`.\\parent.vhd`, `..\\dir\\parent.vhd`).
     pub relative: String,
-    /// The `W2ku` locator: the parent's absolute path. Windows writes a
-    /// drive path; on Unix this is the absolute Unix path (Windows cannot
-    /// use it and falls back to the relative locator; we read both).
+    /// The `W2ku` locator: the parent's absolute path in Win32 syntax.
+    /// Windows writes a drive path (`C:\\dir\\parent.vhd`); a Unix path has
+    /// no drive, so this is the rooted path `\\dir\\parent.vhd`
+    /// ([`parent::windows_absolute_path`]), which our parent search reads
+    /// back as `/dir/parent.vhd` (disks this library made before hold the
+    /// Unix path itself, which it still reads).
     pub absolute: String,
     /// The parent's modification time, seconds since 2000-01-01 UTC.
     pub timestamp: u32,
@@ -1680,7 +1683,7 @@ fn write_differencing(
 
 /// `file` relative to the directory `dir` (both absolute), Windows style:
 /// `.\\name` beside it, else `..\\` steps up then down. None when a
-/// component is not valid Unicode.
+/// component is not valid Unicode or holds a backslash.
 fn relative_windows_path(dir: &Path, file: &Path) -> Option<String> {
     let d: Vec<_> = dir.components().collect();
     let f: Vec<_> = file.components().collect();
@@ -1693,7 +1696,9 @@ fn relative_windows_path(dir: &Path, file: &Path) -> Option<String> {
         parts.push("..".into());
     }
     for c in &f[common..] {
-        parts.push(c.as_os_str().to_str()?.to_string());
+        // A backslash inside a name would read back as a separator.
+        let name = c.as_os_str().to_str().filter(|n| !n.contains('\\'))?;
+        parts.push(name.to_string());
     }
     Some(parts.join("\\"))
 }
@@ -1949,13 +1954,19 @@ fn parent_link_for(child: &Path, parent_abs: &Path) -> Result<ParentLink> {
         Error::invalid("the parent path has no file name")
             .in_file(&parent_abs.display().to_string(), 0)
     })?;
+    let windows = |p: Option<String>| {
+        p.ok_or_else(|| {
+            Error::invalid(
+                "the parent path cannot be written as a Windows path (a name in it is not \
+                 valid Unicode, or holds a backslash)",
+            )
+            .in_file(&parent_abs.display().to_string(), 0)
+        })
+    };
     Ok(ParentLink {
         name: unicode(file_name)?,
-        relative: relative_windows_path(&dir_abs, parent_abs).ok_or_else(|| {
-            Error::invalid("the parent path is not valid Unicode")
-                .in_file(&parent_abs.display().to_string(), 0)
-        })?,
-        absolute: unicode(parent_abs)?,
+        relative: windows(relative_windows_path(&dir_abs, parent_abs))?,
+        absolute: windows(parent::windows_absolute_path(parent_abs))?,
         timestamp: std::fs::metadata(parent_abs)
             .and_then(|m| m.modified())
             .map_or(0, vhd_time),
@@ -2507,6 +2518,10 @@ mod tests {
         assert_eq!(rel("/a/b", "/a/b/s/p.vhd"), ".\\s\\p.vhd");
         assert_eq!(rel("/a/b", "/a/c/p.vhd"), "..\\c\\p.vhd");
         assert_eq!(rel("/", "/p.vhd"), ".\\p.vhd");
+        assert_eq!(
+            relative_windows_path(Path::new("/a"), Path::new("/a/p\\q.vhd")),
+            None
+        );
         let mut h = DynamicHeader::new(1536, 1, 1 << 21);
         let name: Vec<u8> = "C:\\x\\p.vhd"
             .encode_utf16()
@@ -2516,6 +2531,7 @@ mod tests {
         let locs = vec![
             ("Wi2k".to_string(), "/abs/old.vhd".to_string()),
             ("W2ku".to_string(), "C:\\x\\p.vhd".to_string()),
+            ("W2ku".to_string(), "\\abs\\new.vhd".to_string()),
             ("W2ru".to_string(), "..\\up\\p.vhd".to_string()),
             ("W2ru".to_string(), "\\\\server\\p.vhd".to_string()),
         ];
@@ -2527,6 +2543,7 @@ mod tests {
                 Some(PathBuf::from("/up/p.vhd")),
                 None,
                 None,
+                Some(PathBuf::from("/abs/new.vhd")),
                 Some(PathBuf::from("/d/p.vhd")),
                 Some(PathBuf::from("/abs/old.vhd")),
             ]

@@ -33,14 +33,28 @@ fn opts(size: u64) -> CreateOptions {
 /// Compact `d`, checking the progress calls: a fixed total, `done` never
 /// going back, and ending at the total.
 fn compact(d: &mut Vhd) -> CompactReport {
-    let mut calls: Vec<(u64, u64)> = Vec::new();
-    let r = d
-        .compact(&mut |done, total| calls.push((done, total)))
-        .unwrap();
-    let total = calls.first().expect("progress was called").1;
-    assert!(calls.iter().all(|&(_, t)| t == total), "{calls:?}");
-    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "{calls:?}");
-    assert_eq!(calls.last().unwrap().0, total, "{calls:?}");
+    let mut calls: Vec<disk::Step> = Vec::new();
+    let r = d.compact(&mut |s| calls.push(s)).unwrap();
+    let total = calls.first().expect("progress was called").total;
+    assert!(calls.iter().all(|s| s.total == total), "{calls:?}");
+    assert!(
+        calls.windows(2).all(|w| w[0].done <= w[1].done),
+        "{calls:?}"
+    );
+    assert!(
+        calls.windows(2).all(|w| w[0].copied <= w[1].copied),
+        "{calls:?}"
+    );
+    assert_eq!(calls.last().unwrap().done, total, "{calls:?}");
+    // Bytes copied: each block moved, its sector bitmap (whole sectors)
+    // and its data.
+    let block = d.info().block_size().map_or(0, u64::from);
+    let bitmap = (block / 512).div_ceil(8).next_multiple_of(512);
+    assert_eq!(
+        calls.last().unwrap().copied,
+        r.blocks_moved * (bitmap + block),
+        "{r:?}"
+    );
     r
 }
 
@@ -413,7 +427,7 @@ fn check_crash_image(img: Vec<u8>, model: &[u8], what: &str, open: Opener<'_>) {
     let st = Arc::new(MemStorage::from_vec("again.vhd", img));
     let mut d = open(Box::new(st.clone()), true);
     let rep = d
-        .compact(&mut |_, _| {})
+        .compact(&mut |_| {})
         .unwrap_or_else(|e| panic!("{what}: compacting again failed: {e}"));
     assert_same(&read_all(&d), model, &format!("{what}: compacted again"));
     d.close().unwrap();
@@ -526,7 +540,7 @@ fn read_only_and_fixed_are_refused() {
     d.close().unwrap();
     let hash = file_hash(&dynamic);
     let mut d = Vhd::open(&dynamic, &OpenOptions::default()).unwrap();
-    let e = d.compact(&mut |_, _| {}).unwrap_err();
+    let e = d.compact(&mut |_| {}).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     let msg = e.to_string();
     assert!(
@@ -542,7 +556,7 @@ fn read_only_and_fixed_are_refused() {
     Vhd::create(&fixed, &o, false).unwrap().close().unwrap();
     let hash = file_hash(&fixed);
     let mut d = Vhd::open(&fixed, &rw()).unwrap();
-    let e = d.compact(&mut |_, _| {}).unwrap_err();
+    let e = d.compact(&mut |_| {}).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     let msg = e.to_string();
     assert!(
@@ -568,7 +582,7 @@ fn overlapping_blocks_are_corrupt_and_nothing_is_written() {
     bytes[1536 + 48..1536 + 52].copy_from_slice(&(e7 + 8).to_be_bytes());
     let st = Arc::new(MemStorage::from_vec("bad.vhd", bytes.clone()));
     let mut d = Vhd::open_storage(Box::new(st.clone()), &rw()).unwrap();
-    let e = d.compact(&mut |_, _| {}).unwrap_err();
+    let e = d.compact(&mut |_| {}).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     let msg = e.to_string();
     assert!(
@@ -593,7 +607,7 @@ fn hostile_entries_never_panic() {
             continue;
         };
         let model = read_all(&d);
-        match d.compact(&mut |_, _| {}) {
+        match d.compact(&mut |_| {}) {
             Ok(_) => assert_same(&read_all(&d), &model, &format!("entry {v:#x}")),
             Err(e) => assert!(e.to_string().contains("h.vhd"), "{e}"),
         }

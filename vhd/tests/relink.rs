@@ -128,7 +128,10 @@ fn relink_after_moving_the_parent() {
     assert_eq!(
         d.info().parent_locators,
         [
-            ("W2ku".to_string(), moved.display().to_string()),
+            (
+                "W2ku".to_string(),
+                moved.display().to_string().replace('/', "\\")
+            ),
             ("W2ru".to_string(), ".\\sub\\dir\\moved.vhd".to_string()),
         ]
     );

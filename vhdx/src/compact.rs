@@ -59,7 +59,7 @@
 //! parent stay linked to it.
 
 use super::*;
-use disk::{CompactReport, Progress};
+use disk::{CompactReport, Progress, Step};
 use std::collections::BTreeSet;
 
 /// One allocated block: a payload block or a sector bitmap block.
@@ -76,27 +76,37 @@ struct Placed {
 /// A fixed structure of the file: start, end, and what it is (for errors).
 type Structure = (u64, u64, String);
 
-/// Reports progress with a fixed total, at most about a thousand times.
+/// Reports progress with a fixed total, at most about a thousand times;
+/// `copied` counts the bytes of the blocks moved.
 struct Meter<'a> {
     f: Progress<'a>,
     done: u64,
     total: u64,
     reported: u64,
+    copied: u64,
 }
 
 impl Meter<'_> {
+    fn report(&mut self) {
+        (self.f)(Step {
+            done: self.done,
+            total: self.total,
+            copied: self.copied,
+        });
+    }
+
     fn advance(&mut self, n: u64) {
         self.done = self.done.saturating_add(n).min(self.total);
         if self.done - self.reported >= (self.total / 1000).max(1) {
             self.reported = self.done;
-            (self.f)(self.done, self.total);
+            self.report();
         }
     }
 
     fn finish(&mut self) {
         self.done = self.total;
         self.reported = self.total;
-        (self.f)(self.total, self.total);
+        self.report();
     }
 }
 
@@ -110,7 +120,8 @@ impl Vhdx {
     /// and the file is cut short. Every byte reads the same afterwards; the
     /// image stays open and writable. `progress` is called with a fixed
     /// total (the payload blocks scanned plus the allocated blocks that may
-    /// move) and a growing count, ending at the total.
+    /// move) and a growing count, ending at the total; its `copied` counts
+    /// the bytes of the blocks moved.
     ///
     /// `blocks_freed` counts the payload blocks given up, the file space
     /// released by ZERO, UNMAPPED or UNDEFINED entries that kept some, and
@@ -153,8 +164,9 @@ impl Vhdx {
             done: 0,
             total: scan.saturating_add(placed.len() as u64),
             reported: 0,
+            copied: 0,
         };
-        (meter.f)(0, meter.total);
+        meter.report();
 
         let (mut blocks_freed, gone) = self.free_blocks(&mut meter)?;
         placed.retain(|p| !gone.contains(&p.idx));
@@ -470,6 +482,7 @@ impl Vhdx {
             self.flush_inner()?;
             self.reset_bitmap_cache();
             moved += plan.len() as u64;
+            meter.copied += plan.iter().map(|&(i, _)| placed[i].len).sum::<u64>();
             meter.advance(plan.len() as u64);
         }
     }

@@ -313,8 +313,11 @@ impl Vhdx {
     /// the log ([`Vhdx::set_parent_locator`]); the linkage entries and the
     /// DataWriteGuid are kept, so the disk's own children stay linked. A
     /// `volume_path` (a Windows volume GUID path, which cannot be made here)
-    /// is left as it is. Entries that still lead to the parent, whatever
-    /// their spelling, are not touched.
+    /// is left as it is, and so is an `absolute_win32_path` naming a drive,
+    /// UNC or volume path (`C:\vms\base.vhdx`, as Windows writes it): it
+    /// names a file on another system, which may well be right there, and
+    /// no path of this system could replace it. Entries that still lead to
+    /// the parent, whatever their spelling, are not touched.
     fn update_stale_parent_paths(&self, child: &Path) -> Result<()> {
         let (Some(parent), Some(loc)) = (
             self.info.parent_file.as_deref(),
@@ -338,7 +341,11 @@ impl Vhdx {
         let mut updated = loc.clone();
         let mut changed = false;
         for (key, value) in updated.entries.iter_mut() {
+            let windows_drive_path = key == "absolute_win32_path"
+                && parent::is_windows_absolute(value)
+                && parent::absolute_candidate(dir, value).is_none();
             if !matches!(key.as_str(), "relative_path" | "absolute_win32_path")
+                || windows_drive_path
                 || leads_to_parent(key, value)
             {
                 continue;
@@ -737,7 +744,7 @@ impl Vhdx {
     /// [`DEFAULT_DIFFERENCING_BLOCK_SIZE`]) and log size. The locator
     /// records the parent's DataWriteGuid, its path relative to the child
     /// (`relative_path`, as Windows writes it) and its absolute path
-    /// (`absolute_win32_path`: a Unix path here, which Windows skips).
+    /// (`absolute_win32_path`, in Win32 syntax: see [`parent_locator_for`]).
     ///
     /// # Errors
     /// The parent cannot be opened, invalid options, I/O errors.
@@ -1994,9 +2001,24 @@ pub fn linkage_string(g: Uuid) -> String {
 }
 
 /// The locator a new child at `child` records for the parent at
-/// `parent_path` whose DataWriteGuid is `linkage`: `parent_linkage`,
-/// `relative_path` (Windows style, relative to the child's directory) and
-/// `absolute_win32_path` (the absolute path on this system).
+/// `parent_path` whose DataWriteGuid is `linkage`, the way Windows writes
+/// one (as in the corpus image made by Hyper-V, in its order):
+/// `parent_linkage`, `absolute_win32_path` and `relative_path` (MS-VHDX
+/// 2.6.2.6.3 requires the linkage and at least one path).
+///
+/// `relative_path` is relative to the child's directory, with backslashes
+/// (`.\base.vhdx`, `..\dir\base.vhdx`). `absolute_win32_path` is the
+/// parent's absolute path in Win32 syntax: Windows writes `C:\dir\base.vhdx`;
+/// a Unix path has no drive letter, so this is the rooted path
+/// `\dir\base.vhdx` ([`parent::windows_absolute_path`]), which our parent
+/// search reads back as `/dir/base.vhdx`. The entry must be there and use
+/// backslashes: libvhdi (`vhdimount`) takes the parent's file name from it
+/// (or from `volume_path`), as the part after its last backslash, and
+/// looks for that file beside the child; it ignores `relative_path`.
+/// Windows itself tries `relative_path` first. When a name on the way holds
+/// a backslash (legal on Unix, a separator in Win32 syntax) there is no
+/// Windows form: `relative_path` is left out and `absolute_win32_path` is
+/// the Unix path, as this library wrote before (only it reads that).
 ///
 /// # Errors
 /// The parent's path cannot be made absolute.
@@ -2013,11 +2035,14 @@ pub fn parent_locator_for(
     })?;
     let child_dir = parent::dir_of(child).to_path_buf();
     let child_dir = std::fs::canonicalize(&child_dir).unwrap_or(child_dir);
-    let mut entries = vec![("parent_linkage".to_string(), linkage_string(linkage))];
+    let absolute = parent::windows_absolute_path(&abs).unwrap_or_else(|| abs.display().to_string());
+    let mut entries = vec![
+        ("parent_linkage".to_string(), linkage_string(linkage)),
+        ("absolute_win32_path".to_string(), absolute),
+    ];
     if let Some(rel) = parent::windows_relative_path(&child_dir, &abs) {
         entries.push(("relative_path".to_string(), rel));
     }
-    entries.push(("absolute_win32_path".to_string(), abs.display().to_string()));
     Ok(ParentLocator {
         locator_type: VHDX_PARENT_LOCATOR_TYPE,
         entries,

@@ -28,19 +28,31 @@ fn rw() -> OpenOptions {
 }
 
 /// Compact, checking the progress calls: a fixed total, a count that only
-/// grows and ends at the total.
+/// grows and ends at the total, and bytes copied that only grow and end at
+/// the blocks moved (payload blocks, in a disk without sector bitmaps).
 fn compact(d: &mut Vhdx) -> CompactReport {
-    let mut calls: Vec<(u64, u64)> = Vec::new();
-    let r = d
-        .compact(&mut |done, total| calls.push((done, total)))
-        .unwrap();
-    let total = calls.first().expect("progress was reported").1;
+    let mut calls: Vec<disk::Step> = Vec::new();
+    let r = d.compact(&mut |s| calls.push(s)).unwrap();
+    let total = calls.first().expect("progress was reported").total;
     assert!(
-        calls.iter().all(|c| c.1 == total),
+        calls.iter().all(|c| c.total == total),
         "total changed: {calls:?}"
     );
-    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "went back");
-    assert_eq!(calls.last().unwrap().0, total, "did not finish");
+    assert!(
+        calls.windows(2).all(|w| w[0].done <= w[1].done),
+        "went back"
+    );
+    assert!(
+        calls.windows(2).all(|w| w[0].copied <= w[1].copied),
+        "went back"
+    );
+    assert_eq!(calls.last().unwrap().done, total, "did not finish");
+    let copied = calls.last().unwrap().copied;
+    let fp = d.info().metadata.file_parameters;
+    if !fp.has_parent {
+        assert_eq!(copied, r.blocks_moved * u64::from(fp.block_size), "{r:?}");
+    }
+    assert_eq!(copied == 0, r.blocks_moved == 0, "{r:?}");
     r
 }
 
@@ -410,7 +422,7 @@ fn crash_compact(
         let st = Arc::new(MemStorage::from_vec("crash-rw", img));
         let mut d = open(Box::new(st.clone()), &rw());
         reads_want(&d, &format!("{what} writable"));
-        d.compact(&mut |_, _| {})
+        d.compact(&mut |_| {})
             .unwrap_or_else(|e| panic!("{what}: compact again failed: {e}"));
         reads_want(&d, &format!("{what} compacted again"));
         d.close().unwrap();
@@ -513,7 +525,7 @@ fn small_image(fixed: bool) -> Arc<MemStorage> {
 fn read_only_and_fixed_are_refused() {
     let st = small_image(false);
     let mut ro = open_mem(st.to_vec(), &OpenOptions::default());
-    let e = ro.compact(&mut |_, _| {}).unwrap_err();
+    let e = ro.compact(&mut |_| {}).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     let msg = e.to_string();
     assert!(msg.contains("img") && msg.contains("read-only"), "{msg}");
@@ -522,7 +534,7 @@ fn read_only_and_fixed_are_refused() {
     let bytes = st.to_vec();
     let f = Arc::new(MemStorage::from_vec("fixed.vhdx", bytes.clone()));
     let mut d = Vhdx::open_storage(Box::new(f.clone()), &rw()).unwrap();
-    let e = d.compact(&mut |_, _| {}).unwrap_err();
+    let e = d.compact(&mut |_| {}).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     let msg = e.to_string();
     assert!(
@@ -557,7 +569,7 @@ fn hostile_bat_is_corrupt_and_nothing_is_written() {
         // A block past the end of the file (a truncated image) is refused
         // by the writable open already; the others by the compact.
         let e = match Vhdx::open_storage(Box::new(rec.clone()), &rw()) {
-            Ok(mut d) => d.compact(&mut |_, _| {}).unwrap_err(),
+            Ok(mut d) => d.compact(&mut |_| {}).unwrap_err(),
             Err(e) => {
                 assert!(
                     what.contains("past the end") || what.contains("2^64"),
@@ -616,7 +628,7 @@ fn corpus_images_compact_and_read_the_same() {
         };
         let before = digest(&d);
         let fixed = d.info().subformat() == "fixed";
-        match d.compact(&mut |_, _| {}) {
+        match d.compact(&mut |_| {}) {
             Err(e) if fixed => assert_eq!(e.kind(), ErrorKind::InvalidInput, "{name}: {e}"),
             Err(e) => panic!("{name}: {e}"),
             Ok(r) => {

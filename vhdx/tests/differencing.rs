@@ -339,8 +339,12 @@ fn stale_parent_paths_are_updated_on_a_writable_open() {
     // A writable open rewrites the stale entry only.
     Vhdx::open(&child, &rw()).unwrap().close().unwrap();
     let new = loc_of(&child);
-    let want = std::fs::canonicalize(&base).unwrap().display().to_string();
-    assert_eq!(new.get(abs_key), Some(want.as_str()));
+    let want = std::fs::canonicalize(&base)
+        .unwrap()
+        .display()
+        .to_string()
+        .replace('/', "\\");
+    assert_eq!(new.get(abs_key), Some(want.as_str()), "Win32 syntax");
     assert_eq!(new.get("relative_path"), old.get("relative_path"));
     assert_eq!(new.get("parent_linkage"), old.get("parent_linkage"));
     assert_eq!(std::fs::read(&base).unwrap(), before, "parent untouched");
@@ -380,6 +384,57 @@ fn stale_parent_paths_are_updated_on_a_writable_open() {
     // The grandchild is still linked to the child (DataWriteGuid kept).
     let g = Vhdx::open(&gc, &OpenOptions::default()).unwrap();
     assert_same(&read_all(&g), &model, "grandchild after the update");
+}
+
+#[test]
+fn a_windows_drive_path_is_not_rewritten_on_a_writable_open() {
+    // An absolute_win32_path written by Windows (C:\...) names a file on
+    // another system: a writable open here leaves it alone, while a stale
+    // relative_path is still updated to the parent found.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhdx");
+    let model = base_file(&base, 4 * MIB, MIB as u32, 512, 5);
+    let child = tmp.path().join("child.avhdx");
+    Vhdx::create_differencing(
+        &child,
+        &base,
+        &child_opts(MIB as u32),
+        &OpenOptions::default(),
+        false,
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let loc_of = |p: &Path| Vhdx::inspect(p).unwrap().metadata.parent_locator.unwrap();
+    let mut loc = loc_of(&child);
+    for (k, v) in loc.entries.iter_mut() {
+        match k.as_str() {
+            "absolute_win32_path" => *v = "C:\\VMs\\base.vhdx".into(),
+            "relative_path" => *v = ".\\old\\base.vhdx".into(),
+            _ => {}
+        }
+    }
+    {
+        let d = Vhdx::open_with_parent(
+            &child,
+            &OpenOptions {
+                writable: true,
+                keep_data_write_guid: true,
+                ..OpenOptions::default()
+            },
+            Arc::new(Vhdx::open(&base, &OpenOptions::default()).unwrap()),
+        )
+        .unwrap();
+        d.set_parent_locator(&loc).unwrap();
+        d.close().unwrap();
+    }
+    // Found by its file name beside the child.
+    let d = Vhdx::open(&child, &rw()).unwrap();
+    assert_same(&read_all(&d), &model, "child");
+    d.close().unwrap();
+    let new = loc_of(&child);
+    assert_eq!(new.get("absolute_win32_path"), Some("C:\\VMs\\base.vhdx"));
+    assert_eq!(new.get("relative_path"), Some(".\\base.vhdx"));
 }
 
 #[test]

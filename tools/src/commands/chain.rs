@@ -43,15 +43,16 @@ fn show_chain(files: &[PathBuf]) -> String {
         .join(" -> ")
 }
 
-/// Run `work` with a progress callback feeding a bar (when `enabled`).
+/// Run `work` with a progress callback feeding `-p` (when `enabled`); the
+/// rate is of the bytes copied into the image.
 fn with_progress<T>(
     enabled: bool,
     message: &str,
     done: &str,
-    work: impl FnOnce(&mut dyn FnMut(u64, u64)) -> Result<T>,
+    work: impl FnOnce(disk::Progress<'_>) -> Result<T>,
 ) -> Result<T> {
-    let progress = Progress::new(enabled, 0, message);
-    let result = work(&mut |at, total| progress.set_position(at, total));
+    let progress = Progress::bytes(enabled, 0, message, "copied");
+    let result = work(&mut |s| progress.step(s));
     match &result {
         Ok(_) => {
             progress.set_message(done);

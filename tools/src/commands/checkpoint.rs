@@ -1,7 +1,7 @@
 //! `vdisk checkpoint`: a checkpoint tree in a directory (a disk bundle).
 
 use crate::open::Format;
-use crate::size::{human, parse_arg};
+use crate::size::{human, image_size};
 use crate::{
     CheckpointArgs, CheckpointCommand, CheckpointInitArgs, CheckpointListArgs, OutputFormat,
 };
@@ -78,7 +78,7 @@ fn init(a: &CheckpointInitArgs) -> Result<()> {
     let b = match (&a.from, &a.size) {
         (Some(image), _) => Bundle::init_from(&a.bundle, image)?,
         (None, Some(size)) => {
-            let size = parse_arg("SIZE", size)?;
+            let size = image_size("SIZE", size, 512)?;
             let format = match a.format.unwrap_or(Format::Vhdx) {
                 Format::Vhdx => checkpoint::Format::Vhdx,
                 Format::Vhd => checkpoint::Format::Vhd,

@@ -9,6 +9,7 @@ use crate::{outln, CompactArgs, OutputFormat};
 use anyhow::{bail, Result};
 use disk::CompactReport;
 use image::Driver;
+use serde::Serialize;
 
 pub fn run(args: &CompactArgs) -> Result<()> {
     let image = &args.image;
@@ -20,8 +21,9 @@ pub fn run(args: &CompactArgs) -> Result<()> {
              for a dynamic image, or `fallocate --dig-holes` to make the file sparse)"
         );
     }
-    let bar = Progress::counting(args.progress, "compacting");
-    let mut cb = |done: u64, total: u64| bar.set_position(done, total);
+    // The rate: bytes of the blocks moved.
+    let bar = Progress::counting(args.progress, "compacting", "moved");
+    let mut cb = |s: disk::Step| bar.step(s);
     let result = match driver {
         d @ Driver::Vhdx(_) => {
             let mut d = d.into_vhdx()?;
@@ -46,14 +48,25 @@ pub fn run(args: &CompactArgs) -> Result<()> {
     }
 }
 
-fn json(r: &CompactReport) -> serde_json::Value {
-    serde_json::json!({
-        "blocks-freed": r.blocks_freed,
-        "blocks-moved": r.blocks_moved,
-        "old-file-size": r.old_file_size,
-        "new-file-size": r.new_file_size,
-        "reclaimed": r.reclaimed(),
-    })
+/// `compact --output json`: what was done, kebab-case keys.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Json {
+    blocks_freed: u64,
+    blocks_moved: u64,
+    old_file_size: u64,
+    new_file_size: u64,
+    reclaimed: u64,
+}
+
+fn json(r: &CompactReport) -> Json {
+    Json {
+        blocks_freed: r.blocks_freed,
+        blocks_moved: r.blocks_moved,
+        old_file_size: r.old_file_size,
+        new_file_size: r.new_file_size,
+        reclaimed: r.reclaimed(),
+    }
 }
 
 fn human(r: &CompactReport) -> String {
@@ -84,8 +97,12 @@ mod tests {
             "Image compacted: 3 block(s) freed, 2 moved; file 10485760 -> 4194304 bytes \
              (6291456 reclaimed)."
         );
-        let j = json(&r);
+        let j = serde_json::to_value(json(&r)).unwrap();
         assert_eq!(j["reclaimed"], 6 << 20);
         assert_eq!(j["blocks-freed"], 3);
+        assert_eq!(j["blocks-moved"], 2);
+        assert_eq!(j["old-file-size"], 10 << 20);
+        assert_eq!(j["new-file-size"], 4 << 20);
+        assert_eq!(j.as_object().unwrap().len(), 5);
     }
 }

@@ -21,7 +21,9 @@ pub fn run(args: &CompareArgs) -> Result<bool> {
         crate::outln!("Strict mode: Image size mismatch!")?;
         return Ok(false);
     }
-    let progress = Progress::new(args.progress, size_a.max(size_b), "comparing");
+    // The rate: bytes read and compared (ranges both images map as zeros
+    // are skipped unread).
+    let progress = Progress::bytes(args.progress, size_a.max(size_b), "comparing", "compared");
     let result = compare(a, b, &progress);
     match &result {
         Ok(_) => progress.finish(),
@@ -127,6 +129,7 @@ pub fn first_mismatch(
         if let Some(i) = found {
             return Ok(Some(pos + i as u64));
         }
+        progress.add_copied(len as u64);
         progress.inc(len as u64);
         pos = stop;
     }
@@ -153,6 +156,7 @@ fn first_nonzero_from(d: &dyn VirtualDisk, from: u64, progress: &Progress) -> Re
         if let Some(i) = first_nonzero(w) {
             return Ok(Some(pos + i as u64));
         }
+        progress.add_copied(stop - pos);
         progress.inc(stop - pos);
         pos = stop;
     }
@@ -170,7 +174,7 @@ mod tests {
 
     #[test]
     fn finds_first_difference() {
-        let p = Progress::new(false, 0, "");
+        let p = Progress::hidden();
         let a = vec![0u8; CHUNK * 2 + 10];
         let mut b = a.clone();
         let end = a.len() as u64;
@@ -193,7 +197,7 @@ mod tests {
 
     #[test]
     fn sizes_differ_like_qemu_img() {
-        let p = Progress::new(false, 0, "");
+        let p = Progress::hidden();
         let short = vec![5u8; 1000];
         let mut long = short.clone();
         long.resize(CHUNK * 2 + 7, 0);

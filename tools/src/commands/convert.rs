@@ -58,7 +58,8 @@ pub fn run(args: &ConvertArgs) -> Result<u8> {
     };
     let dst_img = create::create(&args.target, &target, size)?;
     create::note_rounding(&target, size, dst_img.disk().virtual_size());
-    let progress = Progress::new(args.progress, size, "converting");
+    // The rate: bytes written into the target (zero ranges are skipped).
+    let progress = Progress::bytes(args.progress, size, "converting", "written");
     let lost = Mutex::new(Vec::new());
     let salvage = args.salvage.then_some(&lost);
     let result = copy(src, dst_img.disk(), granule, &progress, salvage).and_then(|()| {
@@ -135,7 +136,9 @@ pub fn copy(
         // On an early return `rx` is dropped, which stops the reader.
         for w in rx {
             let w = w?;
-            since_sync += write_nonzero(dst, &w.buf[..w.len], w.offset, granule)?;
+            let written = write_nonzero(dst, &w.buf[..w.len], w.offset, granule)?;
+            progress.add_copied(written);
+            since_sync += written;
             if since_sync >= SYNC_EVERY {
                 // Skip when a sync is still queued: never wait for it here.
                 if sync_tx.try_send(()).is_ok() {
@@ -413,7 +416,7 @@ mod tests {
         };
         let dst = RawDisk::create(MemStorage::new("dst"), data.len() as u64).unwrap();
         let lost = Mutex::new(Vec::new());
-        copy(&src, &dst, 4096, &Progress::new(false, 0, ""), Some(&lost)).unwrap();
+        copy(&src, &dst, 4096, &Progress::hidden(), Some(&lost)).unwrap();
         let lost = lost.into_inner().unwrap();
         let (s, e) = (bad.0, bad.1.div_ceil(512) * 512);
         assert_eq!(lost.len(), 1, "{lost:?}");
@@ -426,7 +429,7 @@ mod tests {
         assert!(back == want);
         // Without salvage, the copy fails.
         let dst = RawDisk::create(MemStorage::new("dst"), data.len() as u64).unwrap();
-        assert!(copy(&src, &dst, 4096, &Progress::new(false, 0, ""), None).is_err());
+        assert!(copy(&src, &dst, 4096, &Progress::hidden(), None).is_err());
         let one = Lost {
             offset: 0x200,
             len: 0x400,
@@ -467,7 +470,7 @@ mod tests {
         data[3 * CHUNK + 4999] = 4;
         let src = RawDisk::new(MemStorage::from_vec("src", data.clone())).unwrap();
         let dst = RawDisk::create(MemStorage::new("dst"), data.len() as u64).unwrap();
-        copy(&src, &dst, 4096, &Progress::new(false, 0, ""), None).unwrap();
+        copy(&src, &dst, 4096, &Progress::hidden(), None).unwrap();
         let mut back = vec![0u8; data.len()];
         dst.read_at(&mut back, 0).unwrap();
         assert_eq!(back, data);

@@ -2,7 +2,7 @@
 
 use crate::open::{self, Format};
 use crate::options::{self, Target};
-use crate::size::parse_arg;
+use crate::size::image_size;
 use crate::CreateArgs;
 use anyhow::{bail, Result};
 use image::{Image, Kind};
@@ -18,8 +18,11 @@ pub fn run(args: &CreateArgs) -> Result<()> {
     let Some(size) = &args.size else {
         bail!("the virtual size (SIZE) is required unless -b PARENT is given");
     };
-    let size = parse_arg("SIZE", size)?;
     let format = open::new_image_format(&args.image, args.format, "-f");
+    // The options first: a VHDX with 4096-byte logical sectors rounds the
+    // size to those.
+    let sector = options::sector_size(&options::target(format, 0, &args.options)?);
+    let size = image_size("SIZE", size, sector)?;
     let target = options::target(format, size, &args.options)?;
     let img = create(&args.image, &target, size)?;
     let actual = img.disk().virtual_size();
@@ -65,7 +68,7 @@ fn differencing(args: &CreateArgs, parent: &Path) -> Result<()> {
         None => pformat,
     };
     let size = match &args.size {
-        Some(s) => Some(parse_arg("SIZE", s)?),
+        Some(s) => Some(image_size("SIZE", s, 512)?),
         None => None,
     };
     match (format, pformat) {

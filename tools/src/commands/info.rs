@@ -10,32 +10,43 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use vhdx::{Info, Vhdx};
 
-/// Everything `info` reports. The JSON form has exactly the non-skipped
-/// fields, with these (stable) names, for every format: fields that do not
-/// apply are null (`vhd` holds what only VHD images have).
+/// Everything `info` reports. The JSON form has exactly these fields, with
+/// these (stable) kebab-case names, qemu-img's where it has the same thing
+/// (`virtual-size`, `cluster-size`, `actual-size`, `backing-filename`,
+/// `full-backing-filename`), for every format: fields that do not apply
+/// are null (`vhd` holds what only VHD images have).
 #[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
 struct Report {
     filename: String,
     format: &'static str,
     subformat: Option<&'static str>,
     virtual_size: u64,
+    /// The block size (qemu-img's name for it).
+    #[serde(rename = "cluster-size")]
     block_size: Option<u64>,
     logical_sector_size: u32,
     physical_sector_size: u32,
+    /// The file's length (`ls -l`).
     file_size: u64,
+    /// Space the file takes on the host (`du`; qemu-img's "disk size"):
+    /// less than its length where the file is sparse.
+    actual_size: u64,
     /// None when the image could only be inspected (parent missing).
     allocated_bytes: Option<u64>,
     log: Option<&'static str>,
-    #[serde(skip)]
+    /// VHDX: entries of a dirty log (replayed in memory).
     log_entries: Option<usize>,
     creator: Option<String>,
     virtual_disk_id: Option<String>,
-    #[serde(skip)]
     data_write_guid: Option<String>,
     /// Parent locator entries in on-disk order.
     #[serde(serialize_with = "ordered_map")]
     parent: Option<Vec<(String, String)>>,
+    /// Differencing disks: the parent's path as the image records it.
+    backing_filename: Option<String>,
     /// Differencing disks whose parent was found: the parent file opened.
+    #[serde(rename = "full-backing-filename")]
     parent_file: Option<String>,
     /// VHDX and VHD: blocks that run past the end of the file (a truncated
     /// image; null when not scanned).
@@ -49,6 +60,7 @@ struct Report {
 
 /// The VHD-specific part of the report.
 #[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
 struct VhdReport {
     disk_type: &'static str,
     creator_application: String,
@@ -61,7 +73,7 @@ struct VhdReport {
     geometry: Chs,
     unique_id: String,
     saved_state: bool,
-    /// "end", "end_511" (old 511-byte footer) or "copy_at_start".
+    /// "end", "end-511" (old 511-byte footer) or "copy-at-start".
     footer: &'static str,
     /// Dynamic and differencing disks.
     allocated_blocks: Option<u64>,
@@ -76,6 +88,7 @@ struct VhdReport {
 }
 
 #[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
 struct Chs {
     cylinders: u16,
     heads: u8,
@@ -83,6 +96,7 @@ struct Chs {
 }
 
 #[derive(Serialize, Debug)]
+#[serde(rename_all = "kebab-case")]
 struct Locator {
     platform_code: String,
     path: String,
@@ -162,6 +176,7 @@ fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<
                 logical_sector_size: g.logical_sector_size,
                 physical_sector_size: g.physical_sector_size,
                 file_size: meta.len(),
+                actual_size: meta.blocks() * 512,
                 allocated_bytes: Some(meta.blocks() * 512),
                 log: None,
                 log_entries: None,
@@ -169,6 +184,7 @@ fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<
                 virtual_disk_id: None,
                 data_write_guid: None,
                 parent: None,
+                backing_filename: None,
                 parent_file: None,
                 truncated_blocks: None,
                 lost_bat_entries: None,
@@ -177,7 +193,17 @@ fn report(path: &Path, format: Option<Format>, policy: &ParentPolicy) -> Result<
         }
         Format::Vhdx => vhdx_report(path, name, meta.len(), policy)?,
         Format::Vhd => vhd_report(path, name, meta.len(), policy)?,
-    })
+    }
+    .with_actual_size(meta.blocks() * 512))
+}
+
+impl Report {
+    fn with_actual_size(self, actual_size: u64) -> Self {
+        Report {
+            actual_size,
+            ..self
+        }
+    }
 }
 
 /// How `info` opens the image at `path` of `format`: read-only, under
@@ -237,12 +263,20 @@ fn vhdx_fields(info: &Info, name: String, file_size: u64, allocated: Option<u64>
         logical_sector_size: m.logical_sector_size,
         physical_sector_size: m.physical_sector_size,
         file_size,
+        actual_size: 0,
         allocated_bytes: allocated,
         log: Some(if info.log_replayed { "dirty" } else { "clean" }),
         log_entries: Some(info.log_entries),
         creator: Some(info.creator.clone()),
         virtual_disk_id: Some(m.virtual_disk_id.to_string()),
         data_write_guid: Some(info.header.data_write_guid.to_string()),
+        backing_filename: parent.as_ref().and_then(|entries| {
+            // Windows's search order (MS-VHDX 2.6.2.6.3).
+            ["relative_path", "volume_path", "absolute_win32_path"]
+                .iter()
+                .find_map(|key| entries.iter().find(|(k, _)| k == key))
+                .map(|(_, v)| v.clone())
+        }),
         parent,
         parent_file: info.parent_file.clone(),
         truncated_blocks: None,
@@ -276,6 +310,7 @@ fn vhd_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) 
 fn parent_note(e: &disk::Error) {
     eprintln!("vdisk: note: {e}");
     crate::policy_hint(&e.to_string());
+    crate::linkage_hint(&e.to_string());
 }
 
 /// "vpc " → "vpc"; non-printable bytes escaped.
@@ -297,9 +332,9 @@ fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
     let header = info.header.as_ref().filter(|_| differencing);
     let parent = header.map(|h| {
         let mut entries = vec![
-            ("parent_name".to_string(), h.parent_name()),
+            ("parent-name".to_string(), h.parent_name()),
             (
-                "parent_unique_id".to_string(),
+                "parent-unique-id".to_string(),
                 h.parent_unique_id.to_string(),
             ),
         ];
@@ -331,8 +366,8 @@ fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
         saved_state: f.saved_state != 0,
         footer: match info.footer_source {
             vhd::FooterSource::End => "end",
-            vhd::FooterSource::End511 => "end_511",
-            vhd::FooterSource::CopyAtStart => "copy_at_start",
+            vhd::FooterSource::End511 => "end-511",
+            vhd::FooterSource::CopyAtStart => "copy-at-start",
         },
         allocated_blocks: info.header.as_ref().map(|_| info.allocated_blocks),
         max_table_entries: info.header.as_ref().map(|h| h.max_table_entries),
@@ -359,12 +394,21 @@ fn vhd_fields(info: &vhd::Info, name: String, file_size: u64) -> Report {
         logical_sector_size: 512,
         physical_sector_size: 512,
         file_size,
+        actual_size: 0,
         allocated_bytes: Some(allocated),
         log: None,
         log_entries: None,
         creator: Some(format!("{app} {version} ({host})")),
         virtual_disk_id: Some(f.unique_id.to_string()),
         data_write_guid: None,
+        // The relative locator, as Windows searches first; else the
+        // absolute one; else the parent's name.
+        backing_filename: header.map(|h| {
+            ["W2ru", "W2ku"]
+                .iter()
+                .find_map(|code| info.parent_locators.iter().find(|(c, _)| c == code))
+                .map_or_else(|| h.parent_name(), |(_, p)| p.clone())
+        }),
         parent,
         parent_file: info.parent_file.clone(),
         truncated_blocks: info.header.as_ref().map(|_| info.truncated_blocks),
@@ -388,6 +432,7 @@ fn human(r: &Report) -> String {
     line("logical sector size", &r.logical_sector_size);
     line("physical sector size", &r.physical_sector_size);
     line("file size", &human_exact(r.file_size));
+    line("disk size", &human_exact(r.actual_size));
     match r.allocated_bytes {
         Some(a) => line("allocated bytes", &human_exact(a)),
         None => line(
@@ -425,7 +470,7 @@ fn human(r: &Report) -> String {
         if let Some(n) = v.allocated_blocks {
             line("allocated blocks", &n);
         }
-        if v.footer == "end_511" {
+        if v.footer == "end-511" {
             line("footer", &"511 bytes (made before Virtual PC 2004)");
         }
         for w in &v.warnings {
@@ -456,6 +501,9 @@ fn human(r: &Report) -> String {
                  file (their blocks cannot be found)"
             ),
         );
+    }
+    if let Some(b) = &r.backing_filename {
+        s.push_str(&format!("backing file: {b}\n"));
     }
     if let Some(p) = &r.parent_file {
         s.push_str(&format!("parent file: {p}\n"));

@@ -753,13 +753,32 @@ pub fn unmount(args: &UnmountArgs) -> Result<()> {
 
 // ---- Mounting. ----
 
-/// Fail unless `mount_point` is an existing directory.
+/// Fail unless `mount_point` is an existing, empty directory: the mount
+/// would hide the files of a non-empty one until it is unmounted (FUSE
+/// allows it; a user who mounts over a directory by mistake would find its
+/// files gone, or write the disk file believing it is another).
 fn check_mount_point(mount_point: &Path) -> Result<()> {
     let name = mount_point.display();
     let meta = std::fs::metadata(mount_point)
         .with_context(|| format!("{name}: cannot use as mount point"))?;
     if !meta.is_dir() {
         bail!("{name}: not a directory (the mount point must be an existing directory)");
+    }
+    let mut entries = std::fs::read_dir(mount_point)
+        .with_context(|| format!("{name}: cannot list the mount point"))?;
+    if let Some(first) = entries.next() {
+        let first = first.with_context(|| format!("{name}: cannot list the mount point"))?;
+        let more = entries.count();
+        bail!(
+            "{name}: the mount point is not empty (it holds {}{}): the mount would hide its \
+             files until unmounted; use an empty directory",
+            first.file_name().to_string_lossy(),
+            match more {
+                0 => String::new(),
+                1 => " and 1 more entry".to_string(),
+                n => format!(" and {n} more entries"),
+            }
+        );
     }
     Ok(())
 }

@@ -5,13 +5,14 @@
 use crate::open::{self, Format};
 use crate::outln;
 use crate::progress::Progress;
-use crate::size::parse_size;
+use crate::size::{parse_size_ceil, round_to_sectors};
 use crate::ResizeArgs;
 use anyhow::{anyhow, bail, Result};
 use disk::{Storage, VirtualDisk};
 use std::path::Path;
 
-/// A size argument: absolute, or relative to the current size.
+/// A size argument: absolute, or relative to the current size; in bytes
+/// (rounded up when the text asks for a fraction of one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SizeArg {
     Absolute(u64),
@@ -19,30 +20,46 @@ enum SizeArg {
     Minus(u64),
 }
 
-fn parse_size_arg(s: &str) -> Result<SizeArg> {
+/// The size argument, and whether it is a whole number of bytes.
+fn parse_size_arg(s: &str) -> Result<(SizeArg, bool)> {
     let bad = |e: anyhow::Error| anyhow!("invalid SIZE: {e}");
     Ok(if let Some(r) = s.strip_prefix('+') {
-        SizeArg::Plus(parse_size(r).map_err(bad)?)
+        let (n, whole) = parse_size_ceil(r).map_err(bad)?;
+        (SizeArg::Plus(n), whole)
     } else if let Some(r) = s.strip_prefix('-') {
-        SizeArg::Minus(parse_size(r).map_err(bad)?)
+        let (n, whole) = parse_size_ceil(r).map_err(bad)?;
+        (SizeArg::Minus(n), whole)
     } else {
-        SizeArg::Absolute(parse_size(s).map_err(bad)?)
+        let (n, whole) = parse_size_ceil(s).map_err(bad)?;
+        (SizeArg::Absolute(n), whole)
     })
 }
 
-fn target(image: &Path, current: u64, arg: SizeArg) -> Result<u64> {
+/// The new size of `image` (now `current` bytes) that `text` asks for,
+/// rounded up to whole `sector`s (with a note on stderr when it is not).
+fn target(image: &Path, current: u64, text: &str, sector: u64) -> Result<u64> {
     let name = image.display();
+    let (arg, whole) = parse_size_arg(text)?;
     let size = match arg {
         SizeArg::Absolute(n) => Some(n),
         SizeArg::Plus(n) => current.checked_add(n),
         SizeArg::Minus(n) => current.checked_sub(n),
     };
     match size {
-        Some(s) if s > 0 => Ok(s),
+        Some(s) if s > 0 => round_to_sectors_noted(text, s, whole, sector),
         _ => bail!(
             "{name}: the new size would be zero or out of range (current size {current} bytes)"
         ),
     }
+}
+
+/// [`round_to_sectors`], the note on stderr.
+fn round_to_sectors_noted(text: &str, size: u64, whole: bool, sector: u64) -> Result<u64> {
+    let (n, note) = round_to_sectors("new size", text, size, whole, sector)?;
+    if let Some(note) = note {
+        eprintln!("vdisk: note: {note}");
+    }
+    Ok(n)
 }
 
 pub fn run(args: &ResizeArgs) -> Result<()> {
@@ -58,7 +75,9 @@ pub fn run(args: &ResizeArgs) -> Result<()> {
 }
 
 fn resize(args: &ResizeArgs) -> Result<()> {
-    let arg = parse_size_arg(&args.size)?;
+    // A bad SIZE is refused before the image is looked at.
+    parse_size_arg(&args.size)?;
+    let text = args.size.as_str();
     let image = &args.image;
     let name = image.display().to_string();
     match open::resolve(image, args.format)? {
@@ -69,7 +88,11 @@ fn resize(args: &ResizeArgs) -> Result<()> {
                     "{name}: cannot resize a differencing disk: its size must match its parent's"
                 );
             }
-            let size = target(image, img.disk().virtual_size(), arg)?;
+            let sector = u64::from(
+                img.vhdx()
+                    .map_or(512, |v| v.info().metadata.logical_sector_size),
+            );
+            let size = target(image, img.disk().virtual_size(), text, sector)?;
             let mut d = img.into_driver().into_vhdx()?;
             d.resize(size, args.force)?;
             d.close()?;
@@ -78,14 +101,14 @@ fn resize(args: &ResizeArgs) -> Result<()> {
             let cur = open::open(image, Some(Format::Vhd), false)?
                 .disk()
                 .virtual_size();
-            let size = target(image, cur, arg)?;
+            let size = target(image, cur, text, 512)?;
             vhd::Vhd::resize(image, size, args.force)?;
         }
         Format::Raw => {
             let img = open::open(image, Some(Format::Raw), true)?;
             let st = img.storage();
             let cur = st.len()?;
-            let size = target(image, cur, arg)?;
+            let size = target(image, cur, text, 512)?;
             if size < cur && !args.force {
                 if let Some(at) = first_nonzero(st, size, cur)? {
                     bail!(
@@ -145,13 +168,43 @@ mod tests {
 
     #[test]
     fn size_args() {
-        assert_eq!(parse_size_arg("1G").unwrap(), SizeArg::Absolute(1 << 30));
-        assert_eq!(parse_size_arg("+1G").unwrap(), SizeArg::Plus(1 << 30));
-        assert_eq!(parse_size_arg("-512M").unwrap(), SizeArg::Minus(512 << 20));
+        assert_eq!(
+            parse_size_arg("1G").unwrap(),
+            (SizeArg::Absolute(1 << 30), true)
+        );
+        assert_eq!(
+            parse_size_arg("+1G").unwrap(),
+            (SizeArg::Plus(1 << 30), true)
+        );
+        assert_eq!(
+            parse_size_arg("-512M").unwrap(),
+            (SizeArg::Minus(512 << 20), true)
+        );
+        assert_eq!(
+            parse_size_arg("+1.5G").unwrap(),
+            (SizeArg::Plus(3 << 29), true)
+        );
+        assert_eq!(
+            parse_size_arg("+0.1K").unwrap(),
+            (SizeArg::Plus(103), false)
+        );
         assert!(parse_size_arg("+x").is_err());
-        let p = Path::new("d");
-        assert_eq!(target(p, 10, SizeArg::Minus(4)).unwrap(), 6);
-        assert!(target(p, 10, SizeArg::Minus(10)).is_err());
-        assert!(target(p, u64::MAX, SizeArg::Plus(1)).is_err());
+        assert!(parse_size_arg("--1G").is_err());
+        let img = Path::new("d.vhdx");
+        assert_eq!(
+            target(img, 1 << 20, "+1000", 512).unwrap(),
+            (1 << 20) + 1024
+        );
+        assert_eq!(
+            target(img, 1 << 20, "+1000", 4096).unwrap(),
+            (1 << 20) + 4096
+        );
+        assert_eq!(target(img, 1 << 20, "-0.1K", 512).unwrap(), 1 << 20);
+        assert_eq!(target(img, 1 << 20, "1.5M", 512).unwrap(), 3 << 19);
+        assert!(target(img, 1 << 20, "-1M", 512).is_err());
+        assert!(target(img, 1 << 20, "-2M", 512).is_err());
+        assert_eq!(target(img, 1024, "-512", 512).unwrap(), 512);
+        assert!(target(img, 1024, "-1K", 512).is_err());
+        assert!(target(img, u64::MAX, "+1", 512).is_err());
     }
 }
