@@ -50,11 +50,12 @@
 use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_PRESENT};
 use crate::file_identifier::FileIdentifier;
 use crate::header::Header;
-use crate::image::{parent_candidates, write_header_pair};
 use crate::log::{self, LogOp, LOG_SECTOR};
 use crate::metadata::{Metadata, PARENT_LOCATOR};
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
+use crate::parent_search::parent_candidates;
 use crate::region_table::{RegionTable, BAT_REGION, METADATA_REGION};
+use crate::session::write_header_pair;
 use crate::{replay, Error, ErrorKind, OpenOptions, Result, Vhdx};
 use disk::check::{sweep, CheckReport, Problem, RepairMode, RepairReport, Used};
 use disk::parent::{ChainSearch, ParentPolicy};

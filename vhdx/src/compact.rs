@@ -3,8 +3,8 @@
 //! blocks at the end of the file move into the holes and the file is cut
 //! short.
 //!
-//! This module is a child of `image` (declared there, like `resize`) so
-//! that it can use the driver's BAT cache, log and allocation.
+//! It uses the driver's BAT cache, log and allocation (crate-visible
+//! internals of [`Vhdx`]).
 //!
 //! # What changes, and in which order
 //! 0. Nothing is written before the whole BAT (MS-VHDX 2.5) has been read
@@ -58,9 +58,16 @@
 //! is kept (the disk reads the same), so the children of a compacted
 //! parent stay linked to it.
 
-use super::*;
+use crate::bat::{BatEntry, PayloadState};
+use crate::header::Header;
+use crate::image::{lock, BITMAP_CACHE_PAGES, MIB};
+use crate::region_table::RegionTable;
+use crate::sector_bitmap::BitmapCache;
+use crate::{Error, Result, Vhdx};
 use disk::{CompactReport, Progress, Step};
+use disk::{Mapping, VirtualDisk};
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 
 /// One allocated block: a payload block or a sector bitmap block.
 #[derive(Clone, Copy, Debug)]

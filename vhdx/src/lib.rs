@@ -20,22 +20,32 @@
 
 pub mod bat;
 mod bat_cache;
+mod block_map;
 pub mod check;
+mod compact;
+mod create;
+mod differencing;
 pub mod file_identifier;
 pub mod guid;
 pub mod header;
 mod image;
 pub mod log;
 pub mod metadata;
+mod open;
 pub mod parent_locator;
+mod parent_search;
 pub mod probe;
 pub mod region_table;
+mod relink;
 mod replay;
+mod resize;
 pub mod scan;
 mod sector_bitmap;
+mod session;
 
 pub use disk::{Error, ErrorKind, Result};
 pub use image::{
-    linkage_string, parent_locator_for, AllocationStats, CreateOptions, Info, OpenOptions, Vhdx,
-    DEFAULT_BAT_CACHE_PAGES, DEFAULT_DIFFERENCING_BLOCK_SIZE,
+    AllocationStats, CreateOptions, Info, OpenOptions, Vhdx, DEFAULT_BAT_CACHE_PAGES,
+    DEFAULT_DIFFERENCING_BLOCK_SIZE,
 };
+pub use parent_search::{linkage_string, parent_locator_for};

@@ -1,8 +1,7 @@
 //! Changing the virtual size of an open VHDX ([`Vhdx::resize`]).
 //!
-//! This module is a child of `image` (declared there) so that it can use the
-//! driver's BAT cache, allocation and log without widening their
-//! visibility.
+//! It uses the driver's BAT cache, allocation and log (crate-visible
+//! internals of [`Vhdx`]).
 //!
 //! # What changes, and in which order
 //! The virtual size is the Virtual Disk Size metadata item (MS-VHDX
@@ -67,7 +66,12 @@
 //! a leak: `vdisk compact` packs blocks into it). A fixed disk's blocks lie
 //! in order, so its file shrinks by the blocks cut.
 
-use super::*;
+use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_PRESENT};
+use crate::bat_cache::{BatCache, ENTRIES_PER_PAGE, PAGE_BYTES};
+use crate::image::{lock, MIB};
+use crate::region_table::{RegionEntry, RegionTable, BAT_REGION};
+use crate::{Error, Result, Vhdx, DEFAULT_BAT_CACHE_PAGES};
+use std::sync::atomic::Ordering;
 
 impl Vhdx {
     /// Change the virtual size to `new_size` bytes, through the log (see the
