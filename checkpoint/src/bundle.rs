@@ -36,102 +36,20 @@
 //! half-made change. The disks themselves are claimed by their image locks
 //! ([`disk::lock`]) as they are opened.
 
-use crate::disks::{create_child, create_vhd_child_using_spare, detect, make_spare, Format};
-use crate::merge::{merge_into_ancestor, merge_into_child};
+use crate::disks::{create_child, detect, Format};
+use crate::manifest::{
+    self, format_utc, now, Manifest, Node, Pending, MANIFEST, MANIFEST_VERSION, SPARE,
+};
+use crate::ops::remove_if_present;
 use crate::{Error, Result};
 use disk::lock::DirLock;
-use disk::{LockMode, Opener, Storage};
+use disk::Opener;
 use image::chain::chain_files;
 use image::OpenOptions;
-use serde::{Deserialize, Serialize};
-use std::io::Write;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
-
-/// The manifest's file name inside a bundle.
-pub const MANIFEST: &str = "bundle.json";
-/// The spare child of a VHD bundle (see the module docs).
-pub const SPARE: &str = "spare.avhd";
-const MANIFEST_VERSION: u32 = 1;
-
-/// One disk of the tree.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Node {
-    /// Unique id.
-    pub id: String,
-    /// Checkpoint name; `None` for the active leaf.
-    pub name: Option<String>,
-    /// When the checkpoint was taken (or the active disk created), Unix seconds.
-    pub created: u64,
-    /// The parent node's id; `None` for the root.
-    pub parent: Option<String>,
-    /// The disk file, relative to the bundle directory.
-    pub disk: String,
-}
-
-/// An operation recorded before it changes files (see the module docs).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Pending {
-    /// Checkpoint the active disk as `name`; `new_id` becomes active.
-    Create {
-        /// The checkpoint's name.
-        name: String,
-        /// Id of the new active node.
-        new_id: String,
-        /// Time of the checkpoint.
-        created: u64,
-    },
-    /// Drop the active disk; a new child `new_id` of `target` becomes active.
-    Revert {
-        /// The checkpoint reverted to.
-        target: String,
-        /// Id of the new active node.
-        new_id: String,
-        /// Creation time of the new active disk.
-        created: u64,
-    },
-    /// Remove checkpoint `node`, merging it into each child.
-    Delete {
-        /// The node removed.
-        node: String,
-    },
-    /// Fold the active disk into its parent checkpoint (its only child).
-    MergeUp {
-        /// The active node.
-        child: String,
-        /// Its parent, which becomes the active node.
-        parent: String,
-    },
-    /// Fold the active disk's parent checkpoint into the active disk (the
-    /// checkpoint stays for its other children).
-    MergeDown {
-        /// The checkpoint.
-        parent: String,
-        /// The active node.
-        child: String,
-    },
-}
-
-/// The manifest (`bundle.json`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Manifest {
-    /// Manifest format version (1).
-    pub version: u32,
-    /// Format of every disk in the bundle.
-    pub format: Format,
-    /// The nodes, parents before children.
-    pub nodes: Vec<Node>,
-    /// Id of the active leaf.
-    pub active: String,
-    /// An operation in progress.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending: Option<Pending>,
-    /// Disk files to delete (no longer in the tree).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub garbage: Vec<String>,
-}
 
 /// A node as `list` shows it (serialized with kebab-case keys, as every
 /// JSON output of `vdisk`).
@@ -154,12 +72,12 @@ pub struct NodeInfo {
 /// An open bundle.
 #[derive(Debug)]
 pub struct Bundle {
-    dir: PathBuf,
-    manifest: Manifest,
+    pub(crate) dir: PathBuf,
+    pub(crate) manifest: Manifest,
     /// How the bundle's disks are opened (format, parent policy, opener).
-    opts: OpenOptions,
+    pub(crate) opts: OpenOptions,
     /// The thread making the spare, if one is running.
-    spare_maker: Option<std::thread::JoinHandle<()>>,
+    pub(crate) spare_maker: Option<std::thread::JoinHandle<()>>,
     /// The bundle directory, held for the life of this value.
     _lock: DirLock,
 }
@@ -167,50 +85,6 @@ pub struct Bundle {
 impl Drop for Bundle {
     fn drop(&mut self) {
         self.wait_for_spare();
-    }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
-pub fn format_utc(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| {
-            Error::io("cannot sync the bundle directory", e).in_file(&dir.display().to_string(), 0)
-        })
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("cannot delete", e).in_file(&path.display().to_string(), 0)),
     }
 }
 
@@ -334,20 +208,7 @@ impl Bundle {
     /// As [`Bundle::open`].
     pub fn open_with(dir: &Path, opener: Arc<dyn Opener>) -> Result<Bundle> {
         let lock = DirLock::exclusive(dir, "bundle")?;
-        let path = dir.join(MANIFEST);
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::io("cannot read the bundle manifest", e).in_file(&name, 0))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-            Error::corrupt(
-                "bundle manifest",
-                0,
-                format!("line {} column {}: {e}", e.line(), e.column()),
-            )
-            .in_file(&name, 0)
-        })?;
-        validate(&manifest)
-            .map_err(|m| Error::corrupt("bundle manifest", 0, m).in_file(&name, 0))?;
+        let manifest = manifest::read(&dir.join(MANIFEST))?;
         let mut b = Bundle {
             dir: dir.to_path_buf(),
             opts: Self::disk_options(manifest.format, opener),
@@ -395,7 +256,7 @@ impl Bundle {
         self.dir.join(&node.disk)
     }
 
-    fn node(&self, id: &str) -> Option<&Node> {
+    pub(crate) fn node(&self, id: &str) -> Option<&Node> {
         self.manifest.nodes.iter().find(|n| n.id == id)
     }
 
@@ -423,7 +284,7 @@ impl Bundle {
             })
     }
 
-    fn children(&self, id: &str) -> Vec<Node> {
+    pub(crate) fn children(&self, id: &str) -> Vec<Node> {
         self.manifest
             .nodes
             .iter()
@@ -544,324 +405,5 @@ impl Bundle {
             );
         }
         Ok(())
-    }
-
-    /// Record `op`, then run it.
-    fn begin(&mut self, op: Pending) -> Result<()> {
-        self.wait_for_spare();
-        let _held = self.claim_disks(&op)?;
-        self.manifest.pending = Some(op);
-        self.save()?;
-        self.recover()?;
-        self.start_spare();
-        Ok(())
-    }
-
-    /// Before `op` is recorded: claim the disks it changes, so that a disk
-    /// in use (a VM writing the active disk, a reader of a disk about to be
-    /// merged or dropped) refuses the operation before anything changes.
-    /// A checkpoint holds the active disk shared (it is only read, to be
-    /// frozen: no writer may start meanwhile) and a revert holds it
-    /// exclusively (it is dropped) until the operation is done; merges,
-    /// which open their disks themselves, only check that they are free
-    /// (a disk taken in between fails the merge, which the next open
-    /// finishes).
-    fn claim_disks(&self, op: &Pending) -> Result<Vec<Box<dyn Storage>>> {
-        let active = self.disk_path(self.active());
-        let opener = &self.opts.opener;
-        let claim = |path: &Path, writable: bool| match opener.open(path, writable, LockMode::Auto)
-        {
-            Ok(s) => Ok(Some(s)),
-            // A missing disk is the operation's own error to report.
-            Err(e)
-                if e.io_error()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        };
-        let mut held = Vec::new();
-        match op {
-            Pending::Create { .. } => held.extend(claim(&active, false)?),
-            Pending::Revert { .. } => held.extend(claim(&active, true)?),
-            Pending::Delete { node } => {
-                claim(&self.path_of(node)?, true)?;
-                for c in self.children(node) {
-                    claim(&self.disk_path(&c), true)?;
-                }
-            }
-            Pending::MergeUp { child, parent } => {
-                claim(&self.path_of(child)?, true)?;
-                claim(&self.path_of(parent)?, true)?;
-            }
-            Pending::MergeDown { parent, child } => {
-                claim(&self.path_of(child)?, true)?;
-                claim(&self.path_of(parent)?, false)?;
-            }
-        }
-        Ok(held)
-    }
-
-    /// Start making a spare child in the background (VHD bundles without
-    /// one), over the active disk's parent: a frozen disk, which nothing
-    /// writes while the thread reads its footer. Failures are not errors:
-    /// the next checkpoint then creates its disk from scratch.
-    fn start_spare(&mut self) {
-        if self.manifest.format != Format::Vhd || self.spare_maker.is_some() {
-            return;
-        }
-        let spare = self.dir.join(SPARE);
-        let Some(parent) = self.active().parent.as_deref().and_then(|p| self.node(p)) else {
-            return;
-        };
-        if spare.exists() {
-            return;
-        }
-        let parent = self.disk_path(parent);
-        let opener = self.opts.opener.clone();
-        self.spare_maker = Some(std::thread::spawn(move || {
-            let _ = make_spare(&spare, &parent, &opener);
-        }));
-    }
-
-    fn wait_for_spare(&mut self) {
-        if let Some(t) = self.spare_maker.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Create the disk `disk` (a name in the bundle) as a new child of
-    /// `parent`, using the spare (VHD) if it fits.
-    fn new_child(&self, disk: &str, parent: &Path) -> Result<()> {
-        let path = self.dir.join(disk);
-        let opener = &self.opts.opener;
-        match self.manifest.format {
-            Format::Vhd => {
-                create_vhd_child_using_spare(&path, parent, &self.dir.join(SPARE), opener)
-            }
-            Format::Vhdx => create_child(Format::Vhdx, &path, parent, opener),
-        }
-    }
-
-    /// Finish a pending operation (idempotent steps), then delete garbage.
-    fn recover(&mut self) -> Result<()> {
-        if let Some(op) = self.manifest.pending.clone() {
-            self.run(&op)?;
-        }
-        if !self.manifest.garbage.is_empty() {
-            for f in std::mem::take(&mut self.manifest.garbage) {
-                remove_if_present(&self.dir.join(f))?;
-            }
-            self.save()?;
-        }
-        Ok(())
-    }
-
-    fn path_of(&self, id: &str) -> Result<PathBuf> {
-        self.node(id).map(|n| self.disk_path(n)).ok_or_else(|| {
-            Error::corrupt(
-                "bundle manifest",
-                0,
-                format!("pending operation names unknown node {id}"),
-            )
-            .in_file(&self.manifest_path(), 0)
-        })
-    }
-
-    fn manifest_path(&self) -> String {
-        self.dir.join(MANIFEST).display().to_string()
-    }
-
-    /// Whether the disk at `child` currently reads from the disk at `parent`.
-    fn links_to(&self, child: &Path, parent: &Path) -> Result<bool> {
-        let files = chain_files(child, &self.opts)?;
-        let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
-        Ok(files.get(1).is_some_and(|p| same(p, parent)))
-    }
-
-    fn run(&mut self, op: &Pending) -> Result<()> {
-        let fmt = self.manifest.format;
-        match op {
-            Pending::Create {
-                name,
-                new_id,
-                created,
-            } => {
-                let active = self.active().clone();
-                let disk = format!("{new_id}.{}", fmt.child_extension());
-                self.new_child(&disk, &self.disk_path(&active))?;
-                let m = &mut self.manifest;
-                if let Some(a) = m.nodes.iter_mut().find(|n| n.id == active.id) {
-                    a.name = Some(name.clone());
-                    a.created = *created;
-                }
-                m.nodes.push(Node {
-                    id: new_id.clone(),
-                    name: None,
-                    created: *created,
-                    parent: Some(active.id.clone()),
-                    disk,
-                });
-                m.active = new_id.clone();
-            }
-            Pending::Revert {
-                target,
-                new_id,
-                created,
-            } => {
-                let disk = format!("{new_id}.{}", fmt.child_extension());
-                self.new_child(&disk, &self.path_of(target)?)?;
-                let old = self.active().clone();
-                let m = &mut self.manifest;
-                m.nodes.retain(|n| n.id != old.id);
-                m.garbage.push(old.disk);
-                m.nodes.push(Node {
-                    id: new_id.clone(),
-                    name: None,
-                    created: *created,
-                    parent: Some(target.clone()),
-                    disk,
-                });
-                m.active = new_id.clone();
-            }
-            Pending::Delete { node } => {
-                let path = self.path_of(node)?;
-                let gone = self.node(node).cloned().expect("path_of checked it");
-                for c in self.children(node) {
-                    let cp = self.disk_path(&c);
-                    if self.links_to(&cp, &path)? {
-                        merge_into_child(&cp, &self.opts, &mut |_| {})?;
-                    }
-                }
-                let m = &mut self.manifest;
-                for n in m
-                    .nodes
-                    .iter_mut()
-                    .filter(|n| n.parent.as_deref() == Some(node))
-                {
-                    n.parent = gone.parent.clone();
-                }
-                m.nodes.retain(|n| n.id != *node);
-                m.garbage.push(gone.disk);
-            }
-            Pending::MergeUp { child, parent } => {
-                let cp = self.path_of(child)?;
-                let pp = self.path_of(parent)?;
-                if cp.exists() && self.links_to(&cp, &pp)? {
-                    merge_into_ancestor(&cp, 1, &self.opts, &mut |_| {})?;
-                }
-                let gone = self.node(child).cloned().expect("path_of checked it");
-                let m = &mut self.manifest;
-                m.nodes.retain(|n| n.id != *child);
-                if let Some(p) = m.nodes.iter_mut().find(|n| n.id == *parent) {
-                    p.name = None;
-                    p.created = gone.created;
-                }
-                m.active = parent.clone();
-                m.garbage.push(gone.disk);
-            }
-            Pending::MergeDown { parent, child } => {
-                let cp = self.path_of(child)?;
-                let pp = self.path_of(parent)?;
-                if self.links_to(&cp, &pp)? {
-                    merge_into_child(&cp, &self.opts, &mut |_| {})?;
-                }
-                let grand = self.node(parent).and_then(|p| p.parent.clone());
-                if let Some(c) = self.manifest.nodes.iter_mut().find(|n| n.id == *child) {
-                    c.parent = grand;
-                }
-            }
-        }
-        self.manifest.pending = None;
-        self.save()
-    }
-
-    /// Replace the manifest atomically.
-    fn save(&mut self) -> Result<()> {
-        let path = self.dir.join(MANIFEST);
-        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
-        let name = tmp.display().to_string();
-        let mut text = serde_json::to_string_pretty(&self.manifest)
-            .map_err(|e| Error::invalid(format!("cannot encode the manifest: {e}")))?;
-        text.push('\n');
-        let mut f = std::fs::File::create(&tmp)
-            .map_err(|e| Error::io("cannot create", e).in_file(&name, 0))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io("cannot write", e).in_file(&name, 0))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| Error::io("cannot rename into place", e).in_file(&name, 0))?;
-        sync_dir(&self.dir)
-    }
-}
-
-/// Check the manifest's shape: known version, unique ids and names, parents
-/// that exist (no cycles), one active leaf without a name, disk files that
-/// stay inside the bundle.
-fn validate(m: &Manifest) -> std::result::Result<(), String> {
-    if m.version != MANIFEST_VERSION {
-        return Err(format!("unsupported manifest version {}", m.version));
-    }
-    let mut ids = std::collections::HashSet::new();
-    let mut names = std::collections::HashSet::new();
-    for n in &m.nodes {
-        if !ids.insert(n.id.as_str()) {
-            return Err(format!("duplicate node id {}", n.id));
-        }
-        if let Some(name) = &n.name {
-            if !names.insert(name.as_str()) {
-                return Err(format!("duplicate checkpoint name \"{name}\""));
-            }
-        }
-        let p = Path::new(&n.disk);
-        if n.disk.is_empty() || p.components().count() != 1 || p.is_absolute() || n.disk == ".." {
-            return Err(format!(
-                "node {}: disk \"{}\" is not a file name inside the bundle",
-                n.id, n.disk
-            ));
-        }
-    }
-    for n in &m.nodes {
-        let mut cur = n.parent.as_deref();
-        let mut steps = 0;
-        while let Some(p) = cur {
-            let Some(pn) = m.nodes.iter().find(|x| x.id == p) else {
-                return Err(format!("node {} has unknown parent {p}", n.id));
-            };
-            steps += 1;
-            if steps > m.nodes.len() {
-                return Err(format!("the tree loops at node {}", n.id));
-            }
-            cur = pn.parent.as_deref();
-        }
-    }
-    let Some(a) = m.nodes.iter().find(|n| n.id == m.active) else {
-        return Err(format!("active node {} does not exist", m.active));
-    };
-    if a.name.is_some() {
-        return Err("the active node has a checkpoint name".into());
-    }
-    if m.pending.is_none() && m.nodes.iter().any(|n| n.parent.as_deref() == Some(&a.id)) {
-        return Err("the active node has children".into());
-    }
-    if m.nodes.iter().filter(|n| n.name.is_none()).count() != 1 {
-        return Err("exactly one node (the active one) must be unnamed".into());
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_formatting() {
-        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(format_utc(1_795_398_245), "2026-11-23T01:44:05Z");
     }
 }

@@ -34,8 +34,11 @@
 
 mod bundle;
 pub mod disks;
+mod manifest;
 pub mod merge;
+mod ops;
 
-pub use bundle::{format_utc, Bundle, Manifest, Node, NodeInfo, Pending, MANIFEST, SPARE};
+pub use bundle::{Bundle, NodeInfo};
 pub use disk::{Error, ErrorKind, Result};
 pub use disks::Format;
+pub use manifest::{format_utc, Manifest, Node, Pending, MANIFEST, SPARE};
