@@ -6,6 +6,18 @@
 //! zero blocks, packs the file and cuts it short, crash-safe), and
 //! [`check`] / repair.
 //!
+//! # The shape shared with the `vhd` crate
+//! Both drivers have the same names and shapes, so that callers (the
+//! `image` crate, the `vdisk` commands) treat them alike:
+//! - [`Vhdx::open`] / [`Vhdx::create`] on a path, [`Vhdx::open_storage`] /
+//!   [`Vhdx::create_on`] on any storage, given as a `Box<dyn Storage>`;
+//!   [`Vhdx::open_with_parent`] over a parent already open;
+//! - [`Vhdx::block_size`] in bytes, as a `u64`;
+//! - [`Vhdx::resize`]`(&mut self, new_size, force)` and
+//!   [`Vhdx::make_standalone`]`(self)` as methods of the open image;
+//! - `check::{check, check_file, repair, repair_file}`, and the
+//!   [`disk::VirtualDisk`] trait for all I/O.
+//!
 //! ```
 //! use disk::{MemStorage, VirtualDisk};
 //! use vhdx::{CreateOptions, Vhdx};
