@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// The manifest's file name inside a bundle.
 pub const MANIFEST: &str = "bundle.json";
-/// The spare child of a VHD bundle (see the module docs).
+/// The spare child of a VHD bundle (see "Spare child" in the `bundle` module docs).
 pub const SPARE: &str = "spare.avhd";
 pub(crate) const MANIFEST_VERSION: u32 = 1;
 
@@ -29,7 +29,8 @@ pub struct Node {
     pub disk: String,
 }
 
-/// An operation recorded before it changes files (see the module docs).
+/// An operation recorded before it changes files (see "Atomicity" in the
+/// `bundle` module docs).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Pending {
@@ -144,6 +145,8 @@ pub(crate) fn now() -> u64 {
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn format_utc(secs: u64) -> String {
+    // u64::MAX / 86400 < 2^48: the days fit an i64.
+    #[allow(clippy::cast_possible_wrap)]
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Civil date from days since 1970-01-01 (proleptic Gregorian).

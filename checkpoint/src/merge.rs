@@ -32,7 +32,14 @@ use vhd::Vhd;
 use vhdx::Vhdx;
 
 /// Bytes copied per I/O.
-const CHUNK: u64 = 1 << 20;
+const CHUNK: u64 = CHUNK_BYTES as u64;
+/// [`CHUNK`] as a buffer length.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// `n` bytes (a part of a [`CHUNK`]) as a length in memory.
+fn len_of(n: u64) -> Result<usize> {
+    usize::try_from(n).map_err(|_| Error::invalid(format!("{n} bytes do not fit in memory")))
+}
 
 /// What a merge did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -85,7 +92,7 @@ pub fn merge_into_child(
     })?;
     let grandparent = p.parent().map(|g| PathBuf::from(g.storage().name()));
     let size = c.virtual_size();
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = vec![0u8; CHUNK_BYTES];
     let mut stats = MergeStats::default();
     let mut off = 0;
     while off < size {
@@ -104,7 +111,7 @@ pub fn merge_into_child(
                     Mapping::Zero | Mapping::Unallocated => grandparent.is_some(),
                 };
                 if copy {
-                    let b = &mut buf[..n as usize];
+                    let b = &mut buf[..len_of(n)?];
                     p.read_at(b, o)?;
                     c.write_at(b, o)?;
                     stats.bytes_copied += n;
@@ -232,7 +239,7 @@ pub fn merge_into_ancestor(
     let layer = |i: usize| -> &dyn VirtualDisk { &*layers[i] };
     let top_disk = layer(0);
     let size = top_disk.virtual_size();
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = vec![0u8; CHUNK_BYTES];
     let mut stats = MergeStats::default();
     let mut off = 0;
     while off < size {
@@ -248,7 +255,7 @@ pub fn merge_into_ancestor(
             }
         }
         if let Some(i) = found {
-            let b = &mut buf[..len as usize];
+            let b = &mut buf[..len_of(len)?];
             layer(i).read_at(b, off)?;
             target.write_at(b, off)?;
             stats.bytes_copied += len;
@@ -316,13 +323,13 @@ pub fn rebase(
         .in_file(&name, 0));
     }
     let size = c.virtual_size();
-    let mut a = vec![0u8; CHUNK as usize];
-    let mut b = vec![0u8; CHUNK as usize];
+    let mut a = vec![0u8; CHUNK_BYTES];
+    let mut b = vec![0u8; CHUNK_BYTES];
     let mut stats = MergeStats::default();
     let mut off = 0;
     while off < size {
         let e = c.map(off, (size - off).min(CHUNK))?;
-        let n = e.len as usize;
+        let n = len_of(e.len)?;
         if e.mapping == Mapping::Parent {
             old.read_at(&mut a[..n], off)?;
             new.read_at(&mut b[..n], off)?;

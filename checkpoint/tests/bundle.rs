@@ -4,6 +4,9 @@
 //! Also: interrupted operations are finished at the next open, merges cut at
 //! every write keep every layer reading what it read, and the manifest is
 //! validated.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 

@@ -407,7 +407,10 @@ impl Hasher for GranuleHasher {
     }
     fn write_u64(&mut self, x: u64) {
         let m = u128::from(x) * 0x9e37_79b9_7f4a_7c15;
-        self.0 = (m as u64) ^ ((m >> 64) as u64);
+        // Folds the product's two halves: dropping the high bits is the point.
+        #[allow(clippy::cast_possible_truncation)]
+        let (lo, hi) = (m as u64, (m >> 64) as u64);
+        self.0 = lo ^ hi;
     }
 }
 

@@ -27,11 +27,11 @@ pub fn reads_as(
     virt: u64,
     len: u64,
 ) -> Result<bool> {
-    let chunk = (len.min(COMPARE_CHUNK as u64)) as usize;
+    let chunk = usize::try_from(len).map_or(COMPARE_CHUNK, |l| l.min(COMPARE_CHUNK));
     let (mut mine, mut theirs) = (vec![0u8; chunk], vec![0u8; chunk]);
     let mut done = 0;
     while done < len {
-        let n = (len - done).min(chunk as u64) as usize;
+        let n = usize::try_from(len - done).map_or(chunk, |r| r.min(chunk));
         storage.read_at(&mut mine[..n], at + done)?;
         let same = match lower {
             None => mine[..n].iter().all(|&b| b == 0),

@@ -43,6 +43,8 @@ pub struct RecordingStorage {
 }
 
 const PIECE: u64 = 4096;
+/// [`PIECE`] as a length.
+const PIECE_BYTES: usize = 4096;
 
 impl RecordingStorage {
     /// Start from `initial` bytes; recording is on.
@@ -123,17 +125,20 @@ impl RecordingStorage {
     }
 }
 
+/// Apply `op` to the in-memory image (test support: offsets and lengths
+/// past the address space are a test's bug).
 fn apply(img: &mut Vec<u8>, op: &Op) {
+    let at = |x: u64| usize::try_from(x).expect("an in-memory image fits in memory");
     match op {
         Op::Write { offset, data } => {
-            let start = *offset as usize;
+            let start = at(*offset);
             let end = start + data.len();
             if img.len() < end {
                 img.resize(end, 0);
             }
             img[start..end].copy_from_slice(data);
         }
-        Op::SetLen(len) => img.resize(*len as usize, 0),
+        Op::SetLen(len) => img.resize(at(*len), 0),
         Op::Flush => {}
     }
 }
@@ -144,8 +149,10 @@ impl Storage for RecordingStorage {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let g = self.lock();
-        let s = offset as usize;
-        match s.checked_add(buf.len()).and_then(|e| g.current.get(s..e)) {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|s| s.checked_add(buf.len()).and_then(|e| g.current.get(s..e)));
+        match src {
             Some(src) => {
                 buf.copy_from_slice(src);
                 Ok(())
@@ -172,7 +179,7 @@ impl Storage for RecordingStorage {
         let mut pos = offset;
         let mut rest = buf;
         while !rest.is_empty() {
-            let room = (PIECE - pos % PIECE) as usize;
+            let room = PIECE_BYTES - (pos % PIECE) as usize;
             let (piece, tail) = rest.split_at(room.min(rest.len()));
             let op = Op::Write {
                 offset: pos,

@@ -141,6 +141,9 @@ impl Claim {
     }
 }
 
+// The F_* and SEEK_SET constants are 0..=2 and the lock bytes lie in
+// PERM_BASE..SHARED_BASE + 8 (100..208): every cast keeps its value.
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 fn flock_struct(l_type: i32, byte: u64) -> libc::flock {
     libc::flock {
         l_type: l_type as libc::c_short,
@@ -233,6 +236,8 @@ fn try_claim(file: &File, name: &str, claim: Claim) -> Result<Option<u64>> {
 }
 
 /// Drop every image lock this open file description holds.
+// As in `flock_struct`: small constants, every cast keeps its value.
+#[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 fn release(file: &File) {
     let all = libc::flock {
         l_type: libc::F_UNLCK as libc::c_short,
@@ -282,7 +287,11 @@ fn locked(file: &File, name: &str, byte: u64) -> Error {
     } else {
         (true, byte - PERM_BASE)
     };
-    let perm = PERM_NAMES.get(p as usize).copied().unwrap_or("unknown");
+    let perm = usize::try_from(p)
+        .ok()
+        .and_then(|i| PERM_NAMES.get(i))
+        .copied()
+        .unwrap_or("unknown");
     let who = holders(file, byte);
     let who = if who.is_empty() {
         "another process".to_string()

@@ -71,6 +71,14 @@ pub struct Partition {
     pub kind: PartitionKind,
 }
 
+/// A buffer of `len` zero bytes (a sector, or a GPT entry array bounded
+/// by [`MAX_GPT_ARRAY`]).
+fn zeroed(len: u64) -> Result<Vec<u8>> {
+    let n = usize::try_from(len)
+        .map_err(|_| Error::invalid(format!("a buffer of {len} bytes does not fit in memory")))?;
+    Ok(vec![0u8; n])
+}
+
 /// The partitions of `disk`, in number order: empty when the disk has no
 /// recognised table (no MBR signature), e.g. a blank disk or a file system
 /// on the whole disk.
@@ -85,7 +93,7 @@ pub fn partitions(disk: &dyn VirtualDisk) -> Result<Vec<Partition>> {
     if size < 2 * ss {
         return Ok(Vec::new());
     }
-    let mut mbr = vec![0u8; ss as usize];
+    let mut mbr = zeroed(ss)?;
     disk.read_at(&mut mbr, 0)?;
     if mbr[510..512] != MBR_SIGNATURE {
         return Ok(Vec::new());
@@ -95,7 +103,7 @@ pub fn partitions(disk: &dyn VirtualDisk) -> Result<Vec<Partition>> {
         return gpt(disk, ss, size);
     }
     let mut out = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
+    for (number, e) in (1u32..).zip(&entries) {
         if e.type_id == 0 || e.sectors == 0 {
             continue;
         }
@@ -103,7 +111,7 @@ pub fn partitions(disk: &dyn VirtualDisk) -> Result<Vec<Partition>> {
             logical(disk, ss, size, e, &mut out)?;
             continue;
         }
-        push_if_valid(&mut out, i as u32 + 1, e, 0, ss, size);
+        push_if_valid(&mut out, number, e, 0, ss, size);
     }
     out.sort_by_key(|p| p.number);
     Ok(out)
@@ -178,7 +186,7 @@ fn logical(
     let ext_end = ext_start + u64::from(ext.sectors);
     let mut ebr_lba = ext_start;
     let mut seen = Vec::new();
-    let mut sector = vec![0u8; ss as usize];
+    let mut sector = zeroed(ss)?;
     let mut number = 5;
     while seen.len() < MAX_LOGICAL {
         if ebr_lba < ext_start || ebr_lba >= ext_end || seen.contains(&ebr_lba) {
@@ -282,7 +290,7 @@ fn gpt(disk: &dyn VirtualDisk, ss: u64, size: u64) -> Result<Vec<Partition>> {
 /// The partitions of the GPT whose header is at `lba`.
 fn gpt_at(disk: &dyn VirtualDisk, ss: u64, size: u64, lba: u64) -> Result<Vec<Partition>> {
     let at = lba * ss;
-    let mut sector = vec![0u8; ss as usize];
+    let mut sector = zeroed(ss)?;
     disk.read_at(&mut sector, at)?;
     let h = GptHeader::parse(&sector, at)?;
     let array_len = u64::from(h.entries) * u64::from(h.entry_size);
@@ -297,7 +305,7 @@ fn gpt_at(disk: &dyn VirtualDisk, ss: u64, size: u64, lba: u64) -> Result<Vec<Pa
                 format!("entry array at LBA {} lies outside the disk", h.entries_lba),
             )
         })?;
-    let mut array = vec![0u8; array_len as usize];
+    let mut array = zeroed(array_len)?;
     disk.read_at(&mut array, array_at)?;
     if crc32fast::hash(&array) != h.entries_crc {
         return Err(Error::corrupt(
@@ -307,7 +315,10 @@ fn gpt_at(disk: &dyn VirtualDisk, ss: u64, size: u64, lba: u64) -> Result<Vec<Pa
         ));
     }
     let mut out = Vec::new();
-    for (i, e) in array.chunks_exact(h.entry_size as usize).enumerate() {
+    let entry_size = usize::try_from(h.entry_size)
+        .map_err(|_| Error::corrupt("GPT header", at + 84, "entry size too large"))?;
+    // At most MAX_GPT_ARRAY / 128 entries: numbers fit a u32.
+    for (number, e) in (1u32..).zip(array.chunks_exact(entry_size)) {
         let type_guid = Uuid::from_bytes_le(e[..16].try_into().unwrap_or([0; 16]));
         if type_guid.is_nil() {
             continue;
@@ -331,7 +342,7 @@ fn gpt_at(disk: &dyn VirtualDisk, ss: u64, size: u64, lba: u64) -> Result<Vec<Pa
             .take_while(|&u| u != 0)
             .collect();
         out.push(Partition {
-            number: i as u32 + 1,
+            number,
             start,
             len,
             kind: PartitionKind::Gpt {
@@ -425,7 +436,7 @@ mod tests {
             0,
             PROTECTIVE,
             1,
-            (last_lba).min(u32::MAX as u64) as u32,
+            u32::try_from(last_lba).unwrap_or(u32::MAX),
         );
         sign(&mut mbr);
         d.write_at(&mbr, 0).unwrap();

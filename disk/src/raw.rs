@@ -125,7 +125,7 @@ mod tests {
             assert!(e.len > 0 && pos + e.len <= size);
             if let Mapping::Data(_) = e.mapping {
                 data += e.len;
-                let mut b = vec![0u8; e.len as usize];
+                let mut b = vec![0u8; usize::try_from(e.len).unwrap()];
                 raw.read_at(&mut b, pos).unwrap();
             }
             pos += e.len;

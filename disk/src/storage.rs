@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn copy_fill_and_range_is_across_chunks() {
-        let bytes: Vec<u8> = (0..5 * MIB).map(|i| (i % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..=250u8).cycle().take(5 * MIB).collect();
         let st = MemStorage::from_vec("m", bytes.clone());
         // 2 MiB + 300 bytes: two whole chunks and a part, to later space.
         let (len, to) = (2 * MIB + 300, 3 * MIB - 5);

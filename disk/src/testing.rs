@@ -2,6 +2,9 @@
 //! `testing`): the corpus, external tools (qemu-img as the oracle), sparse
 //! raw dumps and deterministic data. Panics on failure: tests only.
 #![allow(clippy::missing_panics_doc)]
+// Test support: models and buffers of small test disks, whose sizes and
+// offsets fit in memory by construction; `as u8` makes test patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use crate::{Mapping, VirtualDisk};
 use std::path::{Path, PathBuf};

@@ -469,11 +469,20 @@ fn write_with_sector_fill<D: VirtualDisk + ?Sized>(
     if start == pos && end == pos + chunk.len() as u64 {
         return disk.storage().write_at(chunk, fo.0);
     }
-    let mut merged = vec![0u8; (end - start) as usize];
-    let head = (pos - start) as usize;
+    let bytes = |n: u64| {
+        usize::try_from(n).map_err(|_| {
+            Error::invalid(format!(
+                "{n} bytes (a write of {} bytes in {ss}-byte sectors) do not fit in memory",
+                chunk.len()
+            ))
+        })
+    };
+    let mut merged = vec![0u8; bytes(end - start)?];
+    let head = bytes(pos - start)?;
+    let sector = bytes(ss)?;
     // Current contents of the first and last partial sectors.
-    disk.read_at(&mut merged[..ss as usize], start)?;
-    let last = merged.len() - ss as usize;
+    disk.read_at(&mut merged[..sector], start)?;
+    let last = merged.len() - sector;
     if last > 0 {
         disk.read_at(&mut merged[last..], end - ss)?;
     }
@@ -501,7 +510,7 @@ fn to_io(e: Error) -> std::io::Error {
 impl<D: VirtualDisk + ?Sized> std::io::Read for Cursor<'_, D> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let left = self.disk.virtual_size().saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
         self.disk.read_at(&mut buf[..n], self.pos).map_err(to_io)?;
         self.pos += n as u64;
         Ok(n)

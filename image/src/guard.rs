@@ -68,7 +68,10 @@ impl ProbedRaw {
             for (i, b) in after.iter_mut().enumerate() {
                 let pos = at + i as u64;
                 if (offset..end).contains(&pos) {
-                    *b = buf[(pos - offset) as usize];
+                    // pos - offset < buf.len(), a usize.
+                    if let Some(&v) = usize::try_from(pos - offset).ok().and_then(|k| buf.get(k)) {
+                        *b = v;
+                    }
                 }
             }
             if &after == VHD_COOKIE {

@@ -23,7 +23,7 @@ const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
 const VHD_COOKIE: &[u8; 8] = b"conectix";
 /// The VHD footer, and its size in images made before Virtual PC 2004.
 const VHD_FOOTER: u64 = 512;
-const VHD_OLD_FOOTER: u64 = 511;
+const VHD_OLD_FOOTER: usize = 511;
 
 /// The format of the file at `path` by its content (see the module docs):
 /// `Some` for a VHDX or VHD signature, `None` for a file with neither whose
@@ -46,11 +46,11 @@ pub fn sniff(path: &Path, opener: &dyn Opener) -> Result<Option<Format>> {
     if head == VHD_COOKIE {
         return Ok(Some(Format::Vhd));
     }
-    if len >= VHD_OLD_FOOTER {
+    if len >= VHD_OLD_FOOTER as u64 {
         let n = len.min(VHD_FOOTER);
         let mut tail = vec![0u8; n as usize];
         st.read_at(&mut tail, len - n)?;
-        let old = tail.len() - VHD_OLD_FOOTER as usize;
+        let old = tail.len() - VHD_OLD_FOOTER;
         if (n == VHD_FOOTER && tail.starts_with(VHD_COOKIE)) || tail[old..].starts_with(VHD_COOKIE)
         {
             return Ok(Some(Format::Vhd));

@@ -1,6 +1,9 @@
 //! The front door end to end: every format opened and created in one call,
 //! chains, probing, and what a block device needs (identity, write_zeroes,
 //! discard granularity, vectored I/O, close through `&self`).
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use disk::{ErrorKind, Mapping, VirtualDisk};
 use image::{CreateOptions, Format, Kind, OpenOptions};

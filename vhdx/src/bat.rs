@@ -335,7 +335,7 @@ mod tests {
         // 1 MiB blocks, 512-byte sectors: 4096 blocks a chunk; a disk of
         // 4096 + 10 blocks and a half.
         let size = (4096 + 10) * MIB + MIB / 2;
-        let g = BatGeometry::new(size, MIB as u32, 512, true).unwrap();
+        let g = BatGeometry::new(size, 1 << 20, 512, true).unwrap();
         assert_eq!(g.entry_virtual_range(0), (0, MIB));
         assert_eq!(g.entry_virtual_range(4095), (4095 * MIB, 4096 * MIB));
         // Index 4096 is chunk 0's sector bitmap: blocks 0..4096.

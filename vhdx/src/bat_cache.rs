@@ -11,10 +11,12 @@ use std::collections::BTreeSet;
 
 /// Bytes in one BAT page.
 pub(crate) const PAGE_BYTES: usize = 4096;
+/// BAT entries in one page, as a length.
+const PAGE_ENTRIES: usize = PAGE_BYTES / 8;
 /// BAT entries in one page.
-pub(crate) const ENTRIES_PER_PAGE: u64 = (PAGE_BYTES / 8) as u64;
+pub(crate) const ENTRIES_PER_PAGE: u64 = PAGE_ENTRIES as u64;
 
-type Page = Box<[u64; ENTRIES_PER_PAGE as usize]>;
+type Page = Box<[u64; PAGE_ENTRIES]>;
 
 /// Resident pages, dirty set and pins. Guarded by the driver's `bat` lock.
 pub(crate) struct BatCache {
@@ -30,6 +32,9 @@ impl BatCache {
     /// A cache for a BAT of `entries` entries keeping at most about `cap`
     /// clean pages resident.
     pub(crate) fn new(entries: u64, cap: usize) -> Self {
+        // BatGeometry bounds a BAT (64 TiB in 1 MiB blocks): at most about
+        // 2^17 pages, which fits any usize.
+        #[allow(clippy::cast_possible_truncation)]
         let pages = entries.div_ceil(ENTRIES_PER_PAGE) as usize;
         let mut v = Vec::new();
         v.resize_with(pages, || None);
@@ -62,7 +67,7 @@ impl BatCache {
             return;
         }
         self.evict_if_needed();
-        let mut page: Page = Box::new([0u64; ENTRIES_PER_PAGE as usize]);
+        let mut page: Page = Box::new([0u64; PAGE_ENTRIES]);
         for (i, e) in page.iter_mut().enumerate() {
             let mut b = [0u8; 8];
             b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);

@@ -5,7 +5,7 @@
 
 use crate::bat::{BatEntry, PayloadState};
 use crate::bat_cache::{ENTRIES_PER_PAGE, PAGE_BYTES};
-use crate::image::{lock, MIB};
+use crate::image::{lock, MIB, MIB_BYTES};
 use crate::scan;
 use crate::{AllocationStats, Error, Result, Vhdx};
 use disk::{Extent, FileOffset, Geometry, Mapping, Storage, VirtualDisk, WriteExtent};
@@ -42,7 +42,7 @@ impl Vhdx {
         // truncated inside the BAT, which `entry_in_file` turns into an
         // error naming the block rather than NOT_PRESENT.
         if off < flen {
-            let n = (flen - off).min(PAGE_BYTES as u64) as usize;
+            let n = usize::try_from(flen - off).map_or(PAGE_BYTES, |r| r.min(PAGE_BYTES));
             self.storage.read_at(&mut bytes[..n], off)?;
         }
         let mut c = self.bat.write().unwrap_or_else(|e| e.into_inner());
@@ -190,7 +190,7 @@ impl Vhdx {
             // LeaveBlocksAllocated kept the space: reuse it, zeroed, for this
             // same block (it was never handed to another block).
             let fo = cur.file_offset();
-            let zeros = vec![0u8; MIB as usize];
+            let zeros = vec![0u8; MIB_BYTES];
             let mut done = 0;
             while done < self.block_size {
                 self.storage.write_at(&zeros, fo + done)?;

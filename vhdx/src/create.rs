@@ -7,7 +7,7 @@ use crate::bat_cache::{ENTRIES_PER_PAGE, PAGE_BYTES};
 use crate::file_identifier::FileIdentifier;
 use crate::header::Header;
 use crate::image::MIB;
-use crate::metadata::{FileParameters, Metadata};
+use crate::metadata::{FileParameters, Metadata, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::parent_locator::ParentLocator;
 use crate::parent_search::{parent_locator_for, parse_linkage};
 use crate::region_table::{RegionEntry, RegionTable, BAT_REGION, METADATA_REGION};
@@ -162,8 +162,8 @@ impl Vhdx {
         .in_file(&name, 0)?;
         let log_offset = MIB;
         let meta_offset = log_offset + u64::from(opts.log_size);
-        let meta_len = MIB;
-        let bat_offset = meta_offset + meta_len;
+        let meta_len: u32 = 1 << 20;
+        let bat_offset = meta_offset + u64::from(meta_len);
         let bat_len = bat_geo.bat_bytes().div_ceil(MIB).max(1) * MIB;
         let payload_start = bat_offset + bat_len;
         let bat_len32 = u32::try_from(bat_len)
@@ -187,7 +187,7 @@ impl Vhdx {
                 RegionEntry {
                     guid: METADATA_REGION,
                     file_offset: meta_offset,
-                    length: meta_len as u32,
+                    length: meta_len,
                     required: true,
                 },
             ],
@@ -210,7 +210,7 @@ impl Vhdx {
             physical_sector_size: opts.physical_sector_size,
             parent_locator: parent.as_ref().map(|(l, _)| l.clone()),
         };
-        let mbuf = metadata.build_region(meta_len as u32)?;
+        let mbuf = metadata.build_region(meta_len)?;
         // Write the used part only: the rest of the region stays sparse
         // (zeros) in the new file.
         let used = mbuf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
@@ -234,7 +234,8 @@ impl Vhdx {
             while idx < total {
                 page.fill(0);
                 let n = (total - idx).min(ENTRIES_PER_PAGE);
-                for i in 0..n {
+                // n ≤ ENTRIES_PER_PAGE: one 8-byte slot of the page each.
+                for (i, slot) in (0..n).zip(page.chunks_exact_mut(8)) {
                     let e = if bat_geo.is_bitmap_index(idx + i) {
                         BatEntry(0)
                     } else {
@@ -242,7 +243,7 @@ impl Vhdx {
                         block += 1;
                         BatEntry::new(PayloadState::FullyPresent as u8, fo)
                     };
-                    page[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&e.0.to_le_bytes());
+                    slot.copy_from_slice(&e.0.to_le_bytes());
                 }
                 storage.write_at(&page, bat_offset + idx * 8)?;
                 idx += n;
@@ -285,7 +286,8 @@ pub(crate) fn validate_create(o: &CreateOptions) -> Result<()> {
             o.physical_sector_size
         ));
     }
-    if !o.block_size.is_power_of_two() || !(MIB as u32..=256 * MIB as u32).contains(&o.block_size) {
+    if !o.block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&o.block_size)
+    {
         return bad(format!(
             "block size {} is not a power of two from 1 MiB to 256 MiB",
             o.block_size

@@ -82,7 +82,8 @@ impl Vhdx {
         let mut bytes = Box::new([0u8; sector_bitmap::PAGE]);
         let flen = self.storage.len()?;
         if page_off < flen {
-            let n = (flen - page_off).min(sector_bitmap::PAGE as u64) as usize;
+            let page = sector_bitmap::PAGE;
+            let n = usize::try_from(flen - page_off).map_or(page, |r| r.min(page));
             self.storage.read_at(&mut bytes[..n], page_off)?;
         }
         lock(&self.bitmaps).insert(page_off, bytes);

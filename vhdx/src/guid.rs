@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn crc_with_zeroed_field_matches_copying_version() {
-        let mut buf: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut buf: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3).to_le_bytes()[0]).collect();
         let fast = crc32c_zeroed(&buf, 4);
         buf[4..8].fill(0);
         assert_eq!(fast, crc32c::crc32c(&buf));

@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use uuid::Uuid;
 
 pub(crate) const MIB: u64 = 1 << 20;
+/// [`MIB`] as a buffer length.
+pub(crate) const MIB_BYTES: usize = 1 << 20;
 /// Largest metadata region we read whole (Windows writes 1 MiB).
 pub(crate) const MAX_METADATA_REGION: u64 = 64 * MIB;
 /// Largest log we read whole for replay.
@@ -117,10 +119,10 @@ impl CreateOptions {
         CreateOptions {
             virtual_size,
             fixed: false,
-            block_size: 32 * MIB as u32,
+            block_size: 32 << 20,
             logical_sector_size: 512,
             physical_sector_size: 4096,
-            log_size: MIB as u32,
+            log_size: 1 << 20,
             opener: disk::file_opener(),
         }
     }
@@ -247,7 +249,11 @@ pub(crate) fn read_vec(
         )
         .in_file(storage.name(), 0));
     }
-    let mut v = vec![0u8; len as usize];
+    let n = usize::try_from(len).map_err(|_| {
+        Error::invalid(format!("{what} ({len} bytes) does not fit in memory"))
+            .in_file(storage.name(), 0)
+    })?;
+    let mut v = vec![0u8; n];
     storage.read_at(&mut v, offset)?;
     Ok(v)
 }
@@ -311,7 +317,7 @@ mod tests {
 
     #[test]
     fn write_read_reopen() {
-        let (st, d) = mem_disk(64 * MIB, MIB as u32);
+        let (st, d) = mem_disk(64 * MIB, 1 << 20);
         let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
         d.write_at(&data, 3 * MIB - 77).unwrap();
         let mut back = vec![0u8; data.len()];

@@ -28,7 +28,6 @@
 //! disk.read_at(&mut buf, 1 << 20).unwrap();
 //! assert_eq!(&buf, b"hello");
 //! ```
-#![forbid(unsafe_code)]
 
 pub mod bat;
 mod bat_cache;

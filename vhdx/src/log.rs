@@ -164,7 +164,8 @@ impl LogEntry {
                     sector[..4].copy_from_slice(&DATA_SIGNATURE);
                     put_u32(sector, 4, (seq >> 32) as u32);
                     sector[8..LOG_SECTOR - 4].copy_from_slice(&page[8..LOG_SECTOR - 4]);
-                    put_u32(sector, LOG_SECTOR - 4, seq as u32);
+                    // SequenceLow: the low 32 bits.
+                    put_u32(sector, LOG_SECTOR - 4, (seq & 0xffff_ffff) as u32);
                     data_index += 1;
                 }
             }
@@ -298,15 +299,17 @@ fn validate_at(log: &[u8], at: usize, log_guid: Uuid) -> Result<ValidHeader> {
     let descriptor_sectors = (HEADER_SIZE as u64
         + DESCRIPTOR_SIZE as u64 * u64::from(descriptor_count))
     .div_ceil(SECTOR);
-    if descriptor_sectors > entry_sectors as u64 {
-        return err(
-            24,
-            format!(
-                "DescriptorCount {descriptor_count} needs {descriptor_sectors} sectors but EntryLength {entry_length:#x} has {entry_sectors}"
-            ),
-        );
-    }
-    let descriptor_sectors = descriptor_sectors as usize;
+    let descriptor_sectors = match usize::try_from(descriptor_sectors) {
+        Ok(d) if d <= entry_sectors => d,
+        _ => {
+            return err(
+                24,
+                format!(
+                    "DescriptorCount {descriptor_count} needs {descriptor_sectors} sectors but EntryLength {entry_length:#x} has {entry_sectors}"
+                ),
+            )
+        }
+    };
     let mut data_descriptors = 0usize;
     for i in 0..descriptor_count as usize {
         let d = descriptor(log, at, i);

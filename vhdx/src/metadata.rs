@@ -237,14 +237,14 @@ impl MetadataTable {
     /// # Panics
     /// If `buf` is shorter than 64 KiB or there are more than 2047 entries.
     pub fn write_to(&self, buf: &mut [u8]) {
-        assert!(
-            self.entries.len() <= usize::from(MAX_ENTRIES),
-            "too many metadata items"
-        );
+        let count = u16::try_from(self.entries.len())
+            .ok()
+            .filter(|&n| n <= MAX_ENTRIES)
+            .expect("too many metadata items");
         let buf = &mut buf[..TABLE_SIZE];
         buf.fill(0);
         buf[..8].copy_from_slice(&SIGNATURE);
-        put_u16(buf, 10, self.entries.len() as u16);
+        put_u16(buf, 10, count);
         for (i, e) in self.entries.iter().enumerate() {
             let at = HEADER_SIZE + i * ENTRY_SIZE;
             let raw: &mut [u8; ENTRY_SIZE] = (&mut buf[at..at + ENTRY_SIZE])
@@ -496,18 +496,24 @@ impl Metadata {
             )));
         }
         let mut region = vec![0u8; region_length as usize];
+        // Every item ends inside the region (`needed` ≤ `region_length`, a
+        // u32): offsets and lengths fit a u32.
+        #[allow(clippy::cast_possible_truncation)]
+        let entry = |item_id, is_virtual_disk, at: usize, len: usize| MetadataEntry {
+            item_id,
+            offset: at as u32,
+            length: len as u32,
+            is_user: false,
+            is_virtual_disk,
+            is_required: true,
+        };
         let mut table = MetadataTable::default();
         let mut at = TABLE_SIZE;
         for (item_id, is_virtual_disk, bytes) in items {
             region[at..at + bytes.len()].copy_from_slice(&bytes);
-            table.entries.push(MetadataEntry {
-                item_id,
-                offset: at as u32,
-                length: bytes.len() as u32,
-                is_user: false,
-                is_virtual_disk,
-                is_required: true,
-            });
+            table
+                .entries
+                .push(entry(item_id, is_virtual_disk, at, bytes.len()));
             at += bytes.len();
         }
         table.write_to(&mut region);

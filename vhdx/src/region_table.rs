@@ -199,14 +199,14 @@ impl RegionTable {
     /// # Panics
     /// If `buf` is shorter than 64 KiB or there are more than 2047 entries.
     pub fn write_to(&self, buf: &mut [u8]) {
-        assert!(
-            self.entries.len() <= MAX_ENTRIES as usize,
-            "too many regions"
-        );
+        let count = u32::try_from(self.entries.len())
+            .ok()
+            .filter(|&n| n <= MAX_ENTRIES)
+            .expect("too many regions");
         let buf = &mut buf[..Self::SIZE];
         buf.fill(0);
         buf[..4].copy_from_slice(&SIGNATURE);
-        put_u32(buf, 8, self.entries.len() as u32);
+        put_u32(buf, 8, count);
         for (i, e) in self.entries.iter().enumerate() {
             let at = HEADER_SIZE + i * ENTRY_SIZE;
             let raw: &mut [u8; ENTRY_SIZE] = (&mut buf[at..at + ENTRY_SIZE])
@@ -267,7 +267,7 @@ mod tests {
         RegionEntry {
             guid,
             file_offset: off_mib * MIB,
-            length: len_mib * MIB as u32,
+            length: len_mib << 20,
             required: true,
         }
     }
@@ -329,7 +329,7 @@ mod tests {
         t.entries[1].file_offset = 3 * MIB;
         assert!(err(&t).to_string().contains("overlaps"));
         let mut t = sample();
-        t.entries[1].length = 2 * MIB as u32;
+        t.entries[1].length = 2 << 20;
         t.entries[1].file_offset = 2 * MIB;
         assert!(err(&t).to_string().contains("overlaps"));
         let mut t = sample();

@@ -5,7 +5,7 @@
 
 use crate::bat::{BatEntry, PayloadState};
 use crate::bat_cache::{ENTRIES_PER_PAGE, PAGE_BYTES};
-use crate::image::{read_vec, MIB};
+use crate::image::{read_vec, MIB, MIB_BYTES};
 use crate::metadata::{FileParameters, Metadata, MetadataTable, PARENT_LOCATOR};
 use crate::parent_locator::ParentLocator;
 use crate::parent_search::{linkage_string, parent_locator_for};
@@ -58,18 +58,24 @@ impl Vhdx {
                 old_off
             } else {
                 let at = item_end.div_ceil(8) * 8;
-                if at + bytes.len() as u64 > len {
-                    return Err(Error::invalid(format!(
-                        "the new parent locator ({} bytes) does not fit in the metadata region of {name}",
-                        bytes.len()
-                    )));
+                match usize::try_from(at) {
+                    Ok(at) if at as u64 + bytes.len() as u64 <= len => at,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "the new parent locator ({} bytes) does not fit in the metadata region of {name}",
+                            bytes.len()
+                        )))
+                    }
                 }
-                at as usize
             };
             region[old_off..old_off + old_len].fill(0);
             region[new_off..new_off + bytes.len()].copy_from_slice(&bytes);
-            e.offset = new_off as u32;
-            e.length = bytes.len() as u32;
+            // Inside the metadata region, whose length is a u32.
+            let inside = |n: usize| {
+                u32::try_from(n).map_err(|_| Error::invalid("metadata region larger than 4 GiB"))
+            };
+            e.offset = inside(new_off)?;
+            e.length = inside(bytes.len())?;
             Ok(())
         })?;
         self.flush_with(pages)
@@ -135,7 +141,7 @@ impl Vhdx {
         }
         self.start_session(false)?;
         let ss = u64::from(self.geometry.logical_sector_size);
-        let zeros = vec![0u8; MIB as usize];
+        let zeros = vec![0u8; MIB_BYTES];
         for block in 0..self.bat_geo.payload_blocks() {
             let (state, fo) = self.block_entry(block)?;
             if state != PayloadState::PartiallyPresent {

@@ -18,7 +18,8 @@ pub(crate) fn apply(storage: &dyn Storage, ops: &[LogOp]) -> Result<()> {
             } => {
                 let mut done = 0u64;
                 while done < *length {
-                    let n = (length - done).min(zeros.len() as u64) as usize;
+                    let n =
+                        usize::try_from(length - done).map_or(zeros.len(), |r| r.min(zeros.len()));
                     storage.write_at(&zeros[..n], file_offset + done)?;
                     done += n as u64;
                 }
@@ -60,6 +61,9 @@ impl Storage for ReplayOverlay {
     fn name(&self) -> &str {
         self.inner.name()
     }
+    // Every index is an offset inside `buf` (a usize length) or inside a
+    // 4 KiB page: no cast to usize below can truncate.
+    #[allow(clippy::cast_possible_truncation)]
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)

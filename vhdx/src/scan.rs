@@ -15,7 +15,9 @@ use disk::{Result, Storage};
 
 const MIB: u64 = 1 << 20;
 /// Bytes of BAT read at a time.
-const SCAN_CHUNK: u64 = 4 * MIB;
+const SCAN_CHUNK: u64 = SCAN_CHUNK_BYTES as u64;
+/// [`SCAN_CHUNK`] as a buffer length.
+const SCAN_CHUNK_BYTES: usize = 4 << 20;
 /// A page of zeros to compare BAT pages with (memcmp).
 static ZERO_PAGE: [u8; 4096] = [0; 4096];
 /// Truncated blocks listed in a [`BatScan`] (the count stays exact).
@@ -79,7 +81,7 @@ pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) ->
         ..BatScan::default()
     };
     let bat_end = bat_offset + out.entries_in_file * 8;
-    let mut buf = vec![0u8; SCAN_CHUNK as usize];
+    let mut buf = vec![0u8; SCAN_CHUNK_BYTES];
     let mut pos = bat_offset;
     while pos < bat_end {
         // Skip holes: they read as zeros, NOT_PRESENT entries.
@@ -93,7 +95,8 @@ pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) ->
         }
         let end = run_end.min(bat_end).min(start + SCAN_CHUNK);
         let end = end.max(start + 8).min(bat_end);
-        let n = (end - start) as usize;
+        // At most SCAN_CHUNK bytes (end ≤ start + SCAN_CHUNK).
+        let n = usize::try_from(end - start).map_or(buf.len(), |n| n.min(buf.len()));
         storage.read_at(&mut buf[..n], start)?;
         let first = (start - bat_offset) / 8;
         for (k, page) in buf[..n].chunks(4096).enumerate() {
@@ -222,6 +225,8 @@ pub(crate) fn lost_entry_error(
 }
 
 #[cfg(test)]
+// Test files of a few MiB: offsets and lengths fit in memory.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use disk::MemStorage;
@@ -230,7 +235,7 @@ mod tests {
 
     fn geo() -> BatGeometry {
         // 64 MiB, 1 MiB blocks, a differencing layout (sector bitmap entries).
-        BatGeometry::new(64 * MIB, MIB as u32, 512, true).unwrap()
+        BatGeometry::new(64 * MIB, 1 << 20, 512, true).unwrap()
     }
 
     fn file(entries: &[(u64, BatEntry)], len: u64) -> MemStorage {

@@ -161,7 +161,8 @@ impl Vhdx {
                 hs.next_sequence,
             )
         };
-        let log_sectors = (log_length / LOG_SECTOR as u64) as usize;
+        let log_sectors = usize::try_from(log_length / LOG_SECTOR as u64)
+            .map_err(|_| Error::invalid("the log is too large").in_file(self.name(), 0))?;
         // Largest number of pages one entry can carry in this log.
         let mut per_entry = log_sectors.saturating_sub(1).max(1);
         while per_entry > 1 && LogEntry::sectors_needed(per_entry, per_entry) > log_sectors {

@@ -4,6 +4,9 @@
 //! a non-zero parent, freed blocks and sector bitmaps, the parent left
 //! alone); a power cut at every write of a compact that frees and moves
 //! payload and sector bitmap blocks; refusals; hostile BATs; the corpus.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 use common::*;

@@ -1,4 +1,7 @@
 //! Several threads reading and writing one disk must not corrupt it.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use disk::VirtualDisk;
 use std::sync::Arc;

@@ -2,6 +2,9 @@
 //! workload, cut the stream at every point (dropping, keeping or tearing the
 //! writes not yet covered by a flush), reopen, and check that every write
 //! acknowledged by a completed flush reads back (`disk::testing::crash`).
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use disk::fault::RecordingStorage;
 use disk::testing::crash::{for_each_crash, Workload, PAGE};

@@ -2,6 +2,9 @@
 //! sector-granular writes through the sector bitmap, FULLY_PRESENT
 //! promotion, chains, the parent linkage and policy, relinking, crash
 //! safety of the write path, and a property test against a `Vec` model.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 use common::*;

@@ -1,4 +1,7 @@
 //! Interop with qemu-img both ways.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 use common::*;

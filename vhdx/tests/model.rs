@@ -1,5 +1,8 @@
 //! Property test: random write/read/discard/flush/reopen sequences against a
 //! `Vec<u8>` model.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use disk::{MemStorage, VirtualDisk};
 use proptest::prelude::*;

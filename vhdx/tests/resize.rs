@@ -5,6 +5,9 @@
 //! Every finished resize leaves a file `vhdx::check` finds clean (a shrink
 //! gives back the tail it frees: no leak), and every crash image is clean
 //! after `check -r all`.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use disk::check::{ProblemKind, RepairMode};
 use disk::fault::RecordingStorage;
@@ -191,7 +194,7 @@ fn relayout(bytes: &[u8], log: u64, meta: u64, bat: u64) -> Vec<u8> {
         } else {
             continue;
         };
-        assert_eq!(e.length as u64, MIB, "a 1 MiB region");
+        assert_eq!(u64::from(e.length), MIB, "a 1 MiB region");
         out[at(to)].copy_from_slice(&bytes[at(e.file_offset)]);
         e.file_offset = to;
     }
@@ -202,7 +205,7 @@ fn relayout(bytes: &[u8], log: u64, meta: u64, bat: u64) -> Vec<u8> {
     for off in Header::OFFSETS {
         let r = off as usize..off as usize + Header::SIZE;
         let mut h = Header::parse(&bytes[r.clone()]).unwrap();
-        assert_eq!((h.log_offset, h.log_length as u64), (MIB, MIB));
+        assert_eq!((h.log_offset, u64::from(h.log_length)), (MIB, MIB));
         out[at(log)].copy_from_slice(&bytes[at(MIB)]);
         h.log_offset = log;
         h.write_to(&mut out[r]);

@@ -6,6 +6,9 @@
 //! puts a new block on the surviving part of a truncated one. Then `check
 //! -r all` cut at every write (a log replay, a leaked tail) leaves an image
 //! that reads what it read before.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 use common::*;

@@ -1,5 +1,7 @@
 //! Helpers shared by the checkpoint crate's integration tests.
 #![allow(dead_code)]
+// Test helpers: sizes of small test disks, in memory by construction.
+#![allow(clippy::cast_possible_truncation)]
 
 use checkpoint::disks::create_child;
 use checkpoint::Format;

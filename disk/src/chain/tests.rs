@@ -1,4 +1,7 @@
 //! Unit tests of ChainView over synthetic layers: answers, the granule cache and its bounds.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use super::*;
 use crate::error::ErrorKind;

@@ -28,6 +28,9 @@ pub(super) struct View<'a> {
 impl View<'_> {
     /// `len` bytes at `offset`; bytes past the end of the file read as
     /// zeros (as the driver reads a short BAT).
+    // Every index is an offset inside `buf` (`n`, a usize, bytes long) or
+    // inside a 4 KiB page: no cast to usize below can truncate.
+    #[allow(clippy::cast_possible_truncation)]
     pub(super) fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let n = usize::try_from(len).map_err(|_| Error::invalid("read too large"))?;
         let mut buf = vec![0u8; n];

@@ -37,7 +37,10 @@ impl Layout<'_> {
             match what & !STRUCTURE {
                 0 => "the header section (0..0x100000)".to_string(),
                 1 => format!("the log ({log_off:#x}+{log_len:#x})"),
-                k => match self.table.entries.get((k - 2) as usize) {
+                k => match usize::try_from(k - 2)
+                    .ok()
+                    .and_then(|i| self.table.entries.get(i))
+                {
                     Some(r) => format!(
                         "the {} ({:#x}+{:#x})",
                         region_name(r.guid),

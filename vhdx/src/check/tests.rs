@@ -1,4 +1,7 @@
 //! Unit tests of the check and repair passes, on images made in memory.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use super::*;
 use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_PRESENT};

@@ -1,4 +1,7 @@
 //! Unit tests of the log: entries encoded, checksums and fields validated, the active sequence found.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use super::*;
 use crate::ErrorKind;

@@ -1,4 +1,7 @@
 //! Unit tests of the metadata region: table and items parsed, built and rejected.
+// Test data: sizes and offsets of small test disks (they fit in memory),
+// block sizes and byte patterns.
+#![allow(clippy::cast_possible_truncation)]
 
 use super::*;
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
@@ -132,7 +135,7 @@ fn table_validation() {
         .unwrap_err()
         .to_string()
         .contains("EntryCount 2048"));
-    assert!(MetadataTable::parse(&region[..40], MIB as u64).is_err());
+    assert!(MetadataTable::parse(&region[..40], u64::from(MIB)).is_err());
     assert!(Metadata::parse(&region[..10]).is_err());
 }
 
@@ -244,7 +247,7 @@ fn corpus_table_header_and_entry() {
         // A table of five zeroed entries after this header parses.
         let mut buf = vec![0u8; TABLE_SIZE];
         buf[..HEADER_SIZE].copy_from_slice(&h[..HEADER_SIZE]);
-        let e = MetadataTable::parse(&buf, MIB as u64).unwrap_err();
+        let e = MetadataTable::parse(&buf, u64::from(MIB)).unwrap_err();
         assert!(e.to_string().contains("listed twice"), "{e}");
     }
     if let Some(e) = crate::guid::corpus_struct("metadata_table_entry.1") {
