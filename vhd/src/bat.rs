@@ -4,8 +4,7 @@
 //! The BAT is an array of big-endian u32 entries, one per block: the
 //! absolute sector (512-byte unit) where the block starts, or `0xFFFFFFFF`
 //! when the block is not allocated. A block starts with its sector bitmap
-//! (one bit per sector, most significant bit first, padded to a whole
-//! sector), followed by `block_size` bytes of data.
+//! ([`crate::sector_bitmap`]), followed by `block_size` bytes of data.
 
 use crate::{Error, Result};
 
@@ -15,29 +14,6 @@ pub const UNALLOCATED: u32 = u32::MAX;
 pub const SECTOR: u64 = 512;
 
 const STRUCT: &str = "VHD BAT";
-
-/// Size in bytes of the sector bitmap that precedes each block's data:
-/// ceil(sectors per block / 8) rounded up to a whole sector.
-pub fn bitmap_size(block_size: u32) -> u64 {
-    let sectors = u64::from(block_size).div_ceil(SECTOR);
-    sectors.div_ceil(8).div_ceil(SECTOR) * SECTOR
-}
-
-/// Whether sector `i` is marked present in a sector bitmap (MSB first).
-pub fn bit(bitmap: &[u8], i: u64) -> bool {
-    let byte = usize::try_from(i / 8).ok().and_then(|b| bitmap.get(b));
-    byte.is_some_and(|b| b & (0x80 >> (i % 8)) != 0)
-}
-
-/// Mark sectors `[first, end)` present in a sector bitmap (bits beyond the
-/// bitmap are ignored).
-pub fn set_bits(bitmap: &mut [u8], first: u64, end: u64) {
-    for i in first..end {
-        if let Some(b) = usize::try_from(i / 8).ok().and_then(|b| bitmap.get_mut(b)) {
-            *b |= 0x80 >> (i % 8);
-        }
-    }
-}
 
 /// The in-memory BAT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,29 +87,6 @@ impl Bat {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bitmap_sizes() {
-        assert_eq!(bitmap_size(2 << 20), 512); // 4096 sectors → 512 bytes
-        assert_eq!(bitmap_size(512), 512); // 1 sector → 1 byte → 512
-        assert_eq!(bitmap_size(4096), 512);
-        assert_eq!(bitmap_size(4 << 20), 1024);
-        assert_eq!(bitmap_size(256 << 20), 64 << 10);
-        assert_eq!(bitmap_size(1 << 31), 512 << 10);
-    }
-
-    #[test]
-    fn bits_are_msb_first() {
-        let mut b = [0u8; 2];
-        set_bits(&mut b, 0, 1);
-        assert_eq!(b, [0x80, 0]);
-        set_bits(&mut b, 7, 10);
-        assert_eq!(b, [0x81, 0xc0]);
-        assert!(bit(&b, 0) && !bit(&b, 1) && bit(&b, 9) && !bit(&b, 10));
-        assert!(!bit(&b, 1000));
-        set_bits(&mut b, 14, 100); // past the end: ignored
-        assert_eq!(b, [0x81, 0xc3]);
-    }
 
     #[test]
     fn parse_and_write() {

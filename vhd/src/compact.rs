@@ -3,8 +3,7 @@
 //! unallocated, then the blocks at the end of the file move into the holes
 //! and the file is cut short.
 //!
-//! This module is a child of `image` (declared there, like `resize`) so that
-//! it works on the open image's own BAT and allocation state.
+//! It works on the open image's own BAT and allocation state (`block_map`).
 //!
 //! # What is freed
 //! A block ("Block Allocation Table and Data Blocks" in the Virtual Hard
@@ -59,9 +58,17 @@
 //! A crash at any point therefore leaves an image that reads exactly as
 //! before, opens read-write from its trailing footer, and compacts again.
 
-use super::*;
+use crate::bat::{SECTOR, UNALLOCATED};
+use crate::block_map::{Dyn, DynState, ENTRIES_PER_SECTOR};
+use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::footer::{Footer, FOOTER_SIZE};
+use crate::image::{lock, read_vec, FooterSource, Vhd, MIB};
+use crate::{sector_bitmap, Error, Result};
 use disk::check::{sweep, Used};
 use disk::{CompactReport, Progress, Step};
+use disk::{Storage, VirtualDisk};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 
 /// Bytes read or copied at a time.
 const CHUNK: u64 = MIB;
@@ -329,12 +336,12 @@ impl Compactor<'_> {
         let sectors = limit.div_ceil(SECTOR);
         let mut s = 0;
         while s < sectors {
-            if !bat::bit(&bits, s) {
+            if !sector_bitmap::bit(&bits, s) {
                 s += 1;
                 continue;
             }
             let mut e = s + 1;
-            while e < sectors && bat::bit(&bits, e) && (e - s) * SECTOR < CHUNK {
+            while e < sectors && sector_bitmap::bit(&bits, e) && (e - s) * SECTOR < CHUNK {
                 e += 1;
             }
             let from = s * SECTOR;

@@ -1,9 +1,6 @@
 //! Changing the virtual size of a VHD ([`Vhd::resize`]), on the file, with
 //! the image not open for I/O.
 //!
-//! This module is a child of `image` (declared there) so that it can reuse
-//! the driver's validating open.
-//!
 //! # Size rules
 //! A disk whose current size is a size CHS describes exactly (what `create`
 //! makes without Azure mode, what Virtual PC and `qemu-img` make) gets the
@@ -51,8 +48,16 @@
 //! the last one kept stay as unused space (not a leak: `vdisk compact`
 //! packs blocks into it).
 
-use super::*;
-use crate::footer::DiskType;
+use crate::bat::{Bat, SECTOR, UNALLOCATED};
+use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::footer::{ChsGeometry, DiskType, Footer, FOOTER_SIZE};
+use crate::image::{
+    overlaps, read_vec, FooterSource, Info, OpenOptions, Vhd, MAX_VIRTUAL_SIZE, MIB,
+};
+use crate::open::ParentSource;
+use crate::{sector_bitmap, Error, Result};
+use disk::{ResultExt, Storage};
+use std::path::Path;
 
 const COPY_CHUNK: u64 = MIB;
 
@@ -105,15 +110,8 @@ impl Vhd {
     /// parent's), a damaged trailing footer, an invalid size, data in the
     /// cut part without `force`, I/O errors.
     pub fn resize_storage(storage: Box<dyn Storage>, new_size: u64, force: bool) -> Result<u64> {
-        let storage: Arc<dyn Storage> = Arc::from(storage);
         let name = storage.name().to_string();
-        let v = Self::open_inner(
-            Box::new(storage.clone()),
-            &OpenOptions::default(),
-            ParentSource::Inspect,
-        )?;
-        let info = v.info.clone();
-        drop(v);
+        let info = Self::load(&*storage, &OpenOptions::default(), ParentSource::Inspect)?.info;
         if !storage.is_writable() {
             return Err(Error::invalid("image is open read-only").in_file(&name, 0));
         }
@@ -214,7 +212,7 @@ impl Resizer<'_> {
         let name = self.name;
         let old = info.virtual_size;
         let bs = u64::from(h.block_size);
-        let bm = bat::bitmap_size(h.block_size);
+        let bm = sector_bitmap::size(h.block_size);
         let t = h.table_offset;
         let m = u64::from(h.max_table_entries);
         let mut bat = Bat::parse(&read_vec(self.st, t, m * 4)?).in_file(name, t)?;
@@ -330,7 +328,7 @@ impl Resizer<'_> {
         blocks: u64,
         footer_at: u64,
     ) -> Result<()> {
-        let slot = bat::bitmap_size(h.block_size) + u64::from(h.block_size);
+        let slot = sector_bitmap::size(h.block_size) + u64::from(h.block_size);
         let hdr = info.footer.data_offset;
         let table_end = h
             .table_offset

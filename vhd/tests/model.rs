@@ -58,7 +58,7 @@ fn foreign_partial_bitmaps(st: &Arc<MemStorage>, d: Vhd) -> Arc<MemStorage> {
     }
     d.close().unwrap();
     let mut v = st.to_vec();
-    let bm = vhd::bat::bitmap_size(bs as u32) as usize;
+    let bm = vhd::sector_bitmap::size(bs as u32) as usize;
     let entries = size.div_ceil(bs) as usize;
     for i in 0..entries {
         let e = u32::from_be_bytes(v[table + i * 4..table + i * 4 + 4].try_into().unwrap());
