@@ -276,7 +276,7 @@ fn old_children_with_a_unix_absolute_path_still_open() {
     fs::rename(&vchild, &vold).unwrap();
     {
         let parent = vhd::Vhd::open(&vbase, &vhd::OpenOptions::default()).unwrap();
-        let st: Arc<dyn disk::Storage> = Arc::new(disk::FileStorage::open(&vold, true).unwrap());
+        let st = Box::new(disk::FileStorage::open(&vold, true).unwrap());
         let link = vhd::ParentLink {
             name: "elsewhere.vhd".into(),
             relative: ".\\gone\\elsewhere.vhd".into(),

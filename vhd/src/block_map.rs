@@ -317,6 +317,7 @@ mod tests {
     fn write_read_reopen_both_types() {
         for fixed in [false, true] {
             let (st, d) = mem(20 * MIB, fixed);
+            assert_eq!(d.block_size(), if fixed { 0 } else { 2 * MIB });
             assert_eq!(d.virtual_size(), ChsGeometry::round_up(20 * MIB).0);
             let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8 + 1).collect();
             d.write_at(&data, 3 * MIB - 77).unwrap();

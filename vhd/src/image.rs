@@ -266,9 +266,11 @@ impl Vhd {
         &self.info
     }
 
-    /// The block size of a dynamic disk.
-    pub fn block_size(&self) -> Option<u64> {
-        self.dynamic.as_ref().map(|d| d.block_size)
+    /// Bytes per block of a dynamic or differencing disk; 0 for a fixed
+    /// disk, which has no blocks (as [`VirtualDisk::discard_granularity`]
+    /// says "none" with 0).
+    pub fn block_size(&self) -> u64 {
+        self.dynamic.as_ref().map_or(0, |d| d.block_size)
     }
 
     /// The storage's name (its path for a file), for messages.

@@ -16,7 +16,6 @@ use crate::parent_search::{parent_link_for, ParentLink};
 use crate::{Error, Result};
 use disk::{LockMode, ResultExt, Storage, VirtualDisk};
 use std::path::Path;
-use std::sync::Arc;
 
 /// One existing parent locator's data space, where relinking may write the
 /// new locator data.
@@ -196,8 +195,7 @@ impl Vhd {
             ancestor = a.parent();
         }
         let link = parent_link_for(child, &parent_abs)?;
-        let storage: Arc<dyn Storage> =
-            parent_opts.opener.open(child, true, LockMode::Auto)?.into();
+        let storage = parent_opts.opener.open(child, true, LockMode::Auto)?;
         Self::set_parent_on(storage, &parent, &link, adopt)
     }
 
@@ -209,7 +207,7 @@ impl Vhd {
     /// # Errors
     /// As [`Vhd::set_parent`].
     pub fn set_parent_on(
-        storage: Arc<dyn Storage>,
+        storage: Box<dyn Storage>,
         new_parent: &Vhd,
         link: &ParentLink,
         adopt: bool,

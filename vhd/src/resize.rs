@@ -1,5 +1,6 @@
-//! Changing the virtual size of a VHD ([`Vhd::resize`]), on the file, with
-//! the image not open for I/O.
+//! Changing the virtual size of a VHD ([`Vhd::resize`]) open writable: the
+//! image is flushed, the structures are read again from the file and
+//! rewritten there in the order below, then read again into the open image.
 //!
 //! # Size rules
 //! A disk whose current size is a size CHS describes exactly (what `create`
@@ -57,19 +58,91 @@ use crate::image::{
 use crate::open::ParentSource;
 use crate::{sector_bitmap, Error, Result};
 use disk::{ResultExt, Storage};
-use std::path::Path;
+use std::sync::atomic::Ordering;
 
 const COPY_CHUNK: u64 = MIB;
 
 impl Vhd {
-    /// Resize the VHD file at `path` to `new_size` bytes (rounded as the
-    /// module docs of `resize` say); returns the size now recorded.
+    /// Resize this VHD, open writable, to `new_size` bytes (rounded as the
+    /// size rules of the module docs of `resize` say); returns the size now
+    /// recorded. Shrinking refuses when the cut part holds data (a fixed
+    /// disk: a non-zero byte; a dynamic disk: an allocated block wholly
+    /// past the new end), unless `force`. The image is flushed first; it
+    /// stays open and usable at the new size. See the module docs of
+    /// `resize` for the order of the writes.
     ///
     /// # Errors
-    /// As [`Vhd::resize_storage`].
-    pub fn resize(path: impl AsRef<Path>, new_size: u64, force: bool) -> Result<u64> {
-        let storage = disk::FileStorage::open(path.as_ref(), true)?;
-        Self::resize_storage(Box::new(storage), new_size, force)
+    /// A differencing disk (its size must match its parent's), a trailing
+    /// footer that is not the last 512 bytes of the file, an image open
+    /// read-only or closed, an invalid size, data in the cut part without
+    /// `force`, corrupt structures, I/O errors.
+    pub fn resize(&mut self, new_size: u64, force: bool) -> Result<u64> {
+        let name = self.name().to_string();
+        if self.info.footer.disk_type == DiskType::Differencing {
+            return Err(Error::invalid(
+                "cannot resize a differencing disk: its size must match its parent's",
+            )
+            .in_file(&name, 0));
+        }
+        if self.info.footer_source != FooterSource::End {
+            return Err(Error::unsupported(
+                "the footer is not the last 512 bytes of the file (convert the image first)",
+            )
+            .in_file(&name, 0));
+        }
+        self.check_writable()?;
+        // The in-memory BAT and bitmaps reach the file: from here on the
+        // file is the truth, read again and rewritten.
+        self.flush_inner()?;
+        let info = Self::load(
+            &*self.storage,
+            &OpenOptions::default(),
+            ParentSource::Inspect,
+        )?
+        .info;
+        let (size, geometry) = Self::resize_target(&info.footer, new_size).in_file(&name, 0)?;
+        let mut footer = info.footer.clone();
+        footer.current_size = size;
+        footer.geometry = geometry;
+        if size == info.virtual_size && footer == info.footer {
+            return Ok(size);
+        }
+        let r = Resizer {
+            st: &*self.storage,
+            name: &name,
+            footer_bytes: footer.to_bytes(),
+        };
+        let done = match info.header.clone() {
+            None => r.fixed(&info, size, force),
+            Some(h) => r.dynamic(&info, &h, size, force),
+        };
+        // The file changed under the in-memory state (even when the resize
+        // failed part way): read it again, or close the image so that a
+        // stale BAT is never written back.
+        let reloaded = self.reload();
+        if reloaded.is_err() {
+            self.closed.store(true, Ordering::Release);
+        }
+        done?;
+        reloaded?;
+        Ok(size)
+    }
+
+    /// Read this image's structures again from its file, after a resize
+    /// rewrote them (a fixed or dynamic disk: no parent).
+    fn reload(&mut self) -> Result<()> {
+        let opts = OpenOptions {
+            writable: self.writable,
+            ..OpenOptions::default()
+        };
+        let l = Self::load(&*self.storage, &opts, ParentSource::Inspect)?;
+        self.writable = l.writable;
+        self.read_only_reason = l.read_only_reason;
+        self.footer_bytes = l.footer_bytes;
+        self.virtual_size = l.virtual_size;
+        self.dynamic = l.dynamic;
+        self.info = l.info;
+        Ok(())
     }
 
     /// The size a resize to `requested` bytes would give the disk whose
@@ -97,56 +170,6 @@ impl Vhd {
             )));
         }
         Ok((requested, ChsGeometry::from_sectors(requested / SECTOR)))
-    }
-
-    /// Resize the VHD on `storage` (not open elsewhere) to `new_size` bytes;
-    /// returns the size now recorded. Shrinking refuses when the cut part
-    /// holds data (a fixed disk: a non-zero byte; a dynamic disk: an
-    /// allocated block wholly past the new end), unless `force`. See the
-    /// module docs of `resize` for the order of the writes.
-    ///
-    /// # Errors
-    /// Not a VHD or corrupt, a differencing disk (its size must match its
-    /// parent's), a damaged trailing footer, an invalid size, data in the
-    /// cut part without `force`, I/O errors.
-    pub fn resize_storage(storage: Box<dyn Storage>, new_size: u64, force: bool) -> Result<u64> {
-        let name = storage.name().to_string();
-        let info = Self::load(&*storage, &OpenOptions::default(), ParentSource::Inspect)?.info;
-        if !storage.is_writable() {
-            return Err(Error::invalid("image is open read-only").in_file(&name, 0));
-        }
-        match info.footer.disk_type {
-            DiskType::Differencing => {
-                return Err(Error::invalid(
-                    "cannot resize a differencing disk: its size must match its parent's",
-                )
-                .in_file(&name, 0))
-            }
-            DiskType::Fixed | DiskType::Dynamic => {}
-        }
-        if info.footer_source != FooterSource::End {
-            return Err(Error::unsupported(
-                "the footer is not the last 512 bytes of the file (convert the image first)",
-            )
-            .in_file(&name, 0));
-        }
-        let (size, geometry) = Self::resize_target(&info.footer, new_size).in_file(&name, 0)?;
-        let mut footer = info.footer.clone();
-        footer.current_size = size;
-        footer.geometry = geometry;
-        if size == info.virtual_size && footer == info.footer {
-            return Ok(size);
-        }
-        let r = Resizer {
-            st: &*storage,
-            name: &name,
-            footer_bytes: footer.to_bytes(),
-        };
-        match info.header.clone() {
-            None => r.fixed(&info, size, force)?,
-            Some(h) => r.dynamic(&info, &h, size, force)?,
-        }
-        Ok(size)
     }
 }
 

@@ -7,20 +7,21 @@ use crate::image::Vhd;
 use crate::parent_locator::ParentLocator;
 use crate::relink::inspect_for_rewrite;
 use crate::{Error, Result};
-use disk::{LockMode, Opener, Storage};
-use std::path::Path;
-use std::sync::Arc;
 use uuid::Uuid;
 
 impl Vhd {
-    /// Turn the differencing VHD `child` into a dynamic VHD whose content is
-    /// what the child holds: its present sectors, and zeros wherever it
-    /// would have read from its parent. The last step of merging a parent
-    /// into its only child, once the caller has copied into the child every
-    /// parent sector it needs (not checked here). The unique id, BAT,
-    /// bitmaps and data are kept; the parent is not opened.
+    /// Turn this differencing VHD, open writable, into a dynamic VHD whose
+    /// content is what the child holds: its present sectors, and zeros
+    /// wherever it would have read from its parent. The last step of
+    /// merging a parent into its only child, once the caller has copied
+    /// into the child every parent sector it needs (not checked here). The
+    /// unique id, BAT, bitmaps and data are kept; the parent is not read.
+    /// The image is flushed first, then closed: the call consumes it.
     ///
     /// # Crash safety
+    /// The image's own flush (its writes durable, the in-memory BAT and
+    /// bitmaps written, synced); then the structures are read again from
+    /// the file, and:
     /// 1. the trailing footer is rewritten with disk type dynamic (and a new
     ///    checksum; one 512-byte sector), **sync**;
     /// 2. the footer copy at offset 0, the same, **sync**;
@@ -45,20 +46,14 @@ impl Vhd {
     /// differencing before step 2) is used, read-only, with the parent.
     ///
     /// # Errors
-    /// The file cannot be opened; it is not a differencing VHD, or its
-    /// trailing footer is damaged; I/O errors.
-    pub fn make_standalone(child: impl AsRef<Path>, opener: &dyn Opener) -> Result<()> {
-        let storage: Arc<dyn Storage> = opener.open(child.as_ref(), true, LockMode::Auto)?.into();
-        Self::make_standalone_on(storage)
-    }
-
-    /// [`Vhd::make_standalone`] on any storage.
-    ///
-    /// # Errors
-    /// As [`Vhd::make_standalone`].
-    pub fn make_standalone_on(storage: Arc<dyn Storage>) -> Result<()> {
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind) when it is not a
+    /// differencing VHD, its trailing footer is damaged, or it is open
+    /// read-only; I/O errors (of the flush, or of the rewrite).
+    pub fn make_standalone(self) -> Result<()> {
+        self.close_inner()?;
+        let storage = &*self.storage;
         let name = storage.name().to_string();
-        let child = inspect_for_rewrite(&*storage, "make the disk standalone")?;
+        let child = inspect_for_rewrite(storage, "make the disk standalone")?;
         let Some(header) = &child.info.header else {
             return Err(Error::invalid("a differencing disk without a header").in_file(&name, 0));
         };

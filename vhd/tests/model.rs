@@ -51,7 +51,7 @@ fn rw() -> OpenOptions {
 /// blocks are allocated but every sector reads as zero.
 fn foreign_partial_bitmaps(st: &Arc<MemStorage>, d: Vhd) -> Arc<MemStorage> {
     let size = d.virtual_size();
-    let bs = d.block_size().unwrap();
+    let bs = d.block_size();
     let table = d.info().header.as_ref().unwrap().table_offset as usize;
     for off in [0, size / 2, size - 1000] {
         d.write_at(&vec![0xa5; 1000], off).unwrap();

@@ -98,11 +98,11 @@ fn resize(args: &ResizeArgs) -> Result<()> {
             d.close()?;
         }
         Format::Vhd => {
-            let cur = open::open(image, Some(Format::Vhd), false)?
-                .disk()
-                .virtual_size();
-            let size = target(image, cur, text, 512)?;
-            vhd::Vhd::resize(image, size, args.force)?;
+            let img = open::open(image, Some(Format::Vhd), true)?;
+            let size = target(image, img.disk().virtual_size(), text, 512)?;
+            let mut d = img.into_driver().into_vhd()?;
+            d.resize(size, args.force)?;
+            d.close()?;
         }
         Format::Raw => {
             let img = open::open(image, Some(Format::Raw), true)?;
