@@ -1,9 +1,9 @@
 //! `vdisk compare`: do two images have the same virtual contents?
 
 use super::{extent_at, first_difference, first_nonzero, reads_as_zero, CHUNK};
+use crate::cli::CompareArgs;
 use crate::open;
 use crate::progress::Progress;
-use crate::CompareArgs;
 use anyhow::Result;
 use disk::VirtualDisk;
 use std::thread;

@@ -7,11 +7,11 @@
 //! the reader run far ahead; buffers flow back for reuse.
 
 use super::{extent_at, is_zero, reads_as_zero, CHUNK};
+use crate::cli::ConvertArgs;
 use crate::commands::create;
 use crate::open;
 use crate::options::{self, Target};
 use crate::progress::Progress;
-use crate::ConvertArgs;
 use anyhow::{bail, Result};
 use disk::VirtualDisk;
 use image::Image;

@@ -8,8 +8,8 @@
 //! (depth 1), and so on: the cost is one lookup per block and layer, never
 //! per byte.
 
+use crate::cli::{MapArgs, OutputFormat};
 use crate::open;
-use crate::{MapArgs, OutputFormat};
 use anyhow::{bail, Result};
 use disk::{FileOffset, Mapping, VirtualDisk};
 

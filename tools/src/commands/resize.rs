@@ -2,11 +2,11 @@
 //! resize`), through [`vhdx::Vhdx::resize`], [`vhd::Vhd::resize`], or the
 //! file length for raw images.
 
+use crate::cli::ResizeArgs;
 use crate::open::{self, Format};
 use crate::outln;
 use crate::progress::Progress;
 use crate::size::{parse_size_ceil, round_to_sectors};
-use crate::ResizeArgs;
 use anyhow::{anyhow, bail, Result};
 use disk::{Storage, VirtualDisk};
 use std::path::Path;

@@ -1,9 +1,9 @@
 //! `vdisk read` and `vdisk write`: raw access to virtual bytes.
 
 use super::CHUNK;
+use crate::cli::{ReadArgs, WriteArgs};
 use crate::open;
 use crate::size::parse_arg;
-use crate::{ReadArgs, WriteArgs};
 use anyhow::{bail, Context, Result};
 use disk::VirtualDisk;
 use std::io::{Read, Write};
