@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chain;
+
 use disk::{Result, VirtualDisk};
 
 /// Fill `buf` with pseudo-random bytes (xorshift64*, seeded): cheap, never
