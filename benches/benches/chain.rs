@@ -13,6 +13,9 @@
 //! tempdir under Cargo's target tmp dir; reads come from the page cache, and
 //! the view's cache is warm (criterion's warm-up reads first).
 
+// criterion_group! defines an undocumented public function.
+#![allow(missing_docs)]
+
 use benches::chain::{open_leaf, read_offsets, verify, Fixtures, Layout, DEPTHS, READ};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use disk::{ChainView, VirtualDisk};

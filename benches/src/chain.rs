@@ -3,13 +3,15 @@
 //! over a 256 MiB disk of 2 MiB blocks, every byte written, in two layouts
 //! ([`Layout`]); see the `chainbench` example's docs.
 
-use crate::fill_random;
+use crate::{buffer, fill_random};
 use disk::VirtualDisk;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Bytes per MiB.
 pub const MIB: u64 = 1 << 20;
+/// Bytes per MiB, as a length.
+const MIB_BYTES: usize = 1 << 20;
 /// Virtual size of every fixture (before the VHD's CHS rounding), all
 /// written.
 pub const DISK: u64 = 256 * MIB;
@@ -85,7 +87,7 @@ impl Fixtures {
 /// fixed permutation of the blocks, dealt out round-robin.
 fn owner(b: u64, depth: usize) -> usize {
     let blocks = DISK / BLOCK;
-    ((b * 53 + 7) % blocks) as usize % depth
+    usize::try_from((b * 53 + 7) % blocks).expect("below the block count") % depth
 }
 
 /// The contents of MiB `m` of every fixture.
@@ -97,7 +99,7 @@ pub fn expected_mib(m: u64, buf: &mut [u8]) {
 /// (whole) in layer `owner(b)`. Returns the paths, base first.
 fn build_chain(dir: &Path, depth: usize, owner: impl Fn(u64) -> usize) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).expect("create fixture dir");
-    let mut buf = vec![0u8; BLOCK as usize];
+    let mut buf = buffer(BLOCK);
     let mut paths: Vec<PathBuf> = Vec::with_capacity(depth);
     for layer in 0..depth {
         let path = dir.join(format!("layer{layer:02}.vhd"));
@@ -111,7 +113,7 @@ fn build_chain(dir: &Path, depth: usize, owner: impl Fn(u64) -> usize) -> Vec<Pa
         // CHS rounding adds a few hundred KiB, never read by the benchmark.
         assert!(d.virtual_size() >= DISK);
         for b in (0..DISK / BLOCK).filter(|&b| owner(b) == layer) {
-            for (i, mib) in buf.chunks_mut(MIB as usize).enumerate() {
+            for (i, mib) in buf.chunks_mut(MIB_BYTES).enumerate() {
                 expected_mib(b * (BLOCK / MIB) + i as u64, mib);
             }
             d.write_at(&buf, b * BLOCK).expect("write block");
@@ -144,12 +146,12 @@ pub fn read_offsets(count: usize) -> Vec<u64> {
 
 /// Check that `d` reads the expected bytes at the first `n` offsets.
 pub fn verify(d: &dyn VirtualDisk, offs: &[u64], n: usize) {
-    let mut mib = vec![0u8; MIB as usize];
+    let mut mib = buffer(MIB);
     let mut buf = vec![0u8; READ];
     for &off in offs.iter().take(n) {
         expected_mib(off / MIB, &mut mib);
         d.read_at(&mut buf, off).expect("read");
-        let within = (off % MIB) as usize;
+        let within = usize::try_from(off % MIB).expect("below 1 MiB");
         assert!(
             buf == mib[within..within + READ],
             "wrong data at {off:#x} through {}",

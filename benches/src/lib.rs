@@ -20,6 +20,15 @@ pub fn fill_random(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// A zeroed buffer of `len` bytes, a benchmark's request or fixture size.
+///
+/// # Panics
+/// When `len` does not fit this platform's address space (a benchmark
+/// asked for more than any machine running it has).
+pub fn buffer(len: u64) -> Vec<u8> {
+    vec![0u8; usize::try_from(len).expect("a benchmark buffer fits in memory")]
+}
+
 /// Whether every byte of `buf` is zero.
 pub fn is_zero(buf: &[u8]) -> bool {
     let mut words = buf.chunks_exact(16);
@@ -42,7 +51,7 @@ pub fn copy_nonzero(src: &dyn VirtualDisk, dst: &dyn VirtualDisk, chunk: usize) 
     let mut written = 0u64;
     let mut off = 0u64;
     while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
+        let n = usize::try_from(size - off).map_or(buf.len(), |r| r.min(buf.len()));
         let piece = &mut buf[..n];
         src.read_at(piece, off)?;
         if !is_zero(piece) {

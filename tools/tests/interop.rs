@@ -9,6 +9,9 @@
 //! is absent; each mount is unmounted by a drop guard, also when a test
 //! fails.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

@@ -12,6 +12,14 @@ use crate::{Error, Result};
 pub const UNALLOCATED: u32 = u32::MAX;
 /// Sector size of the format.
 pub const SECTOR: u64 = 512;
+/// BAT entries per 512-byte BAT sector.
+pub const ENTRIES_PER_SECTOR: usize = 128;
+
+/// The BAT sector (0 for the table's first 512 bytes) holding `block`'s
+/// entry.
+pub fn sector_of(block: u64) -> u64 {
+    block / (SECTOR / 4)
+}
 
 const STRUCT: &str = "VHD BAT";
 
@@ -66,6 +74,30 @@ impl Bat {
         }
     }
 
+    /// Set `block`'s entry (a sector offset or [`UNALLOCATED`]); blocks past
+    /// the table are ignored.
+    pub fn set(&mut self, block: u64, entry: u32) {
+        if let Some(e) = usize::try_from(block)
+            .ok()
+            .and_then(|i| self.entries.get_mut(i))
+        {
+            *e = entry;
+        }
+    }
+
+    /// The bytes of BAT sector `sector` (entries `sector * 128` on, up to
+    /// 128 of them, fewer in a last sector the table does not fill).
+    pub fn sector_bytes(&self, sector: u64) -> Vec<u8> {
+        let first = usize::try_from(sector)
+            .ok()
+            .and_then(|s| s.checked_mul(ENTRIES_PER_SECTOR))
+            .unwrap_or(usize::MAX);
+        let n = self.len().saturating_sub(first).min(ENTRIES_PER_SECTOR);
+        let mut buf = vec![0u8; n * 4];
+        self.write_to(first, &mut buf);
+        buf
+    }
+
     /// The file offset of `block`'s sector bitmap, or None when the block is
     /// unallocated or out of the table.
     pub fn block_offset(&self, block: u64) -> Option<u64> {
@@ -106,5 +138,24 @@ mod tests {
         assert_eq!(out, [0, 1, 0, 0]);
         assert!(Bat::parse(&buf[..5]).is_err());
         assert_eq!(Bat::new(2).entries, vec![UNALLOCATED; 2]);
+    }
+
+    #[test]
+    fn sectors_of_the_table() {
+        // 300 entries: sectors of 128, 128 and 44 entries.
+        let mut bat = Bat::new(300);
+        assert_eq!((sector_of(0), sector_of(127), sector_of(128)), (0, 0, 1));
+        bat.set(129, 7);
+        bat.set(300, 9); // past the table: ignored
+        bat.set(u64::MAX, 9);
+        assert_eq!(bat.len(), 300);
+        assert_eq!(bat.block_offset(129), Some(7 * 512));
+        let s1 = bat.sector_bytes(1);
+        assert_eq!(s1.len(), 512);
+        assert_eq!(&s1[4..8], &[0, 0, 0, 7]);
+        assert!(s1[..4] == [0xff; 4] && s1[8..].iter().all(|&b| b == 0xff));
+        assert_eq!(bat.sector_bytes(2).len(), 44 * 4);
+        assert!(bat.sector_bytes(3).is_empty());
+        assert!(bat.sector_bytes(u64::MAX).is_empty());
     }
 }

@@ -5,16 +5,13 @@
 //! completed write makes, and discard. The write protocol and why each
 //! sync is where it is: the module docs of `image`.
 
-use crate::bat::{Bat, SECTOR, UNALLOCATED};
-use crate::image::{lock, Vhd};
+use crate::bat::{self, Bat, SECTOR, UNALLOCATED};
+use crate::image::{buf_len, lock, Vhd};
 use crate::sector_bitmap::{self, Overlay};
 use crate::{Error, Result};
 use disk::{Extent, FileOffset, Mapping, VirtualDisk, WriteExtent};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
-
-/// BAT entries per 512-byte BAT sector.
-pub(crate) const ENTRIES_PER_SECTOR: u64 = SECTOR / 4;
 
 /// A dynamic or differencing disk's layout and block state.
 pub(crate) struct Dyn {
@@ -42,6 +39,28 @@ pub(crate) struct DynState {
     pub(crate) dirty_bat: BTreeSet<u64>,
     /// Offset of the trailing footer: where the next block goes.
     pub(crate) end: u64,
+}
+
+impl DynState {
+    /// Whether `block`'s bitmap is known to mark every sector present
+    /// (None past the table).
+    pub(crate) fn is_full(&self, block: u64) -> Option<bool> {
+        usize::try_from(block)
+            .ok()
+            .and_then(|i| self.full.get(i))
+            .copied()
+    }
+
+    /// Record whether `block`'s bitmap marks every sector present (ignored
+    /// past the table).
+    pub(crate) fn set_full(&mut self, block: u64, full: bool) {
+        if let Some(f) = usize::try_from(block)
+            .ok()
+            .and_then(|i| self.full.get_mut(i))
+        {
+            *f = full;
+        }
+    }
 }
 
 impl Vhd {
@@ -111,7 +130,7 @@ impl Vhd {
                     mapping: self.absent(),
                 });
             };
-            let full = st.full.get(block as usize).copied().unwrap_or(false);
+            let full = st.is_full(block).unwrap_or(false);
             let ov = if full {
                 None
             } else {
@@ -135,9 +154,7 @@ impl Vhd {
                 if sector_bitmap::all_set(&b, self.block_sectors(d, block)) {
                     let mut st = lock(&d.state);
                     if st.bat.block_offset(block) == Some(block_off) {
-                        if let Some(f) = st.full.get_mut(block as usize) {
-                            *f = true;
-                        }
+                        st.set_full(block, true);
                     }
                 }
                 b
@@ -185,7 +202,7 @@ impl Vhd {
         // 3. The bitmap (over the old footer): every sector present, or for
         // a differencing disk none (they come from the parent until written).
         let fill = if self.differencing { 0 } else { 0xff };
-        let bits = vec![fill; d.bitmap_size as usize];
+        let bits = vec![fill; buf_len(d.bitmap_size)?];
         self.storage.write_at(&bits, at)?;
         // 4. The BAT entry, in memory until the next flush.
         let idx = usize::try_from(block).map_err(|_| Error::invalid("block out of range"))?;
@@ -200,7 +217,7 @@ impl Vhd {
         } else {
             st.overlay.remove(&block);
         }
-        st.dirty_bat.insert(block / ENTRIES_PER_SECTOR);
+        st.dirty_bat.insert(bat::sector_of(block));
         st.end = new_end;
         Ok(at)
     }
@@ -212,7 +229,7 @@ impl Vhd {
         let within = offset % d.block_size;
         let mut st = lock(&d.state);
         let (block_off, full) = match st.bat.block_offset(block) {
-            Some(o) => (o, st.full.get(block as usize).copied().unwrap_or(false)),
+            Some(o) => (o, st.is_full(block).unwrap_or(false)),
             None => (self.allocate(d, &mut st, block)?, !self.differencing),
         };
         let end = within + run;
@@ -246,7 +263,7 @@ impl Vhd {
         let first = within / SECTOR;
         let end = (within + ext.len).div_ceil(SECTOR);
         let mut st = lock(&d.state);
-        if st.full.get(block as usize).copied().unwrap_or(true) {
+        if st.is_full(block).unwrap_or(true) {
             return Ok(());
         }
         let Some(block_off) = st.bat.block_offset(block) else {
@@ -260,9 +277,7 @@ impl Vhd {
         o.dirty = true;
         let now_full = sector_bitmap::all_set(&o.bits, n);
         if now_full {
-            if let Some(f) = st.full.get_mut(block as usize) {
-                *f = true;
-            }
+            st.set_full(block, true);
         }
         Ok(())
     }
@@ -298,7 +313,7 @@ impl Vhd {
                 *f = false;
             }
             st.overlay.remove(&b);
-            st.dirty_bat.insert(b / ENTRIES_PER_SECTOR);
+            st.dirty_bat.insert(bat::sector_of(b));
         }
         Ok(())
     }

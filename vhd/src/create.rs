@@ -355,7 +355,9 @@ fn write_differencing(
                 Error::invalid(format!("parent path \"{path}\" is empty or too long"))
                     .in_file(&name, 0)
             })?;
-        let space = u64::from(len).div_ceil(SECTOR) * SECTOR;
+        // At most MAX_DATA (64 KiB) rounded up to a sector: no overflow.
+        let space32 = len.div_ceil(512) * 512;
+        let space = u64::from(space32);
         // Platform Data Space: the specification counts 512-byte
         // sectors, but Windows writes a byte count (the diskpart-made
         // corpus image dfvfs-fat-differential-orphan.vhd has W2ku with
@@ -366,7 +368,7 @@ fn write_differencing(
         // the field) only over-estimate.
         header.parent_locators[i] = ParentLocator {
             platform_code: code,
-            data_space: space as u32,
+            data_space: space32,
             data_length: len,
             reserved: 0,
             data_offset: at,
@@ -374,7 +376,7 @@ fn write_differencing(
         // Zero-padded to the whole space (a reused spare may hold a
         // longer path there).
         let mut data = data;
-        data.resize(space as usize, 0);
+        data.resize(data.len().next_multiple_of(512), 0);
         datas.push((at, data));
         at += space;
     }
@@ -439,8 +441,7 @@ fn validate_create(o: &CreateOptions) -> Result<()> {
             )));
         }
     }
-    if !o.fixed
-        && (!o.block_size.is_power_of_two() || !(4096..=256 * MIB as u32).contains(&o.block_size))
+    if !o.fixed && (!o.block_size.is_power_of_two() || !(4096..=256 << 20).contains(&o.block_size))
     {
         return Err(Error::invalid(format!(
             "block size {} is not a power of two from 4 KiB to 256 MiB",

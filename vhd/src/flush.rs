@@ -3,7 +3,6 @@
 //! (the write protocol in the module docs of `image`).
 
 use crate::bat::SECTOR;
-use crate::block_map::ENTRIES_PER_SECTOR;
 use crate::image::{lock, Vhd};
 use crate::Result;
 use std::sync::atomic::Ordering;
@@ -38,11 +37,7 @@ impl Vhd {
             let ids: Vec<u64> = std::mem::take(&mut st.dirty_bat).into_iter().collect();
             let mut sectors = Vec::with_capacity(ids.len());
             for s in ids {
-                let first = s * ENTRIES_PER_SECTOR;
-                let n = (st.bat.len() as u64 - first).min(ENTRIES_PER_SECTOR);
-                let mut buf = vec![0u8; (n * 4) as usize];
-                st.bat.write_to(first as usize, &mut buf);
-                sectors.push((s, buf));
+                sectors.push((s, st.bat.sector_bytes(s)));
             }
             let mut bitmaps = Vec::new();
             let st = &mut *st;

@@ -94,6 +94,9 @@ pub(crate) const MIB: u64 = 1 << 20;
 /// The largest virtual size this library creates: 2040 GiB, the limit of
 /// the format as Virtual PC, Virtual Server and Hyper-V implement it.
 pub const MAX_VIRTUAL_SIZE: u64 = 2040 << 30;
+/// The default block size of a dynamic disk: 2 MiB, the only size Windows
+/// creates.
+pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 /// The deepest differencing chain opened (the child included).
 pub const MAX_CHAIN: usize = disk::parent::DEFAULT_MAX_DEPTH;
 
@@ -159,7 +162,7 @@ impl CreateOptions {
         CreateOptions {
             virtual_size,
             fixed: false,
-            block_size: 2 * MIB as u32,
+            block_size: DEFAULT_BLOCK_SIZE,
             azure: false,
             opener: disk::file_opener(),
         }
@@ -249,10 +252,19 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// `len` bytes at `offset` of `storage`, in a new buffer.
 pub(crate) fn read_vec(storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<u8>> {
-    let n = usize::try_from(len).map_err(|_| Error::invalid("read too large"))?;
-    let mut v = vec![0u8; n];
+    let mut v = vec![0u8; buf_len(len)?];
     storage.read_at(&mut v, offset)?;
     Ok(v)
+}
+
+/// `len` as an in-memory buffer length.
+///
+/// # Errors
+/// [`crate::ErrorKind::InvalidInput`] when it does not fit this platform's
+/// address space.
+pub(crate) fn buf_len(len: u64) -> Result<usize> {
+    usize::try_from(len)
+        .map_err(|_| Error::invalid(format!("a buffer of {len} bytes is too large for memory")))
 }
 
 /// Whether the ranges `[a, a + a_len)` and `[b, b + b_len)` meet.

@@ -527,6 +527,8 @@ fn not_differencing(name: &str, parent: &dyn VirtualDisk) -> Error {
 }
 
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::image::testutil::mem;

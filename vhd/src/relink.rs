@@ -9,7 +9,7 @@ use crate::bat::{SECTOR, UNALLOCATED};
 use crate::block_map::Dyn;
 use crate::dynamic_header::{DynamicHeader, HEADER_SIZE, LOCATORS};
 use crate::footer::{fourcc, DiskType, FOOTER_SIZE};
-use crate::image::{lock, overlaps, FooterSource, Info, OpenOptions, Vhd};
+use crate::image::{buf_len, lock, overlaps, FooterSource, Info, OpenOptions, Vhd};
 use crate::open::{check_parent_size, Loaded, ParentSource};
 use crate::parent_locator::{encode_path, ParentLocator, MAX_DATA, W2KU, W2RU};
 use crate::parent_search::{parent_link_for, ParentLink};
@@ -269,14 +269,18 @@ impl Vhd {
             (W2KU, encode_path(&link.absolute), &link.absolute),
             (W2RU, encode_path(&link.relative), &link.relative),
         ];
-        for (code, data, path) in &datas {
-            if data.is_empty() || data.len() > MAX_DATA as usize {
-                return Err(Error::invalid(format!(
-                    "the {} parent path \"{path}\" is empty or too long",
-                    fourcc(code)
-                ))
-                .in_file(&name, 0));
-            }
+        let mut lens = [0u32; 2];
+        for (len, (code, data, path)) in lens.iter_mut().zip(&datas) {
+            *len = u32::try_from(data.len())
+                .ok()
+                .filter(|&l| l > 0 && l <= MAX_DATA)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "the {} parent path \"{path}\" is empty or too long",
+                        fourcc(code)
+                    ))
+                    .in_file(&name, 0)
+                })?;
         }
         // Larger first, each into its own code's space if it fits, else the
         // smallest free one that does (with two paths this finds a fit
@@ -285,7 +289,7 @@ impl Vhd {
         order.sort_by_key(|&i| std::cmp::Reverse(datas[i].1.len()));
         let mut chosen: [Option<usize>; 2] = [None, None];
         for i in order {
-            let len = datas[i].1.len() as u64;
+            let len = u64::from(lens[i]);
             let free = |j: usize| {
                 let s = &spaces[j];
                 len <= s.bytes
@@ -329,7 +333,7 @@ impl Vhd {
             h.parent_locators[i] = ParentLocator {
                 platform_code: *code,
                 data_space: s.data_space,
-                data_length: data.len() as u32,
+                data_length: lens[i],
                 reserved: 0,
                 data_offset: s.offset,
             };
@@ -337,7 +341,7 @@ impl Vhd {
             // reading this space after a crash sees the new path (or a
             // truncated one), never a mix with the old.
             let mut buf = data.clone();
-            buf.resize(data.len().max(s.old_len as usize), 0);
+            buf.resize(data.len().max(buf_len(s.old_len)?), 0);
             writes.push((s.offset, buf));
         }
         let mut hbuf = [0u8; HEADER_SIZE];

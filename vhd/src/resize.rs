@@ -60,7 +60,8 @@ use crate::{sector_bitmap, Error, Result};
 use disk::{ResultExt, Storage};
 use std::sync::atomic::Ordering;
 
-const COPY_CHUNK: u64 = MIB;
+/// Bytes read at a time when looking for data in a cut part.
+const COPY_CHUNK: usize = 1 << 20;
 
 impl Vhd {
     /// Resize this VHD, open writable, to `new_size` bytes (rounded as the
@@ -182,10 +183,10 @@ struct Resizer<'a> {
 impl Resizer<'_> {
     /// The first non-zero byte in `[off, end)`, if any.
     fn first_nonzero(&self, off: u64, end: u64) -> Result<Option<u64>> {
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let mut buf = vec![0u8; COPY_CHUNK];
         let mut at = off;
         while at < end {
-            let n = (end - at).min(COPY_CHUNK) as usize;
+            let n = usize::try_from(end - at).map_or(COPY_CHUNK, |r| r.min(COPY_CHUNK));
             self.st.read_at(&mut buf[..n], at)?;
             if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
                 return Ok(Some(at + i as u64));
@@ -256,7 +257,7 @@ impl Resizer<'_> {
             self.commit_footers(end)?;
             for b in new_blocks..old_blocks {
                 if bat.block_offset(b).is_some() {
-                    bat.entries[b as usize] = UNALLOCATED;
+                    bat.set(b, UNALLOCATED);
                     self.write_entry(t, b, UNALLOCATED)?;
                 }
             }
@@ -266,7 +267,7 @@ impl Resizer<'_> {
         // (1) Stale entries past the old block count; the old last block's tail.
         for b in old_blocks..m {
             if bat.block_offset(b).is_some() {
-                bat.entries[b as usize] = UNALLOCATED;
+                bat.set(b, UNALLOCATED);
                 self.write_entry(t, b, UNALLOCATED)?;
             }
         }
@@ -320,8 +321,10 @@ impl Resizer<'_> {
                 self.st.flush()?;
                 disk::copy_range(self.st, from, to, bm + bs)?;
                 self.st.flush()?;
-                let sector = (to / SECTOR) as u32;
-                bat.entries[b as usize] = sector;
+                let sector = u32::try_from(to / SECTOR).map_err(|_| {
+                    Error::invalid("the file would exceed the VHD maximum").in_file(name, 0)
+                })?;
+                bat.set(b, sector);
                 self.write_entry(t, b, sector)?;
                 self.st.flush()?;
                 end = new_end;

@@ -3,6 +3,9 @@
 //! absolute locator, parent name), parent checks, chains, crash safety of
 //! the write path, a property test against a `Vec` model, and interop.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::fault::RecordingStorage;

@@ -2,6 +2,9 @@
 //! `Vec<u8>` model, for fixed and dynamic disks (including blocks whose
 //! sector bitmaps have zero bits over junk data, as other tools leave them).
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::MIB;
 use disk::{MemStorage, VirtualDisk};

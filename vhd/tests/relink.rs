@@ -4,6 +4,9 @@
 //! the chain reads the same bytes, the locators and ids are right, refusals
 //! leave the file untouched, every crash point opens, and qemu-img agrees.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::fault::RecordingStorage;

@@ -5,6 +5,9 @@
 //! Every finished resize leaves a file `vhd::check` finds clean (a shrink
 //! gives back the tail it frees: no leak), and every crash image is clean after `check -r all`.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use disk::check::{ProblemKind, RepairMode};
 use disk::fault::RecordingStorage;
 use disk::testing::crash::for_each_crash;

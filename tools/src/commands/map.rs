@@ -199,6 +199,8 @@ pub fn run(args: &MapArgs) -> Result<()> {
 }
 
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use disk::MemStorage;

@@ -152,7 +152,7 @@ fn first_nonzero(st: &dyn Storage, from: u64, to: u64) -> Result<Option<u64>> {
     let mut buf = vec![0u8; super::CHUNK];
     let mut at = from;
     while at < to {
-        let n = (to - at).min(buf.len() as u64) as usize;
+        let n = super::min_len(to - at, buf.len());
         st.read_at(&mut buf[..n], at)?;
         if let Some(i) = super::first_nonzero(&buf[..n]) {
             return Ok(Some(at + i as u64));

@@ -229,6 +229,8 @@ pub(super) fn check(
 }
 
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::super::testutil::*;
 

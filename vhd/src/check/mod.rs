@@ -48,7 +48,7 @@ mod repair;
 
 use crate::dynamic_header::DynamicHeader;
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
-use crate::{Error, OpenOptions, Result};
+use crate::{OpenOptions, Result};
 use disk::check::{CheckReport, Used};
 use disk::Storage;
 use std::path::Path;
@@ -147,7 +147,7 @@ struct Layout {
 }
 
 fn read(storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<u8>> {
-    let n = usize::try_from(len).map_err(|_| Error::invalid("read too large"))?;
+    let n = crate::image::buf_len(len)?;
     let mut buf = vec![0u8; n];
     storage.read_at(&mut buf, offset)?;
     Ok(buf)
@@ -197,6 +197,8 @@ fn examine(storage: &dyn Storage, opts: &CheckOptions) -> Result<Findings> {
 
 /// Images and helpers for the unit tests of the passes.
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod testutil {
     pub(super) use super::{check, check_file, repair, CheckOptions};
     pub(super) use crate::{CreateOptions, OpenOptions, Vhd};
@@ -259,6 +261,8 @@ mod testutil {
 }
 
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::testutil::*;
 

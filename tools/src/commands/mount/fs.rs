@@ -3,6 +3,7 @@
 //! `flush` after writes flush it.
 
 use super::{note, FILE_NAME, IO_SIZE};
+use crate::commands::min_len;
 use disk::partition::{self, Partition};
 use disk::VirtualDisk;
 use fuser::{
@@ -338,7 +339,7 @@ impl Filesystem for DiskFs {
             reply.data(&[]);
             return;
         }
-        let n = u64::from(size).min(len - offset) as usize;
+        let n = min_len(len - offset, size as usize);
         READ_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             if buf.len() < n {
@@ -391,14 +392,15 @@ impl Filesystem for DiskFs {
             return;
         }
         // A write crossing the end is cut short there.
-        let n = (data.len() as u64).min(len - offset) as usize;
+        let n = min_len(len - offset, data.len());
         match self.disk.write_at(&data[..n], base + offset) {
             Ok(()) => {
                 self.dirty.store(true, Ordering::Release);
                 if ino != FILE_INO {
                     self.part_written.store(true, Ordering::Release);
                 }
-                reply.written(n as u32);
+                // n ≤ data.len(), which FUSE bounds by its u32 request size.
+                reply.written(u32::try_from(n).unwrap_or(u32::MAX));
             }
             Err(e) => {
                 note(&format!(
@@ -473,7 +475,11 @@ impl Filesystem for DiskFs {
         for (ino, name, _) in self.part_files() {
             entries.push((ino, FileType::RegularFile, name));
         }
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, (ino, kind, name)) in entries
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
             if reply.add(*ino, i as u64 + 1, *kind, name) {
                 break;
             }

@@ -53,8 +53,11 @@ fn unescape(field: &str) -> String {
             .get(i + 1..i + 4)
             .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         if let (b'\\', Some(d)) = (b[i], octal) {
-            let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
-            out.push(v as u8);
+            // One byte (the kernel escapes bytes: at most \377), modulo 256.
+            let v = d
+                .iter()
+                .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0'));
+            out.push(v);
             i += 4;
         } else {
             out.push(b[i]);
