@@ -37,5 +37,8 @@ mod standalone;
 mod virtual_disk;
 
 pub use disk::{Error, ErrorKind, Result};
-pub use image::{CreateOptions, FooterSource, Info, OpenOptions, Vhd, MAX_CHAIN, MAX_VIRTUAL_SIZE};
+pub use image::{
+    CreateOptions, FooterSource, Info, OpenOptions, Vhd, DEFAULT_BLOCK_SIZE, MAX_CHAIN,
+    MAX_VIRTUAL_SIZE,
+};
 pub use parent_search::ParentLink;

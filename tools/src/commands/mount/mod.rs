@@ -3,10 +3,10 @@
 //!
 //! The mount holds one directory with one file, [`FILE_NAME`], whose size
 //! is the virtual size and whose bytes are the virtual disk's: reads and
-//! writes call [`VirtualDisk::read_at`] and [`VirtualDisk::write_at`] with
+//! writes call [`disk::VirtualDisk::read_at`] and [`disk::VirtualDisk::write_at`] with
 //! the kernel's request buffer, and `fsync` (or the `flush` of a close after
-//! writes) calls [`VirtualDisk::flush`]. A differencing chain is served
-//! through a [`ChainView`]; with `--rw` only its leaf is written.
+//! writes) calls [`disk::VirtualDisk::flush`]. A differencing chain is served
+//! through a [`disk::ChainView`]; with `--rw` only its leaf is written.
 //!
 //! Several FUSE worker threads serve requests (each with its own cloned
 //! `/dev/fuse` descriptor); requests are up to [`IO_SIZE`] bytes and the
