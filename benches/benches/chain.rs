@@ -8,16 +8,15 @@
 //! - `chain_4k_read_spread`: each layer holds a different 1/depth share of
 //!   the (2 MiB) blocks.
 //!
-//! Depth 1 is a single dynamic VHD (no parent). The fixtures are those of
-//! the `chainbench` example (included below), built once in a tempdir under
-//! Cargo's target tmp dir; reads come from the page cache, and the view's
-//! cache is warm (criterion's warm-up reads first).
+//! Depth 1 is a single dynamic VHD (no parent). The fixtures are
+//! [`benches::chain`]'s, as the `chainbench` example's, built once in a
+//! tempdir under Cargo's target tmp dir; reads come from the page cache, and
+//! the view's cache is warm (criterion's warm-up reads first).
 
-#[path = "../examples/chainbench.rs"]
-#[allow(dead_code)]
-mod chainbench;
+// criterion_group! defines an undocumented public function.
+#![allow(missing_docs)]
 
-use chainbench::{open_leaf, read_offsets, verify, Fixtures, Layout, DEPTHS, READ};
+use benches::chain::{open_leaf, read_offsets, verify, Fixtures, Layout, DEPTHS, READ};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use disk::{ChainView, VirtualDisk};
 use std::time::Duration;

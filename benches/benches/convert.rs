@@ -5,7 +5,10 @@
 //! 256 KiB ones). Baseline in the same group: the same copy loop into a
 //! sparse raw file, ending with `fdatasync`.
 
-use benches::{copy_nonzero, fill_random};
+// criterion_group! defines an undocumented public function.
+#![allow(missing_docs)]
+
+use benches::{buffer, copy_nonzero, fill_random};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use image::{CreateOptions, Format, Kind, OpenOptions};
 use std::fs::File;
@@ -24,8 +27,8 @@ const RAW_CHUNK: usize = 256 * KIB;
 fn make_source(path: &Path) {
     let f = File::create(path).expect("create source");
     f.set_len(SIZE).expect("size source");
-    let mut buf = vec![0u8; REGION as usize];
-    for (i, off) in (0..SIZE).step_by(2 * REGION as usize).enumerate() {
+    let mut buf = buffer(REGION);
+    for (i, off) in (0..SIZE).step_by(buf.len() * 2).enumerate() {
         fill_random(&mut buf, i as u64 + 1);
         f.write_all_at(&buf, off).expect("fill source");
     }

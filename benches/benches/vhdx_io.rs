@@ -14,7 +14,10 @@
 //! Files live in a tempdir under Cargo's target tmp dir (the real file
 //! system, not tmpfs); reads come from the page cache after setup.
 
-use benches::{fill_random, Strided};
+// criterion_group! defines an undocumented public function.
+#![allow(missing_docs)]
+
+use benches::{buffer, fill_random, Strided};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use disk::{Extent, FileOffset, Mapping, VirtualDisk};
 use image::{CreateOptions, Format, Image, Kind, OpenOptions};
@@ -31,7 +34,7 @@ const GIB: u64 = 1 << 30;
 /// Size of the read fixtures.
 const READ_DISK: u64 = GIB;
 /// Block size of the read fixture (the `CreateOptions` default).
-const READ_BLOCK: u32 = 32 * MIB as u32;
+const READ_BLOCK: u32 = 32 << 20;
 /// Block size of the first-touch write images.
 const WRITE_BLOCK: u64 = MIB;
 /// A stride of a prime number of 4 KiB pages (about 4 MiB): consecutive
@@ -56,7 +59,7 @@ fn read_fixtures(dir: &Path) -> (Image, File, std::path::PathBuf) {
     let created = create(&vhdx_path, Kind::Vhdx(opts));
     let v = created.disk();
     let raw = File::create(&raw_path).expect("create read.raw");
-    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut buf = buffer(4 * MIB);
     let mut off = 0;
     while off < READ_DISK {
         fill_random(&mut buf, off / MIB + 1);
@@ -110,7 +113,7 @@ fn random_reads(c: &mut Criterion, vhdx: &Vhdx, vhdx_path: &Path, raw: &File) {
     g.throughput(Throughput::Bytes(4 * KIB));
     g.measurement_time(Duration::from_secs(3));
     g.warm_up_time(Duration::from_secs(1));
-    let mut buf = vec![0u8; 4 * KIB as usize];
+    let mut buf = buffer(4 * KIB);
     let mut offs = Strided::new(0, READ_STEP, READ_DISK);
     g.bench_function("vhdx", |b| {
         b.iter(|| {
@@ -145,7 +148,7 @@ fn sequential_reads(c: &mut Criterion, vhdx: &Vhdx, raw: &File) {
     g.throughput(Throughput::Bytes(MIB));
     g.measurement_time(Duration::from_secs(3));
     g.warm_up_time(Duration::from_secs(1));
-    let mut buf = vec![0u8; MIB as usize];
+    let mut buf = buffer(MIB);
     let mut offs = Strided::new(0, MIB, READ_DISK);
     g.bench_function("vhdx", |b| {
         b.iter(|| {
@@ -169,7 +172,7 @@ fn sequential_reads(c: &mut Criterion, vhdx: &Vhdx, raw: &File) {
 /// image made by `make` (not timed), plus the flush at the end.
 fn first_touch<D: VirtualDisk>(iters: u64, make: impl FnOnce(u64) -> D) -> Duration {
     let disk = make(iters.max(1) * WRITE_BLOCK);
-    let mut buf = vec![0u8; 4 * KIB as usize];
+    let mut buf = buffer(4 * KIB);
     fill_random(&mut buf, iters);
     let start = Instant::now();
     for i in 0..iters {
@@ -194,7 +197,7 @@ fn first_touch_writes(c: &mut Criterion, dir: &Path) {
         b.iter_custom(|iters| {
             first_touch(iters, |size| {
                 let mut o = vhdx::CreateOptions::new(size);
-                o.block_size = WRITE_BLOCK as u32;
+                o.block_size = u32::try_from(WRITE_BLOCK).expect("1 MiB");
                 create(&vhdx_path, Kind::Vhdx(o)).disk().clone()
             })
         })

@@ -131,7 +131,9 @@ fn run(a: &Args) -> Result<(), String> {
         ));
     }
     let step = a.step.unwrap_or(a.buf_size);
-    let mut buf = vec![a.pattern; a.buf_size as usize];
+    let len = usize::try_from(a.buf_size)
+        .map_err(|_| format!("buffer size {} is too large", a.buf_size))?;
+    let mut buf = vec![a.pattern; len];
     let mut offs = Strided::new(a.offset, step, size).map(|off| {
         // Like qemu-img bench, a request never runs past the end.
         off.min(size - a.buf_size)
@@ -147,7 +149,7 @@ fn run(a: &Args) -> Result<(), String> {
         }
     } else {
         start = Instant::now();
-        for off in offs.take(a.count as usize) {
+        for off in offs.take(usize::try_from(a.count).unwrap_or(usize::MAX)) {
             let r = if a.write {
                 disk.write_at(&buf, off)
             } else {
@@ -199,7 +201,7 @@ fn map_requests(
     len: u64,
 ) -> Result<Vec<u64>, String> {
     let mut v = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-    for off in offs.take(count as usize) {
+    for off in offs.take(usize::try_from(count).unwrap_or(usize::MAX)) {
         let ext = disk.map(off, len).map_err(|e| e.to_string())?;
         match ext.mapping {
             Mapping::Data(FileOffset(fo)) if ext.len >= len => v.push(fo),

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod chain;
+
 use disk::{Result, VirtualDisk};
 
 /// Fill `buf` with pseudo-random bytes (xorshift64*, seeded): cheap, never
@@ -16,6 +18,15 @@ pub fn fill_random(buf: &mut [u8], seed: u64) {
         let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
+}
+
+/// A zeroed buffer of `len` bytes, a benchmark's request or fixture size.
+///
+/// # Panics
+/// When `len` does not fit this platform's address space (a benchmark
+/// asked for more than any machine running it has).
+pub fn buffer(len: u64) -> Vec<u8> {
+    vec![0u8; usize::try_from(len).expect("a benchmark buffer fits in memory")]
 }
 
 /// Whether every byte of `buf` is zero.
@@ -40,7 +51,7 @@ pub fn copy_nonzero(src: &dyn VirtualDisk, dst: &dyn VirtualDisk, chunk: usize) 
     let mut written = 0u64;
     let mut off = 0u64;
     while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
+        let n = usize::try_from(size - off).map_or(buf.len(), |r| r.min(buf.len()));
         let piece = &mut buf[..n];
         src.read_at(piece, off)?;
         if !is_zero(piece) {

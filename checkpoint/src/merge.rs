@@ -28,7 +28,6 @@ use image::{Driver, Format, Image, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
-use vhd::Vhd;
 use vhdx::Vhdx;
 
 /// Bytes copied per I/O.
@@ -129,7 +128,7 @@ pub fn merge_into_child(
             img.close()?;
             set_parent(child, &g, true, opts)?;
         }
-        None => make_standalone(img, child, opts)?,
+        None => make_standalone(img, child)?,
     }
     Ok(stats)
 }
@@ -137,14 +136,10 @@ pub fn merge_into_child(
 /// Turn the differencing image `img` (at `path`) into a standalone one
 /// (see [`vhdx::Vhdx::make_standalone`], [`vhd::Vhd::make_standalone`]);
 /// closes it.
-fn make_standalone(img: Image, path: &Path, opts: &OpenOptions) -> Result<()> {
+fn make_standalone(img: Image, path: &Path) -> Result<()> {
     match img.into_driver() {
         d @ Driver::Vhdx(_) => d.into_vhdx()?.make_standalone(),
-        d @ Driver::Vhd(_) => {
-            d.disk().close()?;
-            drop(d);
-            Vhd::make_standalone(path, &*opts.opener)
-        }
+        d @ Driver::Vhd(_) => d.into_vhd()?.make_standalone(),
         Driver::Raw(_) => Err(Error::invalid("a raw image is no differencing disk")
             .in_file(&path.display().to_string(), 0)),
     }

@@ -229,7 +229,7 @@ impl Inner {
                     }
                     bar.set_position(done.min(total));
                 }
-                let now = self.elapsed().as_millis() as u64;
+                let now = u64::try_from(self.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let last = refreshed.load(Ordering::Relaxed);
                 if now >= last + REFRESH_MS
                     && refreshed
@@ -293,7 +293,8 @@ impl Inner {
 
 /// Whole percent of `done` out of `total` (at most 100).
 fn whole_percent(done: u64, total: u64) -> u64 {
-    (u128::from(done.min(total)) * 100 / u128::from(total.max(1))) as u64
+    // At most 100: the conversion never fails.
+    u64::try_from(u128::from(done.min(total)) * 100 / u128::from(total.max(1))).unwrap_or(100)
 }
 
 /// A progress line: qemu-img's `    (P/100%)`, then the bytes copied and
@@ -316,7 +317,7 @@ fn line(done: u64, total: u64, copied: u64, label: &str, elapsed: Duration, last
 /// Bytes per second, over at least a millisecond.
 fn rate(bytes: u64, elapsed: Duration) -> u64 {
     let ms = elapsed.as_millis().max(1);
-    (u128::from(bytes) * 1000 / ms).min(u128::from(u64::MAX)) as u64
+    u64::try_from(u128::from(bytes) * 1000 / ms).unwrap_or(u64::MAX)
 }
 
 /// A size with one decimal: "0 B", "512 B", "1.5 KiB", "120.3 MiB".

@@ -51,11 +51,12 @@ fn parse(s: &str) -> Result<Parsed> {
     // this cannot matter to a count of bytes below 2^64 (2^40 * 10^-19 is
     // far below one byte) but would overflow the arithmetic.
     let frac = frac.trim_end_matches('0');
-    if frac.len() > 19 {
-        return Err(bad("too many digits after the decimal point"));
-    }
+    let digits = u32::try_from(frac.len())
+        .ok()
+        .filter(|&d| d <= 19)
+        .ok_or_else(|| bad("too many digits after the decimal point"))?;
     // The value is (int * 10^f + frac) * 2^shift / 10^f, in u128.
-    let scale = 10u128.pow(frac.len() as u32);
+    let scale = 10u128.pow(digits);
     let int: u128 = if int.is_empty() {
         0
     } else {

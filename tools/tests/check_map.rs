@@ -1,6 +1,9 @@
 //! End-to-end tests of `vdisk check`, `vdisk map`, `vdisk completions`,
 //! `vdisk man`, and of output into a closed pipe.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

@@ -1,5 +1,8 @@
 //! End-to-end tests of the `vdisk` binary.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

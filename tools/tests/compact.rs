@@ -4,6 +4,9 @@
 //! when installed); a differencing disk leaves its parent untouched; JSON
 //! output; the error paths.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

@@ -4,6 +4,9 @@
 //! byte there, and always different with `-s`. qemu-img, when installed,
 //! must give the same verdict (exit status) and print the same lines.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

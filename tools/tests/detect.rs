@@ -4,6 +4,9 @@
 //! name; an image guessed raw refuses writes to its first sector (and
 //! writes that would make it detect as a fixed VHD) unless `-f raw`.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

@@ -9,6 +9,9 @@
 //! is absent; each mount is unmounted by a drop guard, also when a test
 //! fails.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 
@@ -276,7 +279,7 @@ fn old_children_with_a_unix_absolute_path_still_open() {
     fs::rename(&vchild, &vold).unwrap();
     {
         let parent = vhd::Vhd::open(&vbase, &vhd::OpenOptions::default()).unwrap();
-        let st: Arc<dyn disk::Storage> = Arc::new(disk::FileStorage::open(&vold, true).unwrap());
+        let st = Box::new(disk::FileStorage::open(&vold, true).unwrap());
         let link = vhd::ParentLink {
             name: "elsewhere.vhd".into(),
             relative: ".\\gone\\elsewhere.vhd".into(),

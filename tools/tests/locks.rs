@@ -2,6 +2,9 @@
 //! (qemu-io holding an image with `sleep`), both ways, racing writers, the
 //! mount, chains and -U.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use common::*;

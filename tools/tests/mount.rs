@@ -4,6 +4,9 @@
 //! mounting is not permitted; every mount is unmounted by a drop guard, also
 //! when a test fails.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

@@ -2,6 +2,9 @@
 //! as qemu-img prints them, at most one per whole percent, each with the
 //! bytes actually copied (not the virtual bytes scanned) and the rate.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod common;
 use common::*;
 

@@ -5,6 +5,9 @@
 //! every resize, `vdisk check` finds the image clean (exit 0: a shrink gives
 //! back the file space it frees, so nothing leaks).
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 

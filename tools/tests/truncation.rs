@@ -6,6 +6,9 @@
 //! --salvage` copies what is left, with zeros for the lost ranges it lists
 //! (exit 2).
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use std::fs;

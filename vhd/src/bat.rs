@@ -4,8 +4,7 @@
 //! The BAT is an array of big-endian u32 entries, one per block: the
 //! absolute sector (512-byte unit) where the block starts, or `0xFFFFFFFF`
 //! when the block is not allocated. A block starts with its sector bitmap
-//! (one bit per sector, most significant bit first, padded to a whole
-//! sector), followed by `block_size` bytes of data.
+//! ([`crate::sector_bitmap`]), followed by `block_size` bytes of data.
 
 use crate::{Error, Result};
 
@@ -13,31 +12,16 @@ use crate::{Error, Result};
 pub const UNALLOCATED: u32 = u32::MAX;
 /// Sector size of the format.
 pub const SECTOR: u64 = 512;
+/// BAT entries per 512-byte BAT sector.
+pub const ENTRIES_PER_SECTOR: usize = 128;
+
+/// The BAT sector (0 for the table's first 512 bytes) holding `block`'s
+/// entry.
+pub fn sector_of(block: u64) -> u64 {
+    block / (SECTOR / 4)
+}
 
 const STRUCT: &str = "VHD BAT";
-
-/// Size in bytes of the sector bitmap that precedes each block's data:
-/// ceil(sectors per block / 8) rounded up to a whole sector.
-pub fn bitmap_size(block_size: u32) -> u64 {
-    let sectors = u64::from(block_size).div_ceil(SECTOR);
-    sectors.div_ceil(8).div_ceil(SECTOR) * SECTOR
-}
-
-/// Whether sector `i` is marked present in a sector bitmap (MSB first).
-pub fn bit(bitmap: &[u8], i: u64) -> bool {
-    let byte = usize::try_from(i / 8).ok().and_then(|b| bitmap.get(b));
-    byte.is_some_and(|b| b & (0x80 >> (i % 8)) != 0)
-}
-
-/// Mark sectors `[first, end)` present in a sector bitmap (bits beyond the
-/// bitmap are ignored).
-pub fn set_bits(bitmap: &mut [u8], first: u64, end: u64) {
-    for i in first..end {
-        if let Some(b) = usize::try_from(i / 8).ok().and_then(|b| bitmap.get_mut(b)) {
-            *b |= 0x80 >> (i % 8);
-        }
-    }
-}
 
 /// The in-memory BAT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +74,30 @@ impl Bat {
         }
     }
 
+    /// Set `block`'s entry (a sector offset or [`UNALLOCATED`]); blocks past
+    /// the table are ignored.
+    pub fn set(&mut self, block: u64, entry: u32) {
+        if let Some(e) = usize::try_from(block)
+            .ok()
+            .and_then(|i| self.entries.get_mut(i))
+        {
+            *e = entry;
+        }
+    }
+
+    /// The bytes of BAT sector `sector` (entries `sector * 128` on, up to
+    /// 128 of them, fewer in a last sector the table does not fill).
+    pub fn sector_bytes(&self, sector: u64) -> Vec<u8> {
+        let first = usize::try_from(sector)
+            .ok()
+            .and_then(|s| s.checked_mul(ENTRIES_PER_SECTOR))
+            .unwrap_or(usize::MAX);
+        let n = self.len().saturating_sub(first).min(ENTRIES_PER_SECTOR);
+        let mut buf = vec![0u8; n * 4];
+        self.write_to(first, &mut buf);
+        buf
+    }
+
     /// The file offset of `block`'s sector bitmap, or None when the block is
     /// unallocated or out of the table.
     pub fn block_offset(&self, block: u64) -> Option<u64> {
@@ -113,29 +121,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bitmap_sizes() {
-        assert_eq!(bitmap_size(2 << 20), 512); // 4096 sectors → 512 bytes
-        assert_eq!(bitmap_size(512), 512); // 1 sector → 1 byte → 512
-        assert_eq!(bitmap_size(4096), 512);
-        assert_eq!(bitmap_size(4 << 20), 1024);
-        assert_eq!(bitmap_size(256 << 20), 64 << 10);
-        assert_eq!(bitmap_size(1 << 31), 512 << 10);
-    }
-
-    #[test]
-    fn bits_are_msb_first() {
-        let mut b = [0u8; 2];
-        set_bits(&mut b, 0, 1);
-        assert_eq!(b, [0x80, 0]);
-        set_bits(&mut b, 7, 10);
-        assert_eq!(b, [0x81, 0xc0]);
-        assert!(bit(&b, 0) && !bit(&b, 1) && bit(&b, 9) && !bit(&b, 10));
-        assert!(!bit(&b, 1000));
-        set_bits(&mut b, 14, 100); // past the end: ignored
-        assert_eq!(b, [0x81, 0xc3]);
-    }
-
-    #[test]
     fn parse_and_write() {
         let buf = [0, 0, 0, 3, 0xff, 0xff, 0xff, 0xff, 0, 1, 0, 0];
         let bat = Bat::parse(&buf).unwrap();
@@ -153,5 +138,24 @@ mod tests {
         assert_eq!(out, [0, 1, 0, 0]);
         assert!(Bat::parse(&buf[..5]).is_err());
         assert_eq!(Bat::new(2).entries, vec![UNALLOCATED; 2]);
+    }
+
+    #[test]
+    fn sectors_of_the_table() {
+        // 300 entries: sectors of 128, 128 and 44 entries.
+        let mut bat = Bat::new(300);
+        assert_eq!((sector_of(0), sector_of(127), sector_of(128)), (0, 0, 1));
+        bat.set(129, 7);
+        bat.set(300, 9); // past the table: ignored
+        bat.set(u64::MAX, 9);
+        assert_eq!(bat.len(), 300);
+        assert_eq!(bat.block_offset(129), Some(7 * 512));
+        let s1 = bat.sector_bytes(1);
+        assert_eq!(s1.len(), 512);
+        assert_eq!(&s1[4..8], &[0, 0, 0, 7]);
+        assert!(s1[..4] == [0xff; 4] && s1[8..].iter().all(|&b| b == 0xff));
+        assert_eq!(bat.sector_bytes(2).len(), 44 * 4);
+        assert!(bat.sector_bytes(3).is_empty());
+        assert!(bat.sector_bytes(u64::MAX).is_empty());
     }
 }

@@ -3,8 +3,7 @@
 //! unallocated, then the blocks at the end of the file move into the holes
 //! and the file is cut short.
 //!
-//! This module is a child of `image` (declared there, like `resize`) so that
-//! it works on the open image's own BAT and allocation state.
+//! It works on the open image's own BAT and allocation state (`block_map`).
 //!
 //! # What is freed
 //! A block ("Block Allocation Table and Data Blocks" in the Virtual Hard
@@ -59,9 +58,17 @@
 //! A crash at any point therefore leaves an image that reads exactly as
 //! before, opens read-write from its trailing footer, and compacts again.
 
-use super::*;
+use crate::bat::{self, SECTOR, UNALLOCATED};
+use crate::block_map::{Dyn, DynState};
+use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::footer::{Footer, FOOTER_SIZE};
+use crate::image::{lock, read_vec, FooterSource, Vhd, MIB};
+use crate::{sector_bitmap, Error, Result};
 use disk::check::{sweep, Used};
 use disk::{CompactReport, Progress, Step};
+use disk::{Storage, VirtualDisk};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 
 /// Bytes read or copied at a time.
 const CHUNK: u64 = MIB;
@@ -255,14 +262,11 @@ impl Compactor<'_> {
         if !freed.is_empty() {
             let mut st = lock(&self.d.state);
             for &b in &freed {
-                let i = b as usize; // an index of the in-memory BAT
-                st.bat.entries[i] = UNALLOCATED;
-                if let Some(f) = st.full.get_mut(i) {
-                    *f = false;
-                }
+                st.bat.set(b, UNALLOCATED);
+                st.set_full(b, false);
                 st.overlay.remove(&b);
             }
-            let sectors: BTreeSet<u64> = freed.iter().map(|b| b / ENTRIES_PER_SECTOR).collect();
+            let sectors: BTreeSet<u64> = freed.iter().map(|&b| bat::sector_of(b)).collect();
             self.write_bat(&mut st, &sectors)?;
         }
 
@@ -277,13 +281,13 @@ impl Compactor<'_> {
                 .filter(|&s| s != UNALLOCATED)
                 .ok_or_else(|| self.entry_corrupt(b, format!("offset {to:#x} out of range")))?;
             let mut st = lock(&self.d.state);
-            st.bat.entries[b as usize] = sector;
-            self.write_bat(&mut st, &BTreeSet::from([b / ENTRIES_PER_SECTOR]))?;
+            st.bat.set(b, sector);
+            self.write_bat(&mut st, &BTreeSet::from([bat::sector_of(b)]))?;
             drop(st);
             copied += self.slot;
             let k = k as u64 + 1;
             progress(
-                n + (u128::from(n) * u128::from(k) / u128::from(m)) as u64,
+                n + u64::try_from(u128::from(n) * u128::from(k) / u128::from(m)).unwrap_or(n),
                 copied,
             );
         }
@@ -329,12 +333,12 @@ impl Compactor<'_> {
         let sectors = limit.div_ceil(SECTOR);
         let mut s = 0;
         while s < sectors {
-            if !bat::bit(&bits, s) {
+            if !sector_bitmap::bit(&bits, s) {
                 s += 1;
                 continue;
             }
             let mut e = s + 1;
-            while e < sectors && bat::bit(&bits, e) && (e - s) * SECTOR < CHUNK {
+            while e < sectors && sector_bitmap::bit(&bits, e) && (e - s) * SECTOR < CHUNK {
                 e += 1;
             }
             let from = s * SECTOR;
@@ -353,10 +357,7 @@ impl Compactor<'_> {
     fn write_bat(&self, st: &mut DynState, sectors: &BTreeSet<u64>) -> Result<()> {
         let r = (|| {
             for &s in sectors {
-                let first = s * ENTRIES_PER_SECTOR;
-                let n = (st.bat.len() as u64 - first).min(ENTRIES_PER_SECTOR);
-                let mut buf = vec![0u8; (n * 4) as usize];
-                st.bat.write_to(first as usize, &mut buf);
+                let buf = st.bat.sector_bytes(s);
                 self.st().write_at(&buf, self.d.table_offset + s * SECTOR)?;
             }
             self.st().flush()

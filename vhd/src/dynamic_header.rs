@@ -1,11 +1,13 @@
 //! The dynamic disk header ("Dynamic Disk Header Format" in the Virtual Hard
-//! Disk Image Format Specification, 2006) and its parent locator entries.
+//! Disk Image Format Specification, 2006), which holds the parent locator
+//! entries ([`crate::parent_locator`]).
 //!
 //! Dynamic and differencing disks carry this 1024-byte structure at the
 //! footer's data offset (usually 512). All fields are big-endian, except the
 //! parent's Unicode name, which is UTF-16 big-endian.
 
 use crate::footer::{arr, be32, be64, checksum, fourcc};
+use crate::parent_locator::{self, ParentLocator};
 use crate::{Error, Result};
 use uuid::Uuid;
 
@@ -17,92 +19,12 @@ pub const COOKIE: &[u8; 8] = b"cxsparse";
 pub const VERSION: u32 = 0x0001_0000;
 /// Number of parent locator entries.
 pub const LOCATORS: usize = 8;
-/// Size of one parent locator entry.
-pub const LOCATOR_SIZE: usize = 24;
 /// Offset of the first parent locator entry in the header.
 pub const LOCATOR_TABLE_OFFSET: usize = 576;
 /// Size of the parent Unicode name field.
 pub const PARENT_NAME_SIZE: usize = 512;
 
 const STRUCT: &str = "VHD dynamic disk header";
-
-/// One parent locator entry ("Parent Locator Entries").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ParentLocator {
-    /// Platform code: `W2ru`/`W2ku` (UTF-16LE relative/absolute Windows
-    /// path), `Wi2r`/`Wi2k` (deprecated, ANSI relative/absolute path),
-    /// `Mac ` (alias blob), `MacX` (UTF-8 file URL), or zero for none.
-    pub platform_code: [u8; 4],
-    /// Space reserved for the locator data. The specification counts it in
-    /// 512-byte sectors, but old Virtual PC images store a byte count; see
-    /// [`ParentLocator::data_space_bytes`].
-    pub data_space: u32,
-    /// Length of the locator data in bytes.
-    pub data_length: u32,
-    /// Reserved (should be zero; kept for exact round trips).
-    pub reserved: u32,
-    /// Absolute file offset of the locator data.
-    pub data_offset: u64,
-}
-
-impl ParentLocator {
-    /// Whether this entry is unused (platform code zero).
-    pub fn is_empty(&self) -> bool {
-        self.platform_code == [0; 4]
-    }
-
-    /// The reserved space in bytes: `data_space` sectors, except that values
-    /// of 512 and more are taken as a byte count (old Virtual PC images write
-    /// bytes; no real locator needs 256 KiB).
-    pub fn data_space_bytes(&self) -> u64 {
-        if self.data_space >= 512 {
-            u64::from(self.data_space)
-        } else {
-            u64::from(self.data_space) * 512
-        }
-    }
-
-    /// Decode this locator's data (read from `data_offset`, `data_length`
-    /// bytes) as a path, by platform code. `None` for `Mac ` aliases, empty
-    /// entries and undecodable data.
-    pub fn decode_path(&self, data: &[u8]) -> Option<String> {
-        let s = match &self.platform_code {
-            b"W2ru" | b"W2ku" => {
-                let units: Vec<u16> = data
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                String::from_utf16(&units).ok()?
-            }
-            b"Wi2r" | b"Wi2k" | b"MacX" => String::from_utf8(data.to_vec()).ok()?,
-            _ => return None,
-        };
-        let s = s.trim_end_matches('\0').to_string();
-        if s.is_empty() {
-            None
-        } else {
-            Some(s)
-        }
-    }
-
-    fn parse(b: &[u8]) -> Self {
-        ParentLocator {
-            platform_code: arr(b, 0),
-            data_space: be32(b, 4),
-            data_length: be32(b, 8),
-            reserved: be32(b, 12),
-            data_offset: be64(b, 16),
-        }
-    }
-
-    fn write_to(&self, b: &mut [u8]) {
-        b[0..4].copy_from_slice(&self.platform_code);
-        b[4..8].copy_from_slice(&self.data_space.to_be_bytes());
-        b[8..12].copy_from_slice(&self.data_length.to_be_bytes());
-        b[12..16].copy_from_slice(&self.reserved.to_be_bytes());
-        b[16..24].copy_from_slice(&self.data_offset.to_be_bytes());
-    }
-}
 
 /// The dynamic disk header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,8 +131,8 @@ impl DynamicHeader {
         }
         let mut parent_locators = [ParentLocator::default(); LOCATORS];
         for (i, l) in parent_locators.iter_mut().enumerate() {
-            let at = LOCATOR_TABLE_OFFSET + i * LOCATOR_SIZE;
-            *l = ParentLocator::parse(&buf[at..at + LOCATOR_SIZE]);
+            let at = LOCATOR_TABLE_OFFSET + i * parent_locator::SIZE;
+            *l = ParentLocator::parse(&buf[at..at + parent_locator::SIZE])?;
         }
         Ok(DynamicHeader {
             data_offset: be64(buf, 8),
@@ -246,8 +168,8 @@ impl DynamicHeader {
         b[60..64].copy_from_slice(&self.reserved1.to_be_bytes());
         b[64..64 + PARENT_NAME_SIZE].copy_from_slice(&self.parent_unicode_name);
         for (i, l) in self.parent_locators.iter().enumerate() {
-            let at = LOCATOR_TABLE_OFFSET + i * LOCATOR_SIZE;
-            l.write_to(&mut b[at..at + LOCATOR_SIZE]);
+            let at = LOCATOR_TABLE_OFFSET + i * parent_locator::SIZE;
+            l.write_to(&mut b[at..at + parent_locator::SIZE]);
         }
         self.checksum = checksum(b, 36);
         b[36..40].copy_from_slice(&self.checksum.to_be_bytes());
@@ -352,29 +274,6 @@ mod tests {
         let e = DynamicHeader::parse(&buf).unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
         assert!(DynamicHeader::parse(&buf[..1000]).is_err());
-    }
-
-    #[test]
-    fn decode_locator_paths() {
-        let l = ParentLocator {
-            platform_code: *b"W2ru",
-            ..Default::default()
-        };
-        let data: Vec<u8> = ".\\a.vhd"
-            .encode_utf16()
-            .flat_map(u16::to_le_bytes)
-            .collect();
-        assert_eq!(l.decode_path(&data).unwrap(), ".\\a.vhd");
-        let l = ParentLocator {
-            platform_code: *b"Wi2k",
-            ..Default::default()
-        };
-        assert_eq!(l.decode_path(b"C:\\x.vhd\0").unwrap(), "C:\\x.vhd");
-        let l = ParentLocator {
-            platform_code: *b"Mac ",
-            ..Default::default()
-        };
-        assert_eq!(l.decode_path(b"xx"), None);
     }
 
     #[test]

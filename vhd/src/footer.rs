@@ -103,11 +103,12 @@ impl ChsGeometry {
             }
             (spt, heads, cth)
         };
-        let cylinders = (cth / heads).min(65535);
+        // heads ≤ 16 and spt ≤ 255 by the algorithm, cylinders ≤ 65535: the
+        // conversions never saturate.
         ChsGeometry {
-            cylinders: cylinders as u16,
-            heads: heads as u8,
-            sectors_per_track: spt as u8,
+            cylinders: u16::try_from(cth / heads).unwrap_or(u16::MAX),
+            heads: u8::try_from(heads).unwrap_or(16),
+            sectors_per_track: u8::try_from(spt).unwrap_or(u8::MAX),
         }
     }
 
@@ -142,10 +143,11 @@ impl ChsGeometry {
     }
 
     fn from_u32(v: u32) -> Self {
+        let [c1, c0, heads, sectors_per_track] = v.to_be_bytes();
         ChsGeometry {
-            cylinders: (v >> 16) as u16,
-            heads: (v >> 8) as u8,
-            sectors_per_track: v as u8,
+            cylinders: u16::from_be_bytes([c1, c0]),
+            heads,
+            sectors_per_track,
         }
     }
 

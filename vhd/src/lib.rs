@@ -18,13 +18,27 @@
 #![warn(missing_docs)]
 
 pub mod bat;
+mod block_map;
 pub mod check;
+mod compact;
+mod create;
 pub mod dynamic_header;
+mod flush;
 pub mod footer;
 mod image;
+mod open;
+pub mod parent_locator;
+mod parent_search;
 pub mod probe;
+mod relink;
+mod resize;
+pub mod sector_bitmap;
+mod standalone;
+mod virtual_disk;
 
 pub use disk::{Error, ErrorKind, Result};
 pub use image::{
-    CreateOptions, FooterSource, Info, OpenOptions, ParentLink, Vhd, MAX_CHAIN, MAX_VIRTUAL_SIZE,
+    CreateOptions, FooterSource, Info, OpenOptions, Vhd, DEFAULT_BLOCK_SIZE, MAX_CHAIN,
+    MAX_VIRTUAL_SIZE,
 };
+pub use parent_search::ParentLink;

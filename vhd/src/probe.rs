@@ -60,7 +60,7 @@ pub fn traces(st: &dyn Storage) -> Vec<String> {
         .saturating_mul(SECTOR);
     if let Some(tail) = read(start, len.saturating_sub(start)) {
         let found = tail
-            .chunks(SECTOR as usize)
+            .chunks(FOOTER_SIZE)
             .enumerate()
             .filter(|(_, c)| c.len() == FOOTER_SIZE)
             .filter_map(|(i, c)| footer_trace(c, start + i as u64 * SECTOR, len))

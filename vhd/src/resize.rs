@@ -1,8 +1,6 @@
-//! Changing the virtual size of a VHD ([`Vhd::resize`]), on the file, with
-//! the image not open for I/O.
-//!
-//! This module is a child of `image` (declared there) so that it can reuse
-//! the driver's validating open.
+//! Changing the virtual size of a VHD ([`Vhd::resize`]) open writable: the
+//! image is flushed, the structures are read again from the file and
+//! rewritten there in the order below, then read again into the open image.
 //!
 //! # Size rules
 //! A disk whose current size is a size CHS describes exactly (what `create`
@@ -51,20 +49,101 @@
 //! the last one kept stay as unused space (not a leak: `vdisk compact`
 //! packs blocks into it).
 
-use super::*;
-use crate::footer::DiskType;
+use crate::bat::{Bat, SECTOR, UNALLOCATED};
+use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::footer::{ChsGeometry, DiskType, Footer, FOOTER_SIZE};
+use crate::image::{
+    overlaps, read_vec, FooterSource, Info, OpenOptions, Vhd, MAX_VIRTUAL_SIZE, MIB,
+};
+use crate::open::ParentSource;
+use crate::{sector_bitmap, Error, Result};
+use disk::{ResultExt, Storage};
+use std::sync::atomic::Ordering;
 
-const COPY_CHUNK: u64 = MIB;
+/// Bytes read at a time when looking for data in a cut part.
+const COPY_CHUNK: usize = 1 << 20;
 
 impl Vhd {
-    /// Resize the VHD file at `path` to `new_size` bytes (rounded as the
-    /// module docs of `resize` say); returns the size now recorded.
+    /// Resize this VHD, open writable, to `new_size` bytes (rounded as the
+    /// size rules of the module docs of `resize` say); returns the size now
+    /// recorded. Shrinking refuses when the cut part holds data (a fixed
+    /// disk: a non-zero byte; a dynamic disk: an allocated block wholly
+    /// past the new end), unless `force`. The image is flushed first; it
+    /// stays open and usable at the new size. See the module docs of
+    /// `resize` for the order of the writes.
     ///
     /// # Errors
-    /// As [`Vhd::resize_storage`].
-    pub fn resize(path: impl AsRef<Path>, new_size: u64, force: bool) -> Result<u64> {
-        let storage = disk::FileStorage::open(path.as_ref(), true)?;
-        Self::resize_storage(Box::new(storage), new_size, force)
+    /// A differencing disk (its size must match its parent's), a trailing
+    /// footer that is not the last 512 bytes of the file, an image open
+    /// read-only or closed, an invalid size, data in the cut part without
+    /// `force`, corrupt structures, I/O errors.
+    pub fn resize(&mut self, new_size: u64, force: bool) -> Result<u64> {
+        let name = self.name().to_string();
+        if self.info.footer.disk_type == DiskType::Differencing {
+            return Err(Error::invalid(
+                "cannot resize a differencing disk: its size must match its parent's",
+            )
+            .in_file(&name, 0));
+        }
+        if self.info.footer_source != FooterSource::End {
+            return Err(Error::unsupported(
+                "the footer is not the last 512 bytes of the file (convert the image first)",
+            )
+            .in_file(&name, 0));
+        }
+        self.check_writable()?;
+        // The in-memory BAT and bitmaps reach the file: from here on the
+        // file is the truth, read again and rewritten.
+        self.flush_inner()?;
+        let info = Self::load(
+            &*self.storage,
+            &OpenOptions::default(),
+            ParentSource::Inspect,
+        )?
+        .info;
+        let (size, geometry) = Self::resize_target(&info.footer, new_size).in_file(&name, 0)?;
+        let mut footer = info.footer.clone();
+        footer.current_size = size;
+        footer.geometry = geometry;
+        if size == info.virtual_size && footer == info.footer {
+            return Ok(size);
+        }
+        let r = Resizer {
+            st: &*self.storage,
+            name: &name,
+            footer_bytes: footer.to_bytes(),
+        };
+        let done = match info.header.clone() {
+            None => r.fixed(&info, size, force),
+            Some(h) => r.dynamic(&info, &h, size, force),
+        };
+        // The file changed under the in-memory state (even when the resize
+        // failed part way): read it again, or close the image so that a
+        // stale BAT is never written back.
+        let reloaded = self.reload();
+        if reloaded.is_err() {
+            self.closed.store(true, Ordering::Release);
+        }
+        done?;
+        reloaded?;
+        Ok(size)
+    }
+
+    /// Read this image's structures again from its file, after a resize
+    /// rewrote them (a fixed or dynamic disk: no parent).
+    fn reload(&mut self) -> Result<()> {
+        let opts = OpenOptions {
+            writable: self.writable,
+            ..OpenOptions::default()
+        };
+        let l = Self::load(&*self.storage, &opts, ParentSource::Inspect)?;
+        self.writable = l.writable;
+        self.read_only_reason = l.read_only_reason;
+        self.footer_bytes = l.footer_bytes;
+        self.virtual_size = l.virtual_size;
+        self.dynamic = l.dynamic;
+        self.info = l.info;
+        Ok(())
     }
 
     /// The size a resize to `requested` bytes would give the disk whose
@@ -93,63 +172,6 @@ impl Vhd {
         }
         Ok((requested, ChsGeometry::from_sectors(requested / SECTOR)))
     }
-
-    /// Resize the VHD on `storage` (not open elsewhere) to `new_size` bytes;
-    /// returns the size now recorded. Shrinking refuses when the cut part
-    /// holds data (a fixed disk: a non-zero byte; a dynamic disk: an
-    /// allocated block wholly past the new end), unless `force`. See the
-    /// module docs of `resize` for the order of the writes.
-    ///
-    /// # Errors
-    /// Not a VHD or corrupt, a differencing disk (its size must match its
-    /// parent's), a damaged trailing footer, an invalid size, data in the
-    /// cut part without `force`, I/O errors.
-    pub fn resize_storage(storage: Box<dyn Storage>, new_size: u64, force: bool) -> Result<u64> {
-        let storage: Arc<dyn Storage> = Arc::from(storage);
-        let name = storage.name().to_string();
-        let v = Self::open_inner(
-            Box::new(storage.clone()),
-            &OpenOptions::default(),
-            ParentSource::Inspect,
-        )?;
-        let info = v.info.clone();
-        drop(v);
-        if !storage.is_writable() {
-            return Err(Error::invalid("image is open read-only").in_file(&name, 0));
-        }
-        match info.footer.disk_type {
-            DiskType::Differencing => {
-                return Err(Error::invalid(
-                    "cannot resize a differencing disk: its size must match its parent's",
-                )
-                .in_file(&name, 0))
-            }
-            DiskType::Fixed | DiskType::Dynamic => {}
-        }
-        if info.footer_source != FooterSource::End {
-            return Err(Error::unsupported(
-                "the footer is not the last 512 bytes of the file (convert the image first)",
-            )
-            .in_file(&name, 0));
-        }
-        let (size, geometry) = Self::resize_target(&info.footer, new_size).in_file(&name, 0)?;
-        let mut footer = info.footer.clone();
-        footer.current_size = size;
-        footer.geometry = geometry;
-        if size == info.virtual_size && footer == info.footer {
-            return Ok(size);
-        }
-        let r = Resizer {
-            st: &*storage,
-            name: &name,
-            footer_bytes: footer.to_bytes(),
-        };
-        match info.header.clone() {
-            None => r.fixed(&info, size, force)?,
-            Some(h) => r.dynamic(&info, &h, size, force)?,
-        }
-        Ok(size)
-    }
 }
 
 struct Resizer<'a> {
@@ -161,10 +183,10 @@ struct Resizer<'a> {
 impl Resizer<'_> {
     /// The first non-zero byte in `[off, end)`, if any.
     fn first_nonzero(&self, off: u64, end: u64) -> Result<Option<u64>> {
-        let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let mut buf = vec![0u8; COPY_CHUNK];
         let mut at = off;
         while at < end {
-            let n = (end - at).min(COPY_CHUNK) as usize;
+            let n = usize::try_from(end - at).map_or(COPY_CHUNK, |r| r.min(COPY_CHUNK));
             self.st.read_at(&mut buf[..n], at)?;
             if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
                 return Ok(Some(at + i as u64));
@@ -214,7 +236,7 @@ impl Resizer<'_> {
         let name = self.name;
         let old = info.virtual_size;
         let bs = u64::from(h.block_size);
-        let bm = bat::bitmap_size(h.block_size);
+        let bm = sector_bitmap::size(h.block_size);
         let t = h.table_offset;
         let m = u64::from(h.max_table_entries);
         let mut bat = Bat::parse(&read_vec(self.st, t, m * 4)?).in_file(name, t)?;
@@ -235,7 +257,7 @@ impl Resizer<'_> {
             self.commit_footers(end)?;
             for b in new_blocks..old_blocks {
                 if bat.block_offset(b).is_some() {
-                    bat.entries[b as usize] = UNALLOCATED;
+                    bat.set(b, UNALLOCATED);
                     self.write_entry(t, b, UNALLOCATED)?;
                 }
             }
@@ -245,7 +267,7 @@ impl Resizer<'_> {
         // (1) Stale entries past the old block count; the old last block's tail.
         for b in old_blocks..m {
             if bat.block_offset(b).is_some() {
-                bat.entries[b as usize] = UNALLOCATED;
+                bat.set(b, UNALLOCATED);
                 self.write_entry(t, b, UNALLOCATED)?;
             }
         }
@@ -299,8 +321,10 @@ impl Resizer<'_> {
                 self.st.flush()?;
                 disk::copy_range(self.st, from, to, bm + bs)?;
                 self.st.flush()?;
-                let sector = (to / SECTOR) as u32;
-                bat.entries[b as usize] = sector;
+                let sector = u32::try_from(to / SECTOR).map_err(|_| {
+                    Error::invalid("the file would exceed the VHD maximum").in_file(name, 0)
+                })?;
+                bat.set(b, sector);
                 self.write_entry(t, b, sector)?;
                 self.st.flush()?;
                 end = new_end;
@@ -330,7 +354,7 @@ impl Resizer<'_> {
         blocks: u64,
         footer_at: u64,
     ) -> Result<()> {
-        let slot = bat::bitmap_size(h.block_size) + u64::from(h.block_size);
+        let slot = sector_bitmap::size(h.block_size) + u64::from(h.block_size);
         let hdr = info.footer.data_offset;
         let table_end = h
             .table_offset

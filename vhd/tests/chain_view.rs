@@ -4,6 +4,9 @@
 //! bare leaf, compared with an in-memory model; then written through the
 //! view, re-read, and reopened.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::{assert_same, MIB};
 use disk::{ChainView, Mapping, VirtualDisk};

@@ -3,6 +3,9 @@
 //! (freed only where reads do not change; the parent untouched), a power cut
 //! at every write, and the refusals.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::check::CheckOptions;

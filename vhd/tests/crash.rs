@@ -4,6 +4,9 @@
 //! check that the image still opens read-write from its trailing footer and
 //! that every write acknowledged by a completed flush reads back.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use disk::fault::RecordingStorage;
 use disk::testing::crash::{for_each_crash, Workload, PAGE};
 use disk::{MemStorage, VirtualDisk};

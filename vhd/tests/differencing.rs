@@ -3,6 +3,9 @@
 //! absolute locator, parent name), parent checks, chains, crash safety of
 //! the write path, a property test against a `Vec` model, and interop.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::fault::RecordingStorage;
@@ -70,7 +73,7 @@ fn child_reads_parent_overlaid_with_writes() {
         let d = Vhd::create_differencing(&child, &base, &child_opts(block), false).unwrap();
         assert_eq!(d.info().subformat(), "differencing");
         assert_eq!(d.virtual_size() as usize, parent_model.len());
-        assert_eq!(d.block_size(), Some(u64::from(block)));
+        assert_eq!(d.block_size(), u64::from(block));
         assert!(d.parent().is_some());
         // Nothing present yet: everything maps to the parent.
         let e = d.map(0, d.virtual_size()).unwrap();

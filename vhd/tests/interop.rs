@@ -4,6 +4,9 @@
 //! not support checks", exit 63), so it is run and that answer accepted;
 //! `qemu-img info` and `qemu-img compare` are the real oracles.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::VirtualDisk;

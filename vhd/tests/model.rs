@@ -2,6 +2,9 @@
 //! `Vec<u8>` model, for fixed and dynamic disks (including blocks whose
 //! sector bitmaps have zero bits over junk data, as other tools leave them).
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::MIB;
 use disk::{MemStorage, VirtualDisk};
@@ -51,14 +54,14 @@ fn rw() -> OpenOptions {
 /// blocks are allocated but every sector reads as zero.
 fn foreign_partial_bitmaps(st: &Arc<MemStorage>, d: Vhd) -> Arc<MemStorage> {
     let size = d.virtual_size();
-    let bs = d.block_size().unwrap();
+    let bs = d.block_size();
     let table = d.info().header.as_ref().unwrap().table_offset as usize;
     for off in [0, size / 2, size - 1000] {
         d.write_at(&vec![0xa5; 1000], off).unwrap();
     }
     d.close().unwrap();
     let mut v = st.to_vec();
-    let bm = vhd::bat::bitmap_size(bs as u32) as usize;
+    let bm = vhd::sector_bitmap::size(bs as u32) as usize;
     let entries = size.div_ceil(bs) as usize;
     for i in 0..entries {
         let e = u32::from_be_bytes(v[table + i * 4..table + i * 4 + 4].try_into().unwrap());

@@ -4,6 +4,9 @@
 //! the chain reads the same bytes, the locators and ids are right, refusals
 //! leave the file untouched, every crash point opens, and qemu-img agrees.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::fault::RecordingStorage;
@@ -297,7 +300,7 @@ fn make_standalone_keeps_the_content() {
     let want = read_file(&child, &OpenOptions::default());
     let id = Vhd::inspect(&child).unwrap().footer.unique_id;
 
-    Vhd::make_standalone(&child, &disk::FileOpener).unwrap();
+    Vhd::open(&child, &rw()).unwrap().make_standalone().unwrap();
     std::fs::remove_file(&base).unwrap();
     let info = Vhd::inspect(&child).unwrap();
     assert_eq!(info.subformat(), "dynamic");
@@ -334,9 +337,32 @@ fn make_standalone_keeps_the_content() {
     );
 
     // A disk that is not differencing is refused.
-    let e = Vhd::make_standalone(&child, &disk::FileOpener).unwrap_err();
+    let e = Vhd::open(&child, &rw())
+        .unwrap()
+        .make_standalone()
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("not a differencing disk"), "{e}");
+}
+
+/// The method on an image just written: its unflushed writes (data, BAT
+/// entries and bitmap bits still in memory) are flushed before the disk
+/// becomes standalone, and read back from it.
+#[test]
+fn make_standalone_flushes_the_open_image_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhd");
+    base_file(&base, 4 * MIB, 9);
+    let child = tmp.path().join("child.vhd");
+    let d = Vhd::create_differencing(&child, &base, &child_opts(64 * 1024), false).unwrap();
+    let size = d.virtual_size();
+    let want = pattern(size as usize, 90);
+    d.write_at(&want, 0).unwrap();
+    d.make_standalone().unwrap();
+    std::fs::remove_file(&base).unwrap();
+    let d = Vhd::open(&child, &OpenOptions::default()).unwrap();
+    assert_eq!(d.info().subformat(), "dynamic");
+    assert_same(&read_all(&d), &want, "written, then standalone");
 }
 
 #[test]
@@ -355,7 +381,7 @@ fn make_standalone_reads_zeros_where_the_parent_was() {
     }
     assert!(want.iter().any(|&b| b != 0));
     drop(d);
-    Vhd::make_standalone(&child, &disk::FileOpener).unwrap();
+    Vhd::open(&child, &rw()).unwrap().make_standalone().unwrap();
     std::fs::remove_file(&base).unwrap();
     let d = Vhd::open(&child, &OpenOptions::default()).unwrap();
     assert_same(&read_all(&d), &want, "present sectors, zeros elsewhere");
@@ -432,7 +458,13 @@ fn crash_during_set_parent_keeps_the_child_readable() {
     };
     for (adopt, pb) in [(false, &pbytes), (true, &adopted)] {
         let rec = Arc::new(RecordingStorage::new("child.vhd", cbytes.clone()));
-        Vhd::set_parent_on(rec.clone(), &mem_disk(pb, "moved.vhd"), &new_link, adopt).unwrap();
+        Vhd::set_parent_on(
+            Box::new(rec.clone()),
+            &mem_disk(pb, "moved.vhd"),
+            &new_link,
+            adopt,
+        )
+        .unwrap();
         assert_eq!(rec.flush_points().len(), 2, "adopt {adopt}: two syncs");
         let new = DynamicHeader::parse(&rec.contents()[512..1536]).unwrap();
         assert_ne!(new, old);
@@ -500,7 +532,7 @@ fn half_done_relink_still_finds_the_old_parent_by_name() {
         timestamp: 1,
     };
     let new_parent = Vhd::open(&other, &OpenOptions::default()).unwrap();
-    Vhd::set_parent_on(rec.clone(), &new_parent, &link, true).unwrap();
+    Vhd::set_parent_on(Box::new(rec.clone()), &new_parent, &link, true).unwrap();
     let first_sync = rec.flush_points()[0];
     std::fs::write(&child, rec.crash_image(first_sync + 1, |_| false)).unwrap();
     let h = header_of(&child);
@@ -535,8 +567,17 @@ fn half_done_relink_still_finds_the_old_parent_by_name() {
 fn crash_during_make_standalone_always_opens() {
     let (pbytes, cbytes, model) = mem_pair(true, 0x57a);
     let rec = Arc::new(RecordingStorage::new("child.vhd", cbytes.clone()));
-    Vhd::make_standalone_on(rec.clone()).unwrap();
-    assert_eq!(rec.flush_points().len(), 3);
+    Vhd::open_storage_with_parent(
+        Box::new(rec.clone()),
+        &rw(),
+        Arc::new(mem_disk(&pbytes, "parent.vhd")),
+    )
+    .unwrap()
+    .make_standalone()
+    .unwrap();
+    // The image's own flush (nothing was written: no write before it),
+    // then the three steps.
+    assert_eq!(rec.flush_points().len(), 4);
     let mut seen = std::collections::BTreeSet::new();
     for_each_crash(&rec, 23, |img, cut, strategy| {
         let what = format!("{strategy} cut {cut}");
@@ -637,7 +678,7 @@ fn windows_child_relinks_and_stands_alone() {
     }
     drop(d);
 
-    Vhd::make_standalone(&img, &disk::FileOpener).unwrap();
+    Vhd::open(&img, &rw()).unwrap().make_standalone().unwrap();
     std::fs::remove_file(&parent).unwrap();
     let d = Vhd::open(&img, &OpenOptions::default()).unwrap();
     assert_eq!(d.info().subformat(), "dynamic");

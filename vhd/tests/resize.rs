@@ -5,6 +5,9 @@
 //! Every finished resize leaves a file `vhd::check` finds clean (a shrink
 //! gives back the tail it frees: no leak), and every crash image is clean after `check -r all`.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 use disk::check::{ProblemKind, RepairMode};
 use disk::fault::RecordingStorage;
 use disk::testing::crash::for_each_crash;
@@ -68,9 +71,24 @@ fn assert_repairable(bytes: Vec<u8>, what: &str) {
     assert_clean(st.to_vec(), &format!("{what}, repaired"));
 }
 
+fn rw() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..Default::default()
+    }
+}
+
+/// Open the VHD on `st` writable and resize it (then close it).
+fn resize_on(st: Box<dyn disk::Storage>, size: u64, force: bool) -> disk::Result<u64> {
+    let mut d = Vhd::open_storage(st, &rw())?;
+    let s = d.resize(size, force)?;
+    d.close()?;
+    Ok(s)
+}
+
 fn resize(bytes: Vec<u8>, size: u64, force: bool) -> disk::Result<(u64, Vec<u8>)> {
     let st = Arc::new(MemStorage::from_vec("img", bytes));
-    let s = Vhd::resize_storage(Box::new(st.clone()), size, force)?;
+    let s = resize_on(Box::new(st.clone()), size, force)?;
     Ok((s, st.to_vec()))
 }
 
@@ -83,7 +101,7 @@ fn dynamic_grow_relocating_crash_at_every_write() {
     let base = image(8 * MIB, false, false, &marks);
     let before = open(base.clone()).map(0, 512).unwrap().mapping;
     let rec = Arc::new(RecordingStorage::new("rec", base));
-    let new = Vhd::resize_storage(Box::new(rec.clone()), 20 * MIB, false).unwrap();
+    let new = resize_on(Box::new(rec.clone()), 20 * MIB, false).unwrap();
     assert_eq!(new, ChsGeometry::round_up(20 * MIB).0);
     let d = open(rec.contents());
     assert_eq!(d.virtual_size(), new);
@@ -130,7 +148,7 @@ fn fixed_grow_crash_at_every_write() {
         "rec",
         image(4 * MIB, true, false, &marks),
     ));
-    let new = Vhd::resize_storage(Box::new(rec.clone()), 6 * MIB, false).unwrap();
+    let new = resize_on(Box::new(rec.clone()), 6 * MIB, false).unwrap();
     assert_clean(rec.contents(), "fixed grown");
     for_each_crash(&rec, 5, |img, cut, strategy| {
         let what = format!("{strategy} cut {cut}");
@@ -233,12 +251,58 @@ fn differencing_and_bad_sizes_refused() {
         .close()
         .unwrap();
     Vhd::create_differencing_file(&child, &base, &CreateOptions::new(0), false).unwrap();
-    let e = Vhd::resize(&child, 16 * MIB, false)
+    let e = Vhd::open(&child, &rw())
+        .unwrap()
+        .resize(16 * MIB, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("differencing") && e.contains("child.vhd"), "{e}");
-    assert!(Vhd::resize(&base, 0, false).is_err());
-    assert!(Vhd::resize(&base, 3 << 40, false).is_err());
+    let mut d = Vhd::open(&base, &rw()).unwrap();
+    assert!(d.resize(0, false).is_err());
+    assert!(d.resize(3 << 40, false).is_err());
+    drop(d);
+    // Open read-only: refused, the file untouched.
+    let before = std::fs::read(&base).unwrap();
+    let e = Vhd::open(&base, &OpenOptions::default())
+        .unwrap()
+        .resize(16 * MIB, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
+
+/// The method works on an open image: writes not yet flushed are kept
+/// (the image flushes first), and the image stays usable at the new size:
+/// a write past the old end reads back, after reopening too.
+#[test]
+fn open_image_keeps_unflushed_writes_and_stays_usable() {
+    for fixed in [false, true] {
+        let st = Arc::new(MemStorage::from_vec(
+            "img",
+            image(8 * MIB, fixed, false, &[0]),
+        ));
+        let mut d = Vhd::open_storage(Box::new(st.clone()), &rw()).unwrap();
+        d.write_at(&mark(3 * MIB), 3 * MIB).unwrap();
+        let new = d.resize(20 * MIB, false).unwrap();
+        assert_eq!(d.virtual_size(), new, "fixed {fixed}");
+        assert_eq!(d.info().virtual_size, new, "fixed {fixed}");
+        let end = new - 4096;
+        d.write_at(&mark(end), end).unwrap();
+        check_marks(&d, &[0, 3 * MIB, end], "open");
+        d.close().unwrap();
+        assert_clean(st.to_vec(), "resized open");
+        let again = open(st.to_vec());
+        assert_eq!(again.virtual_size(), new);
+        check_marks(&again, &[0, 3 * MIB, end], "reopened");
+        // Shrunk back while open: the mark past the new end is gone.
+        let mut d = Vhd::open_storage(Box::new(st.clone()), &rw()).unwrap();
+        let small = d.resize(8 * MIB, true).unwrap();
+        assert!(small < end);
+        check_marks(&d, &[0, 3 * MIB], "shrunk open");
+        d.write_at(b"x", small - 1).unwrap();
+        d.close().unwrap();
+        assert_clean(st.to_vec(), "shrunk open");
+    }
 }
 
 /// A forced shrink of a dynamic disk over data, cut at every write: each
@@ -254,8 +318,8 @@ fn dynamic_forced_shrink_crash_at_every_write() {
         "rec",
         image(16 * MIB, false, false, &all),
     ));
-    assert!(Vhd::resize_storage(Box::new(rec.clone()), 8 * MIB, false).is_err());
-    let new = Vhd::resize_storage(Box::new(rec.clone()), 8 * MIB, true).unwrap();
+    assert!(resize_on(Box::new(rec.clone()), 8 * MIB, false).is_err());
+    let new = resize_on(Box::new(rec.clone()), 8 * MIB, true).unwrap();
     assert!(new < 9 * MIB, "{new}");
     // The blocks at 9 and 15 MiB were allocated last: cut off.
     let done = rec.contents();

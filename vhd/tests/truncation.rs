@@ -8,6 +8,9 @@
 //! block. A footer lost alone is restored, and `check -r all` cut at every
 //! write leaves an image that reads what it read before.
 
+// Test images and buffers are small: their offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 use common::*;
 use disk::check::{CheckOptions, CheckReport, RepairMode};

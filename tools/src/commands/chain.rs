@@ -1,9 +1,9 @@
 //! `vdisk merge` and `vdisk rebase`: change the layers of a differencing chain.
 
+use crate::cli::{MergeArgs, RebaseArgs};
 use crate::open;
 use crate::progress::Progress;
 use crate::size::human_exact;
-use crate::{MergeArgs, RebaseArgs};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 

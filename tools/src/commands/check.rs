@@ -3,8 +3,8 @@
 //! (0 no problem, 1 the check could not be completed, 2 corruptions,
 //! 3 only leaks; after a repair, what remains).
 
+use crate::cli::{CheckArgs, OutputFormat, RepairArg};
 use crate::open::{self, Format};
-use crate::{CheckArgs, OutputFormat, RepairArg};
 use anyhow::{bail, Result};
 use disk::check::{CheckReport, Problem, ProblemKind, RepairMode, RepairReport};
 use serde::Serialize;

@@ -1,10 +1,10 @@
 //! `vdisk checkpoint`: a checkpoint tree in a directory (a disk bundle).
 
-use crate::open::Format;
-use crate::size::{human, image_size};
-use crate::{
+use crate::cli::{
     CheckpointArgs, CheckpointCommand, CheckpointInitArgs, CheckpointListArgs, OutputFormat,
 };
+use crate::open::Format;
+use crate::size::{human, image_size};
 use anyhow::{bail, Result};
 use checkpoint::{Bundle, NodeInfo};
 use std::path::Path;

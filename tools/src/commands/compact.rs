@@ -3,9 +3,10 @@
 //! Hyper-V's Optimize-VHD), through [`vhdx::Vhdx::compact`] and
 //! [`vhd::Vhd::compact`].
 
+use crate::cli::{CompactArgs, OutputFormat};
 use crate::open;
+use crate::outln;
 use crate::progress::Progress;
-use crate::{outln, CompactArgs, OutputFormat};
 use anyhow::{bail, Result};
 use disk::CompactReport;
 use image::Driver;

@@ -1,9 +1,9 @@
 //! `vdisk compare`: do two images have the same virtual contents?
 
-use super::{extent_at, first_difference, first_nonzero, reads_as_zero, CHUNK};
+use super::{extent_at, first_difference, first_nonzero, min_len, reads_as_zero, CHUNK};
+use crate::cli::CompareArgs;
 use crate::open;
 use crate::progress::Progress;
-use crate::CompareArgs;
 use anyhow::Result;
 use disk::VirtualDisk;
 use std::thread;
@@ -102,7 +102,7 @@ pub fn first_mismatch(
         }
         let chunk = CHUNK as u64;
         let stop = ((pos / chunk + 1) * chunk).min(pos + run);
-        let len = (stop - pos) as usize;
+        let len = min_len(stop - pos, CHUNK);
         let (wa, wb) = (&mut buf_a[..len], &mut buf_b[..len]);
         let found = match (za, zb) {
             (true, _) => {
@@ -151,7 +151,7 @@ fn first_nonzero_from(d: &dyn VirtualDisk, from: u64, progress: &Progress) -> Re
         }
         let chunk = CHUNK as u64;
         let stop = ((pos / chunk + 1) * chunk).min(pos + ext.len);
-        let w = &mut buf[..(stop - pos) as usize];
+        let w = &mut buf[..min_len(stop - pos, CHUNK)];
         d.read_at(w, pos)?;
         if let Some(i) = first_nonzero(w) {
             return Ok(Some(pos + i as u64));

@@ -2,7 +2,7 @@
 //! roff manual pages, generated from the command-line definitions (so they
 //! never disagree with `--help`).
 
-use crate::{Cli, CompletionsArgs, ManArgs};
+use crate::cli::{Cli, CompletionsArgs, ManArgs};
 use anyhow::{Context, Result};
 use clap::CommandFactory;
 

@@ -6,12 +6,12 @@
 //! target. A bounded channel between them keeps both busy without letting
 //! the reader run far ahead; buffers flow back for reuse.
 
-use super::{extent_at, is_zero, reads_as_zero, CHUNK};
+use super::{extent_at, is_zero, min_len, reads_as_zero, CHUNK};
+use crate::cli::ConvertArgs;
 use crate::commands::create;
 use crate::open;
 use crate::options::{self, Target};
 use crate::progress::Progress;
-use crate::ConvertArgs;
 use anyhow::{bail, Result};
 use disk::VirtualDisk;
 use image::Image;
@@ -206,7 +206,7 @@ fn next_window(
     }
     let chunk = CHUNK as u64;
     let end = ((*pos / chunk + 1) * chunk).min(size);
-    let len = (end - *pos) as usize;
+    let len = min_len(end - *pos, CHUNK);
     let mut buf = free.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
     match salvage {
         Some(lost) => {
@@ -282,7 +282,7 @@ pub fn salvage_read(src: &dyn VirtualDisk, buf: &mut [u8], offset: u64, lost: &m
 fn piece_end(offset: u64, at: usize, size: usize, len: usize) -> usize {
     let abs = offset + at as u64;
     let next = (abs / size as u64 + 1) * size as u64;
-    ((next - offset) as usize).min(len)
+    min_len(next - offset, len)
 }
 
 /// Read `buf` at `offset` sector by sector, zeros (recorded in `lost`) for
@@ -342,7 +342,7 @@ fn write_nonzero(dst: &dyn VirtualDisk, data: &[u8], offset: u64, granule: u64) 
     let piece_end = |i: usize| {
         let abs = offset + i as u64;
         let next = (abs / granule + 1) * granule;
-        ((next - offset) as usize).min(data.len())
+        min_len(next - offset, data.len())
     };
     let mut i = 0;
     while i < data.len() {
@@ -367,6 +367,8 @@ fn write_nonzero(dst: &dyn VirtualDisk, data: &[u8], offset: u64, granule: u64) 
 }
 
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use disk::{Extent, Geometry, MemStorage, RawDisk, Storage};

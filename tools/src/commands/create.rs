@@ -1,9 +1,9 @@
 //! `vdisk create`: a new empty image.
 
+use crate::cli::CreateArgs;
 use crate::open::{self, Format};
 use crate::options::{self, Target};
 use crate::size::image_size;
-use crate::CreateArgs;
 use anyhow::{bail, Result};
 use image::{Image, Kind};
 use std::path::Path;

@@ -1,8 +1,8 @@
 //! `vdisk info`: what an image is and how much of it is allocated.
 
+use crate::cli::{InfoArgs, OutputFormat};
 use crate::open::{self, Format};
 use crate::size::human_exact;
-use crate::{InfoArgs, OutputFormat};
 use anyhow::{Context, Result};
 use disk::ParentPolicy;
 use serde::{Serialize, Serializer};
@@ -309,8 +309,8 @@ fn vhd_report(path: &Path, name: String, file_size: u64, policy: &ParentPolicy) 
 /// Say on stderr why the parent of a differencing disk is not opened.
 fn parent_note(e: &disk::Error) {
     eprintln!("vdisk: note: {e}");
-    crate::policy_hint(&e.to_string());
-    crate::linkage_hint(&e.to_string());
+    crate::hints::policy_hint(&e.to_string());
+    crate::hints::linkage_hint(&e.to_string());
 }
 
 /// "vpc " → "vpc"; non-printable bytes escaped.

@@ -8,8 +8,8 @@
 //! (depth 1), and so on: the cost is one lookup per block and layer, never
 //! per byte.
 
+use crate::cli::{MapArgs, OutputFormat};
 use crate::open;
-use crate::{MapArgs, OutputFormat};
 use anyhow::{bail, Result};
 use disk::{FileOffset, Mapping, VirtualDisk};
 
@@ -199,6 +199,8 @@ pub fn run(args: &MapArgs) -> Result<()> {
 }
 
 #[cfg(test)]
+// Test images are a few MiB: their offsets and sizes fit any integer type.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use disk::MemStorage;

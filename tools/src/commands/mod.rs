@@ -37,6 +37,12 @@ pub fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The smaller of a byte count and a buffer length `limit`, as a length:
+/// how much of `n` bytes one buffer takes.
+pub fn min_len(n: u64, limit: usize) -> usize {
+    usize::try_from(n).map_or(limit, |n| n.min(limit))
+}
+
 /// `println!` through [`print_out`]: evaluates to its `Result`.
 #[macro_export]
 macro_rules! outln {

@@ -2,11 +2,11 @@
 //! resize`), through [`vhdx::Vhdx::resize`], [`vhd::Vhd::resize`], or the
 //! file length for raw images.
 
+use crate::cli::ResizeArgs;
 use crate::open::{self, Format};
 use crate::outln;
 use crate::progress::Progress;
 use crate::size::{parse_size_ceil, round_to_sectors};
-use crate::ResizeArgs;
 use anyhow::{anyhow, bail, Result};
 use disk::{Storage, VirtualDisk};
 use std::path::Path;
@@ -98,11 +98,11 @@ fn resize(args: &ResizeArgs) -> Result<()> {
             d.close()?;
         }
         Format::Vhd => {
-            let cur = open::open(image, Some(Format::Vhd), false)?
-                .disk()
-                .virtual_size();
-            let size = target(image, cur, text, 512)?;
-            vhd::Vhd::resize(image, size, args.force)?;
+            let img = open::open(image, Some(Format::Vhd), true)?;
+            let size = target(image, img.disk().virtual_size(), text, 512)?;
+            let mut d = img.into_driver().into_vhd()?;
+            d.resize(size, args.force)?;
+            d.close()?;
         }
         Format::Raw => {
             let img = open::open(image, Some(Format::Raw), true)?;
@@ -152,7 +152,7 @@ fn first_nonzero(st: &dyn Storage, from: u64, to: u64) -> Result<Option<u64>> {
     let mut buf = vec![0u8; super::CHUNK];
     let mut at = from;
     while at < to {
-        let n = (to - at).min(buf.len() as u64) as usize;
+        let n = super::min_len(to - at, buf.len());
         st.read_at(&mut buf[..n], at)?;
         if let Some(i) = super::first_nonzero(&buf[..n]) {
             return Ok(Some(at + i as u64));

@@ -1,9 +1,9 @@
 //! `vdisk read` and `vdisk write`: raw access to virtual bytes.
 
-use super::CHUNK;
+use super::{min_len, CHUNK};
+use crate::cli::{ReadArgs, WriteArgs};
 use crate::open;
 use crate::size::parse_arg;
-use crate::{ReadArgs, WriteArgs};
 use anyhow::{bail, Context, Result};
 use disk::VirtualDisk;
 use std::io::{Read, Write};
@@ -28,10 +28,10 @@ pub fn read(args: &ReadArgs) -> Result<()> {
     let d = img.disk();
     check_range(d, &args.image, offset, length)?;
     let mut out = std::io::stdout().lock();
-    let mut buf = vec![0u8; (CHUNK as u64).min(length) as usize];
+    let mut buf = vec![0u8; min_len(length, CHUNK)];
     let mut done = 0u64;
     while done < length {
-        let n = (buf.len() as u64).min(length - done) as usize;
+        let n = min_len(length - done, buf.len());
         d.read_at(&mut buf[..n], offset + done)?;
         out.write_all(&buf[..n]).context("cannot write to stdout")?;
         done += n as u64;
