@@ -77,7 +77,8 @@ impl Vhdx {
     /// Change the virtual size to `new_size` bytes, through the log (see the
     /// module docs of `resize` for the order of the writes). The image stays
     /// open at the new size. `new_size` must be a non-zero multiple of the
-    /// logical sector size, at most 64 TiB. Shrinking refuses when a block
+    /// logical sector size, at most 64 TiB; returns the size now recorded
+    /// (as `Vhd::resize`, whose sizes are rounded). Shrinking refuses when a block
     /// wholly past the new end holds data (a dynamic disk: the block is
     /// allocated; a fixed disk: its bytes are not all zero), unless `force`,
     /// which discards those blocks. A fixed disk (LeaveBlocksAllocated)
@@ -88,7 +89,12 @@ impl Vhdx {
     /// parent's), invalid size, data in the cut part without `force`, I/O
     /// errors. After an error the size on disk is the
     /// old one or the new one; close the image.
-    pub fn resize(&mut self, new_size: u64, force: bool) -> Result<()> {
+    pub fn resize(&mut self, new_size: u64, force: bool) -> Result<u64> {
+        self.resize_to(new_size, force)?;
+        Ok(self.geometry.virtual_size)
+    }
+
+    fn resize_to(&mut self, new_size: u64, force: bool) -> Result<()> {
         let name = self.name().to_string();
         if !self.writable {
             return Err(Error::invalid("image is open read-only").in_file(&name, 0));
