@@ -58,8 +58,11 @@ impl Control {
                     .into(),
             }));
         }
+        // Wait for the stop flag, not for an outcome: [`Control::wait`]
+        // takes the outcome, and a parked vCPU that woke after that would
+        // wait for ever.
         let mut o = lock(&self.outcome);
-        while o.is_none() {
+        while !self.stopping() {
             o = self
                 .done
                 .wait(o)
@@ -92,6 +95,7 @@ impl Control {
             }
         }
         self.stop.store(true, Ordering::Release);
+        self.done.notify_all();
         o.take().unwrap_or(Ok(Outcome::TimedOut(Duration::ZERO)))
     }
 }
@@ -132,7 +136,7 @@ impl Bus {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
                 let mut u = lock(&self.uart);
                 for b in data {
-                    u.write((p - SERIAL_PORT) as u8, *b);
+                    u.write(reg(p), *b);
                 }
                 Action::Continue
             }
@@ -147,7 +151,7 @@ impl Bus {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
                 let mut u = lock(&self.uart);
                 for b in data.iter_mut() {
-                    *b = u.read((p - SERIAL_PORT) as u8);
+                    *b = u.read(reg(p));
                 }
             }
             // No device: all ones, as on a PC.
@@ -189,4 +193,9 @@ impl Bus {
     pub fn flush_console(&self) {
         lock(&self.uart).flush();
     }
+}
+
+/// The UART register a port in [SERIAL_PORT, SERIAL_PORT + 8) is.
+fn reg(port: u16) -> u8 {
+    u8::try_from(port.wrapping_sub(SERIAL_PORT) & 7).unwrap_or(0)
 }

@@ -56,6 +56,10 @@ pub fn stack_top(index: usize, count: usize) -> u64 {
     PAYLOAD_ADDR - index as u64 * slice - 16
 }
 
+// The layout's invariants, checked at compile time.
+const _: () = assert!(PD_ADDR + 4 * 4096 <= VMM_AREA_END);
+const _: () = assert!(MAX_RAM <= VIRTIO_MMIO_BASE);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,8 +70,6 @@ mod tests {
         assert_eq!(stack_top(0, 2), 0x1f_fff0);
         assert_eq!(stack_top(1, 2), 0x17_fff0);
         assert_eq!(stack_top(15, 16), 0x10_fff0);
-        assert!(PD_ADDR + 4 * 4096 <= VMM_AREA_END);
-        assert!(MAX_RAM <= VIRTIO_MMIO_BASE);
         assert!(VIRTIO_MMIO_BASE + MAX_DISKS as u64 * VIRTIO_MMIO_SIZE <= IDENTITY_MAPPED);
     }
 }

@@ -176,7 +176,9 @@ pub fn run(cfg: Config) -> Result<Report> {
         let fd = vm
             .create_vcpu(i as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        x86::setup_vcpu(&fd, &cpuid, i as u8, entry)?;
+        // At most MAX_VCPUS (checked above), so the APIC id fits a byte.
+        let apic_id = u8::try_from(i).unwrap_or(u8::MAX);
+        x86::setup_vcpu(&fd, &cpuid, apic_id, entry)?;
         fds.push(fd);
     }
     let first_exit = Arc::new(OnceLock::new());

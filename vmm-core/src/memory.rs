@@ -16,7 +16,7 @@ pub type Ram = GuestMemoryMmap<()>;
 /// # Errors
 /// The size is refused, saying why.
 pub fn check_size(size: u64) -> Result<()> {
-    if size < MIN_RAM || size > MAX_RAM {
+    if !(MIN_RAM..=MAX_RAM).contains(&size) {
         return Err(Error::Config(format!(
             "guest memory of {size} bytes: it must be between {} MiB and {} MiB (RAM ends \
              below the virtio-mmio devices at 0xd0000000)",
@@ -24,7 +24,7 @@ pub fn check_size(size: u64) -> Result<()> {
             MAX_RAM >> 20
         )));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(Error::Config(format!(
             "guest memory of {size} bytes: it must be a whole number of 4 KiB pages"
         )));

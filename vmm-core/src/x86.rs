@@ -24,7 +24,7 @@ const TSS_SEL: u16 = 0x28;
 /// The GDT: null, kernel code and data (for completeness: nothing runs at
 /// CPL0), user data, user 64-bit code, then the 16-byte TSS descriptor.
 fn gdt() -> [u64; 7] {
-    let tss_limit = TSS_LIMIT;
+    let tss_limit = u64::from(TSS_LIMIT);
     // A 64-bit available TSS (type 9), present, base TSS_ADDR (below 16 MiB:
     // fits base[23:0]).
     let tss_low = (tss_limit & 0xffff) | ((TSS_ADDR & 0xff_ffff) << 16) | (0x89 << 40);
@@ -44,8 +44,8 @@ fn gdt() -> [u64; 7] {
 /// its terminating 0xff byte. On kvm_pvm the guest's RFLAGS.IOPL is not
 /// what decides whether CPL3 may use `in`/`out`: the bitmap is, so it
 /// allows every port.
-const TSS_IOMAP: u64 = 0x68;
-const TSS_LIMIT: u64 = TSS_IOMAP + 65536 / 8;
+const TSS_IOMAP: u16 = 0x68;
+const TSS_LIMIT: u16 = TSS_IOMAP + 8192; // a bit for each of 65536 ports
 
 /// Page-table entry bits: present, writable, user, and (in a directory)
 /// a 2 MiB page.
@@ -80,9 +80,9 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<()> {
     }
     // The TSS: all zero but the I/O map base, then a bitmap allowing
     // every port and its terminating all-ones byte.
-    let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
-    tss[0x66..0x68].copy_from_slice(&(TSS_IOMAP as u16).to_le_bytes());
-    tss[TSS_LIMIT as usize] = 0xff;
+    let mut tss = vec![0u8; usize::from(TSS_LIMIT) + 1];
+    tss[0x66..0x68].copy_from_slice(&TSS_IOMAP.to_le_bytes());
+    tss[usize::from(TSS_LIMIT)] = 0xff;
     mem.write_slice(&tss, GuestAddress(TSS_ADDR))
         .map_err(|e| Error::Memory(format!("writing the TSS: {e}")))?;
     put("PML4", PDPT_ADDR | TABLE, PML4_ADDR)?;
@@ -164,7 +164,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
     sregs.ss = data;
     sregs.tr = kvm_segment {
         base: TSS_ADDR,
-        limit: TSS_LIMIT as u32,
+        limit: u32::from(TSS_LIMIT),
         selector: TSS_SEL,
         type_: 0xb, // 64-bit TSS, busy
         present: 1,
@@ -183,7 +183,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
         ..Default::default()
     };
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (gdt().len() * 8 - 1) as u16;
+    sregs.gdt.limit = u16::try_from(gdt().len() * 8 - 1).expect("a GDT of a few entries");
     // No IDT: an exception ends the run (triple fault or KVM internal
     // error), reported as a guest fault.
     sregs.idt.base = 0;

@@ -95,7 +95,9 @@ impl Blk {
         put(0x00, &capacity.to_le_bytes());
         put(0x0c, &u32::from(QUEUE_MAX - 2).to_le_bytes()); // seg_max
         put(0x14, &logical.to_le_bytes()); // blk_size
-        put(0x18, &[(physical / logical).trailing_zeros() as u8]); // physical_block_exp
+                                           // trailing_zeros of a u32 is at most 32.
+        let exp = u8::try_from((physical / logical).trailing_zeros()).unwrap_or(0);
+        put(0x18, &[exp]); // physical_block_exp
         put(0x1a, &1u16.to_le_bytes()); // min_io_size, in blocks
         let align_sectors = if granularity >= SECTOR {
             u32::try_from(granularity / SECTOR).unwrap_or(u32::MAX)
@@ -157,7 +159,8 @@ impl Blk {
                     write(ram, &id[at..at + n], s.addr)?;
                     at += n;
                 }
-                Ok(at as u32)
+                // At most 20 bytes: the id is that long.
+                Ok(u32::try_from(at).unwrap_or(u32::MAX))
             }
             Request::Discard(ranges) => self.ranges(&ranges, true),
             Request::WriteZeroes(ranges) => self.ranges(&ranges, false),
@@ -194,7 +197,7 @@ impl Blk {
         let mut seg_off = 0u64;
         while done < total {
             let n = (total - done).min(chunk);
-            let b = &mut buf[..n as usize];
+            let b = &mut buf[..usize::try_from(n).unwrap_or(usize::MAX)];
             if read {
                 disk.read_at(b, offset + done).map_err(|e| e.to_string())?;
             }
@@ -204,7 +207,8 @@ impl Blk {
                 let Some(s) = segs.peek().copied() else {
                     return Err("segments shorter than the request".into());
                 };
-                let take = (u64::from(s.len) - seg_off).min((b.len() - at) as u64) as usize;
+                let left = usize::try_from(u64::from(s.len) - seg_off).unwrap_or(usize::MAX);
+                let take = left.min(b.len() - at);
                 let addr = s.addr + seg_off;
                 if read {
                     write(ram, &b[at..at + take], addr)?;
@@ -300,7 +304,10 @@ impl VirtioDevice for Blk {
         };
         // The status byte was checked to lie in RAM with its descriptor.
         let wrote_status = ram
-            .write_obj(status as u8, GuestAddress(parsed.status))
+            .write_obj(
+                u8::try_from(status).unwrap_or(u8::MAX), // 0, 1 or 2
+                GuestAddress(parsed.status),
+            )
             .is_ok();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         queue.add_used(ram, chain.head, written + u32::from(wrote_status))?;
@@ -309,6 +316,7 @@ impl VirtioDevice for Blk {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::type_complexity)] // small test values; case tables
 mod tests {
     use super::*;
     use crate::virtio::queue::tests::{ram, Driver};

@@ -138,8 +138,8 @@ impl<D: VirtioDevice> State<D> {
             VIRTIO_MMIO_DEVICE_ID => self.device.device_id(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.offered() as u32,
-                1 => (self.offered() >> 32) as u32,
+                0 => lo(self.offered()),
+                1 => lo(self.offered() >> 32),
                 _ => 0,
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => cfg.map_or(0, |_| u32::from(QUEUE_MAX)),
@@ -197,19 +197,17 @@ impl<D: VirtioDevice> State<D> {
             VIRTIO_MMIO_QUEUE_USED_HIGH => {
                 self.queue_config_mut().map_or((), |c| set_hi(&mut c.used))
             }
-            VIRTIO_MMIO_QUEUE_READY => {
-                if v == 1 {
-                    if let Some(c) = self.queue_config_mut().copied() {
-                        match Queue::new(&c, ram) {
-                            Ok(q) => {
-                                let i = self.queue_sel as usize;
-                                self.configs[i].ready = true;
-                                self.queues[i] = Some(q);
-                            }
-                            Err(e) => {
-                                self.problem =
-                                    Some(format!("queue {} not made ready: {e}", self.queue_sel))
-                            }
+            VIRTIO_MMIO_QUEUE_READY if v == 1 => {
+                if let Some(c) = self.queue_config_mut().copied() {
+                    match Queue::new(&c, ram) {
+                        Ok(q) => {
+                            let i = self.queue_sel as usize;
+                            self.configs[i].ready = true;
+                            self.queues[i] = Some(q);
+                        }
+                        Err(e) => {
+                            self.problem =
+                                Some(format!("queue {} not made ready: {e}", self.queue_sel))
                         }
                     }
                 }
@@ -312,22 +310,25 @@ impl<D: VirtioDevice> Transport<D> {
                 .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
-        let v = st.read(offset as u32);
+        // Below VIRTIO_MMIO_CONFIG (0x100): fits.
+        let v = st.read(u32::try_from(offset).unwrap_or(u32::MAX));
         data.copy_from_slice(&v.to_le_bytes());
     }
 
     /// A guest write of `data` at `offset` in the window.
     pub fn write(&self, offset: u64, data: &[u8]) {
-        if offset >= u64::from(VIRTIO_MMIO_CONFIG) || data.len() != 4 || offset % 4 != 0 {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) || data.len() != 4 || !offset.is_multiple_of(4) {
             // The block configuration is read-only (no VIRTIO_BLK_F_CONFIG_WCE).
             return;
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let serve = self.lock().write(offset as u32, v, &self.ram);
+        let serve = self
+            .lock()
+            .write(u32::try_from(offset).unwrap_or(u32::MAX), v, &self.ram);
         if serve && self.inline {
             self.serve();
         } else if serve {
@@ -376,7 +377,13 @@ impl<D: VirtioDevice> Transport<D> {
     }
 }
 
+/// The low 32 bits of `v`.
+fn lo(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // small test values
 mod tests {
     use super::*;
     use crate::virtio::queue::tests::{ram, Driver};

@@ -271,6 +271,7 @@ impl Queue {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::type_complexity)] // small test values; case tables
 pub(crate) mod tests {
     use super::*;
     use crate::memory;

@@ -20,9 +20,13 @@ use vm_memory::{Bytes, GuestAddress};
 /// Sectors in requests are always 512 bytes, whatever the block size.
 pub const SECTOR: u64 = 512;
 /// The request header: type, reserved, sector.
-const HEADER: u64 = 16;
+const HEADER: u64 = HEADER_LEN as u64;
+/// [`HEADER`] as a buffer length.
+const HEADER_LEN: usize = 16;
 /// A discard or write-zeroes segment: sector, num_sectors, flags.
-const RANGE: u64 = 16;
+const RANGE: u64 = RANGE_LEN as u64;
+/// [`RANGE`] as a buffer length.
+const RANGE_LEN: usize = 16;
 /// The unmap flag of a write-zeroes segment.
 const RANGE_F_UNMAP: u32 = 1;
 /// The GET_ID answer's length.
@@ -192,7 +196,7 @@ pub fn parse(ram: &Ram, chain: &Chain, lim: &Limits) -> Result<Parsed, Malformed
             "the device-readable part is {rlen} bytes, shorter than the 16-byte header"
         )));
     }
-    let mut hdr = [0u8; HEADER as usize];
+    let mut hdr = [0u8; HEADER_LEN];
     gather(ram, &chain.readable, 0, &mut hdr).map_err(Malformed)?;
     let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
@@ -226,7 +230,7 @@ fn request(
         Ok(())
     };
     let whole = |what: &str, len: u64| {
-        if len == 0 || len % SECTOR != 0 {
+        if len == 0 || !len.is_multiple_of(SECTOR) {
             return Err(Refusal::IoErr(format!(
                 "a {what} request of {len} bytes: not a whole, non-zero number of 512-byte sectors"
             )));
@@ -302,7 +306,7 @@ fn ranges(
     discard: bool,
     out_len: u64,
 ) -> Result<Vec<Range>, Refusal> {
-    if out_len == 0 || out_len % RANGE != 0 {
+    if out_len == 0 || !out_len.is_multiple_of(RANGE) {
         return Err(Refusal::IoErr(format!(
             "a {what} request of {out_len} bytes: not a whole, non-zero number of 16-byte segments"
         )));
@@ -314,9 +318,9 @@ fn ranges(
             lim.max_ranges
         )));
     }
-    let mut out = Vec::with_capacity(count as usize);
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     for i in 0..count {
-        let mut r = [0u8; RANGE as usize];
+        let mut r = [0u8; RANGE_LEN];
         gather(ram, &chain.readable, HEADER + i * RANGE, &mut r).map_err(Refusal::IoErr)?;
         let sector = u64::from_le_bytes(r[0..8].try_into().unwrap_or_default());
         let sectors = u32::from_le_bytes([r[8], r[9], r[10], r[11]]);
@@ -346,6 +350,7 @@ fn ranges(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation, clippy::type_complexity)] // small test values; case tables
 mod tests {
     use super::*;
     use crate::virtio::queue::tests::ram;
