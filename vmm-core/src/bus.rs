@@ -199,3 +199,56 @@ impl Bus {
 fn reg(port: u16) -> u8 {
     u8::try_from(port.wrapping_sub(SERIAL_PORT) & 7).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parked vCPU wakes when the run ends, however its wake-up
+    /// interleaves with [`Control::wait`] taking the outcome (it once
+    /// waited for ever when `wait` took the outcome first).
+    #[test]
+    fn a_parked_vcpu_always_wakes_at_the_end() {
+        for i in 0..2000 {
+            let c = Arc::new(Control::new(2));
+            let parked = {
+                let c = c.clone();
+                std::thread::spawn(move || c.park(1))
+            };
+            let ender = {
+                let c = c.clone();
+                std::thread::spawn(move || c.finish(Ok(Outcome::Exited(i))))
+            };
+            assert_eq!(c.wait(None).unwrap(), Outcome::Exited(i));
+            ender.join().unwrap();
+            // Bounded: a parked thread that missed the end never joins.
+            let t0 = std::time::Instant::now();
+            while !parked.is_finished() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "round {i}: still parked"
+                );
+                std::thread::yield_now();
+            }
+            parked.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_timeout_wakes_parked_vcpus() {
+        let c = Arc::new(Control::new(2));
+        let parked = {
+            let c = c.clone();
+            std::thread::spawn(move || c.park(0))
+        };
+        let o = c.wait(Some(Duration::from_millis(50))).unwrap();
+        assert!(matches!(o, Outcome::TimedOut(_)), "{o:?}");
+        parked.join().unwrap();
+    }
+
+    #[test]
+    fn uart_registers() {
+        assert_eq!(reg(SERIAL_PORT), 0);
+        assert_eq!(reg(SERIAL_PORT + 5), 5);
+    }
+}
