@@ -1,0 +1,254 @@
+//! What the vCPUs reach through their exits: the I/O ports (the exit port,
+//! the park port, the UART) and the virtio-mmio windows; and the run's
+//! control (who ended it, and how).
+
+use crate::layout::{EXIT_PORT, PARK_PORT, SERIAL_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::serial::Uart;
+use crate::virtio::blk::Blk;
+use crate::virtio::mmio::Transport;
+use crate::{Error, Outcome};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How a run ends: the first outcome wins; the others stop.
+#[derive(Default)]
+pub struct Control {
+    outcome: Mutex<Option<Result<Outcome, Error>>>,
+    done: Condvar,
+    stop: AtomicBool,
+    running: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Control {
+    /// A run of `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> Control {
+        Control {
+            running: AtomicUsize::new(vcpus),
+            ..Control::default()
+        }
+    }
+
+    /// End the run (unless it already ended).
+    pub fn finish(&self, result: Result<Outcome, Error>) {
+        let mut o = lock(&self.outcome);
+        if o.is_none() {
+            *o = Some(result);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.done.notify_all();
+    }
+
+    /// Whether the run is over.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// A vCPU parks itself: it waits for the end of the run. The last
+    /// vCPU to park ends it.
+    pub fn park(&self, vcpu: usize) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish(Ok(Outcome::Fault {
+                vcpu,
+                what: "every vCPU parked itself (port 0xf5) without ending the run (port 0xf4)"
+                    .into(),
+            }));
+        }
+        // Wait for the stop flag, not for an outcome: [`Control::wait`]
+        // takes the outcome, and a parked vCPU that woke after that would
+        // wait for ever.
+        let mut o = lock(&self.outcome);
+        while !self.stopping() {
+            o = self
+                .done
+                .wait(o)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Wait for the outcome, at most `timeout` (then the run is stopped
+    /// as timed out).
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<Outcome, Error> {
+        let mut o = lock(&self.outcome);
+        match timeout {
+            None => {
+                while o.is_none() {
+                    o = self
+                        .done
+                        .wait(o)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+            }
+            Some(t) => {
+                let (g, _) = self
+                    .done
+                    .wait_timeout_while(o, t, |o| o.is_none())
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                o = g;
+                if o.is_none() {
+                    *o = Some(Ok(Outcome::TimedOut(t)));
+                }
+            }
+        }
+        self.stop.store(true, Ordering::Release);
+        self.done.notify_all();
+        o.take().unwrap_or(Ok(Outcome::TimedOut(Duration::ZERO)))
+    }
+}
+
+/// The devices and the run's control, shared by the vCPU threads.
+pub struct Bus {
+    /// The UART.
+    pub uart: Mutex<Uart>,
+    /// The virtio-blk devices, device `i` at `VIRTIO_MMIO_BASE + i * 0x1000`.
+    pub blk: Vec<Arc<Transport<Blk>>>,
+    /// The run's control.
+    pub control: Control,
+}
+
+/// What a port or MMIO access asks of the vCPU's loop.
+pub enum Action {
+    /// Go on running.
+    Continue,
+    /// The run ended (the control knows how).
+    Stop,
+    /// Park this vCPU.
+    Park,
+}
+
+impl Bus {
+    /// A guest `out` of `data` to `port`.
+    pub fn port_write(&self, port: u16, data: &[u8]) -> Action {
+        match port {
+            EXIT_PORT => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                self.control
+                    .finish(Ok(Outcome::Exited(u32::from_le_bytes(v))));
+                Action::Stop
+            }
+            PARK_PORT => Action::Park,
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
+                let mut u = lock(&self.uart);
+                for b in data {
+                    u.write(reg(p), *b);
+                }
+                Action::Continue
+            }
+            // No device: writes are dropped.
+            _ => Action::Continue,
+        }
+    }
+
+    /// A guest `in` from `port` into `data`.
+    pub fn port_read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
+                let mut u = lock(&self.uart);
+                for b in data.iter_mut() {
+                    *b = u.read(reg(p));
+                }
+            }
+            // No device: all ones, as on a PC.
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// The device whose window holds `addr`, and the offset in it.
+    fn window(&self, addr: u64) -> Option<(&Arc<Transport<Blk>>, u64)> {
+        let rel = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+        let i = usize::try_from(rel / VIRTIO_MMIO_SIZE).ok()?;
+        Some((self.blk.get(i)?, rel % VIRTIO_MMIO_SIZE))
+    }
+
+    /// A guest load from `addr` outside RAM; `false` when nothing is
+    /// there.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.window(addr) {
+            Some((t, off)) => {
+                t.read(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A guest store to `addr` outside RAM; `false` when nothing is there.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.window(addr) {
+            Some((t, off)) => {
+                t.write(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Flush the console.
+    pub fn flush_console(&self) {
+        lock(&self.uart).flush();
+    }
+}
+
+/// The UART register a port in [SERIAL_PORT, SERIAL_PORT + 8) is.
+fn reg(port: u16) -> u8 {
+    u8::try_from(port.wrapping_sub(SERIAL_PORT) & 7).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parked vCPU wakes when the run ends, however its wake-up
+    /// interleaves with [`Control::wait`] taking the outcome (it once
+    /// waited for ever when `wait` took the outcome first).
+    #[test]
+    fn a_parked_vcpu_always_wakes_at_the_end() {
+        for i in 0..2000 {
+            let c = Arc::new(Control::new(2));
+            let parked = {
+                let c = c.clone();
+                std::thread::spawn(move || c.park(1))
+            };
+            let ender = {
+                let c = c.clone();
+                std::thread::spawn(move || c.finish(Ok(Outcome::Exited(i))))
+            };
+            assert_eq!(c.wait(None).unwrap(), Outcome::Exited(i));
+            ender.join().unwrap();
+            // Bounded: a parked thread that missed the end never joins.
+            let t0 = std::time::Instant::now();
+            while !parked.is_finished() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "round {i}: still parked"
+                );
+                std::thread::yield_now();
+            }
+            parked.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_timeout_wakes_parked_vcpus() {
+        let c = Arc::new(Control::new(2));
+        let parked = {
+            let c = c.clone();
+            std::thread::spawn(move || c.park(0))
+        };
+        let o = c.wait(Some(Duration::from_millis(50))).unwrap();
+        assert!(matches!(o, Outcome::TimedOut(_)), "{o:?}");
+        parked.join().unwrap();
+    }
+
+    #[test]
+    fn uart_registers() {
+        assert_eq!(reg(SERIAL_PORT), 0);
+        assert_eq!(reg(SERIAL_PORT + 5), 5);
+    }
+}

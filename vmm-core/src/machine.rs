@@ -1,0 +1,260 @@
+//! The machine: a KVM VM with guest RAM, its vCPU threads, the UART and
+//! the virtio-blk devices; [`run`] builds it, boots it, waits for the
+//! outcome and takes it down cleanly.
+
+use crate::boot::{boot, Boot};
+use crate::bus::{Bus, Control};
+use crate::layout::{MAX_DISKS, MAX_VCPUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::serial::{Console, Uart};
+use crate::vcpu::{install_kick_handler, kick_signal, Vcpu};
+use crate::virtio::blk::{Blk, Stats};
+use crate::virtio::mmio::Transport;
+use crate::virtio::worker::Worker;
+use crate::{memory, x86, Error, Outcome, Result};
+use disk::VirtualDisk;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{IoEventAddress, Kvm};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+/// Where a device does its disk I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// On an I/O thread per disk, woken by the queue-notify ioeventfd
+    /// (the default).
+    #[default]
+    Thread,
+    /// On the vCPU thread, during the QueueNotify exit (for measurements).
+    Vcpu,
+}
+
+/// A disk the machine serves.
+pub struct Disk {
+    /// The disk.
+    pub disk: Arc<dyn VirtualDisk>,
+    /// Whether the guest may write it.
+    pub writable: bool,
+    /// Its name, for the report.
+    pub name: String,
+}
+
+/// The machine to build.
+pub struct Config {
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// How many vCPUs.
+    pub vcpus: usize,
+    /// The virtio-blk devices' disks, in order.
+    pub disks: Vec<Disk>,
+    /// What to boot.
+    pub boot: Boot,
+    /// Where the UART's output goes.
+    pub console: Console,
+    /// Stop the run after this long.
+    pub timeout: Option<Duration>,
+    /// Where disk I/O is done.
+    pub io: IoMode,
+}
+
+/// What one device did during a run.
+#[derive(Debug, Clone)]
+pub struct DeviceReport {
+    /// The disk's name.
+    pub name: String,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests that failed in the disk (answered IOERR).
+    pub io_errors: u64,
+    /// Requests refused as malformed (IOERR, UNSUPP or unanswered).
+    pub refused: u64,
+    /// The last disk error or refusal.
+    pub last_problem: Option<String>,
+    /// What the transport last refused (a feature set, a queue layout) or
+    /// why the device entered NEEDS_RESET.
+    pub transport_problem: Option<String>,
+    /// Whether the device was left in NEEDS_RESET.
+    pub needs_reset: bool,
+}
+
+/// How a run went.
+#[derive(Debug)]
+pub struct Report {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Each device, in order.
+    pub devices: Vec<DeviceReport>,
+    /// From the start of [`run`] to vCPU 0's first exit (its first
+    /// instructions ran before).
+    pub first_exit: Option<Duration>,
+    /// The whole run, from the start of [`run`] to the disks closed.
+    pub elapsed: Duration,
+}
+
+/// The most vCPUs this host and the ABI allow.
+///
+/// # Errors
+/// KVM is not available.
+pub fn max_vcpus() -> Result<usize> {
+    let kvm = Kvm::new().map_err(Error::NoKvm)?;
+    Ok(kvm.get_max_vcpus().min(MAX_VCPUS))
+}
+
+/// Build the machine, boot it, and run it to its end; then close the disks
+/// (flushed, cleanly closed: [`VirtualDisk::close`]).
+///
+/// # Errors
+/// KVM is missing or refuses something, the configuration is refused (the
+/// message says why), the payload does not fit or a kernel cannot be
+/// loaded, a disk cannot be closed. What the guest does wrong is no error:
+/// it is the report's [`Outcome`].
+pub fn run(cfg: Config) -> Result<Report> {
+    let started = Instant::now();
+    let kvm = Kvm::new().map_err(Error::NoKvm)?;
+    let max = kvm.get_max_vcpus().min(MAX_VCPUS);
+    if cfg.vcpus == 0 || cfg.vcpus > max {
+        return Err(Error::Config(format!(
+            "{} vCPUs: this host's KVM allows 1 to {max}",
+            cfg.vcpus
+        )));
+    }
+    if cfg.disks.len() > MAX_DISKS {
+        return Err(Error::Config(format!(
+            "{} disks: at most {MAX_DISKS}",
+            cfg.disks.len()
+        )));
+    }
+    let kvm_err = |what: &'static str| move |source| Error::Kvm { what, source };
+    // RAM first, so that it outlives the VM whose memory slot maps it.
+    let ram = Arc::new(memory::create(cfg.mem)?);
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    memory::register(&vm, &ram)?;
+    x86::write_tables(&ram)?;
+    let entries = boot(&cfg.boot, &ram, cfg.vcpus, cfg.disks.len())?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    install_kick_handler()?;
+
+    let mut transports = Vec::new();
+    let mut stats: Vec<Arc<Stats>> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let notify = EventFd::new(0).map_err(|e| Error::io("creating an event fd", e))?;
+        let blk = Blk::new(d.disk.clone(), d.writable);
+        stats.push(blk.stats());
+        let t = Transport::new(blk, ram.clone(), notify, None).inline(cfg.io == IoMode::Vcpu);
+        if cfg.io == IoMode::Thread {
+            // QueueNotify writes of queue index 0 signal the event inside
+            // KVM, without an exit; other values still exit.
+            let at = VIRTIO_MMIO_BASE
+                + i as u64 * VIRTIO_MMIO_SIZE
+                + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+            vm.register_ioevent(t.notify_event(), &IoEventAddress::Mmio(at), 0u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        transports.push(Arc::new(t));
+    }
+    let bus = Arc::new(Bus {
+        uart: std::sync::Mutex::new(Uart::new(cfg.console)),
+        blk: transports.clone(),
+        control: Control::new(cfg.vcpus),
+    });
+    let workers = match cfg.io {
+        IoMode::Thread => transports
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Worker::spawn(format!("vmm-blk{i}"), t.clone()))
+            .collect::<Result<Vec<_>>>()?,
+        IoMode::Vcpu => Vec::new(),
+    };
+
+    // Every vCPU is made and set up before any runs.
+    let mut fds = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        // At most MAX_VCPUS (checked above), so the APIC id fits a byte.
+        let apic_id = u8::try_from(i).unwrap_or(u8::MAX);
+        x86::setup_vcpu(&fd, &cpuid, apic_id, entry)?;
+        fds.push(fd);
+    }
+    let first_exit = Arc::new(OnceLock::new());
+    let mut threads = Vec::new();
+    for (i, fd) in fds.into_iter().enumerate() {
+        let v = Vcpu {
+            index: i,
+            fd,
+            bus: bus.clone(),
+            started,
+            first_exit: first_exit.clone(),
+        };
+        match std::thread::Builder::new()
+            .name(format!("vmm-vcpu{i}"))
+            .spawn(move || v.run())
+        {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                bus.control
+                    .finish(Err(Error::io("starting a vCPU thread", e)));
+                break;
+            }
+        }
+    }
+
+    let outcome = bus.control.wait(cfg.timeout);
+    // Kick every vCPU out of KVM_RUN until its thread is done (a kick that
+    // lands just before KVM_RUN is entered is lost: send again).
+    for h in threads {
+        while !h.is_finished() {
+            let _ = h.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = h.join();
+    }
+    for w in workers {
+        w.stop();
+    }
+    bus.flush_console();
+
+    let devices = transports
+        .iter()
+        .zip(&stats)
+        .zip(&cfg.disks)
+        .map(|((t, s), d)| {
+            let st = t.lock();
+            DeviceReport {
+                name: d.name.clone(),
+                requests: s.requests.load(std::sync::atomic::Ordering::Relaxed),
+                io_errors: s.io_errors.load(std::sync::atomic::Ordering::Relaxed),
+                refused: s.refused.load(std::sync::atomic::Ordering::Relaxed),
+                last_problem: s.last_problem.lock().ok().and_then(|p| p.clone()),
+                transport_problem: st.problem().map(str::to_string),
+                needs_reset: st.status()
+                    & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET
+                    != 0,
+            }
+        })
+        .collect();
+    drop(bus);
+    drop(transports);
+    let mut close_error = None;
+    for d in &cfg.disks {
+        if let Err(e) = d.disk.close() {
+            close_error.get_or_insert(e);
+        }
+    }
+    drop(vm);
+    let outcome = outcome?;
+    if let Some(e) = close_error {
+        return Err(e.into());
+    }
+    Ok(Report {
+        outcome,
+        devices,
+        first_exit: first_exit.get().copied(),
+        elapsed: started.elapsed(),
+    })
+}
