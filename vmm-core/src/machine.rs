@@ -57,6 +57,9 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// Where disk I/O is done.
     pub io: IoMode,
+    /// Set from elsewhere (a signal handler) to stop the run: it ends as
+    /// [`Outcome::Stopped`], the disks flushed and closed as after any end.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What one device did during a run.
@@ -204,7 +207,7 @@ pub fn run(cfg: Config) -> Result<Report> {
         }
     }
 
-    let outcome = bus.control.wait(cfg.timeout);
+    let outcome = bus.control.wait(cfg.timeout, cfg.stop.as_deref());
     // Kick every vCPU out of KVM_RUN until its thread is done (a kick that
     // lands just before KVM_RUN is entered is lost: send again).
     for h in threads {

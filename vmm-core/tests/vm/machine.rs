@@ -18,6 +18,7 @@ fn run_code(code: &[u8], vcpus: usize, timeout: Option<Duration>) -> (vmm_core::
         console: Box::new(console.clone()),
         timeout,
         io: IoMode::Thread,
+        stop: None,
     })
     .unwrap();
     (r, console.text())
@@ -116,6 +117,7 @@ fn a_payload_too_big_or_a_bad_machine_is_refused() {
         console: Box::new(Capture::default()),
         timeout: Some(Duration::from_secs(5)),
         io: IoMode::Thread,
+        stop: None,
     };
     let e = vmm_core::run(cfg(64 << 20, 1, (62 << 20) + 1))
         .unwrap_err()

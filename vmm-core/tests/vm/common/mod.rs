@@ -76,6 +76,7 @@ pub fn run_disks(payload: &[u8], disks: Vec<Disk>, vcpus: usize, io: IoMode) -> 
         console: Box::new(console.clone()),
         timeout: Some(Duration::from_secs(60)),
         io,
+        stop: None,
     })
     .expect("the VMM runs");
     (report, console.text())
