@@ -131,7 +131,7 @@ fn the_readme_example() {
     let b = dir.path().join("b.vhd");
     ok(&["create", p(&a), "64M"]);
     ok(&["create", p(&b), "32M"]);
-    let ro = format!("{},ro", p(&b));
+    let ro = format!("{},ro,iops=100,bps=1M", p(&b));
     let out = vmm_run(&["--disk", p(&a), "--disk", &ro, "--payload", p(&bin)]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
@@ -331,6 +331,8 @@ fn what_vmm_run_refuses() {
     assert!(refused(&["--payload", p(&bin), "--timeout=0"]).contains("--timeout"));
     let e = refused(&["--payload", p(&bin), "--disk", "a.vhdx,bogus"]);
     assert!(e.contains("unknown disk option 'bogus'"), "{e}");
+    let e = refused(&["--payload", p(&bin), "--disk", "a.vhdx,iops=0"]);
+    assert!(e.contains("iops=0 is not a positive whole number"), "{e}");
     assert!(refused(&[]).contains("--payload"));
     let e = refused(&[
         "--payload",

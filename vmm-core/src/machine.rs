@@ -5,6 +5,7 @@
 use crate::boot::{boot, Boot};
 use crate::bus::{Bus, Control};
 use crate::layout::{MAX_DISKS, MAX_VCPUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::qos::Qos;
 use crate::serial::{Console, Uart};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu};
 use crate::virtio::blk::{Blk, Stats};
@@ -39,6 +40,9 @@ pub struct Disk {
     pub writable: bool,
     /// Its name, for the report.
     pub name: String,
+    /// Its QoS limits, if any ([`crate::qos`]; shared, so that they can be
+    /// changed while the guest runs).
+    pub qos: Option<Arc<Qos>>,
 }
 
 /// The machine to build.
@@ -145,7 +149,7 @@ pub fn run(cfg: Config) -> Result<Report> {
     let mut stats: Vec<Arc<Stats>> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let notify = EventFd::new(0).map_err(|e| Error::io("creating an event fd", e))?;
-        let blk = Blk::new(d.disk.clone(), d.writable);
+        let blk = Blk::new(d.disk.clone(), d.writable).with_qos(d.qos.clone());
         stats.push(blk.stats());
         let t = Transport::new(blk, ram.clone(), notify, None).inline(cfg.io == IoMode::Vcpu);
         if cfg.io == IoMode::Thread {
@@ -208,6 +212,10 @@ pub fn run(cfg: Config) -> Result<Report> {
     }
 
     let outcome = bus.control.wait(cfg.timeout, cfg.stop.as_deref());
+    // No more requests are taken, even by a queue waiting on its QoS limit.
+    for t in &transports {
+        t.halt();
+    }
     // Kick every vCPU out of KVM_RUN until its thread is done (a kick that
     // lands just before KVM_RUN is entered is lost: send again).
     for h in threads {

@@ -163,6 +163,7 @@ fn request_latency() {
             disk: img.disk(),
             writable: true,
             name: img.name(),
+            qos: None,
         }];
         let (r, out) = run_disks(BENCH, disks, 1, io);
         drop(img);

@@ -8,3 +8,4 @@ mod common;
 mod disks;
 mod hostile;
 mod machine;
+mod qos;

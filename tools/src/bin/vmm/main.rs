@@ -19,12 +19,19 @@ const EXIT_ERROR: u8 = 1;
 
 const RUN_AFTER_HELP: &str = "\
 Disks:
-  --disk PATH[,ro][,format=raw|vhdx|vhd]   repeatable; device i is the i-th --disk,
+  --disk PATH[,ro][,format=raw|vhdx|vhd][,iops=N][,bps=N]
+  repeatable; device i is the i-th --disk,
   a virtio-mmio transport at 0xd0000000 + i*0x1000. PATH may be a checkpoint bundle's
   directory: its active disk is served and the bundle held for the run. Every image is
   opened through the library's front door with its image locks: an image another
   process holds (vdisk, qemu-img, qemu-nbd, another vmm) is refused, naming the holder;
   a differencing disk's parents are held shared and never written.
+
+Storage QoS:
+  iops=N limits a disk to N I/Os a second counted as Hyper-V's Storage QoS counts
+  them, in 8 KiB units (a 4 KiB request is one, a 64 KiB request eight); bps=N to N
+  bytes a second (K, M, G suffixes: powers of 1024). Token buckets with a burst of
+  50 ms of the rate; requests over a limit wait, never fail.
 
 How a disk's format is chosen:
   format= on the disk, else --format, else the file's signature: a VHDX or VHD
@@ -71,7 +78,8 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// A disk: PATH[,ro][,format=raw|vhdx|vhd] (repeatable; in device order).
+    /// A disk: PATH[,ro][,format=raw|vhdx|vhd][,iops=N][,bps=N] (repeatable;
+    /// in device order).
     #[arg(long = "disk", value_name = "SPEC", value_parser = DiskSpec::parse)]
     disks: Vec<DiskSpec>,
     /// The format of every --disk that names none.
@@ -178,6 +186,7 @@ fn run(a: &RunArgs) -> Result<u8> {
             disk: d.disk(),
             writable: !d.spec.read_only,
             name: d.name(),
+            qos: d.qos(),
         })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));

@@ -95,6 +95,7 @@ pub fn run_specs(payload: &[u8], specs: &[DiskSpec]) -> (Report, String) {
             disk: d.disk(),
             writable: !d.spec.read_only,
             name: d.name(),
+            qos: d.qos(),
         })
         .collect();
     let r = run_disks(payload, disks, 1, IoMode::Thread);
@@ -107,6 +108,7 @@ pub fn spec(path: &Path, format: Option<Format>, read_only: bool) -> DiskSpec {
         path: path.to_path_buf(),
         read_only,
         format,
+        qos: Default::default(),
     }
 }
 
