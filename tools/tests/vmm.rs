@@ -396,3 +396,98 @@ fn a_locked_image_is_refused() {
     let _ = first.kill();
     let _ = first.wait();
 }
+
+fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = vmm()
+        .arg("ctl")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run vmm ctl");
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stderr)));
+    (out.status.code(), v)
+}
+
+/// The control API end to end: a guest started paused, resumed, limited,
+/// inspected and stopped through `vmm ctl`; garbage on the socket is
+/// answered with errors and the connection stays usable.
+#[test]
+fn the_control_api() {
+    use std::io::{BufRead, BufReader, Write};
+    if !can_run(b"x") {
+        return;
+    }
+    let dir = tmp();
+    let img = dir.path().join("d.vhdx");
+    ok(&["create", p(&img), "16M"]);
+    let looping = payload(dir.path(), "loop", &[0xeb, 0xfe]);
+    let sock = dir.path().join("api.sock");
+    let child = vmm()
+        .args(["run", "--api", p(&sock), "--paused", "--timeout", "30"])
+        .args(["--disk", p(&img), "--payload", p(&looping)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Paused from the start, until resumed.
+    let t0 = Instant::now();
+    loop {
+        let (code, v) = ctl(&sock, &["info"]);
+        assert_eq!(code, Some(0), "{v}");
+        if v["state"] == "paused" {
+            assert_eq!(v["disks"][0]["writable"], true);
+            assert!(v["disks"][0]["name"].as_str().unwrap().ends_with("d.vhdx"));
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{v}");
+    }
+    assert_eq!(ctl(&sock, &["resume"]).1["ok"], true);
+    assert_eq!(ctl(&sock, &["info"]).1["state"], "running");
+    assert_eq!(ctl(&sock, &["pause"]).1["ok"], true);
+    assert_eq!(ctl(&sock, &["info"]).1["state"], "paused");
+    assert_eq!(ctl(&sock, &["resume"]).1["ok"], true);
+    // QoS: set, kept when left out, removed with 0.
+    let (code, _) = ctl(&sock, &["set-qos", "0", "--iops", "300", "--bps", "2M"]);
+    assert_eq!(code, Some(0));
+    ctl(&sock, &["set-qos", "0", "--iops", "0"]);
+    let v = ctl(&sock, &["info"]).1;
+    assert_eq!(v["disks"][0]["iops"], serde_json::Value::Null);
+    assert_eq!(v["disks"][0]["bps"], 2 << 20);
+    let (code, v) = ctl(&sock, &["set-qos", "5", "--iops", "1"]);
+    assert_eq!(code, Some(1));
+    assert!(v["error"].as_str().unwrap().contains("no disk 5"), "{v}");
+    // A second vmm cannot take the socket.
+    let e = vmm_run(&["--api", p(&sock), "--payload", p(&looping)]);
+    assert_eq!(e.status.code(), Some(1));
+    assert!(text(&e.stderr).contains("another process listens"));
+    // Garbage, one connection: each line gets an error, then a good one
+    // still works.
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let huge = "x".repeat(100_000);
+    for bad in ["{nope", "[1,2]", "{\"cmd\":7}", "{\"cmd\":\"fly\"}", &huge] {
+        writeln!(w, "{bad}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], false, "{bad:.20}: {v}");
+        assert!(v["error"].is_string());
+    }
+    writeln!(w, "{{\"cmd\":\"info\"}}").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    // Stop: status 130, the socket removed, the image closed cleanly.
+    assert_eq!(ctl(&sock, &["stop"]).1["ok"], true);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(!sock.exists());
+    ok(&["check", p(&img)]);
+}

@@ -92,6 +92,7 @@
 
 pub mod boot;
 mod bus;
+pub mod control;
 pub mod disks;
 mod error;
 pub mod layout;
@@ -124,6 +125,7 @@ pub mod test_payloads {
 }
 
 pub use boot::Boot;
+pub use control::Controller;
 pub use disks::{DiskSpec, OpenDisk};
 pub use error::{Error, Result};
 pub use machine::{max_vcpus, run, Config, DeviceReport, Disk, IoMode, Report};
@@ -179,7 +181,7 @@ impl std::fmt::Display for Outcome {
                 "the run was stopped after {:.1} s (--timeout)",
                 t.as_secs_f64()
             ),
-            Outcome::Stopped => write!(f, "the run was stopped (a signal)"),
+            Outcome::Stopped => write!(f, "the run was stopped (a signal, or the control API)"),
         }
     }
 }

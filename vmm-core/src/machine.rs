@@ -4,8 +4,9 @@
 
 use crate::boot::{boot, Boot};
 use crate::bus::{Bus, Control};
+use crate::control::{Attached, Controller};
 use crate::layout::{MAX_DISKS, MAX_VCPUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-use crate::qos::Qos;
+use crate::qos::{Limits, Qos};
 use crate::serial::{Console, Uart};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu};
 use crate::virtio::blk::{Blk, Stats};
@@ -64,6 +65,10 @@ pub struct Config {
     /// Set from elsewhere (a signal handler) to stop the run: it ends as
     /// [`Outcome::Stopped`], the disks flushed and closed as after any end.
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A handle to pause, resume, stop and inspect the run from another
+    /// thread, and to change disks' QoS limits ([`Controller`]; one run
+    /// per controller).
+    pub controller: Option<Arc<Controller>>,
 }
 
 /// What one device did during a run.
@@ -145,12 +150,26 @@ pub fn run(cfg: Config) -> Result<Report> {
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     install_kick_handler()?;
 
+    let ctl = cfg.controller.clone().unwrap_or_default();
     let mut transports = Vec::new();
     let mut stats: Vec<Arc<Stats>> = Vec::new();
+    let mut attached = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let notify = EventFd::new(0).map_err(|e| Error::io("creating an event fd", e))?;
-        let blk = Blk::new(d.disk.clone(), d.writable).with_qos(d.qos.clone());
+        // Every disk has limits, none at first, so that they can be set
+        // while the guest runs.
+        let qos = d
+            .qos
+            .clone()
+            .unwrap_or_else(|| Arc::new(Qos::new(Limits::default())));
+        let blk = Blk::new(d.disk.clone(), d.writable).with_qos(Some(qos.clone()));
         stats.push(blk.stats());
+        attached.push(Attached {
+            name: d.name.clone(),
+            writable: d.writable,
+            stats: blk.stats(),
+            qos,
+        });
         let t = Transport::new(blk, ram.clone(), notify, None).inline(cfg.io == IoMode::Vcpu);
         if cfg.io == IoMode::Thread {
             // QueueNotify writes of queue index 0 signal the event inside
@@ -168,6 +187,7 @@ pub fn run(cfg: Config) -> Result<Report> {
         blk: transports.clone(),
         control: Control::new(cfg.vcpus),
     });
+    ctl.attach(bus.clone(), attached, cfg.vcpus, cfg.mem, started);
     let workers = match cfg.io {
         IoMode::Thread => transports
             .iter()
@@ -197,12 +217,16 @@ pub fn run(cfg: Config) -> Result<Report> {
             bus: bus.clone(),
             started,
             first_exit: first_exit.clone(),
+            ctl: ctl.clone(),
         };
         match std::thread::Builder::new()
             .name(format!("vmm-vcpu{i}"))
             .spawn(move || v.run())
         {
-            Ok(h) => threads.push(h),
+            Ok(h) => {
+                ctl.add_thread(std::os::unix::thread::JoinHandleExt::as_pthread_t(&h));
+                threads.push(h);
+            }
             Err(e) => {
                 bus.control
                     .finish(Err(Error::io("starting a vCPU thread", e)));
@@ -212,10 +236,12 @@ pub fn run(cfg: Config) -> Result<Report> {
     }
 
     let outcome = bus.control.wait(cfg.timeout, cfg.stop.as_deref());
-    // No more requests are taken, even by a queue waiting on its QoS limit.
+    // No more requests are taken, even by a queue waiting on its QoS limit;
+    // vCPUs held at the pause gate go, and are kicked no more by a pause.
     for t in &transports {
         t.halt();
     }
+    ctl.end();
     // Kick every vCPU out of KVM_RUN until its thread is done (a kick that
     // lands just before KVM_RUN is entered is lost: send again).
     for h in threads {

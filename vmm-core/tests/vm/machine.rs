@@ -19,6 +19,7 @@ fn run_code(code: &[u8], vcpus: usize, timeout: Option<Duration>) -> (vmm_core::
         timeout,
         io: IoMode::Thread,
         stop: None,
+        controller: None,
     })
     .unwrap();
     (r, console.text())
@@ -118,6 +119,7 @@ fn a_payload_too_big_or_a_bad_machine_is_refused() {
         timeout: Some(Duration::from_secs(5)),
         io: IoMode::Thread,
         stop: None,
+        controller: None,
     };
     let e = vmm_core::run(cfg(64 << 20, 1, (62 << 20) + 1))
         .unwrap_err()

@@ -5,6 +5,7 @@
 //! without the payloads (no gcc).
 
 mod common;
+mod control;
 mod disks;
 mod hostile;
 mod machine;

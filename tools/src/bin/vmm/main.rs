@@ -2,6 +2,8 @@
 //! VHD, VHDX, differencing chains, a checkpoint bundle's active disk).
 //! The machine and the payload ABI are vmm-core's ([`vmm_core`]).
 
+mod api;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use image::Format;
@@ -74,6 +76,64 @@ enum Command {
     /// Boot a guest (a payload, or a Linux kernel) and run it to its end.
     #[command(after_help = RUN_AFTER_HELP)]
     Run(RunArgs),
+    /// Send a request to a running `vmm run --api SOCKET` and print its
+    /// reply (exit 0 when it says ok, 1 when not).
+    #[command(after_help = CTL_AFTER_HELP)]
+    Ctl(CtlArgs),
+}
+
+const CTL_AFTER_HELP: &str = "\
+The API: a unix socket, one JSON object per line each way. Requests:
+  {\"cmd\":\"pause\"}     answered once no vCPU runs guest code (the disks' I/O goes on)
+  {\"cmd\":\"resume\"}
+  {\"cmd\":\"stop\"}      the run ends; vmm flushes and closes the disks and exits 130
+  {\"cmd\":\"info\"}      state (starting, running, paused, ended), vcpus, mem, uptime,
+                    and each disk's name, requests, errors and QoS limits
+  {\"cmd\":\"set-qos\",\"disk\":I,\"iops\":N,\"bps\":N}
+                    a limit left out is kept; 0 or null removes it
+Replies: {\"ok\":true,...} or {\"ok\":false,\"error\":\"...\"}.
+
+Examples:
+  vmm run --api /run/vm1.sock --disk vm1.vhdx --payload guest.bin &
+  vmm ctl /run/vm1.sock info
+  vmm ctl /run/vm1.sock set-qos 0 --iops 500 --bps 50M
+  vmm ctl /run/vm1.sock pause
+  vmm ctl /run/vm1.sock send '{\"cmd\":\"resume\"}'";
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The API socket (`vmm run --api SOCKET`).
+    socket: PathBuf,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Subcommand)]
+enum CtlRequest {
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume them.
+    Resume,
+    /// End the run.
+    Stop,
+    /// What the machine is doing.
+    Info,
+    /// Change a disk's QoS limits (0 removes a limit; one left out is kept).
+    SetQos {
+        /// The disk's index (0-based, in --disk order).
+        disk: u64,
+        /// I/Os a second, in 8 KiB units.
+        #[arg(long)]
+        iops: Option<u64>,
+        /// Bytes a second (K, M, G suffixes).
+        #[arg(long, value_name = "N")]
+        bps: Option<String>,
+    },
+    /// Send a raw JSON request.
+    Send {
+        /// One JSON object.
+        json: String,
+    },
 }
 
 #[derive(Args)]
@@ -123,6 +183,12 @@ struct RunArgs {
     /// ("-": stderr).
     #[arg(long, value_name = "FILE")]
     report_json: Option<PathBuf>,
+    /// Serve the control API on this unix socket (see `vmm ctl --help`).
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
+    /// Start with the vCPUs paused (resume through the API).
+    #[arg(long, requires = "api")]
+    paused: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -145,6 +211,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Run(a) => run(a),
+        Command::Ctl(a) => ctl(a),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -189,6 +256,15 @@ fn run(a: &RunArgs) -> Result<u8> {
             qos: d.qos(),
         })
         .collect();
+    let controller = if a.paused {
+        vmm_core::Controller::paused()
+    } else {
+        vmm_core::Controller::new()
+    };
+    let api = match &a.api {
+        Some(path) => Some(api::serve(path, controller.clone())?),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
@@ -206,7 +282,9 @@ fn run(a: &RunArgs) -> Result<u8> {
             Io::Vcpu => IoMode::Vcpu,
         },
         stop: Some(stop),
+        controller: Some(controller),
     })?;
+    drop(api);
     // The disks were flushed and closed by the run; the bundles' locks go
     // with `open`.
     drop(open);
@@ -221,6 +299,38 @@ fn run(a: &RunArgs) -> Result<u8> {
         write_json(&report, path)?;
     }
     Ok(report.outcome.status())
+}
+
+/// `vmm ctl`: 0 when the reply says ok, 1 when not.
+fn ctl(a: &CtlArgs) -> Result<u8> {
+    let req = match &a.request {
+        CtlRequest::Pause => serde_json::json!({"cmd": "pause"}),
+        CtlRequest::Resume => serde_json::json!({"cmd": "resume"}),
+        CtlRequest::Stop => serde_json::json!({"cmd": "stop"}),
+        CtlRequest::Info => serde_json::json!({"cmd": "info"}),
+        CtlRequest::SetQos { disk, iops, bps } => {
+            let mut r = serde_json::json!({"cmd": "set-qos", "disk": disk});
+            if let Some(i) = iops {
+                r["iops"] = (*i).into();
+            }
+            if let Some(b) = bps {
+                r["bps"] = parse_size(b)
+                    .with_context(|| format!("invalid --bps '{b}'"))?
+                    .into();
+            }
+            r
+        }
+        CtlRequest::Send { json } => {
+            serde_json::from_str(json).context("the request is not JSON")?
+        }
+    };
+    let reply = api::call(&a.socket, &req)?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    if reply["ok"] == true {
+        Ok(0)
+    } else {
+        Ok(EXIT_ERROR)
+    }
 }
 
 /// Read a payload file, refusing what cannot be one.

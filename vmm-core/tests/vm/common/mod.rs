@@ -77,6 +77,7 @@ pub fn run_disks(payload: &[u8], disks: Vec<Disk>, vcpus: usize, io: IoMode) -> 
         timeout: Some(Duration::from_secs(60)),
         io,
         stop: None,
+        controller: None,
     })
     .expect("the VMM runs");
     (report, console.text())
