@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const PROGRAMS: &[&str] = &[
-    "blk_io", "hostile", "smp", "bench", "sector0", "hello", "qos",
+    "blk_io", "hostile", "smp", "bench", "sector0", "hello", "qos", "migrate",
 ];
 
 fn main() {

@@ -17,9 +17,13 @@
 //! the gate's lock is held but those and the kick signal.
 
 use crate::bus::Bus;
+use crate::migrate::{migrate, Ends, MigrateOptions, MigrateReport};
 use crate::qos::{Limits, Qos};
-use crate::virtio::blk::Stats;
+use crate::virtio::blk::{Blk, Stats};
+use crate::virtio::mmio::Transport;
 use crate::Outcome;
+use std::cell::Cell;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -106,10 +110,12 @@ pub struct Info {
 
 /// A disk of the run, as the controller sees it.
 pub(crate) struct Attached {
-    pub name: String,
+    pub name: Mutex<String>,
     pub writable: bool,
     pub stats: Arc<Stats>,
     pub qos: Arc<Qos>,
+    pub transport: Arc<Transport<Blk>>,
+    pub migrating: AtomicBool,
 }
 
 struct Run {
@@ -194,6 +200,8 @@ impl Controller {
         let mut g = self.lock();
         g.ended = true;
         g.tids.clear();
+        // Let go of the devices (and so of the disks) with the run.
+        g.run = None;
         self.changed.notify_all();
     }
 
@@ -307,6 +315,72 @@ impl Controller {
         Ok(())
     }
 
+    /// Move disk `disk` to a new image while the guest runs (see
+    /// [`crate::migrate`]); returns when the device serves the new image,
+    /// or, on failure, with the guest still on the old one.
+    ///
+    /// # Errors
+    /// No such disk, one migration of it is already under way, the run has
+    /// not started or ends, the destination cannot be created or written.
+    pub fn migrate_storage(
+        &self,
+        disk: usize,
+        o: &MigrateOptions,
+    ) -> Result<MigrateReport, String> {
+        let (transport, bus) = {
+            let g = self.lock();
+            if g.ended {
+                return Err("the run is over".into());
+            }
+            let Some(run) = &g.run else {
+                return Err("the machine has not started yet".into());
+            };
+            let d = run.disks.get(disk).ok_or_else(|| {
+                format!(
+                    "no disk {disk}: the machine has {} (0-based)",
+                    run.disks.len()
+                )
+            })?;
+            if d.migrating.swap(true, Ordering::AcqRel) {
+                return Err(format!("disk {disk} is already being migrated"));
+            }
+            (d.transport.clone(), run.bus.clone())
+        };
+        // A machine paused by someone else stays paused after the switch.
+        let was_paused = Cell::new(false);
+        let pause = || {
+            was_paused.set(self.lock().closed);
+            self.pause()
+        };
+        let resume = || {
+            if was_paused.get() {
+                Ok(())
+            } else {
+                self.resume()
+            }
+        };
+        let stopping = || bus.control.stopping();
+        let r = migrate(
+            &Ends {
+                transport: &transport,
+                pause: &pause,
+                resume: &resume,
+                stopping: &stopping,
+            },
+            o,
+        );
+        let g = self.lock();
+        if let Some(d) = g.run.as_ref().and_then(|run| run.disks.get(disk)) {
+            if r.is_ok() {
+                if let Ok(mut n) = d.name.lock() {
+                    *n = o.dest.display().to_string();
+                }
+            }
+            d.migrating.store(false, Ordering::Release);
+        }
+        r
+    }
+
     /// What the machine is doing.
     pub fn info(&self) -> Info {
         let g = self.lock();
@@ -334,7 +408,7 @@ impl Controller {
                 .disks
                 .iter()
                 .map(|d| DiskInfo {
-                    name: d.name.clone(),
+                    name: d.name.lock().map(|n| n.clone()).unwrap_or_default(),
                     writable: d.writable,
                     requests: d.stats.requests.load(Ordering::Relaxed),
                     io_errors: d.stats.io_errors.load(Ordering::Relaxed),

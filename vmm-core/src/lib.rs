@@ -98,6 +98,7 @@ mod error;
 pub mod layout;
 mod machine;
 pub mod memory;
+pub mod migrate;
 pub mod qos;
 pub mod serial;
 mod vcpu;
@@ -118,6 +119,8 @@ pub mod test_payloads {
     pub const BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench.bin"));
     /// Storage QoS: 2300 I/Os as fast as it can (payloads/qos.c).
     pub const QOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qos.bin"));
+    /// Writes and verifies its disk round after round (payloads/migrate.c).
+    pub const MIGRATE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/migrate.bin"));
     /// The example of the README and scripts/demo.sh (payloads/hello.c).
     pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
     /// A write of sector 0 (payloads/sector0.c).

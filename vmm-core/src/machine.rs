@@ -164,12 +164,7 @@ pub fn run(cfg: Config) -> Result<Report> {
             .unwrap_or_else(|| Arc::new(Qos::new(Limits::default())));
         let blk = Blk::new(d.disk.clone(), d.writable).with_qos(Some(qos.clone()));
         stats.push(blk.stats());
-        attached.push(Attached {
-            name: d.name.clone(),
-            writable: d.writable,
-            stats: blk.stats(),
-            qos,
-        });
+        let stats_of = blk.stats();
         let t = Transport::new(blk, ram.clone(), notify, None).inline(cfg.io == IoMode::Vcpu);
         if cfg.io == IoMode::Thread {
             // QueueNotify writes of queue index 0 signal the event inside
@@ -180,7 +175,16 @@ pub fn run(cfg: Config) -> Result<Report> {
             vm.register_ioevent(t.notify_event(), &IoEventAddress::Mmio(at), 0u32)
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
         }
-        transports.push(Arc::new(t));
+        let t = Arc::new(t);
+        attached.push(Attached {
+            name: std::sync::Mutex::new(d.name.clone()),
+            writable: d.writable,
+            stats: stats_of,
+            qos,
+            transport: t.clone(),
+            migrating: std::sync::atomic::AtomicBool::new(false),
+        });
+        transports.push(t);
     }
     let bus = Arc::new(Bus {
         uart: std::sync::Mutex::new(Uart::new(cfg.console)),
@@ -275,14 +279,21 @@ pub fn run(cfg: Config) -> Result<Report> {
             }
         })
         .collect();
+    // Close what each device serves now (a migrated device serves its new
+    // image), then the disks given (closing twice is harmless).
+    let serving: Vec<_> = transports
+        .iter()
+        .map(|t| t.lock().device().disk().clone())
+        .collect();
     drop(bus);
     drop(transports);
     let mut close_error = None;
-    for d in &cfg.disks {
-        if let Err(e) = d.disk.close() {
+    for d in serving.iter().chain(cfg.disks.iter().map(|d| &d.disk)) {
+        if let Err(e) = d.close() {
             close_error.get_or_insert(e);
         }
     }
+    drop(serving);
     drop(vm);
     let outcome = outcome?;
     if let Some(e) = close_error {

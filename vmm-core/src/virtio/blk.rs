@@ -6,6 +6,7 @@ use super::queue::{Popped, Queue, QueueError, Segment, QUEUE_MAX};
 use super::request::{parse, Limits, Range, Refusal, Request, ID_BYTES, SECTOR};
 use super::VirtioDevice;
 use crate::memory::Ram;
+use crate::migrate::DirtyMap;
 use crate::qos::Qos;
 use disk::VirtualDisk;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,8 @@ pub struct Blk {
     buf: Vec<u8>,
     stats: Arc<Stats>,
     qos: Option<Arc<Qos>>,
+    /// Armed during a live storage migration ([`crate::migrate`]).
+    dirty: Option<Arc<DirtyMap>>,
 }
 
 /// The GET_ID string of a disk id: the first 20 of the 32 hexadecimal
@@ -126,7 +129,20 @@ impl Blk {
             buf: Vec::new(),
             stats: Arc::new(Stats::default()),
             qos: None,
+            dirty: None,
         }
+    }
+
+    /// Arm (or disarm) a dirty map on the write path: every write,
+    /// discard and write-zeroes marks its range once the disk has done it.
+    pub fn set_dirty(&mut self, map: Option<Arc<DirtyMap>>) {
+        self.dirty = map;
+    }
+
+    /// Serve `disk` from now on (a migration's switch; the GET_ID identity
+    /// and the configuration the guest read stay).
+    pub fn set_disk(&mut self, disk: Arc<dyn VirtualDisk>) {
+        self.disk = disk;
     }
 
     /// Limit the device's requests by `qos` (see [`crate::qos`]).
@@ -158,7 +174,14 @@ impl Blk {
     fn execute(&mut self, ram: &Ram, req: Request) -> Result<u32, String> {
         match req {
             Request::In { offset, data } => self.transfer(ram, offset, &data, true),
-            Request::Out { offset, data } => self.transfer(ram, offset, &data, false).map(|_| 0),
+            Request::Out { offset, data } => {
+                let len = data.iter().map(|s| u64::from(s.len)).sum();
+                let r = self.transfer(ram, offset, &data, false).map(|_| 0);
+                // Marked after the write, even a failed one (part of it
+                // may have landed).
+                self.mark(offset, len);
+                r
+            }
             Request::Flush => self.disk.flush().map(|()| 0).map_err(|e| e.to_string()),
             Request::GetId { data } => {
                 let id = self.id.ok_or("the disk has no id")?;
@@ -183,9 +206,17 @@ impl Blk {
             } else {
                 self.disk.write_zeroes(r.offset, r.len, r.unmap)
             };
+            self.mark(r.offset, r.len);
             done.map_err(|e| e.to_string())?;
         }
         Ok(0)
+    }
+
+    /// A migration's dirty map, if armed, learns of a change.
+    fn mark(&self, offset: u64, len: u64) {
+        if let Some(m) = &self.dirty {
+            m.mark(offset, len);
+        }
     }
 
     /// Move the bytes of `data` to or from the disk at `offset`, a chunk at

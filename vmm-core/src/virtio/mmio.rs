@@ -236,6 +236,12 @@ impl<D: VirtioDevice> State<D> {
         &self.device
     }
 
+    /// The device, to change it (with no request in flight: the lock is
+    /// held).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Why the device last refused something, if it did.
     pub fn problem(&self) -> Option<&str> {
         self.problem.as_deref()

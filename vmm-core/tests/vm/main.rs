@@ -9,4 +9,5 @@ mod control;
 mod disks;
 mod hostile;
 mod machine;
+mod migrate;
 mod qos;

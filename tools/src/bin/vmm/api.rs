@@ -3,7 +3,10 @@
 //!
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stop"}`,
 //! `{"cmd":"info"}`, `{"cmd":"set-qos","disk":I,"iops":N,"bps":N}` (a limit
-//! left out is kept, 0 or null removes it). Replies: `{"ok":true,...}` or
+//! left out is kept, 0 or null removes it),
+//! `{"cmd":"migrate-storage","disk":I,"dest":PATH,"format":"vhdx"|"vhd"|"raw"}`
+//! (answered when the device serves DEST, with the copy passes, the bytes
+//! copied and the pause; or with an error, the guest still on its disk). Replies: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`. `pause` answers once no vCPU runs guest
 //! code; `stop` once the run is told to end (the process then flushes and
 //! closes the disks and exits 130). A line longer than 64 KiB, or one that
@@ -38,7 +41,9 @@ impl Drop for Api {
 ///
 /// # Errors
 /// The path is taken or cannot be bound.
-pub fn serve(path: &Path, ctl: Arc<Controller>) -> Result<Api> {
+/// `bundles[i]` says whether disk `i` is a checkpoint bundle's active disk
+/// (which is not migrated: its checkpoints would stay behind).
+pub fn serve(path: &Path, ctl: Arc<Controller>, bundles: Vec<bool>) -> Result<Api> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             bail!(
@@ -60,9 +65,10 @@ pub fn serve(path: &Path, ctl: Arc<Controller>) -> Result<Api> {
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 let ctl = ctl.clone();
+                let bundles = bundles.clone();
                 let _ = std::thread::Builder::new()
                     .name("vmm-api-client".into())
-                    .spawn(move || client(conn, &ctl));
+                    .spawn(move || client(conn, &ctl, &bundles));
             }
         })
         .context("starting the API thread")?;
@@ -72,7 +78,7 @@ pub fn serve(path: &Path, ctl: Arc<Controller>) -> Result<Api> {
 }
 
 /// Serve one client until it hangs up.
-fn client(conn: UnixStream, ctl: &Controller) {
+fn client(conn: UnixStream, ctl: &Controller, bundles: &[bool]) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
@@ -97,7 +103,7 @@ fn client(conn: UnixStream, ctl: &Controller) {
             continue;
         } else {
             match serde_json::from_slice::<Value>(&line) {
-                Ok(Value::Object(req)) => answer(&req, ctl),
+                Ok(Value::Object(req)) => answer(&req, ctl, bundles),
                 Ok(_) => error("a request is a JSON object".into()),
                 Err(e) => error(format!("not JSON: {e}")),
             }
@@ -122,7 +128,7 @@ fn done(r: Result<(), String>) -> Value {
 }
 
 /// The reply to one request.
-pub fn answer(req: &Map<String, Value>, ctl: &Controller) -> Value {
+pub fn answer(req: &Map<String, Value>, ctl: &Controller, bundles: &[bool]) -> Value {
     let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
         return error("no \"cmd\" string in the request".into());
     };
@@ -135,13 +141,47 @@ pub fn answer(req: &Map<String, Value>, ctl: &Controller) -> Value {
             Ok(()) => json!({"ok": true}),
             Err(e) => error(e),
         },
-        "checkpoint" | "migrate-storage" => error(format!(
-            "\"{cmd}\" is not supported by this vmm yet (known: pause, resume, stop, info, set-qos)"
+        "migrate-storage" => migrate(req, ctl, bundles).unwrap_or_else(error),
+        "checkpoint" => error(format!(
+            "\"{cmd}\" is not supported by this vmm yet (known: {KNOWN})"
         )),
-        other => error(format!(
-            "unknown command \"{other}\" (known: pause, resume, stop, info, set-qos)"
-        )),
+        other => error(format!("unknown command \"{other}\" (known: {KNOWN})")),
     }
+}
+
+/// The commands served.
+const KNOWN: &str = "pause, resume, stop, info, set-qos, migrate-storage";
+
+fn migrate(req: &Map<String, Value>, ctl: &Controller, bundles: &[bool]) -> Result<Value, String> {
+    let disk = req
+        .get("disk")
+        .and_then(Value::as_u64)
+        .and_then(|d| usize::try_from(d).ok())
+        .ok_or("migrate-storage needs \"disk\": the disk's index (0-based)")?;
+    let dest = req
+        .get("dest")
+        .and_then(Value::as_str)
+        .filter(|d| !d.is_empty())
+        .ok_or("migrate-storage needs \"dest\": the new image's path")?;
+    let format = req
+        .get("format")
+        .and_then(Value::as_str)
+        .ok_or("migrate-storage needs \"format\": vhdx, vhd or raw")
+        .and_then(|f| image::Format::parse(f).map_err(|_| "\"format\" is vhdx, vhd or raw"))?;
+    if bundles.get(disk).copied().unwrap_or(false) {
+        return Err(format!(
+            "disk {disk} is a checkpoint bundle's active disk: migrating it would leave its \
+             checkpoints behind"
+        ));
+    }
+    let r = ctl.migrate_storage(disk, &vmm_core::migrate::MigrateOptions::new(dest, format))?;
+    Ok(json!({
+        "ok": true,
+        "passes": r.passes,
+        "bytes-copied": r.bytes_copied,
+        "pause-ms": r.pause.as_secs_f64() * 1e3,
+        "seconds": r.elapsed.as_secs_f64(),
+    }))
 }
 
 fn info(ctl: &Controller) -> Value {

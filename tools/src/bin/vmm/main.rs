@@ -91,12 +91,19 @@ The API: a unix socket, one JSON object per line each way. Requests:
                     and each disk's name, requests, errors and QoS limits
   {\"cmd\":\"set-qos\",\"disk\":I,\"iops\":N,\"bps\":N}
                     a limit left out is kept; 0 or null removes it
+  {\"cmd\":\"migrate-storage\",\"disk\":I,\"dest\":PATH,\"format\":\"vhdx\"|\"vhd\"|\"raw\"}
+                    copy the disk to a new image while the guest writes (a dirty map on
+                    the write path, copy passes, then a short pause to copy the rest and
+                    switch); answered with passes, bytes-copied, pause-ms. On failure the
+                    guest goes on on its disk and DEST is removed. The old image is
+                    left as it was at the switch.
 Replies: {\"ok\":true,...} or {\"ok\":false,\"error\":\"...\"}.
 
 Examples:
   vmm run --api /run/vm1.sock --disk vm1.vhdx --payload guest.bin &
   vmm ctl /run/vm1.sock info
   vmm ctl /run/vm1.sock set-qos 0 --iops 500 --bps 50M
+  vmm ctl /run/vm1.sock migrate-storage 0 /fast/vm1.vhdx
   vmm ctl /run/vm1.sock pause
   vmm ctl /run/vm1.sock send '{\"cmd\":\"resume\"}'";
 
@@ -128,6 +135,17 @@ enum CtlRequest {
         /// Bytes a second (K, M, G suffixes).
         #[arg(long, value_name = "N")]
         bps: Option<String>,
+    },
+    /// Copy a disk to a new image while the guest runs, then switch the
+    /// guest to it.
+    MigrateStorage {
+        /// The disk's index (0-based, in --disk order).
+        disk: u64,
+        /// The new image (must not exist).
+        dest: PathBuf,
+        /// Its format (default: from DEST's name, .vhdx, .vhd or raw).
+        #[arg(short = 'O', long = "format", value_name = "FMT", value_parser = Format::parse)]
+        format: Option<Format>,
     },
     /// Send a raw JSON request.
     Send {
@@ -262,7 +280,11 @@ fn run(a: &RunArgs) -> Result<u8> {
         vmm_core::Controller::new()
     };
     let api = match &a.api {
-        Some(path) => Some(api::serve(path, controller.clone())?),
+        Some(path) => Some(api::serve(
+            path,
+            controller.clone(),
+            open.iter().map(|d| d.bundle.is_some()).collect(),
+        )?),
         None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -320,6 +342,12 @@ fn ctl(a: &CtlArgs) -> Result<u8> {
             }
             r
         }
+        CtlRequest::MigrateStorage { disk, dest, format } => serde_json::json!({
+            "cmd": "migrate-storage",
+            "disk": disk,
+            "dest": dest,
+            "format": format.unwrap_or_else(|| Format::for_new_file(dest)).name(),
+        }),
         CtlRequest::Send { json } => {
             serde_json::from_str(json).context("the request is not JSON")?
         }
