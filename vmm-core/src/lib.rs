@@ -89,6 +89,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acpi;
 pub mod boot;
 mod bus;
 pub mod disks;

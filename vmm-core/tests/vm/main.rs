@@ -7,4 +7,5 @@
 mod common;
 mod disks;
 mod hostile;
+mod linux;
 mod machine;
