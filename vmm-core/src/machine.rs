@@ -4,13 +4,16 @@
 
 use crate::boot::{boot, Boot};
 use crate::bus::{Bus, Control};
-use crate::layout::{MAX_DISKS, MAX_VCPUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    virtio_gsi, MAX_DISKS, MAX_LINUX_DISKS, MAX_VCPUS, SERIAL_GSI, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+};
 use crate::serial::{Console, Uart};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu};
 use crate::virtio::blk::{Blk, Stats};
 use crate::virtio::mmio::Transport;
 use crate::virtio::worker::Worker;
-use crate::{memory, x86, Error, Outcome, Result};
+use crate::{irq, memory, x86, Error, Outcome, Result};
 use disk::VirtualDisk;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, Kvm};
@@ -126,11 +129,23 @@ pub fn run(cfg: Config) -> Result<Report> {
             cfg.disks.len()
         )));
     }
+    let linux = matches!(cfg.boot, Boot::Linux { .. });
+    if linux && cfg.disks.len() > MAX_LINUX_DISKS {
+        return Err(Error::Config(format!(
+            "{} disks: a Linux guest can have at most {MAX_LINUX_DISKS} (one IO-APIC input each)",
+            cfg.disks.len()
+        )));
+    }
     let kvm_err = |what: &'static str| move |source| Error::Kvm { what, source };
     // RAM first, so that it outlives the VM whose memory slot maps it.
     let ram = Arc::new(memory::create(cfg.mem)?);
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     memory::register(&vm, &ram)?;
+    // A Linux guest's interrupt controllers, before its vCPUs; payload
+    // mode has none.
+    if linux {
+        irq::create_irqchip(&vm)?;
+    }
     x86::write_tables(&ram)?;
     let entries = boot(&cfg.boot, &ram, cfg.vcpus, cfg.disks.len())?;
     let cpuid = kvm
@@ -144,7 +159,12 @@ pub fn run(cfg: Config) -> Result<Report> {
         let notify = EventFd::new(0).map_err(|e| Error::io("creating an event fd", e))?;
         let blk = Blk::new(d.disk.clone(), d.writable);
         stats.push(blk.stats());
-        let t = Transport::new(blk, ram.clone(), notify, None).inline(cfg.io == IoMode::Vcpu);
+        let interrupt = if linux {
+            Some(irq::irqfd(&vm, virtio_gsi(i))?)
+        } else {
+            None
+        };
+        let t = Transport::new(blk, ram.clone(), notify, interrupt).inline(cfg.io == IoMode::Vcpu);
         if cfg.io == IoMode::Thread {
             // QueueNotify writes of queue index 0 signal the event inside
             // KVM, without an exit; other values still exit.
@@ -156,10 +176,16 @@ pub fn run(cfg: Config) -> Result<Report> {
         }
         transports.push(Arc::new(t));
     }
+    let uart = if linux {
+        Uart::with_irq(cfg.console, irq::irqfd(&vm, SERIAL_GSI)?)
+    } else {
+        Uart::new(cfg.console)
+    };
     let bus = Arc::new(Bus {
-        uart: std::sync::Mutex::new(Uart::new(cfg.console)),
+        uart: std::sync::Mutex::new(uart),
         blk: transports.clone(),
         control: Control::new(cfg.vcpus),
+        linux,
     });
     let workers = match cfg.io {
         IoMode::Thread => transports
@@ -170,15 +196,19 @@ pub fn run(cfg: Config) -> Result<Report> {
         IoMode::Vcpu => Vec::new(),
     };
 
-    // Every vCPU is made and set up before any runs.
+    // Every vCPU is made and set up before any runs (a Linux guest's
+    // vCPUs but the first have no entry: they wait for start-up IPIs).
     let mut fds = Vec::new();
-    for (i, entry) in entries.iter().enumerate() {
+    for i in 0..cfg.vcpus {
         let fd = vm
             .create_vcpu(i as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         // At most MAX_VCPUS (checked above), so the APIC id fits a byte.
         let apic_id = u8::try_from(i).unwrap_or(u8::MAX);
-        x86::setup_vcpu(&fd, &cpuid, apic_id, entry)?;
+        x86::setup_vcpu(&fd, &cpuid, apic_id, entries.get(i))?;
+        if linux {
+            x86::setup_lapic(&fd)?;
+        }
         fds.push(fd);
     }
     let first_exit = Arc::new(OnceLock::new());

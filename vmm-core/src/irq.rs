@@ -1,0 +1,82 @@
+//! Interrupts for a Linux guest: KVM's in-kernel irqchip (two 8259s, the
+//! IO-APIC at 0xfec00000 and a local APIC per vCPU), its PIT, and an
+//! irqfd per interrupt line: the device writes its event fd, KVM pulses
+//! the line's GSI (an edge, as the DSDT and the MADT describe them) with
+//! no exit to the VMM. Payload mode has none of this (its guest polls).
+//!
+//! The order is KVM's: the TSS address and the irqchip before any vCPU
+//! (KVM_CREATE_IRQCHIP, Documentation/virt/kvm/api.rst §4.24), then the
+//! PIT (§4.70, it needs the irqchip), then the irqfds (§4.75).
+
+use crate::{Error, Result};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// The three pages KVM needs for its real-mode TSS on Intel hosts
+/// (KVM_SET_TSS_ADDR): below the IO-APIC, above RAM and the virtio-mmio
+/// windows, where nothing else is.
+pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Give `vm` its TSS area, the in-kernel irqchip and the PIT (its speaker
+/// port a dummy). Before any vCPU is created.
+///
+/// # Errors
+/// KVM refuses one of them.
+pub fn create_irqchip(vm: &VmFd) -> Result<()> {
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+    Ok(())
+}
+
+/// A new event fd wired to `gsi`: a write of it raises the line.
+///
+/// # Errors
+/// The event fd cannot be made, or KVM refuses the irqfd.
+pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("creating an irq event fd", e))?;
+    vm.register_irqfd(&fd, gsi).map_err(kvm("KVM_IRQFD"))?;
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_ioctls::Kvm;
+
+    /// The wiring on this host's KVM: an irqchip, a PIT, irqfds that KVM
+    /// accepts on the UART's and the devices' GSIs; an irqfd without an
+    /// irqchip is refused, and a second irqchip too.
+    #[test]
+    fn wiring() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("skipped: /dev/kvm cannot be opened here");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let e = EventFd::new(0).unwrap();
+        assert!(vm.register_irqfd(&e, 4).is_err(), "no irqchip yet");
+        create_irqchip(&vm).unwrap();
+        let fds: Vec<EventFd> = [4, 16, 17, 23]
+            .iter()
+            .map(|g| irqfd(&vm, *g).unwrap())
+            .collect();
+        // Raising a line with no vCPU listening is accepted.
+        for f in &fds {
+            f.write(1).unwrap();
+        }
+        assert!(create_irqchip(&vm).is_err(), "a second irqchip");
+        // The same fd twice on one GSI is refused (KVM_IRQFD: EBUSY).
+        assert!(vm.register_irqfd(&fds[0], 4).is_err());
+    }
+}
