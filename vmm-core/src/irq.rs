@@ -78,5 +78,17 @@ mod tests {
         assert!(create_irqchip(&vm).is_err(), "a second irqchip");
         // The same fd twice on one GSI is refused (KVM_IRQFD: EBUSY).
         assert!(vm.register_irqfd(&fds[0], 4).is_err());
+        // The local APICs as firmware leaves them: the boot processor's
+        // LINT0 ExtINT, an AP's masked; LINT1 NMI.
+        for (id, lint0) in [(0u64, 0x700), (1, 0x1_0000)] {
+            let vcpu = vm.create_vcpu(id).unwrap();
+            crate::x86::setup_lapic(&vcpu, id == 0).unwrap();
+            let regs = vcpu.get_lapic().unwrap().regs;
+            let reg = |at: usize| {
+                u32::from_le_bytes(std::array::from_fn(|i| regs[at + i].to_ne_bytes()[0]))
+            };
+            assert_eq!(reg(0x350) & 0x1_0700, lint0, "vCPU {id} LINT0");
+            assert_eq!(reg(0x360) & 0x1_0700, 0x400, "vCPU {id} LINT1");
+        }
     }
 }

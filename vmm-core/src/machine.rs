@@ -207,7 +207,7 @@ pub fn run(cfg: Config) -> Result<Report> {
         let apic_id = u8::try_from(i).unwrap_or(u8::MAX);
         x86::setup_vcpu(&fd, &cpuid, apic_id, entries.get(i))?;
         if linux {
-            x86::setup_lapic(&fd)?;
+            x86::setup_lapic(&fd, i == 0)?;
         }
         fds.push(fd);
     }

@@ -290,26 +290,29 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: Option<&Entry>
 }
 
 /// Set up a local APIC as a PC's firmware leaves it (Intel SDM vol. 3
-/// §10.5.1, the MP specification's virtual wire mode): LINT0 takes the
-/// 8259's interrupts (ExtINT), LINT1 is NMI. Only with an in-kernel
-/// irqchip.
+/// §10.5.1, the MP specification's virtual wire mode, §3.6.2.2): the
+/// boot processor's LINT0 takes the 8259's interrupts (ExtINT), an
+/// application processor's is masked; LINT1 is NMI on every one. Only
+/// with an in-kernel irqchip.
 ///
 /// # Errors
 /// A KVM ioctl fails.
-pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
+pub fn setup_lapic(vcpu: &VcpuFd, boot_processor: bool) -> Result<()> {
     const LVT_LINT0: usize = 0x350;
     const LVT_LINT1: usize = 0x360;
     const EXTINT: u32 = 0b111 << 8;
     const NMI: u32 = 0b100 << 8;
+    const MASKED: u32 = 1 << 16;
+    let lint0 = if boot_processor { EXTINT } else { MASKED };
     let kvm = |what: &'static str| move |e| Error::Kvm { what, source: e };
     let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
-    for (reg, mode) in [(LVT_LINT0, EXTINT), (LVT_LINT1, NMI)] {
+    for (reg, mode) in [(LVT_LINT0, lint0), (LVT_LINT1, NMI)] {
         let r = &mut lapic.regs[reg..reg + 4];
         let mut b = [0u8; 4];
         for (d, s) in b.iter_mut().zip(r.iter()) {
             *d = s.to_ne_bytes()[0];
         }
-        // Delivery mode in bits 8-10; unmasked (bit 16 clear).
+        // Delivery mode in bits 8-10, the mask in bit 16.
         let v = (u32::from_le_bytes(b) & !0x1_0700) | mode;
         for (d, s) in r.iter_mut().zip(v.to_le_bytes()) {
             *d = std::ffi::c_char::from_ne_bytes([s]);

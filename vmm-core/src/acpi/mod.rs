@@ -13,7 +13,7 @@ pub mod dsdt;
 pub mod fadt;
 pub mod madt;
 
-use crate::layout::{ACPI_ADDR, VMM_AREA_END};
+use crate::layout::{ACPI_ADDR, MAX_LINUX_DISKS, VMM_AREA_END};
 use crate::memory::Ram;
 use crate::{Error, Result};
 use acpi_tables::rsdp::Rsdp;
@@ -85,9 +85,16 @@ fn bytes(aml: &dyn Aml) -> Vec<u8> {
 /// Build the tables for `machine`, laid out from [`ACPI_ADDR`].
 ///
 /// # Errors
-/// They would not fit below [`VMM_AREA_END`] (cannot happen within the
-/// vCPU and disk limits).
+/// More devices than IO-APIC inputs for them ([`MAX_LINUX_DISKS`]), a
+/// vCPU count out of bounds, tables that would not fit below
+/// [`VMM_AREA_END`] (cannot happen within those limits).
 pub fn build(machine: Machine) -> Result<Tables> {
+    if machine.disks > MAX_LINUX_DISKS {
+        return Err(Error::Config(format!(
+            "{} disks: a Linux guest can have at most {MAX_LINUX_DISKS} (one IO-APIC input each)",
+            machine.disks
+        )));
+    }
     let dsdt = dsdt::build(machine.disks);
     let madt = madt::build(machine.vcpus)?;
     let rsdp_len = u64::try_from(Rsdp::len()).unwrap_or(u64::MAX);
@@ -190,6 +197,11 @@ mod tests {
             let last = t.tables.last().unwrap();
             assert!(last.1 + last.2.len() as u64 <= VMM_AREA_END);
         }
+        let e = build(Machine { vcpus: 1, disks: 9 })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 8"), "{e}");
+        assert!(build(Machine { vcpus: 0, disks: 1 }).is_err());
     }
 
     #[test]
