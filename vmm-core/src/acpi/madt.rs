@@ -46,10 +46,9 @@ pub fn build(vcpus: usize) -> Result<Sdt> {
         t.append_slice(&s);
     }
     // Type, length, IO-APIC id, reserved, address, GSI base.
+    // Id 0: what KVM's IO-APIC has in its ID register after reset (on
+    // x86-64, IO-APIC and local APIC ids are separate name spaces).
     let mut s = [IO_APIC, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    // The IO-APIC id follows the local APICs' (ids are one name space on
-    // the APIC bus of older processors).
-    s[2] = u8::try_from(vcpus).unwrap_or(u8::MAX);
     s[4..8].copy_from_slice(&u32::try_from(IOAPIC_ADDR).unwrap_or(0).to_le_bytes());
     t.append_slice(&s);
     // Type, length, ACPI processor UID 0xff (all), flags (conforming to
@@ -92,6 +91,7 @@ mod tests {
             assert_eq!(st[4] & 1, 1, "enabled");
         }
         assert_eq!(s[3].0, 1);
+        assert_eq!(s[3].1[2], 0, "IO-APIC id, as KVM's register says");
         assert_eq!(
             u32::from_le_bytes(s[3].1[4..8].try_into().unwrap()),
             0xfec0_0000
