@@ -72,6 +72,47 @@ fn acpi_tables_disassemble_cleanly() {
     assert!(fadt.contains("0000000000000600"), "{fadt}");
     let xsdt = iasl(dir.path(), "xsdt", t.get("XSDT").unwrap());
     assert_eq!(xsdt.matches("ACPI Table Address").count(), 2, "{xsdt}");
+    // The AML evaluated by ACPICA's interpreter (acpiexec, also in
+    // acpica-tools), as the kernel's ACPICA will: the objects the kernel
+    // asks for, and their values.
+    let out = Command::new("acpiexec")
+        .arg("-b")
+        .arg(
+            "evaluate \\_SB.VR01._HID; evaluate \\_SB.VR01._UID; evaluate \\_SB.VR01._CRS; \
+             evaluate \\_SB.COM1._HID; evaluate \\_SB.COM1._CRS; evaluate \\_S5",
+        )
+        .arg(dir.path().join("dsdt.dat"))
+        .output();
+    match out {
+        Err(_) => eprintln!("acpiexec is not installed: the AML is not evaluated"),
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(out.status.success(), "{text}");
+            assert!(!text.contains("AE_"), "an ACPICA exception: {text}");
+            assert!(text.contains("[String] Length 08 = \"LNRO0005\""), "{text}");
+            assert!(text.contains("[Integer] = 0000000000000001"), "{text}");
+            // Memory32Fixed(ReadWrite, 0xd0001000, 0x1000), Interrupt
+            // (consumer, edge, active high, exclusive) {17}, end tag.
+            assert!(
+                text.contains("0000: 86 09 00 01 00 10 00 D0 00 10 00 00 89 06 00 03")
+                    && text.contains("0010: 01 11 00 00 00 79 00"),
+                "{text}"
+            );
+            // EISAID("PNP0501"), compressed as ACPI 6.4 §19.6.35 says.
+            assert!(text.contains("[Integer] = 000000000105D041"), "{text}");
+            // IO(Decode16, 0x3f8, 0x3f8, 1, 8), Interrupt {4}.
+            assert!(
+                text.contains("47 01 F8 03 F8 03 01 08 89 06 00 03 01 04 00 00"),
+                "{text}"
+            );
+            assert!(
+                text.contains(
+                    "[Package] Contains 2 Elements:\n    [Integer] = 0000000000000005\n    [Integer] = 0000000000000000"
+                ),
+                "{text}"
+            );
+        }
+    }
     // The RSDP is no table with a header: iasl 20200925 refuses it alone
     // ("does not contain a valid ACPI table"); its checksums and links
     // are checked by the unit tests of vmm_core::acpi.
