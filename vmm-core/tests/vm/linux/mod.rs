@@ -6,6 +6,7 @@
 //! off, where the host can run a kernel (VMX or SVM).
 
 mod debian;
+mod irq;
 
 use std::path::Path;
 use std::process::Command;
