@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &["blk_io", "hostile", "smp", "bench", "sector0"];
+const PROGRAMS: &[&str] = &[
+    "blk_io", "hostile", "smp", "bench", "sector0", "hello", "qos",
+];
 
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));

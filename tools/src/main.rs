@@ -6,7 +6,7 @@ mod hints;
 mod open;
 mod options;
 mod progress;
-mod size;
+use tools::size;
 
 use clap::Parser;
 use cli::{Cli, Command, ShareArgs};

@@ -8,3 +8,5 @@ _start:
     call payload_main
     out %eax, $0xf4
 1:  jmp 1b
+    /* No executable stack. */
+    .section .note.GNU-stack, "", @progbits

@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// How often [`Control::wait`] looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
 /// How a run ends: the first outcome wins; the others stop.
 #[derive(Default)]
 pub struct Control {
@@ -75,11 +78,38 @@ impl Control {
     }
 
     /// Wait for the outcome, at most `timeout` (then the run is stopped
-    /// as timed out).
-    pub fn wait(&self, timeout: Option<Duration>) -> Result<Outcome, Error> {
+    /// as timed out), or until `stop` is set (then it ends as
+    /// [`Outcome::Stopped`]; the flag is looked at every 20 ms).
+    pub fn wait(
+        &self,
+        timeout: Option<Duration>,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Outcome, Error> {
         let mut o = lock(&self.outcome);
-        match timeout {
-            None => {
+        match (timeout, stop) {
+            (_, Some(stop)) => {
+                let start = std::time::Instant::now();
+                while o.is_none() {
+                    if stop.load(Ordering::Acquire) {
+                        *o = Some(Ok(Outcome::Stopped));
+                        break;
+                    }
+                    let slice = match timeout {
+                        Some(t) if start.elapsed() >= t => {
+                            *o = Some(Ok(Outcome::TimedOut(t)));
+                            break;
+                        }
+                        Some(t) => (t - start.elapsed()).min(STOP_POLL),
+                        None => STOP_POLL,
+                    };
+                    o = self
+                        .done
+                        .wait_timeout(o, slice)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            }
+            (None, None) => {
                 while o.is_none() {
                     o = self
                         .done
@@ -87,7 +117,7 @@ impl Control {
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
             }
-            Some(t) => {
+            (Some(t), None) => {
                 let (g, _) = self
                     .done
                     .wait_timeout_while(o, t, |o| o.is_none())
@@ -246,7 +276,7 @@ mod tests {
                 let c = c.clone();
                 std::thread::spawn(move || c.finish(Ok(Outcome::Exited(i))))
             };
-            assert_eq!(c.wait(None).unwrap(), Outcome::Exited(i));
+            assert_eq!(c.wait(None, None).unwrap(), Outcome::Exited(i));
             ender.join().unwrap();
             // Bounded: a parked thread that missed the end never joins.
             let t0 = std::time::Instant::now();
@@ -268,9 +298,37 @@ mod tests {
             let c = c.clone();
             std::thread::spawn(move || c.park(0))
         };
-        let o = c.wait(Some(Duration::from_millis(50))).unwrap();
+        let o = c.wait(Some(Duration::from_millis(50)), None).unwrap();
         assert!(matches!(o, Outcome::TimedOut(_)), "{o:?}");
         parked.join().unwrap();
+    }
+
+    #[test]
+    fn a_stop_flag_ends_the_wait() {
+        let c = Arc::new(Control::new(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let setter = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                stop.store(true, Ordering::Release);
+            })
+        };
+        let o = c.wait(Some(Duration::from_secs(30)), Some(&stop)).unwrap();
+        assert_eq!(o, Outcome::Stopped);
+        assert!(c.stopping());
+        setter.join().unwrap();
+        // A timeout still applies while a flag is watched.
+        let c = Control::new(1);
+        let never = AtomicBool::new(false);
+        let o = c
+            .wait(Some(Duration::from_millis(40)), Some(&never))
+            .unwrap();
+        assert!(matches!(o, Outcome::TimedOut(_)), "{o:?}");
+        // And an outcome that comes first wins.
+        let c = Control::new(1);
+        c.finish(Ok(Outcome::Exited(7)));
+        assert_eq!(c.wait(None, Some(&never)).unwrap(), Outcome::Exited(7));
     }
 
     #[test]

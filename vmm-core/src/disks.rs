@@ -30,6 +30,7 @@
 //! bundle held (its directory lock) for the whole run so that no
 //! checkpoint operation changes the chain under the guest.
 
+use crate::qos::{Limits, Qos};
 use crate::{Error, Result};
 use disk::VirtualDisk;
 use image::{Format, Image, OpenOptions};
@@ -45,10 +46,14 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// Its format; `None` to probe (see the module docs).
     pub format: Option<Format>,
+    /// Its QoS limits (`iops=N`, `bps=N`; none by default).
+    pub qos: Limits,
 }
 
 impl DiskSpec {
-    /// Parse `PATH[,ro][,format=FMT]` (the `--disk` argument).
+    /// Parse `PATH[,ro][,format=FMT][,iops=N][,bps=N]` (the `--disk`
+    /// argument). IOPS count 8 KiB units, as Hyper-V's Storage QoS does
+    /// ([`crate::qos`]); `bps` takes a K, M or G suffix (powers of 1024).
     ///
     /// # Errors
     /// An unknown option or format.
@@ -62,21 +67,41 @@ impl DiskSpec {
             path: PathBuf::from(path),
             read_only: false,
             format: None,
+            qos: Limits::default(),
         };
         for p in parts {
             match p.split_once('=') {
                 None if p == "ro" => spec.read_only = true,
                 None if p == "rw" => spec.read_only = false,
                 Some(("format", f)) => spec.format = Some(Format::parse(f)?),
+                Some(("iops", v)) => spec.qos.iops = Some(rate(s, "iops", v)?),
+                Some(("bps", v)) => spec.qos.bps = Some(rate(s, "bps", v)?),
                 _ => {
                     return Err(format!(
-                        "'{s}': unknown disk option '{p}' (known: ro, rw, format=raw|vhdx|vhd)"
+                        "'{s}': unknown disk option '{p}' (known: ro, rw, format=raw|vhdx|vhd, \
+                         iops=N, bps=N)"
                     ))
                 }
             }
         }
         Ok(spec)
     }
+}
+
+/// A QoS rate: a positive whole number, K/M/G (powers of 1024) allowed.
+fn rate(spec: &str, what: &str, v: &str) -> std::result::Result<u64, String> {
+    let (digits, scale) = match v.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&v[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&v[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("'{spec}': {what}={v} is not a positive whole number"))
 }
 
 /// An open disk, and what must stay held while it is served.
@@ -93,6 +118,15 @@ impl OpenDisk {
     /// The disk to serve.
     pub fn disk(&self) -> Arc<dyn VirtualDisk> {
         self.image.disk().clone()
+    }
+
+    /// The QoS limits its spec gives, shared with the device (`None`
+    /// without limits).
+    pub fn qos(&self) -> Option<Arc<Qos>> {
+        self.spec
+            .qos
+            .any()
+            .then(|| Arc::new(Qos::new(self.spec.qos)))
     }
 
     /// A name for messages: the file served.
@@ -166,5 +200,17 @@ mod tests {
             .unwrap_err()
             .contains("unknown disk option 'bogus'"));
         assert!(DiskSpec::parse(",ro").is_err());
+        let d = DiskSpec::parse("a.vhd,iops=500,bps=10M").unwrap();
+        assert_eq!(
+            d.qos,
+            Limits {
+                iops: Some(500),
+                bps: Some(10 << 20)
+            }
+        );
+        for bad in ["a,iops=0", "a,iops=x", "a,bps=1.5M", "a,bps=99999999999G"] {
+            let e = DiskSpec::parse(bad).unwrap_err();
+            assert!(e.contains("not a positive whole number"), "{e}");
+        }
     }
 }

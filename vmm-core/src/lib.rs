@@ -48,7 +48,8 @@
 //!   has no IDT: on this kind of host it shows as a KVM internal error or
 //!   a triple fault), `hlt`, a load or store at a guest-physical address
 //!   with neither RAM nor a device, every vCPU parked: status **253**; a
-//!   run stopped by `--timeout`: status **252**. Errors of the VMM itself
+//!   run stopped by `--timeout`: status **252**; by SIGINT or SIGTERM
+//!   to `vmm`: status **130** (the disks are flushed and closed first). Errors of the VMM itself
 //!   (an image missing or locked, a payload too large) exit with 1 before
 //!   the guest runs.
 //!
@@ -124,6 +125,7 @@
 pub mod acpi;
 pub mod boot;
 mod bus;
+pub mod control;
 pub mod disks;
 mod error;
 mod irq;
@@ -131,6 +133,7 @@ pub mod layout;
 pub mod linux;
 mod machine;
 pub mod memory;
+pub mod qos;
 pub mod serial;
 mod vcpu;
 pub mod virtio;
@@ -148,11 +151,16 @@ pub mod test_payloads {
     pub const SMP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/smp.bin"));
     /// Request latency (payloads/bench.c).
     pub const BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench.bin"));
+    /// Storage QoS: 2300 I/Os as fast as it can (payloads/qos.c).
+    pub const QOS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qos.bin"));
+    /// The example of the README and scripts/demo.sh (payloads/hello.c).
+    pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
     /// A write of sector 0 (payloads/sector0.c).
     pub const SECTOR0: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sector0.bin"));
 }
 
 pub use boot::Boot;
+pub use control::Controller;
 pub use disks::{DiskSpec, OpenDisk};
 pub use error::{Error, Result};
 pub use machine::{max_vcpus, run, Config, DeviceReport, Disk, IoMode, Report};
@@ -163,6 +171,10 @@ use std::time::Duration;
 pub const FAULT_STATUS: u8 = 253;
 /// The status a run ends with when it is stopped by its timeout.
 pub const TIMEOUT_STATUS: u8 = 252;
+/// The status a run ends with when it is stopped from outside
+/// ([`Config::stop`]: `vmm run` on SIGINT or SIGTERM), as a shell reports
+/// a command ended by SIGINT.
+pub const STOPPED_STATUS: u8 = 130;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +191,8 @@ pub enum Outcome {
     },
     /// The run was stopped after this long.
     TimedOut(Duration),
+    /// The run was stopped from outside ([`Config::stop`]).
+    Stopped,
 }
 
 impl Outcome {
@@ -188,6 +202,7 @@ impl Outcome {
             Outcome::Exited(v) => u8::try_from(*v).unwrap_or(u8::MAX),
             Outcome::Fault { .. } => FAULT_STATUS,
             Outcome::TimedOut(_) => TIMEOUT_STATUS,
+            Outcome::Stopped => STOPPED_STATUS,
         }
     }
 }
@@ -202,6 +217,7 @@ impl std::fmt::Display for Outcome {
                 "the run was stopped after {:.1} s (--timeout)",
                 t.as_secs_f64()
             ),
+            Outcome::Stopped => write!(f, "the run was stopped (a signal, or the control API)"),
         }
     }
 }

@@ -4,10 +4,12 @@
 
 use crate::boot::{boot, Boot};
 use crate::bus::{Bus, Control};
+use crate::control::{Attached, Controller};
 use crate::layout::{
     virtio_gsi, MAX_DISKS, MAX_LINUX_DISKS, MAX_VCPUS, SERIAL_GSI, VIRTIO_MMIO_BASE,
     VIRTIO_MMIO_SIZE,
 };
+use crate::qos::{Limits, Qos};
 use crate::serial::{Console, Uart};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu};
 use crate::virtio::blk::{Blk, Stats};
@@ -42,6 +44,9 @@ pub struct Disk {
     pub writable: bool,
     /// Its name, for the report.
     pub name: String,
+    /// Its QoS limits, if any ([`crate::qos`]; shared, so that they can be
+    /// changed while the guest runs).
+    pub qos: Option<Arc<Qos>>,
 }
 
 /// The machine to build.
@@ -60,6 +65,13 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// Where disk I/O is done.
     pub io: IoMode,
+    /// Set from elsewhere (a signal handler) to stop the run: it ends as
+    /// [`Outcome::Stopped`], the disks flushed and closed as after any end.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A handle to pause, resume, stop and inspect the run from another
+    /// thread, and to change disks' QoS limits ([`Controller`]; one run
+    /// per controller).
+    pub controller: Option<Arc<Controller>>,
 }
 
 /// What one device did during a run.
@@ -153,12 +165,26 @@ pub fn run(cfg: Config) -> Result<Report> {
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     install_kick_handler()?;
 
+    let ctl = cfg.controller.clone().unwrap_or_default();
     let mut transports = Vec::new();
     let mut stats: Vec<Arc<Stats>> = Vec::new();
+    let mut attached = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let notify = EventFd::new(0).map_err(|e| Error::io("creating an event fd", e))?;
-        let blk = Blk::new(d.disk.clone(), d.writable);
+        // Every disk has limits, none at first, so that they can be set
+        // while the guest runs.
+        let qos = d
+            .qos
+            .clone()
+            .unwrap_or_else(|| Arc::new(Qos::new(Limits::default())));
+        let blk = Blk::new(d.disk.clone(), d.writable).with_qos(Some(qos.clone()));
         stats.push(blk.stats());
+        attached.push(Attached {
+            name: d.name.clone(),
+            writable: d.writable,
+            stats: blk.stats(),
+            qos,
+        });
         let interrupt = if linux {
             Some(irq::irqfd(&vm, virtio_gsi(i))?)
         } else {
@@ -187,6 +213,7 @@ pub fn run(cfg: Config) -> Result<Report> {
         control: Control::new(cfg.vcpus),
         linux,
     });
+    ctl.attach(bus.clone(), attached, cfg.vcpus, cfg.mem, started);
     let workers = match cfg.io {
         IoMode::Thread => transports
             .iter()
@@ -220,12 +247,16 @@ pub fn run(cfg: Config) -> Result<Report> {
             bus: bus.clone(),
             started,
             first_exit: first_exit.clone(),
+            ctl: ctl.clone(),
         };
         match std::thread::Builder::new()
             .name(format!("vmm-vcpu{i}"))
             .spawn(move || v.run())
         {
-            Ok(h) => threads.push(h),
+            Ok(h) => {
+                ctl.add_thread(std::os::unix::thread::JoinHandleExt::as_pthread_t(&h));
+                threads.push(h);
+            }
             Err(e) => {
                 bus.control
                     .finish(Err(Error::io("starting a vCPU thread", e)));
@@ -234,7 +265,13 @@ pub fn run(cfg: Config) -> Result<Report> {
         }
     }
 
-    let outcome = bus.control.wait(cfg.timeout);
+    let outcome = bus.control.wait(cfg.timeout, cfg.stop.as_deref());
+    // No more requests are taken, even by a queue waiting on its QoS limit;
+    // vCPUs held at the pause gate go, and are kicked no more by a pause.
+    for t in &transports {
+        t.halt();
+    }
+    ctl.end();
     // Kick every vCPU out of KVM_RUN until its thread is done (a kick that
     // lands just before KVM_RUN is entered is lost: send again).
     for h in threads {

@@ -3,6 +3,7 @@
 //! happened and where.
 
 use crate::bus::{Action, Bus};
+use crate::control::Controller;
 use crate::{Error, Outcome};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::{Arc, OnceLock};
@@ -45,6 +46,8 @@ pub struct Vcpu {
     pub started: Instant,
     /// The time from the start of the run to vCPU 0's first exit.
     pub first_exit: Arc<OnceLock<Duration>>,
+    /// Its pause gate.
+    pub ctl: Arc<Controller>,
 }
 
 /// What to do after an exit, decided while the exit borrows the vCPU.
@@ -57,12 +60,25 @@ enum Next {
 }
 
 impl Vcpu {
-    /// Run until the run ends.
-    pub fn run(mut self) {
+    /// Run until the run ends, then leave the controller's count of
+    /// running vCPUs (a parked vCPU leaves it when it parks).
+    pub fn run(self) {
+        let ctl = self.ctl.clone();
+        if !self.run_loop() {
+            ctl.leave();
+        }
+    }
+
+    /// The loop; whether the vCPU parked.
+    fn run_loop(mut self) -> bool {
         let bus = self.bus.clone();
         loop {
             if bus.control.stopping() {
-                return;
+                return false;
+            }
+            self.ctl.gate();
+            if bus.control.stopping() {
+                return false;
             }
             let next = match self.fd.run() {
                 Ok(exit) => {
@@ -79,10 +95,11 @@ impl Vcpu {
             };
             match next {
                 Next::Go => {}
-                Next::Stop => return,
+                Next::Stop => return false,
                 Next::Park => {
+                    self.ctl.leave();
                     bus.control.park(self.index);
-                    return;
+                    return true;
                 }
                 Next::Fault(what) => {
                     let what = format!("{what}{}", self.where_());
@@ -90,11 +107,11 @@ impl Vcpu {
                         vcpu: self.index,
                         what,
                     }));
-                    return;
+                    return false;
                 }
                 Next::Failed(e) => {
                     bus.control.finish(Err(e));
-                    return;
+                    return false;
                 }
             }
         }

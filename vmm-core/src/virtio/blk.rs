@@ -6,6 +6,7 @@ use super::queue::{Popped, Queue, QueueError, Segment, QUEUE_MAX};
 use super::request::{parse, Limits, Range, Refusal, Request, ID_BYTES, SECTOR};
 use super::VirtioDevice;
 use crate::memory::Ram;
+use crate::qos::Qos;
 use disk::VirtualDisk;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +61,7 @@ pub struct Blk {
     id: Option<[u8; ID_BYTES]>,
     buf: Vec<u8>,
     stats: Arc<Stats>,
+    qos: Option<Arc<Qos>>,
 }
 
 /// The GET_ID string of a disk id: the first 20 of the 32 hexadecimal
@@ -123,7 +125,14 @@ impl Blk {
             features,
             buf: Vec::new(),
             stats: Arc::new(Stats::default()),
+            qos: None,
         }
+    }
+
+    /// Limit the device's requests by `qos` (see [`crate::qos`]).
+    pub fn with_qos(mut self, qos: Option<Arc<Qos>>) -> Blk {
+        self.qos = qos;
+        self
     }
 
     /// The device's counters.
@@ -250,6 +259,12 @@ impl VirtioDevice for Blk {
         1
     }
 
+    fn throttle(&self) -> std::time::Duration {
+        self.qos
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |q| q.delay())
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
             let at = usize::try_from(offset)
@@ -283,6 +298,9 @@ impl VirtioDevice for Blk {
                 return Ok(true);
             }
         };
+        if let (Some(q), Ok(req)) = (&self.qos, &parsed.request) {
+            q.charge(req.data_len());
+        }
         let (status, written) = match parsed.request {
             Ok(req) => match self.execute(ram, req) {
                 Ok(n) => (VIRTIO_BLK_S_OK, n),

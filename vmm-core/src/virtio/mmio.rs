@@ -14,7 +14,9 @@
 use super::queue::{Queue, QueueConfig, QUEUE_MAX};
 use super::VirtioDevice;
 use crate::memory::Ram;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -253,7 +255,12 @@ pub struct Transport<D> {
     notify: EventFd,
     irq: Option<EventFd>,
     inline: bool,
+    halted: AtomicBool,
 }
+
+/// The longest a throttled queue sleeps before it looks again (so that a
+/// halt is noticed soon).
+const THROTTLE_SLICE: Duration = Duration::from_millis(20);
 
 impl<D: VirtioDevice> Transport<D> {
     /// A transport for `device`. `notify` is signalled when the driver
@@ -278,7 +285,15 @@ impl<D: VirtioDevice> Transport<D> {
             notify,
             irq,
             inline: false,
+            halted: AtomicBool::new(false),
         }
+    }
+
+    /// Stop serving for good: [`Transport::serve`] returns at once, even
+    /// from a QoS wait (the run is ending; what the guest still queued
+    /// stays unanswered).
+    pub fn halt(&self) {
+        self.halted.store(true, Ordering::Release);
     }
 
     /// Serve the queues on the vCPU thread, during the QueueNotify exit,
@@ -343,6 +358,16 @@ impl<D: VirtioDevice> Transport<D> {
     /// corrupt queue puts the device in NEEDS_RESET.
     pub fn serve(&self) {
         loop {
+            if self.halted.load(Ordering::Acquire) {
+                return;
+            }
+            // A QoS limit in debt: wait, without the lock, so that the
+            // guest's register accesses go on meanwhile.
+            let wait = self.lock().device.throttle();
+            if !wait.is_zero() {
+                std::thread::sleep(wait.min(THROTTLE_SLICE));
+                continue;
+            }
             let mut st = self.lock();
             if !st.running() {
                 return;

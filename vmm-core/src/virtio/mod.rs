@@ -30,4 +30,9 @@ pub trait VirtioDevice: Send {
     /// # Errors
     /// The queue is corrupt: the device must enter NEEDS_RESET.
     fn process(&mut self, ram: &Ram, queue: &mut Queue) -> Result<bool, QueueError>;
+    /// How long to wait before taking the next request (a QoS limit in
+    /// debt: [`crate::qos`]); the transport waits without holding its lock.
+    fn throttle(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }

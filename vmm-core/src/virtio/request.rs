@@ -87,6 +87,19 @@ pub enum Request {
     WriteZeroes(Vec<Range>),
 }
 
+impl Request {
+    /// The bytes it moves between the disk and guest memory (0 for a
+    /// flush, GET_ID, discard and write-zeroes): what QoS charges.
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Request::In { data, .. } | Request::Out { data, .. } => {
+                data.iter().map(|s| u64::from(s.len)).sum()
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// A request the device answers with a status and does nothing else for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {

@@ -22,6 +22,7 @@ fn hostile(io: IoMode) {
         disk: img.disk(),
         writable: true,
         name: img.name(),
+        qos: None,
     }];
     let (r, out) = run_disks(HOSTILE, disks, 1, io);
     drop(img);

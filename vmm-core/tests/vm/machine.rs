@@ -18,6 +18,8 @@ fn run_code(code: &[u8], vcpus: usize, timeout: Option<Duration>) -> (vmm_core::
         console: Box::new(console.clone()),
         timeout,
         io: IoMode::Thread,
+        stop: None,
+        controller: None,
     })
     .unwrap();
     (r, console.text())
@@ -116,6 +118,8 @@ fn a_payload_too_big_or_a_bad_machine_is_refused() {
         console: Box::new(Capture::default()),
         timeout: Some(Duration::from_secs(5)),
         io: IoMode::Thread,
+        stop: None,
+        controller: None,
     };
     let e = vmm_core::run(cfg(64 << 20, 1, (62 << 20) + 1))
         .unwrap_err()
@@ -161,6 +165,7 @@ fn request_latency() {
             disk: img.disk(),
             writable: true,
             name: img.name(),
+            qos: None,
         }];
         let (r, out) = run_disks(BENCH, disks, 1, io);
         drop(img);

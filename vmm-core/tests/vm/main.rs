@@ -5,7 +5,9 @@
 //! without the payloads (no gcc).
 
 mod common;
+mod control;
 mod disks;
 mod hostile;
 mod linux;
 mod machine;
+mod qos;

@@ -78,6 +78,8 @@ pub fn run_disks(payload: &[u8], disks: Vec<Disk>, vcpus: usize, io: IoMode) -> 
         console: Box::new(console.clone()),
         timeout: Some(Duration::from_secs(60)),
         io,
+        stop: None,
+        controller: None,
     })
     .expect("the VMM runs");
     (report, console.text())
@@ -96,6 +98,7 @@ pub fn run_specs(payload: &[u8], specs: &[DiskSpec]) -> (Report, String) {
             disk: d.disk(),
             writable: !d.spec.read_only,
             name: d.name(),
+            qos: d.qos(),
         })
         .collect();
     let r = run_disks(payload, disks, 1, IoMode::Thread);
@@ -108,6 +111,7 @@ pub fn spec(path: &Path, format: Option<Format>, read_only: bool) -> DiskSpec {
         path: path.to_path_buf(),
         read_only,
         format,
+        qos: Default::default(),
     }
 }
 

@@ -354,6 +354,7 @@ fn debian_kernel_writes_vda_and_powers_off() {
             disk: open.disk(),
             writable: true,
             name: open.name(),
+            qos: None,
         }],
         boot: vmm_core::Boot::Linux {
             kernel: kernel.clone(),
@@ -363,6 +364,8 @@ fn debian_kernel_writes_vda_and_powers_off() {
         console: Box::new(console.clone()),
         timeout: Some(std::time::Duration::from_secs(180)),
         io: vmm_core::IoMode::Thread,
+        stop: None,
+        controller: None,
     })
     .unwrap();
     drop(open);

@@ -377,6 +377,7 @@ fn run_linux(
                 disk: d.disk(),
                 writable: true,
                 name: d.name(),
+                qos: None,
             })
             .collect(),
         boot: vmm_core::Boot::Linux {
@@ -387,6 +388,8 @@ fn run_linux(
         console: Box::new(console.clone()),
         timeout: Some(timeout),
         io: vmm_core::IoMode::Thread,
+        stop: None,
+        controller: None,
     });
     drop(open);
     r.map(|r| (r, console.text()))
