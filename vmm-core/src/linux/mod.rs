@@ -200,9 +200,13 @@ pub fn load(
     };
     if kernel_range.1 > size {
         return Err(Error::Config(format!(
-            "the kernel {name} needs guest memory up to {:#x} (its init_size from its preferred \
-             address), but there are {} MiB; give more with --mem",
+            "the kernel {name} needs guest memory up to {:#x} ({}), but there are {} MiB; give \
+             more with --mem",
             kernel_range.1,
+            match kind {
+                Kind::BzImage => "its init_size from its preferred address",
+                Kind::Elf => "the end of its last segment in memory",
+            },
             size >> 20
         )));
     }

@@ -338,6 +338,17 @@ fn load_errors_name_the_file() {
         e.contains("low.elf") && e.contains("cannot load the ELF kernel"),
         "{e}"
     );
+    // An ELF kernel whose zero-filled memory (p_memsz) passes the end of
+    // RAM.
+    let mut bss = fake_elf(0x100_0000, FAKE_KERNEL_CODE);
+    bss[64 + 40..64 + 48].copy_from_slice(&(60u64 << 20).to_le_bytes());
+    let bss_path = dir.path().join("bss.elf");
+    std::fs::write(&bss_path, &bss).unwrap();
+    let e = err(&bss_path, None, "");
+    assert!(
+        e.contains("bss.elf") && e.contains("end of its last segment"),
+        "{e}"
+    );
     let high = dir.path().join("high.elf");
     std::fs::write(&high, fake_elf(0x1000_0000, FAKE_KERNEL_CODE)).unwrap();
     let e = err(&high, None, "");
