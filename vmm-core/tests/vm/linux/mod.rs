@@ -273,6 +273,20 @@ fn kernel_initrd_and_cmdline_placement() {
     ram.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
     assert_eq!(&sig, b"RSD PTR ");
 
+    // A kernel that takes an initrd only below 48 MiB (initrd_addr_max is
+    // the highest byte it may use) gets it just under that.
+    let mut low = fake_bzimage(255, 0x10_0000, FAKE_KERNEL_CODE);
+    low[0x22c..0x230].copy_from_slice(&0x2ff_ffffu32.to_le_bytes());
+    let lk = dir.path().join("lowinitrd");
+    std::fs::write(&lk, &low).unwrap();
+    let (_, l) = load(&lk, Some(&rd), "").unwrap();
+    let (start, end) = l.initrd.unwrap();
+    assert!(
+        end <= 0x300_0000 && 0x300_0000 - end < 4096,
+        "{start:#x}-{end:#x}"
+    );
+    assert_eq!(start % 4096, 0);
+
     // An ELF kernel: entered at its entry point; its zero page made up.
     let e = dir.path().join("vmlinux");
     std::fs::write(&e, fake_elf(0x100_0000, FAKE_KERNEL_CODE)).unwrap();
