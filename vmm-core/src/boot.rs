@@ -1,9 +1,9 @@
-//! What the vCPUs start: a payload (the ABI in the crate docs), or — not
-//! yet — a Linux kernel.
+//! What the vCPUs start: a payload (the ABI in the crate docs), or a Linux
+//! kernel ([`crate::linux`]).
 
 use crate::layout::{stack_top, PAYLOAD_ADDR};
 use crate::memory::{ram_size, Ram};
-use crate::x86::Entry;
+use crate::x86::{Entry, Mode};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use vm_memory::{Bytes, GuestAddress};
@@ -14,8 +14,8 @@ pub enum Boot {
     /// A flat binary loaded at 0x200000 and entered at CPL3 (payload mode).
     Payload(Vec<u8>),
     /// A Linux kernel (bzImage or ELF vmlinux), an initrd and a command
-    /// line: the boot path of issue 14 item 3, not implemented yet (and a
-    /// stock kernel cannot run on a host whose KVM is kvm_pvm).
+    /// line ([`crate::linux`]; on a host whose KVM is kvm_pvm, without
+    /// VMX or SVM, a stock kernel is too slow to boot).
     Linux {
         /// The kernel file.
         kernel: PathBuf,
@@ -26,11 +26,14 @@ pub enum Boot {
     },
 }
 
-/// Load what `boot` names into guest memory and say where each of the
-/// `vcpus` vCPUs starts; `disks` is the number of virtio-blk devices.
+/// Load what `boot` names into guest memory and say where the vCPUs
+/// start: an entry for each of the `vcpus` vCPUs in payload mode, for
+/// vCPU 0 only for a Linux kernel (the others wait for its start-up
+/// IPIs); `disks` is the number of virtio-blk devices.
 ///
 /// # Errors
-/// A payload too large for RAM; a kernel that cannot be read or loaded.
+/// A payload too large for RAM; a kernel, an initrd or a command line
+/// that cannot be loaded (the message names the file).
 pub fn boot(boot: &Boot, ram: &Ram, vcpus: usize, disks: usize) -> Result<Vec<Entry>> {
     match boot {
         Boot::Payload(bytes) => {
@@ -48,6 +51,7 @@ pub fn boot(boot: &Boot, ram: &Ram, vcpus: usize, disks: usize) -> Result<Vec<En
                 .map_err(|e| Error::Memory(format!("loading the payload: {e}")))?;
             Ok((0..vcpus)
                 .map(|i| Entry {
+                    mode: Mode::Payload,
                     rip: PAYLOAD_ADDR,
                     rsp: stack_top(i, vcpus),
                     rdi: size,
@@ -57,48 +61,23 @@ pub fn boot(boot: &Boot, ram: &Ram, vcpus: usize, disks: usize) -> Result<Vec<En
                 })
                 .collect())
         }
-        Boot::Linux { kernel, .. } => {
-            let what = kernel_kind(kernel)?;
-            Err(Error::Unsupported(format!(
-                "{}: {what}, but booting a Linux kernel is not implemented yet; on a host whose \
-                 KVM is kvm_pvm (no VMX/SVM) a stock kernel cannot run at all. Use --payload",
-                kernel.display()
-            )))
+        Boot::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let loaded = crate::linux::load(
+                ram,
+                kernel,
+                initrd.as_deref(),
+                cmdline,
+                crate::acpi::Machine { vcpus, disks },
+            )?;
+            // Only the boot vCPU has an entry: the others wait for the
+            // kernel's start-up IPIs.
+            Ok(vec![loaded.entry])
         }
     }
-}
-
-/// What kind of kernel file `path` is.
-fn kernel_kind(path: &std::path::Path) -> Result<&'static str> {
-    use std::io::Read;
-    let mut head = [0u8; 0x206];
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("cannot open the kernel {}", path.display()), e))?;
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot read the kernel {}", path.display()),
-                    e,
-                ))
-            }
-        }
-    }
-    if n >= 4 && &head[..4] == b"\x7fELF" {
-        return Ok("an ELF kernel");
-    }
-    // The bzImage setup header's "HdrS" at 0x202 (Linux boot protocol).
-    if n >= 0x206 && &head[0x202..0x206] == b"HdrS" {
-        return Ok("a bzImage kernel");
-    }
-    Err(Error::Config(format!(
-        "{}: not a Linux kernel that can be loaded (neither an ELF file nor a bzImage with the \
-         \"HdrS\" setup header at 0x202)",
-        path.display()
-    )))
 }
 
 #[cfg(test)]
@@ -129,7 +108,7 @@ mod tests {
     }
 
     #[test]
-    fn kernels_are_recognised_then_refused() {
+    fn kernel_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let ram = memory::create(64 << 20).unwrap();
         let linux = |p: &std::path::Path| Boot::Linux {
@@ -146,13 +125,31 @@ mod tests {
         let junk = dir.path().join("junk");
         std::fs::write(&junk, b"hello").unwrap();
         let e = boot(&linux(&junk), &ram, 1, 0).unwrap_err().to_string();
-        assert!(e.contains("not a Linux kernel"), "{e}");
-        let mut bz = vec![0u8; 0x300];
+        assert!(
+            e.contains("not a Linux kernel") && e.contains("junk"),
+            "{e}"
+        );
+        // "HdrS" but an old protocol: no 64-bit entry point.
+        let mut bz = vec![0u8; 0x1000];
+        bz[0x1f1] = 4;
         bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let k = dir.path().join("bzImage");
+        bz[0x206..0x208].copy_from_slice(&0x0204u16.to_le_bytes());
+        bz[0x211] = 1;
+        let k = dir.path().join("oldImage");
         std::fs::write(&k, &bz).unwrap();
-        let e = boot(&linux(&k), &ram, 1, 0).unwrap_err();
-        assert!(matches!(e, Error::Unsupported(_)));
-        assert!(e.to_string().contains("a bzImage kernel"), "{e}");
+        let e = boot(&linux(&k), &ram, 1, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("oldImage") && e.contains("no 64-bit entry point"),
+            "{e}"
+        );
+        // A 32-bit ELF file.
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 1;
+        elf[18] = 3;
+        let k = dir.path().join("elf32");
+        std::fs::write(&k, &elf).unwrap();
+        let e = boot(&linux(&k), &ram, 1, 0).unwrap_err().to_string();
+        assert!(e.contains("elf32") && e.contains("not a 64-bit x86"), "{e}");
     }
 }

@@ -2,7 +2,11 @@
 //! the park port, the UART) and the virtio-mmio windows; and the run's
 //! control (who ended it, and how).
 
-use crate::layout::{EXIT_PORT, PARK_PORT, SERIAL_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::acpi::dsdt::S5_SLP_TYP;
+use crate::layout::{
+    ACPI_SLEEP_CONTROL, ACPI_SLEEP_STATUS, EXIT_PORT, PARK_PORT, SERIAL_PORT, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+};
 use crate::serial::Uart;
 use crate::virtio::blk::Blk;
 use crate::virtio::mmio::Transport;
@@ -138,7 +142,16 @@ pub struct Bus {
     pub blk: Vec<Arc<Transport<Blk>>>,
     /// The run's control.
     pub control: Control,
+    /// A Linux guest: the exit and park ports are ordinary (absent)
+    /// ports, the ACPI sleep registers are there (a power-off ends the run
+    /// as [`Outcome::Exited`]`(0)`), and loads and stores where there is
+    /// nothing read all ones and are dropped, as on a PC.
+    pub linux: bool,
 }
+
+/// SLP_EN in the sleep control register (ACPI 6.4 §4.8.3.7, table 4.20);
+/// SLP_TYPx is in bits 2-4.
+const SLP_EN: u8 = 1 << 5;
 
 /// What a port or MMIO access asks of the vCPU's loop.
 pub enum Action {
@@ -154,7 +167,15 @@ impl Bus {
     /// A guest `out` of `data` to `port`.
     pub fn port_write(&self, port: u16, data: &[u8]) -> Action {
         match port {
-            EXIT_PORT => {
+            ACPI_SLEEP_CONTROL if self.linux => {
+                let v = data.first().copied().unwrap_or(0);
+                if v & SLP_EN != 0 && (v >> 2) & 7 == S5_SLP_TYP {
+                    self.control.finish(Ok(Outcome::Exited(0)));
+                    return Action::Stop;
+                }
+                Action::Continue
+            }
+            EXIT_PORT if !self.linux => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
                 v[..n].copy_from_slice(&data[..n]);
@@ -162,7 +183,7 @@ impl Bus {
                     .finish(Ok(Outcome::Exited(u32::from_le_bytes(v))));
                 Action::Stop
             }
-            PARK_PORT => Action::Park,
+            PARK_PORT if !self.linux => Action::Park,
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
                 let mut u = lock(&self.uart);
                 for b in data {
@@ -178,6 +199,8 @@ impl Bus {
     /// A guest `in` from `port` into `data`.
     pub fn port_read(&self, port: u16, data: &mut [u8]) {
         match port {
+            // Never asleep, no wake event pending.
+            ACPI_SLEEP_STATUS if self.linux => data.fill(0),
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
                 let mut u = lock(&self.uart);
                 for b in data.iter_mut() {
@@ -204,6 +227,10 @@ impl Bus {
                 t.read(off, data);
                 true
             }
+            None if self.linux => {
+                data.fill(0xff);
+                true
+            }
             None => false,
         }
     }
@@ -215,7 +242,7 @@ impl Bus {
                 t.write(off, data);
                 true
             }
-            None => false,
+            None => self.linux,
         }
     }
 

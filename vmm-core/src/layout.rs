@@ -1,5 +1,7 @@
-//! The guest-physical layout of payload mode: the fixed numbers of the ABI
-//! (see the crate docs).
+//! The guest-physical layout: the fixed numbers of payload mode's ABI (see
+//! the crate docs), and where the Linux boot path puts what a kernel reads
+//! (all inside the VMM's area [0, 0x100000), which payload mode leaves to
+//! the VMM too).
 
 /// The Global Descriptor Table the VMM builds.
 pub const GDT_ADDR: u64 = 0x1000;
@@ -56,9 +58,65 @@ pub fn stack_top(index: usize, count: usize) -> u64 {
     PAYLOAD_ADDR - index as u64 * slice - 16
 }
 
+/// Linux boot: the boot GDT (null, null, `__BOOT_CS` 0x10, `__BOOT_DS`
+/// 0x18, the TSS at 0x20), between the TSS and the page tables.
+pub const BOOT_GDT_ADDR: u64 = 0x5000;
+/// Linux boot: the zero page (`struct boot_params`, 4 KiB).
+pub const BOOT_PARAMS_ADDR: u64 = 0x7000;
+/// Linux boot: the boot vCPU's stack pointer at entry (the 4 KiB below
+/// the page tables; the kernel switches to its own stack at once).
+pub const BOOT_STACK_LINUX: u64 = PML4_ADDR - 16;
+/// Linux boot: what the e820 map reserves at the bottom of RAM: the
+/// VMM's GDTs, TSS, zero page, boot stack and page tables.
+pub const BOOT_RESERVED_END: u64 = 0x1_0000;
+/// Linux boot: the kernel command line (NUL-terminated).
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// Linux boot: the command line's room, NUL included (the kernel's own
+/// `cmdline_size` may be smaller).
+pub const CMDLINE_MAX: u64 = 0x1_0000;
+/// Linux boot: the ACPI tables, RSDP first, up to [`VMM_AREA_END`]
+/// (reserved in the e820 map, and where the kernel's legacy RSDP scan of
+/// 0xe0000-0xfffff looks).
+pub const ACPI_ADDR: u64 = 0xe_0000;
+/// Linux boot: where a bzImage's protected-mode kernel is loaded (its
+/// usual `code32_start`); an ELF kernel goes where its headers say, at
+/// or above this.
+pub const KERNEL_ADDR: u64 = 0x10_0000;
+
+/// The IO-APIC's registers (KVM's in-kernel IO-APIC).
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' registers.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// The IO-APIC's inputs (KVM's has 24).
+pub const IOAPIC_PINS: u32 = 24;
+/// The UART's interrupt: ISA IRQ 4, GSI 4.
+pub const SERIAL_GSI: u32 = 4;
+/// The first virtio-mmio device's GSI; device `i` has `VIRTIO_GSI_BASE +
+/// i` (the IO-APIC inputs above the 16 ISA ones), so a Linux boot has at
+/// most [`MAX_LINUX_DISKS`] disks.
+pub const VIRTIO_GSI_BASE: u32 = 16;
+/// The most virtio-blk devices a Linux boot can have: one IO-APIC input
+/// each.
+pub const MAX_LINUX_DISKS: usize = 8;
+/// Linux boot: the ACPI sleep control register (an I/O port; the FADT's
+/// SLEEP_CONTROL_REG of a hardware-reduced platform, ACPI 6.4 §4.8.3.7).
+pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
+/// Linux boot: the ACPI sleep status register (reads 0).
+pub const ACPI_SLEEP_STATUS: u16 = 0x601;
+
+/// The GSI of virtio-mmio device `i` in a Linux boot.
+pub fn virtio_gsi(i: usize) -> u32 {
+    VIRTIO_GSI_BASE + u32::try_from(i).unwrap_or(u32::MAX - VIRTIO_GSI_BASE)
+}
+
 // The layout's invariants, checked at compile time.
 const _: () = assert!(PD_ADDR + 4 * 4096 <= VMM_AREA_END);
 const _: () = assert!(MAX_RAM <= VIRTIO_MMIO_BASE);
+const _: () = assert!(TSS_ADDR + 0x2069 <= BOOT_GDT_ADDR && BOOT_GDT_ADDR + 40 <= BOOT_PARAMS_ADDR);
+const _: () = assert!(BOOT_PARAMS_ADDR + 4096 <= BOOT_STACK_LINUX - 4096 + 16);
+const _: () = assert!(PD_ADDR + 4 * 4096 <= BOOT_RESERVED_END && BOOT_RESERVED_END <= CMDLINE_ADDR);
+const _: () = assert!(CMDLINE_ADDR + CMDLINE_MAX <= 0x9_f000);
+const _: () = assert!(MAX_LINUX_DISKS <= (IOAPIC_PINS - VIRTIO_GSI_BASE) as usize);
 
 #[cfg(test)]
 mod tests {

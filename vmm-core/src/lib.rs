@@ -55,6 +55,38 @@
 //!
 //! Other I/O ports read all ones and ignore writes.
 //!
+//! # Linux mode
+//!
+//! [`Boot::Linux`] boots a Linux kernel instead ([`linux`]): a bzImage or
+//! an ELF vmlinux, loaded with linux-loader, entered through the 64-bit
+//! boot protocol (boot.rst) at CPL0 on vCPU 0 with RSI the zero page; the
+//! other vCPUs wait for the kernel's start-up IPIs. Memory (see
+//! [`layout`]): the VMM's tables, the zero page and the boot stack in
+//! [0, 0x10000) (e820 reserved), the command line at 0x20000, the ACPI
+//! tables at 0xe0000 (e820 reserved), the kernel from 0x100000, the initrd
+//! at the top of RAM. The command line is the user's, with `console=ttyS0`
+//! and `panic=-1` added unless it names those parameters
+//! ([`linux::cmdline`]).
+//!
+//! The guest finds its hardware through ACPI ([`acpi`]): a
+//! hardware-reduced FADT, a MADT with a local APIC per vCPU and the
+//! IO-APIC at 0xfec00000, and a DSDT naming COM1 (PNP0501, ports
+//! 0x3f8-0x3ff, IRQ 4) and each virtio-blk device *i* (LNRO0005, its
+//! window at 0xd0000000 + *i* · 0x1000, GSI 16 + *i*, edge): at most 8
+//! disks. Interrupts go through KVM's in-kernel irqchip (and its PIT):
+//! each device and the UART signal an irqfd ([`virtio::mmio::Transport`]'s
+//! interrupt event sets InterruptStatus, then the line is pulsed with no
+//! exit). Payload mode has no irqchip.
+//!
+//! How a Linux run ends: an ACPI power-off (the kernel writes SLP_TYP 5
+//! and SLP_EN to the sleep control register, port 0x600) is
+//! [`Outcome::Exited`]`(0)`; a reboot is a triple fault, a fault (status
+//! 253); `--timeout` as in payload mode. Ports 0xf4 and 0xf5 are not
+//! special, and loads and stores where there is neither RAM nor a device
+//! read all ones and are dropped, as on a PC. On a host whose KVM has no
+//! VMX or SVM (kvm_pvm), guest kernel code is emulated: a real kernel is
+//! far too slow to boot there.
+//!
 //! # The virtio-blk device
 //!
 //! Requests IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES; features
@@ -90,12 +122,15 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acpi;
 pub mod boot;
 mod bus;
 pub mod control;
 pub mod disks;
 mod error;
+mod irq;
 pub mod layout;
+pub mod linux;
 mod machine;
 pub mod memory;
 pub mod migrate;
@@ -147,7 +182,8 @@ pub const STOPPED_STATUS: u8 = 130;
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The guest wrote this value to port 0xf4.
+    /// The guest wrote this value to port 0xf4 (payload mode), or powered
+    /// the machine off through ACPI (a Linux guest: 0).
     Exited(u32),
     /// The guest stopped another way (see the crate docs).
     Fault {

@@ -5,14 +5,17 @@
 use crate::boot::{boot, Boot};
 use crate::bus::{Bus, Control};
 use crate::control::{Attached, Controller};
-use crate::layout::{MAX_DISKS, MAX_VCPUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    virtio_gsi, MAX_DISKS, MAX_LINUX_DISKS, MAX_VCPUS, SERIAL_GSI, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+};
 use crate::qos::{Limits, Qos};
 use crate::serial::{Console, Uart};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu};
 use crate::virtio::blk::{Blk, Stats};
 use crate::virtio::mmio::Transport;
 use crate::virtio::worker::Worker;
-use crate::{memory, x86, Error, Outcome, Result};
+use crate::{irq, memory, x86, Error, Outcome, Result};
 use disk::VirtualDisk;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, Kvm};
@@ -138,11 +141,23 @@ pub fn run(cfg: Config) -> Result<Report> {
             cfg.disks.len()
         )));
     }
+    let linux = matches!(cfg.boot, Boot::Linux { .. });
+    if linux && cfg.disks.len() > MAX_LINUX_DISKS {
+        return Err(Error::Config(format!(
+            "{} disks: a Linux guest can have at most {MAX_LINUX_DISKS} (one IO-APIC input each)",
+            cfg.disks.len()
+        )));
+    }
     let kvm_err = |what: &'static str| move |source| Error::Kvm { what, source };
     // RAM first, so that it outlives the VM whose memory slot maps it.
     let ram = Arc::new(memory::create(cfg.mem)?);
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     memory::register(&vm, &ram)?;
+    // A Linux guest's interrupt controllers, before its vCPUs; payload
+    // mode has none.
+    if linux {
+        irq::create_irqchip(&vm)?;
+    }
     x86::write_tables(&ram)?;
     let entries = boot(&cfg.boot, &ram, cfg.vcpus, cfg.disks.len())?;
     let cpuid = kvm
@@ -165,7 +180,12 @@ pub fn run(cfg: Config) -> Result<Report> {
         let blk = Blk::new(d.disk.clone(), d.writable).with_qos(Some(qos.clone()));
         stats.push(blk.stats());
         let stats_of = blk.stats();
-        let t = Transport::new(blk, ram.clone(), notify, None).inline(cfg.io == IoMode::Vcpu);
+        let interrupt = if linux {
+            Some(irq::irqfd(&vm, virtio_gsi(i))?)
+        } else {
+            None
+        };
+        let t = Transport::new(blk, ram.clone(), notify, interrupt).inline(cfg.io == IoMode::Vcpu);
         if cfg.io == IoMode::Thread {
             // QueueNotify writes of queue index 0 signal the event inside
             // KVM, without an exit; other values still exit.
@@ -186,10 +206,16 @@ pub fn run(cfg: Config) -> Result<Report> {
         });
         transports.push(t);
     }
+    let uart = if linux {
+        Uart::with_irq(cfg.console, irq::irqfd(&vm, SERIAL_GSI)?)
+    } else {
+        Uart::new(cfg.console)
+    };
     let bus = Arc::new(Bus {
-        uart: std::sync::Mutex::new(Uart::new(cfg.console)),
+        uart: std::sync::Mutex::new(uart),
         blk: transports.clone(),
         control: Control::new(cfg.vcpus),
+        linux,
     });
     ctl.attach(bus.clone(), attached, cfg.vcpus, cfg.mem, started);
     let workers = match cfg.io {
@@ -201,15 +227,19 @@ pub fn run(cfg: Config) -> Result<Report> {
         IoMode::Vcpu => Vec::new(),
     };
 
-    // Every vCPU is made and set up before any runs.
+    // Every vCPU is made and set up before any runs (a Linux guest's
+    // vCPUs but the first have no entry: they wait for start-up IPIs).
     let mut fds = Vec::new();
-    for (i, entry) in entries.iter().enumerate() {
+    for i in 0..cfg.vcpus {
         let fd = vm
             .create_vcpu(i as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         // At most MAX_VCPUS (checked above), so the APIC id fits a byte.
         let apic_id = u8::try_from(i).unwrap_or(u8::MAX);
-        x86::setup_vcpu(&fd, &cpuid, apic_id, entry)?;
+        x86::setup_vcpu(&fd, &cpuid, apic_id, entries.get(i))?;
+        if linux {
+            x86::setup_lapic(&fd, i == 0)?;
+        }
         fds.push(fd);
     }
     let first_exit = Arc::new(OnceLock::new());

@@ -148,6 +148,10 @@ impl Vcpu {
                     ))
                 }
             }
+            VcpuExit::Shutdown if bus.linux => Next::Fault(
+                "the guest reset the machine (a triple fault: a reboot, or an exception the kernel could not handle)"
+                    .into(),
+            ),
             VcpuExit::Shutdown => Next::Fault(
                 "triple fault: the guest took an exception it cannot handle (payload mode has no IDT)"
                     .into(),

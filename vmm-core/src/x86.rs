@@ -1,6 +1,10 @@
-//! The x86-64 state of payload mode: descriptor tables, identity-mapped page
-//! tables, and each vCPU's registers, so that it starts in 64-bit mode at
-//! CPL3 (the ABI in the crate docs).
+//! The x86-64 state a vCPU starts in: descriptor tables, identity-mapped
+//! page tables, and its registers. In payload mode it starts in 64-bit
+//! mode at CPL3 (the ABI in the crate docs); a Linux kernel is entered
+//! through the 64-bit boot protocol (boot.rst, "64-bit Boot Protocol"):
+//! 64-bit mode at CPL0 on the same identity-mapped page tables, a GDT
+//! with `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18), 4 GiB flat, interrupts
+//! off, RSI the zero page's address ([`Mode::Linux`]).
 //!
 //! This is the one mode whose guest code runs natively on kvm_pvm (no
 //! VMX/SVM: guest kernel-mode code is emulated, and exceptions through a
@@ -9,7 +13,9 @@
 //! IOPL 3 its `in`/`out` reach the VMM (KVM_EXIT_IO) and its loads and
 //! stores outside RAM exit as MMIO.
 
-use crate::layout::{GDT_ADDR, IDENTITY_MAPPED, PDPT_ADDR, PD_ADDR, PML4_ADDR, TSS_ADDR};
+use crate::layout::{
+    BOOT_GDT_ADDR, GDT_ADDR, IDENTITY_MAPPED, PDPT_ADDR, PD_ADDR, PML4_ADDR, TSS_ADDR,
+};
 use crate::{Error, Result};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
 use kvm_ioctls::VcpuFd;
@@ -37,6 +43,42 @@ fn gdt() -> [u64; 7] {
         tss_low,
         0, // TSS base[63:32]
     ]
+}
+
+/// The Linux boot protocol's selectors (boot.rst: `__BOOT_CS`,
+/// `__BOOT_DS`), and the TSS's in the boot GDT.
+pub const BOOT_CS: u16 = 0x10;
+/// See [`BOOT_CS`].
+pub const BOOT_DS: u16 = 0x18;
+const BOOT_TSS_SEL: u16 = 0x20;
+
+/// The boot GDT of a Linux kernel: two null entries, `__BOOT_CS` (64-bit
+/// code, DPL0, 4 GiB flat with the granularity bit), `__BOOT_DS`
+/// (writable data, DPL0, 4 GiB flat), then the TSS descriptor.
+fn boot_gdt() -> [u64; 6] {
+    let g = gdt();
+    [
+        0,
+        0,
+        0x00af_9a00_0000_ffff, // code: present, DPL0, execute/read, L, G
+        0x00cf_9200_0000_ffff, // data: present, DPL0, read/write, D/B, G
+        g[5],
+        g[6],
+    ]
+}
+
+/// Write the boot GDT of a Linux kernel at [`BOOT_GDT_ADDR`] (the page
+/// tables and the TSS are [`write_tables`]').
+///
+/// # Errors
+/// Guest memory too small.
+pub fn write_boot_gdt(mem: &GuestMemoryMmap) -> Result<()> {
+    for (i, d) in boot_gdt().iter().enumerate() {
+        let at = BOOT_GDT_ADDR + 8 * i as u64;
+        mem.write_obj(d.to_le(), GuestAddress(at))
+            .map_err(|e| Error::Memory(format!("writing the boot GDT at {at:#x}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Where the TSS's I/O permission bitmap starts (right after the 104-byte
@@ -117,16 +159,29 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
     }
 }
 
-/// Where a vCPU starts: the payload ABI's registers.
-#[derive(Debug, Clone, Copy)]
+/// How a vCPU is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Payload mode: CPL3 on the payload GDT, IOPL 3 (the crate docs).
+    #[default]
+    Payload,
+    /// A Linux kernel: CPL0 on the boot GDT, RFLAGS 0x2 (interrupts off).
+    Linux,
+}
+
+/// Where a vCPU starts: the payload ABI's registers, or a kernel's.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Entry {
+    /// How it is entered.
+    pub mode: Mode,
     /// RIP.
     pub rip: u64,
     /// RSP.
     pub rsp: u64,
-    /// RDI: guest RAM size in bytes.
+    /// RDI: guest RAM size in bytes (payload mode).
     pub rdi: u64,
-    /// RSI: number of virtio-blk devices.
+    /// RSI: number of virtio-blk devices (payload mode), the zero page's
+    /// address (Linux).
     pub rsi: u64,
     /// RDX: this vCPU's index.
     pub rdx: u64,
@@ -135,12 +190,15 @@ pub struct Entry {
 }
 
 /// Give the vCPU the host's CPUID as KVM supports it (with its own APIC
-/// id), 64-bit mode at CPL3 on the VMM's tables, a clean FPU/SSE state
-/// and the entry registers.
+/// id), then, if it has an `entry`, 64-bit mode on the VMM's tables (CPL3
+/// for a payload, CPL0 for a kernel), a clean FPU/SSE state and the entry
+/// registers. A vCPU without one (a Linux guest's application processor)
+/// stays in KVM's reset state, waiting for the INIT and start-up IPIs its
+/// kernel sends.
 ///
 /// # Errors
 /// A KVM ioctl fails.
-pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Result<()> {
+pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: Option<&Entry>) -> Result<()> {
     let kvm = |what: &'static str| move |e| Error::Kvm { what, source: e };
     let mut cpuid = cpuid.clone();
     for e in cpuid.as_mut_slice() {
@@ -153,10 +211,19 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
         }
     }
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    let Some(entry) = entry else {
+        return Ok(());
+    };
+    let linux = entry.mode == Mode::Linux;
 
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    sregs.cs = segment(USER_CS, true);
-    let data = segment(USER_DS, false);
+    let (cs, ds, tss) = if linux {
+        (BOOT_CS, BOOT_DS, BOOT_TSS_SEL)
+    } else {
+        (USER_CS, USER_DS, TSS_SEL)
+    };
+    sregs.cs = segment(cs, true);
+    let data = segment(ds, false);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -165,7 +232,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
     sregs.tr = kvm_segment {
         base: TSS_ADDR,
         limit: u32::from(TSS_LIMIT),
-        selector: TSS_SEL,
+        selector: tss,
         type_: 0xb, // 64-bit TSS, busy
         present: 1,
         dpl: 0,
@@ -182,10 +249,16 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
         unusable: 1,
         ..Default::default()
     };
-    sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = u16::try_from(gdt().len() * 8 - 1).expect("a GDT of a few entries");
-    // No IDT: an exception ends the run (triple fault or KVM internal
-    // error), reported as a guest fault.
+    let (base, entries) = if linux {
+        (BOOT_GDT_ADDR, boot_gdt().len())
+    } else {
+        (GDT_ADDR, gdt().len())
+    };
+    sregs.gdt.base = base;
+    sregs.gdt.limit = u16::try_from(entries * 8 - 1).expect("a GDT of a few entries");
+    // No IDT: in payload mode an exception ends the run (triple fault or
+    // KVM internal error), reported as a guest fault; a kernel loads its
+    // own before it enables interrupts.
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr0 = CR0;
@@ -205,7 +278,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
         rip: entry.rip,
         rsp: entry.rsp,
         rbp: entry.rsp,
-        rflags: RFLAGS,
+        rflags: if linux { 0x2 } else { RFLAGS },
         rdi: entry.rdi,
         rsi: entry.rsi,
         rdx: entry.rdx,
@@ -214,6 +287,38 @@ pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, index: u8, entry: &Entry) -> Res
     };
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
     Ok(())
+}
+
+/// Set up a local APIC as a PC's firmware leaves it (Intel SDM vol. 3
+/// §10.5.1, the MP specification's virtual wire mode, §3.6.2.2): the
+/// boot processor's LINT0 takes the 8259's interrupts (ExtINT), an
+/// application processor's is masked; LINT1 is NMI on every one. Only
+/// with an in-kernel irqchip.
+///
+/// # Errors
+/// A KVM ioctl fails.
+pub fn setup_lapic(vcpu: &VcpuFd, boot_processor: bool) -> Result<()> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const EXTINT: u32 = 0b111 << 8;
+    const NMI: u32 = 0b100 << 8;
+    const MASKED: u32 = 1 << 16;
+    let lint0 = if boot_processor { EXTINT } else { MASKED };
+    let kvm = |what: &'static str| move |e| Error::Kvm { what, source: e };
+    let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    for (reg, mode) in [(LVT_LINT0, lint0), (LVT_LINT1, NMI)] {
+        let r = &mut lapic.regs[reg..reg + 4];
+        let mut b = [0u8; 4];
+        for (d, s) in b.iter_mut().zip(r.iter()) {
+            *d = s.to_ne_bytes()[0];
+        }
+        // Delivery mode in bits 8-10, the mask in bit 16.
+        let v = (u32::from_le_bytes(b) & !0x1_0700) | mode;
+        for (d, s) in r.iter_mut().zip(v.to_le_bytes()) {
+            *d = std::ffi::c_char::from_ne_bytes([s]);
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
 }
 
 #[cfg(test)]
@@ -235,6 +340,23 @@ mod tests {
         // TSS base and type.
         assert_eq!((g[5] >> 16) & 0xff_ffff, TSS_ADDR);
         assert_eq!((g[5] >> 40) & 0xf, 9);
+        // The boot GDT: __BOOT_CS is 64-bit code at DPL0, __BOOT_DS
+        // writable data at DPL0, both present and 4 GiB flat (G, limit
+        // 0xfffff).
+        let b = boot_gdt();
+        let cs = b[usize::from(BOOT_CS) >> 3];
+        let ds = b[usize::from(BOOT_DS) >> 3];
+        assert_eq!((cs >> 45) & 3, 0);
+        assert_eq!((cs >> 47) & 1, 1);
+        assert_eq!((cs >> 53) & 1, 1, "L");
+        assert_eq!((cs >> 43) & 1, 1, "code");
+        assert_eq!((ds >> 45) & 3, 0);
+        assert_eq!((ds >> 40) & 0xf, 2, "read/write data");
+        for d in [cs, ds] {
+            assert_eq!((d & 0xffff) | ((d >> 32) & 0xf_0000), 0xf_ffff);
+            assert_eq!((d >> 55) & 1, 1, "G");
+        }
+        assert_eq!(b[4], g[5], "the TSS");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod common;
 mod control;
 mod disks;
 mod hostile;
+mod linux;
 mod machine;
 mod migrate;
 mod qos;

@@ -371,7 +371,8 @@ fn read_payload(p: &Path) -> Result<Vec<u8>> {
     if bytes.starts_with(b"\x7fELF") {
         bail!(
             "the payload {} is an ELF file: payload mode runs a flat binary loaded at \
-             0x200000 (make one with `objcopy -O binary`), and --kernel takes a Linux ELF",
+             0x200000 (make one with `objcopy -O binary`); a Linux kernel (bzImage or ELF) \
+             goes with --kernel",
             p.display()
         );
     }

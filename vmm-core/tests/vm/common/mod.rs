@@ -1,6 +1,8 @@
 //! Helpers: running a payload against disks, making images with the host's
 //! pattern, checking what the guest wrote.
 
+pub mod initramfs;
+
 use disk::VirtualDisk;
 use image::{CreateOptions, Format, Kind, OpenOptions};
 use std::path::{Path, PathBuf};
