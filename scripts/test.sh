@@ -12,10 +12,11 @@ need=()
 # debugfs and e2fsck (e2fsprogs): the mount tests put an ext4 file system on
 # a mounted image; sfdisk (fdisk): partition files of a mount; vhdimount
 # (libvhdi-utils): another reader of the differencing disks vdisk writes;
-# iasl (acpica-tools): disassembles the ACPI tables vmm-core makes.
+# iasl (acpica-tools): disassembles the ACPI tables vmm-core makes; cpio:
+# reads back the initramfs the Linux boot test writes.
 for tool in unzip:unzip bzip2:bzip2 gzip:gzip fusermount3:fuse3 \
   mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs sfdisk:fdisk \
-  vhdimount:libvhdi-utils iasl:acpica-tools; do
+  vhdimount:libvhdi-utils iasl:acpica-tools cpio:cpio; do
   pkg=${tool#*:}
   have "${tool%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done
