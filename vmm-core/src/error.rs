@@ -43,7 +43,39 @@ pub enum Error {
 /// This crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What kind of error an [`Error`] is, for callers that act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// KVM is missing or not usable by this user.
+    NoKvm,
+    /// A KVM ioctl failed.
+    Kvm,
+    /// The configuration (memory, vCPUs, a payload or kernel) is refused.
+    Config,
+    /// Guest memory could not be set up.
+    Memory,
+    /// A disk image: its kind says more (locked, corrupt, I/O...).
+    Disk(disk::ErrorKind),
+    /// A host I/O error.
+    Io,
+    /// Not supported here.
+    Unsupported,
+}
+
 impl Error {
+    /// Its kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NoKvm(_) => ErrorKind::NoKvm,
+            Error::Kvm { .. } => ErrorKind::Kvm,
+            Error::Config(_) => ErrorKind::Config,
+            Error::Memory(_) => ErrorKind::Memory,
+            Error::Disk(e) => ErrorKind::Disk(e.kind()),
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+        }
+    }
+
     /// A host I/O error while doing `what`.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {

@@ -7,6 +7,38 @@
 //! The `vmm` binary (in the `tools` crate) runs it:
 //! `vmm run --disk IMAGE[,ro] ... --payload BIN`.
 //!
+//! A guest of seven bytes on a VHDX disk (it skips where /dev/kvm is not
+//! usable):
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+//! # if kvm.is_err() { return Ok(()); }
+//! use vmm_core::{Boot, Config, Disk, DiskSpec, IoMode, Outcome};
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("data.vhdx");
+//! let kind = image::Kind::Vhdx(vhdx::CreateOptions::new(64 << 20));
+//! image::create(&path, &image::CreateOptions::new(kind))?.close()?;
+//! // As `vmm run --disk data.vhdx` opens it: locked, its format probed.
+//! let d = vmm_core::disks::open(&DiskSpec::parse(path.to_str().unwrap())?, None)?;
+//! let report = vmm_core::run(Config {
+//!     mem: 64 << 20,
+//!     vcpus: 1,
+//!     disks: vec![Disk { disk: d.disk(), writable: true, name: d.name(), qos: d.qos() }],
+//!     // mov eax, 42; out 0xf4, eax
+//!     boot: Boot::Payload(vec![0xb8, 42, 0, 0, 0, 0xe7, 0xf4]),
+//!     console: Box::new(std::io::sink()),
+//!     timeout: None,
+//!     io: IoMode::Thread,
+//!     stop: None,
+//!     controller: None,
+//! })?;
+//! assert_eq!(report.outcome, Outcome::Exited(42));
+//! assert_eq!(report.devices[0].requests, 0);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Payload mode: the ABI
 //!
 //! A *payload* is any freestanding x86-64 program, a flat binary. The VMM
@@ -165,7 +197,7 @@ pub mod test_payloads {
 pub use boot::Boot;
 pub use control::Controller;
 pub use disks::{DiskSpec, OpenDisk};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use machine::{max_vcpus, run, Config, DeviceReport, Disk, IoMode, Report};
 
 use std::time::Duration;

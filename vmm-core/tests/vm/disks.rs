@@ -172,10 +172,11 @@ fn a_locked_image_is_refused_naming_the_holder() {
     let e = vmm_core::disks::open(&spec(&p, None, false), None)
         .err()
         .expect("refused");
-    match &e {
-        vmm_core::Error::Disk(d) => assert_eq!(d.kind(), disk::ErrorKind::Locked, "{e}"),
-        other => panic!("{other}"),
-    }
+    assert_eq!(
+        e.kind(),
+        vmm_core::ErrorKind::Disk(disk::ErrorKind::Locked),
+        "{e}"
+    );
     assert!(e.to_string().contains("l.vhdx"), "{e}");
     drop(held);
     let missing = vmm_core::disks::open(&spec(&file(&dir, "none.vhdx"), None, false), None);
