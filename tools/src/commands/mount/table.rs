@@ -174,6 +174,9 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// How long `vdisk unmount` retries a busy mount.
+const BUSY_GRACE: Duration = Duration::from_secs(1);
+
 /// `vdisk unmount MOUNTPOINT`.
 pub fn unmount(args: &UnmountArgs) -> Result<()> {
     let name = args.mountpoint.display();
@@ -188,7 +191,17 @@ pub fn unmount(args: &UnmountArgs) -> Result<()> {
             m.source
         );
     }
-    match unmount_path(&mp, false) {
+    // A file closed just before is released by the kernel asynchronously
+    // (FUSE's RELEASE comes after close returns): the mount may be busy for
+    // a moment after the last close. Retry for a second before calling it
+    // busy.
+    let tried = Instant::now();
+    let mut result = unmount_path(&mp, false);
+    while matches!(result, Err(UnmountError::Busy)) && tried.elapsed() < BUSY_GRACE {
+        std::thread::sleep(Duration::from_millis(20));
+        result = unmount_path(&mp, false);
+    }
+    match result {
         Ok(()) => {}
         Err(UnmountError::Busy) => bail!(
             "{name}: cannot unmount: the mount is busy (a process has {name}/{FILE_NAME} open or \
