@@ -51,6 +51,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// The directory of a bundle holding VM checkpoints' state files.
+pub const VM_STATE_DIR: &str = "vm";
+
 /// A node as `list` shows it (serialized with kebab-case keys, as every
 /// JSON output of `vdisk`).
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -67,6 +70,9 @@ pub struct NodeInfo {
     pub active: bool,
     /// Depth in the tree (0 for the root).
     pub depth: usize,
+    /// Whether the checkpoint carries a VM's state (memory, vCPUs,
+    /// devices: `vm/ID.state`, taken by `vmm`), not its disk alone.
+    pub vm_state: bool,
 }
 
 /// An open bundle.
@@ -293,6 +299,38 @@ impl Bundle {
             .collect()
     }
 
+    /// The VM state and memory files of node `id` (a checkpoint taken by a
+    /// running VM: see `vmm`), in [`VM_STATE_DIR`].
+    pub fn vm_state_paths(&self, id: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.join(VM_STATE_DIR);
+        (d.join(format!("{id}.state")), d.join(format!("{id}.mem")))
+    }
+
+    /// Remove the VM state files that belong to no checkpoint any more (its
+    /// node deleted or merged away, or no longer a named checkpoint).
+    pub(crate) fn prune_vm_state(&self) -> Result<()> {
+        let dir = self.dir.join(VM_STATE_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.strip_suffix(".state").or(Some(s)))
+                .unwrap_or_default()
+                .to_string();
+            let kept = self
+                .node(&id)
+                .is_some_and(|n| n.name.is_some() && n.id != self.manifest.active);
+            if !kept {
+                remove_if_present(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The tree, depth first from the root, with sizes and the active mark.
     ///
     /// # Errors
@@ -315,6 +353,7 @@ impl Bundle {
             kids.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
             stack.extend(kids.into_iter().map(|k| (k, depth + 1)));
             out.push(NodeInfo {
+                vm_state: self.vm_state_paths(&n.id).0.exists(),
                 created_utc: format_utc(n.created),
                 active: n.id == self.manifest.active,
                 node: n,

@@ -36,7 +36,7 @@ mod manifest;
 pub mod merge;
 mod ops;
 
-pub use bundle::{Bundle, NodeInfo};
+pub use bundle::{Bundle, NodeInfo, VM_STATE_DIR};
 pub use disk::{Error, ErrorKind, Result};
 pub use disks::Format;
 pub use manifest::{format_utc, Manifest, Node, Pending, MANIFEST, SPARE};

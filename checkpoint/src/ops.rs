@@ -121,7 +121,7 @@ impl Bundle {
             }
             self.save()?;
         }
-        Ok(())
+        self.prune_vm_state()
     }
 
     pub(crate) fn path_of(&self, id: &str) -> Result<PathBuf> {

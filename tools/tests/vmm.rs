@@ -562,3 +562,110 @@ fn live_storage_migration_through_the_api() {
     ok(&["check", p(&src)]);
     ok(&["check", p(&dest)]);
 }
+
+/// VM checkpoints end to end: `vmm run --bundle` checkpointed through
+/// `vmm ctl checkpoint`, `vdisk checkpoint list` marking it, and `vmm
+/// restore` continuing the guest in a new process where it stopped (its
+/// disk verified by the guest itself); what `vmm restore` refuses.
+#[test]
+fn vm_checkpoints_through_the_api_and_vmm_restore() {
+    use vmm_core::test_payloads::MIGRATE;
+    if !can_run(MIGRATE) {
+        return;
+    }
+    let dir = tmp();
+    let bin = payload(dir.path(), "migrate.bin", MIGRATE);
+    let bundle = dir.path().join("vm");
+    ok(&["checkpoint", "init", p(&bundle), "16M"]);
+    ok(&["checkpoint", "create", p(&bundle), "disk-only"]);
+    let sock = dir.path().join("api.sock");
+    let out1 = dir.path().join("run1.txt");
+    let child = vmm()
+        .args(["run", "--bundle", p(&bundle), "--api", p(&sock)])
+        .args(["--timeout", "60", "--payload", p(&bin)])
+        .stdout(std::fs::File::create(&out1).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rounds = |f: &Path| -> Vec<u64> {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("round ")?.strip_suffix(" ok")?.parse().ok())
+            .collect()
+    };
+    let t0 = Instant::now();
+    while rounds(&out1).len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the guest never ran"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // While vmm holds the bundle, vdisk cannot change it.
+    let e = fails(1, &["checkpoint", "create", p(&bundle), "other"]);
+    assert!(e.contains("lock") || e.contains("in use"), "{e}");
+    let (code, v) = ctl(&sock, &["checkpoint", "c1"]);
+    assert_eq!(code, Some(0), "{v}");
+    let at = *rounds(&out1).last().unwrap();
+    assert!(v["memory-bytes"].as_u64().unwrap() > 0, "{v}");
+    ctl(&sock, &["stop"]);
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
+    let list = ok(&["checkpoint", "list", p(&bundle)]);
+    assert!(list.contains("c1 [vm]"), "{list}");
+    assert!(!list.contains("disk-only [vm]"), "{list}");
+    let json = ok(&["checkpoint", "list", p(&bundle), "--output", "json"]);
+    assert!(json.contains("\"vm-state\": true"), "{json}");
+    // Refusals, the bundle unchanged.
+    let e = text(
+        &vmm()
+            .args([
+                "restore",
+                "--bundle",
+                p(&bundle),
+                "--checkpoint",
+                "disk-only",
+            ])
+            .output()
+            .unwrap()
+            .stderr,
+    );
+    assert!(e.contains("has no VM state"), "{e}");
+    let e = text(
+        &vmm()
+            .args(["restore", "--bundle", p(&bundle), "--checkpoint", "nope"])
+            .output()
+            .unwrap()
+            .stderr,
+    );
+    assert!(e.contains("nope"), "{e}");
+    // Continue c1 in a new process.
+    let out = vmm()
+        .args([
+            "restore",
+            "--bundle",
+            p(&bundle),
+            "--checkpoint",
+            "c1",
+            "--timeout",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let console = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(252),
+        "{console}{}",
+        text(&out.stderr)
+    );
+    let r: Vec<u64> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("round ")?.strip_suffix(" ok")?.parse().ok())
+        .collect();
+    assert!(!console.contains("other bytes"), "{console}");
+    assert!(
+        r.len() >= 2 && r[0] >= at && r[0] <= at + 2,
+        "checkpoint after round {at}: {r:?}"
+    );
+}

@@ -24,6 +24,10 @@ pub enum Boot {
         /// The kernel command line.
         cmdline: String,
     },
+    /// Continue a VM checkpoint ([`crate::snapshot`]): memory, vCPUs,
+    /// devices and (Linux) interrupt controllers as they were; nothing is
+    /// loaded.
+    Restore(std::sync::Arc<crate::snapshot::Checkpoint>),
 }
 
 /// Load what `boot` names into guest memory and say where the vCPUs
@@ -77,6 +81,8 @@ pub fn boot(boot: &Boot, ram: &Ram, vcpus: usize, disks: usize) -> Result<Vec<En
             // kernel's start-up IPIs.
             Ok(vec![loaded.entry])
         }
+        // The vCPUs' state comes from the checkpoint.
+        Boot::Restore(_) => Ok(Vec::new()),
     }
 }
 

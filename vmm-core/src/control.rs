@@ -19,6 +19,7 @@
 use crate::bus::Bus;
 use crate::migrate::{migrate, Ends, MigrateOptions, MigrateReport};
 use crate::qos::{Limits, Qos};
+pub use crate::snapshot::take::CheckpointReport;
 use crate::virtio::blk::{Blk, Stats};
 use crate::virtio::mmio::Transport;
 use crate::Outcome;
@@ -118,12 +119,18 @@ pub(crate) struct Attached {
     pub migrating: AtomicBool,
 }
 
-struct Run {
-    bus: Arc<Bus>,
-    disks: Vec<Attached>,
-    vcpus: usize,
-    mem: u64,
-    started: Instant,
+/// What the controller reaches of a running machine.
+pub(crate) struct Parts {
+    pub bus: Arc<Bus>,
+    pub disks: Vec<Attached>,
+    pub vcpus: usize,
+    pub mem: u64,
+    pub started: Instant,
+    pub vm: Arc<kvm_ioctls::VmFd>,
+    pub ram: Arc<crate::memory::Ram>,
+    pub linux: bool,
+    /// The bundle of disk 0 (taken out while a checkpoint is under way).
+    pub bundle: Option<checkpoint::Bundle>,
 }
 
 #[derive(Default)]
@@ -137,10 +144,24 @@ struct Gate {
     /// The vCPU threads, while they may be kicked.
     tids: Vec<Tid>,
     /// The run, once started.
-    run: Option<Run>,
+    run: Option<Parts>,
     /// The run is over: nothing waits at the gate any more.
     ended: bool,
+    /// A capture of every vCPU's state is asked for (a VM checkpoint):
+    /// its number; each vCPU answers once per number, in `captures`.
+    capture_gen: u64,
+    /// The capture number each vCPU last answered.
+    served: Vec<u64>,
+    /// Each vCPU's answer to the current capture (its state, and whether
+    /// it is parked).
+    captures: Vec<Option<Result<Captured, String>>>,
 }
+
+/// A vCPU's captured state and whether it is parked.
+type Captured = (Vec<u8>, bool);
+
+/// What a vCPU thread gives the gate to capture its state with.
+pub(crate) type Capture<'a> = &'a dyn Fn() -> Result<Vec<u8>, String>;
 
 /// The handle that controls a machine (see the module docs).
 #[derive(Default)]
@@ -170,23 +191,10 @@ impl Controller {
     }
 
     /// The run starts: its devices, and how many vCPUs will pass the gate.
-    pub(crate) fn attach(
-        &self,
-        bus: Arc<Bus>,
-        disks: Vec<Attached>,
-        vcpus: usize,
-        mem: u64,
-        started: Instant,
-    ) {
+    pub(crate) fn attach(&self, parts: Parts) {
         let mut g = self.lock();
-        g.active = vcpus;
-        g.run = Some(Run {
-            bus,
-            disks,
-            vcpus,
-            mem,
-            started,
-        });
+        g.active = parts.vcpus;
+        g.run = Some(parts);
     }
 
     /// A vCPU thread started (it may be kicked from now on).
@@ -196,17 +204,21 @@ impl Controller {
 
     /// The run is over: release every vCPU at the gate, kick no more.
     /// Called before the vCPU threads are joined.
-    pub(crate) fn end(&self) {
+    /// Returns the bundle, for the run to let go of after its disks.
+    pub(crate) fn end(&self) -> Option<checkpoint::Bundle> {
         let mut g = self.lock();
         g.ended = true;
         g.tids.clear();
         // Let go of the devices (and so of the disks) with the run.
-        g.run = None;
+        let bundle = g.run.take().and_then(|mut r| r.bundle.take());
         self.changed.notify_all();
+        bundle
     }
 
     /// A vCPU at the top of its loop: wait here while a pause is wanted.
-    pub(crate) fn gate(&self) {
+    ///
+    /// While it waits it answers capture requests with `capture`.
+    pub(crate) fn gate(&self, index: usize, capture: Capture<'_>) {
         let mut g = self.lock();
         if !g.closed || g.ended {
             return;
@@ -214,6 +226,10 @@ impl Controller {
         g.waiting += 1;
         self.changed.notify_all();
         while g.closed && !g.ended {
+            if Self::serve_capture(&mut g, index, capture, false) {
+                self.changed.notify_all();
+                continue;
+            }
             g = self
                 .changed
                 .wait(g)
@@ -222,11 +238,79 @@ impl Controller {
         g.waiting -= 1;
     }
 
-    /// A vCPU leaves the run for good (parked or done).
+    /// Answer the current capture request, if this vCPU has not yet:
+    /// whether it did.
+    fn serve_capture(g: &mut Gate, index: usize, capture: Capture<'_>, parked: bool) -> bool {
+        if g.served.len() <= index {
+            g.served.resize(index + 1, 0);
+        }
+        if g.served[index] == g.capture_gen {
+            return false;
+        }
+        g.served[index] = g.capture_gen;
+        let r = capture().map(|s| (s, parked));
+        if let Some(slot) = g.captures.get_mut(index) {
+            *slot = Some(r);
+        }
+        true
+    }
+
+    /// A vCPU leaves the run for good (done).
     pub(crate) fn leave(&self) {
         let mut g = self.lock();
         g.active = g.active.saturating_sub(1);
         self.changed.notify_all();
+    }
+
+    /// A vCPU parks (port 0xf5, or restored parked): it leaves the count
+    /// of running vCPUs and waits for the end of the run, answering
+    /// capture requests meanwhile (a checkpoint records it parked).
+    pub(crate) fn park(&self, index: usize, capture: Capture<'_>) {
+        let mut g = self.lock();
+        g.active = g.active.saturating_sub(1);
+        self.changed.notify_all();
+        while !g.ended {
+            if Self::serve_capture(&mut g, index, capture, true) {
+                self.changed.notify_all();
+                continue;
+            }
+            g = self
+                .changed
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Every vCPU's state (all paused or parked: call after
+    /// [`Controller::pause`]), in vCPU order, each with whether it is
+    /// parked.
+    pub(crate) fn capture_vcpus(&self, vcpus: usize) -> Result<Vec<(Vec<u8>, bool)>, String> {
+        let start = Instant::now();
+        let mut g = self.lock();
+        g.capture_gen += 1;
+        g.captures = vec![None; vcpus];
+        self.changed.notify_all();
+        while g.captures.iter().any(Option::is_none) {
+            if g.ended {
+                return Err("the run ended".into());
+            }
+            if start.elapsed() > PAUSE_TIMEOUT {
+                return Err("the vCPUs did not give their state within 5 s".into());
+            }
+            g = self
+                .changed
+                .wait_timeout(g, KICK_EVERY)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        std::mem::take(&mut g.captures)
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.unwrap_or_else(|| Err("no answer".into()))
+                    .map_err(|e| format!("vCPU {i}: {e}"))
+            })
+            .collect()
     }
 
     /// Pause the vCPUs; returns once none runs guest code.
@@ -379,6 +463,92 @@ impl Controller {
             d.migrating.store(false, Ordering::Release);
         }
         r
+    }
+
+    /// Take VM checkpoint `name`: the vCPUs paused, the devices drained,
+    /// the vCPUs', devices', UART's and (Linux) interrupt controllers'
+    /// state and guest memory written to the bundle (`vm/ID.state`,
+    /// `vm/ID.mem`), then the bundle's disk checkpoint of the same name
+    /// taken at the same instant (the active disk closed, frozen as
+    /// `name`, its new child opened and served); then the vCPUs resume
+    /// (unless they were paused before).
+    ///
+    /// # Errors
+    /// No bundle, another writable disk (its contents would not be part
+    /// of the checkpoint), a name the bundle refuses, I/O errors. On error
+    /// the guest goes on as before, on the same disk.
+    pub fn checkpoint(&self, name: &str) -> Result<CheckpointReport, String> {
+        let started = Instant::now();
+        let (mut bundle, bus, vm, ram, linux, mem, vcpus, transports, disks) = {
+            let mut g = self.lock();
+            if g.ended {
+                return Err("the run is over".into());
+            }
+            let Some(run) = g.run.as_mut() else {
+                return Err("the machine has not started yet".into());
+            };
+            if let Some(i) = run.disks.iter().skip(1).position(|d| d.writable) {
+                return Err(format!(
+                    "disk {} is writable and not in the bundle: its contents would not be part \
+                     of the checkpoint (give it ,ro)",
+                    i + 1
+                ));
+            }
+            let Some(bundle) = run.bundle.take() else {
+                return Err(
+                    "this VM runs no checkpoint bundle (vmm run --bundle DIR), or a checkpoint \
+                     is under way"
+                        .into(),
+                );
+            };
+            let disks: Vec<crate::snapshot::DiskConf> = run
+                .disks
+                .iter()
+                .map(|d| crate::snapshot::DiskConf {
+                    name: d.name.lock().map(|n| n.clone()).unwrap_or_default(),
+                    writable: d.writable,
+                })
+                .collect();
+            (
+                bundle,
+                run.bus.clone(),
+                run.vm.clone(),
+                run.ram.clone(),
+                run.linux,
+                run.mem,
+                run.vcpus,
+                run.disks
+                    .iter()
+                    .map(|d| d.transport.clone())
+                    .collect::<Vec<_>>(),
+                disks,
+            )
+        };
+        let was_paused = self.lock().closed;
+        let r = self.pause().and_then(|()| {
+            crate::snapshot::take::take(&mut crate::snapshot::take::Machine {
+                ctl: self,
+                bundle: &mut bundle,
+                bus: &bus,
+                vm: &vm,
+                ram: &ram,
+                linux,
+                mem,
+                vcpus,
+                transports: &transports,
+                disks,
+                name,
+            })
+        });
+        let resumed = if was_paused { Ok(()) } else { self.resume() };
+        // The bundle goes back, whatever happened.
+        if let Some(run) = self.lock().run.as_mut() {
+            run.bundle = Some(bundle);
+        }
+        let mut report = r?;
+        resumed?;
+        report.elapsed = started.elapsed();
+        Ok(report)
     }
 
     /// What the machine is doing.

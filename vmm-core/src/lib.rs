@@ -32,6 +32,7 @@
 //!     io: IoMode::Thread,
 //!     stop: None,
 //!     controller: None,
+//!     bundle: None,
 //! })?;
 //! assert_eq!(report.outcome, Outcome::Exited(42));
 //! assert_eq!(report.devices[0].requests, 0);
@@ -168,6 +169,7 @@ pub mod memory;
 pub mod migrate;
 pub mod qos;
 pub mod serial;
+pub mod snapshot;
 mod vcpu;
 pub mod virtio;
 pub mod x86;

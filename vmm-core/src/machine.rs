@@ -72,6 +72,10 @@ pub struct Config {
     /// thread, and to change disks' QoS limits ([`Controller`]; one run
     /// per controller).
     pub controller: Option<Arc<Controller>>,
+    /// The checkpoint bundle whose active disk is disk 0: the controller
+    /// takes VM checkpoints into it ([`Controller::checkpoint`]), and holds
+    /// it (its directory lock) for the run.
+    pub bundle: Option<checkpoint::Bundle>,
 }
 
 /// What one device did during a run.
@@ -125,7 +129,7 @@ pub fn max_vcpus() -> Result<usize> {
 /// message says why), the payload does not fit or a kernel cannot be
 /// loaded, a disk cannot be closed. What the guest does wrong is no error:
 /// it is the report's [`Outcome`].
-pub fn run(cfg: Config) -> Result<Report> {
+pub fn run(mut cfg: Config) -> Result<Report> {
     let started = Instant::now();
     let kvm = Kvm::new().map_err(Error::NoKvm)?;
     let max = kvm.get_max_vcpus().min(MAX_VCPUS);
@@ -141,7 +145,26 @@ pub fn run(cfg: Config) -> Result<Report> {
             cfg.disks.len()
         )));
     }
-    let linux = matches!(cfg.boot, Boot::Linux { .. });
+    let restore = match &cfg.boot {
+        Boot::Restore(c) => Some(c.clone()),
+        _ => None,
+    };
+    let linux =
+        matches!(cfg.boot, Boot::Linux { .. }) || restore.as_ref().is_some_and(|c| c.conf.linux);
+    if let Some(c) = &restore {
+        if (c.conf.mem, c.conf.vcpus, c.conf.disks.len()) != (cfg.mem, cfg.vcpus, cfg.disks.len()) {
+            return Err(Error::Config(format!(
+                "the checkpoint is of a machine of {} MiB, {} vCPUs and {} disks; this one has \
+                 {} MiB, {} vCPUs and {} disks",
+                c.conf.mem >> 20,
+                c.conf.vcpus,
+                c.conf.disks.len(),
+                cfg.mem >> 20,
+                cfg.vcpus,
+                cfg.disks.len()
+            )));
+        }
+    }
     if linux && cfg.disks.len() > MAX_LINUX_DISKS {
         return Err(Error::Config(format!(
             "{} disks: a Linux guest can have at most {MAX_LINUX_DISKS} (one IO-APIC input each)",
@@ -150,15 +173,29 @@ pub fn run(cfg: Config) -> Result<Report> {
     }
     let kvm_err = |what: &'static str| move |source| Error::Kvm { what, source };
     // RAM first, so that it outlives the VM whose memory slot maps it.
-    let ram = Arc::new(memory::create(cfg.mem)?);
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let ram = Arc::new(match &restore {
+        // A checkpoint's memory file, mapped privately: read as touched.
+        Some(c) => {
+            memory::check_size(cfg.mem)?;
+            crate::snapshot::memory::restore(&c.memory, cfg.mem).map_err(Error::Config)?
+        }
+        None => memory::create(cfg.mem)?,
+    });
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     memory::register(&vm, &ram)?;
     // A Linux guest's interrupt controllers, before its vCPUs; payload
     // mode has none.
     if linux {
         irq::create_irqchip(&vm)?;
+        if let Some(state) = restore.as_ref().and_then(|c| c.vm.as_ref()) {
+            crate::snapshot::restore_vm(&vm, state)
+                .map_err(|e| Error::Config(format!("restoring the interrupt controllers: {e}")))?;
+        }
     }
-    x86::write_tables(&ram)?;
+    // A checkpoint's memory holds the tables already.
+    if restore.is_none() {
+        x86::write_tables(&ram)?;
+    }
     let entries = boot(&cfg.boot, &ram, cfg.vcpus, cfg.disks.len())?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -169,7 +206,12 @@ pub fn run(cfg: Config) -> Result<Report> {
     let mut transports = Vec::new();
     let mut stats: Vec<Arc<Stats>> = Vec::new();
     let mut attached = Vec::new();
-    for (i, d) in cfg.disks.iter().enumerate() {
+    // The disks go to their devices: nothing else here keeps them, so
+    // that a checkpoint can close the active disk of a bundle and open the
+    // next.
+    let disks = std::mem::take(&mut cfg.disks);
+    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    for (i, d) in disks.into_iter().enumerate() {
         let notify = EventFd::new(0).map_err(|e| Error::io("creating an event fd", e))?;
         // Every disk has limits, none at first, so that they can be set
         // while the guest runs.
@@ -177,7 +219,7 @@ pub fn run(cfg: Config) -> Result<Report> {
             .qos
             .clone()
             .unwrap_or_else(|| Arc::new(Qos::new(Limits::default())));
-        let blk = Blk::new(d.disk.clone(), d.writable).with_qos(Some(qos.clone()));
+        let blk = Blk::new(d.disk, d.writable).with_qos(Some(qos.clone()));
         stats.push(blk.stats());
         let stats_of = blk.stats();
         let interrupt = if linux {
@@ -186,6 +228,11 @@ pub fn run(cfg: Config) -> Result<Report> {
             None
         };
         let t = Transport::new(blk, ram.clone(), notify, interrupt).inline(cfg.io == IoMode::Vcpu);
+        if let Some(c) = &restore {
+            t.lock()
+                .restore(&c.devices[i], &ram)
+                .map_err(|e| Error::Config(format!("restoring disk {i}'s device: {e}")))?;
+        }
         if cfg.io == IoMode::Thread {
             // QueueNotify writes of queue index 0 signal the event inside
             // KVM, without an exit; other values still exit.
@@ -206,10 +253,15 @@ pub fn run(cfg: Config) -> Result<Report> {
         });
         transports.push(t);
     }
-    let uart = if linux {
-        Uart::with_irq(cfg.console, irq::irqfd(&vm, SERIAL_GSI)?)
+    let uart_irq = if linux {
+        Some(irq::irqfd(&vm, SERIAL_GSI)?)
     } else {
-        Uart::new(cfg.console)
+        None
+    };
+    let uart = match (&restore, uart_irq) {
+        (Some(c), irq) => Uart::restored(cfg.console, irq, &c.uart).map_err(Error::Config)?,
+        (None, Some(irq)) => Uart::with_irq(cfg.console, irq),
+        (None, None) => Uart::new(cfg.console),
     };
     let bus = Arc::new(Bus {
         uart: std::sync::Mutex::new(uart),
@@ -217,7 +269,17 @@ pub fn run(cfg: Config) -> Result<Report> {
         control: Control::new(cfg.vcpus),
         linux,
     });
-    ctl.attach(bus.clone(), attached, cfg.vcpus, cfg.mem, started);
+    ctl.attach(crate::control::Parts {
+        bus: bus.clone(),
+        disks: attached,
+        vcpus: cfg.vcpus,
+        mem: cfg.mem,
+        started,
+        vm: vm.clone(),
+        ram: ram.clone(),
+        linux,
+        bundle: cfg.bundle.take(),
+    });
     let workers = match cfg.io {
         IoMode::Thread => transports
             .iter()
@@ -240,8 +302,18 @@ pub fn run(cfg: Config) -> Result<Report> {
         if linux {
             x86::setup_lapic(&fd, i == 0)?;
         }
+        if let Some(c) = &restore {
+            crate::snapshot::vcpu::restore(&fd, &c.vcpus[i].0, linux)
+                .map_err(|e| Error::Config(format!("restoring vCPU {i}: {e}")))?;
+        }
         fds.push(fd);
     }
+    // The MSRs a checkpoint saves.
+    let msrs = Arc::new(
+        kvm.get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default(),
+    );
     let first_exit = Arc::new(OnceLock::new());
     let mut threads = Vec::new();
     for (i, fd) in fds.into_iter().enumerate() {
@@ -252,6 +324,9 @@ pub fn run(cfg: Config) -> Result<Report> {
             started,
             first_exit: first_exit.clone(),
             ctl: ctl.clone(),
+            msrs: msrs.clone(),
+            lapic: linux,
+            parked: restore.as_ref().is_some_and(|c| c.vcpus[i].1),
         };
         match std::thread::Builder::new()
             .name(format!("vmm-vcpu{i}"))
@@ -275,7 +350,8 @@ pub fn run(cfg: Config) -> Result<Report> {
     for t in &transports {
         t.halt();
     }
-    ctl.end();
+    // The bundle is let go of after its disk is closed.
+    let bundle = ctl.end();
     // Kick every vCPU out of KVM_RUN until its thread is done (a kick that
     // lands just before KVM_RUN is entered is lost: send again).
     for h in threads {
@@ -293,11 +369,11 @@ pub fn run(cfg: Config) -> Result<Report> {
     let devices = transports
         .iter()
         .zip(&stats)
-        .zip(&cfg.disks)
+        .zip(&names)
         .map(|((t, s), d)| {
             let st = t.lock();
             DeviceReport {
-                name: d.name.clone(),
+                name: d.clone(),
                 requests: s.requests.load(std::sync::atomic::Ordering::Relaxed),
                 io_errors: s.io_errors.load(std::sync::atomic::Ordering::Relaxed),
                 refused: s.refused.load(std::sync::atomic::Ordering::Relaxed),
@@ -310,7 +386,7 @@ pub fn run(cfg: Config) -> Result<Report> {
         })
         .collect();
     // Close what each device serves now (a migrated device serves its new
-    // image), then the disks given (closing twice is harmless).
+    // image; after a VM checkpoint, the bundle's new active disk).
     let serving: Vec<_> = transports
         .iter()
         .map(|t| t.lock().device().disk().clone())
@@ -318,12 +394,13 @@ pub fn run(cfg: Config) -> Result<Report> {
     drop(bus);
     drop(transports);
     let mut close_error = None;
-    for d in serving.iter().chain(cfg.disks.iter().map(|d| &d.disk)) {
+    for d in &serving {
         if let Err(e) = d.close() {
             close_error.get_or_insert(e);
         }
     }
     drop(serving);
+    drop(bundle);
     drop(vm);
     let outcome = outcome?;
     if let Some(e) = close_error {

@@ -54,4 +54,57 @@ impl Uart {
     pub fn flush(&mut self) {
         let _ = self.0.writer_mut().flush();
     }
+
+    /// Its registers, for a VM checkpoint.
+    pub fn state(&self) -> UartState {
+        let s = self.0.state();
+        UartState {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART with the registers of a checkpoint, writing to `out`,
+    /// signalling `irq` (if any).
+    ///
+    /// # Errors
+    /// The state is impossible (more input than the FIFO holds).
+    pub fn restored(out: Console, irq: Option<EventFd>, st: &UartState) -> Result<Uart, String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            st.regs;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: st.in_buffer.clone(),
+        };
+        Serial::from_state(&s, Irq(irq), NoEvents, out)
+            .map(Uart)
+            .map_err(|e| format!("the UART state: {e:?}"))
+    }
+}
+
+/// The UART's registers in a VM checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub regs: [u8; 9],
+    /// Received bytes not yet read.
+    pub in_buffer: Vec<u8>,
 }

@@ -48,6 +48,12 @@ pub struct Vcpu {
     pub first_exit: Arc<OnceLock<Duration>>,
     /// Its pause gate.
     pub ctl: Arc<Controller>,
+    /// The MSRs a checkpoint saves (KVM's index list).
+    pub msrs: Arc<Vec<u32>>,
+    /// Whether it has an in-kernel local APIC (Linux mode).
+    pub lapic: bool,
+    /// It starts parked (restored from a checkpoint that recorded it so).
+    pub parked: bool,
 }
 
 /// What to do after an exit, decided while the exit borrows the vCPU.
@@ -63,10 +69,26 @@ impl Vcpu {
     /// Run until the run ends, then leave the controller's count of
     /// running vCPUs (a parked vCPU leaves it when it parks).
     pub fn run(self) {
+        if self.parked {
+            self.park();
+            return;
+        }
         let ctl = self.ctl.clone();
         if !self.run_loop() {
             ctl.leave();
         }
+    }
+
+    /// Park: count as parked, then wait for the end of the run at the
+    /// gate (answering checkpoint captures).
+    fn park(&self) {
+        self.bus.control.park(self.index);
+        self.ctl.park(self.index, &|| self.capture());
+    }
+
+    /// This vCPU's state, for a checkpoint.
+    fn capture(&self) -> Result<Vec<u8>, String> {
+        crate::snapshot::vcpu::capture(&self.fd, &self.msrs, self.lapic)
     }
 
     /// The loop; whether the vCPU parked.
@@ -76,7 +98,7 @@ impl Vcpu {
             if bus.control.stopping() {
                 return false;
             }
-            self.ctl.gate();
+            self.ctl.gate(self.index, &|| self.capture());
             if bus.control.stopping() {
                 return false;
             }
@@ -97,8 +119,7 @@ impl Vcpu {
                 Next::Go => {}
                 Next::Stop => return false,
                 Next::Park => {
-                    self.ctl.leave();
-                    bus.control.park(self.index);
+                    self.park();
                     return true;
                 }
                 Next::Fault(what) => {

@@ -121,12 +121,13 @@ fn list(a: &CheckpointListArgs) -> Result<()> {
 }
 
 /// The tree for people: one line per node, indented by depth, the active
-/// disk marked with `*`, then aligned columns: creation time, file size,
-/// disk file.
+/// disk marked with `*`, a checkpoint with a VM's state with `[vm]`, then
+/// aligned columns: creation time, file size, disk file.
 fn tree(nodes: &[NodeInfo]) -> String {
     let label = |n: &NodeInfo| {
         let name = match (&n.node.name, n.active) {
             (_, true) => "* (active)".to_string(),
+            (Some(name), false) if n.vm_state => format!("{name} [vm]"),
             (Some(name), false) => name.clone(),
             (None, false) => "(unnamed)".to_string(),
         };

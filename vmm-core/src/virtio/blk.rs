@@ -145,6 +145,11 @@ impl Blk {
         self.disk = disk;
     }
 
+    /// Serve `disk` from now on and give back the disk served until now.
+    pub fn replace_disk(&mut self, disk: Arc<dyn VirtualDisk>) -> Arc<dyn VirtualDisk> {
+        std::mem::replace(&mut self.disk, disk)
+    }
+
     /// Limit the device's requests by `qos` (see [`crate::qos`]).
     pub fn with_qos(mut self, qos: Option<Arc<Qos>>) -> Blk {
         self.qos = qos;

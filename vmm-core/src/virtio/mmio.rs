@@ -59,7 +59,146 @@ pub struct State<D> {
     problem: Option<String>,
 }
 
+/// A transport's registers and queues, for a VM checkpoint (taken with no
+/// request in flight: the device's lock held after its queues were served).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// Status.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Each queue: size, ready, the three ring addresses, and (when ready)
+    /// the device's next available and used indices.
+    pub queues: Vec<QueueState>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+}
+
+/// One queue in a [`TransportState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc.
+    pub desc: u64,
+    /// QueueDriver.
+    pub avail: u64,
+    /// QueueDevice.
+    pub used: u64,
+    /// The device's next available and used indices, when ready.
+    pub indices: Option<(u16, u16)>,
+}
+
 impl<D: VirtioDevice> State<D> {
+    /// The registers and queues, for a checkpoint.
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self
+                .configs
+                .iter()
+                .zip(&self.queues)
+                .map(|(c, q)| QueueState {
+                    size: c.size,
+                    ready: c.ready,
+                    desc: c.desc,
+                    avail: c.avail,
+                    used: c.used,
+                    indices: q.as_ref().map(Queue::indices),
+                })
+                .collect(),
+            interrupt_status: self.interrupt_status,
+        }
+    }
+
+    /// Take the registers and queues of `s` (a checkpoint of a device of
+    /// the same kind), the rings checked against `ram` again.
+    ///
+    /// # Errors
+    /// The state does not fit this device or this RAM.
+    pub fn restore(&mut self, s: &TransportState, ram: &Ram) -> Result<(), String> {
+        if s.queues.len() != self.configs.len() {
+            return Err(format!(
+                "{} queues in the checkpoint, the device has {}",
+                s.queues.len(),
+                self.configs.len()
+            ));
+        }
+        if s.driver_features & !self.offered() != 0 {
+            return Err(format!(
+                "the checkpoint's features {:#x} are not all offered by this device ({:#x})",
+                s.driver_features,
+                self.offered()
+            ));
+        }
+        for (i, q) in s.queues.iter().enumerate() {
+            let c = QueueConfig {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+            };
+            self.configs[i] = c;
+            self.queues[i] = match q.indices {
+                Some((a, u)) if q.ready => {
+                    let mut made = Queue::new(&c, ram).map_err(|e| format!("queue {i}: {e}"))?;
+                    made.set_indices(a, u);
+                    Some(made)
+                }
+                _ => None,
+            };
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.problem = None;
+        Ok(())
+    }
+
+    /// Serve every request the driver has made available, here and now
+    /// (with the lock held: a checkpoint drains the queues). Whether the
+    /// queues are sound (false: the device entered NEEDS_RESET).
+    pub fn drain(&mut self, ram: &Ram) -> bool {
+        if !self.running() {
+            return true;
+        }
+        loop {
+            let mut any = false;
+            for q in self.queues.iter_mut().flatten() {
+                match self.device.process(ram, q) {
+                    Ok(true) => any = true,
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.problem = Some(format!("queue corrupt, device needs reset: {e}"));
+                        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                        self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG;
+                        return false;
+                    }
+                }
+            }
+            if !any {
+                return true;
+            }
+            self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+        }
+    }
+
     fn offered(&self) -> u64 {
         self.device.features() | (1u64 << VIRTIO_F_VERSION_1)
     }

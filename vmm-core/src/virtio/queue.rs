@@ -106,6 +106,19 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// The device's next available and next used ring indices (for a VM
+    /// checkpoint).
+    pub fn indices(&self) -> (u16, u16) {
+        (self.next_avail.0, self.next_used.0)
+    }
+
+    /// Set them back (restoring a checkpoint; the queue was made from the
+    /// same configuration).
+    pub fn set_indices(&mut self, next_avail: u16, next_used: u16) {
+        self.next_avail = Wrapping(next_avail);
+        self.next_used = Wrapping(next_used);
+    }
+
     /// A queue from the driver's configuration, checked: a power-of-two
     /// size up to [`QUEUE_MAX`], rings aligned as the spec says (16, 2, 4)
     /// and wholly inside RAM.

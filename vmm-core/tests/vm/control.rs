@@ -34,6 +34,7 @@ fn start(
         io: IoMode::Thread,
         stop: None,
         controller: Some(ctl.clone()),
+        bundle: None,
     };
     (
         std::thread::spawn(move || vmm_core::run(cfg).unwrap()),

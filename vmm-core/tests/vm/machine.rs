@@ -20,6 +20,7 @@ fn run_code(code: &[u8], vcpus: usize, timeout: Option<Duration>) -> (vmm_core::
         io: IoMode::Thread,
         stop: None,
         controller: None,
+        bundle: None,
     })
     .unwrap();
     (r, console.text())
@@ -120,6 +121,7 @@ fn a_payload_too_big_or_a_bad_machine_is_refused() {
         io: IoMode::Thread,
         stop: None,
         controller: None,
+        bundle: None,
     };
     let e = vmm_core::run(cfg(64 << 20, 1, (62 << 20) + 1))
         .unwrap_err()

@@ -12,3 +12,4 @@ mod linux;
 mod machine;
 mod migrate;
 mod qos;
+mod vmcheckpoint;

@@ -57,6 +57,7 @@ fn start(
         io: IoMode::Thread,
         stop: None,
         controller: Some(ctl.clone()),
+        bundle: None,
     };
     let run = std::thread::spawn(move || vmm_core::run(cfg).unwrap());
     (ctl, run, console, img)

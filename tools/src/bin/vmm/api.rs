@@ -6,7 +6,10 @@
 //! left out is kept, 0 or null removes it),
 //! `{"cmd":"migrate-storage","disk":I,"dest":PATH,"format":"vhdx"|"vhd"|"raw"}`
 //! (answered when the device serves DEST, with the copy passes, the bytes
-//! copied and the pause; or with an error, the guest still on its disk). Replies: `{"ok":true,...}` or
+//! copied and the pause; or with an error, the guest still on its disk),
+//! `{"cmd":"checkpoint","name":N}` (a VM checkpoint into the bundle of
+//! `vmm run --bundle`: answered with its node, the memory written and the
+//! pause). Replies: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`. `pause` answers once no vCPU runs guest
 //! code; `stop` once the run is told to end (the process then flushes and
 //! closes the disks and exits 130). A line longer than 64 KiB, or one that
@@ -142,15 +145,30 @@ pub fn answer(req: &Map<String, Value>, ctl: &Controller, bundles: &[bool]) -> V
             Err(e) => error(e),
         },
         "migrate-storage" => migrate(req, ctl, bundles).unwrap_or_else(error),
-        "checkpoint" => error(format!(
-            "\"{cmd}\" is not supported by this vmm yet (known: {KNOWN})"
-        )),
+        "checkpoint" => checkpoint(req, ctl).unwrap_or_else(error),
         other => error(format!("unknown command \"{other}\" (known: {KNOWN})")),
     }
 }
 
 /// The commands served.
-const KNOWN: &str = "pause, resume, stop, info, set-qos, migrate-storage";
+const KNOWN: &str = "pause, resume, stop, info, set-qos, migrate-storage, checkpoint";
+
+fn checkpoint(req: &Map<String, Value>, ctl: &Controller) -> Result<Value, String> {
+    let name = req
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or("checkpoint needs \"name\": the checkpoint's name")?;
+    let r = ctl.checkpoint(name)?;
+    Ok(json!({
+        "ok": true,
+        "name": r.name,
+        "node": r.node,
+        "memory-bytes": r.memory_bytes,
+        "pause-ms": r.pause.as_secs_f64() * 1e3,
+        "seconds": r.elapsed.as_secs_f64(),
+    }))
+}
 
 fn migrate(req: &Map<String, Value>, ctl: &Controller, bundles: &[bool]) -> Result<Value, String> {
     let disk = req

@@ -58,6 +58,12 @@ Exit status:
   130      stopped by SIGINT or SIGTERM (the disks are flushed and closed first)
   1        an error of the VMM (a missing or locked image, a payload too big...)
 
+VM checkpoints:
+  With --bundle DIR, disk 0 is the checkpoint bundle's active disk and
+  `vmm ctl SOCKET checkpoint NAME` saves the VM (vCPUs, devices, memory) with
+  the disk checkpoint NAME; `vmm restore --bundle DIR --checkpoint NAME`
+  continues it in a new process.
+
 Examples:
   vmm run --disk data.vhdx --payload guest.bin
   vmm run --disk base.vhdx,ro --disk /srv/vm1.bundle --mem 512M --vcpus 2 --payload guest.bin
@@ -76,6 +82,10 @@ enum Command {
     /// Boot a guest (a payload, or a Linux kernel) and run it to its end.
     #[command(after_help = RUN_AFTER_HELP)]
     Run(RunArgs),
+    /// Continue a VM checkpoint of a bundle (taken by a running `vmm run
+    /// --bundle DIR` through its API) in this process: the guest goes on
+    /// where it stopped, its disk as of the checkpoint.
+    Restore(RestoreArgs),
     /// Send a request to a running `vmm run --api SOCKET` and print its
     /// reply (exit 0 when it says ok, 1 when not).
     #[command(after_help = CTL_AFTER_HELP)]
@@ -87,6 +97,9 @@ The API: a unix socket, one JSON object per line each way. Requests:
   {\"cmd\":\"pause\"}     answered once no vCPU runs guest code (the disks' I/O goes on)
   {\"cmd\":\"resume\"}
   {\"cmd\":\"stop\"}      the run ends; vmm flushes and closes the disks and exits 130
+  {\"cmd\":\"checkpoint\",\"name\":N}
+                    a VM checkpoint into the bundle of `vmm run --bundle DIR`: vCPUs,
+                    devices and memory in DIR/vm/, with the disk checkpoint N
   {\"cmd\":\"info\"}      state (starting, running, paused, ended), vcpus, mem, uptime,
                     and each disk's name, requests, errors and QoS limits
   {\"cmd\":\"set-qos\",\"disk\":I,\"iops\":N,\"bps\":N}
@@ -147,6 +160,12 @@ enum CtlRequest {
         #[arg(short = 'O', long = "format", value_name = "FMT", value_parser = Format::parse)]
         format: Option<Format>,
     },
+    /// Take a VM checkpoint NAME into the bundle (`vmm run --bundle`):
+    /// vCPUs, devices, memory and the disk at one instant.
+    Checkpoint {
+        /// The checkpoint's name.
+        name: String,
+    },
     /// Send a raw JSON request.
     Send {
         /// One JSON object.
@@ -156,13 +175,12 @@ enum CtlRequest {
 
 #[derive(Args)]
 struct RunArgs {
-    /// A disk: PATH[,ro][,format=raw|vhdx|vhd][,iops=N][,bps=N] (repeatable;
-    /// in device order).
-    #[arg(long = "disk", value_name = "SPEC", value_parser = DiskSpec::parse)]
-    disks: Vec<DiskSpec>,
-    /// The format of every --disk that names none.
-    #[arg(short = 'f', long, value_name = "FMT", value_parser = Format::parse)]
-    format: Option<Format>,
+    #[command(flatten)]
+    common: Common,
+    /// A checkpoint bundle whose active disk is disk 0; VM checkpoints
+    /// (the API's "checkpoint") go into it.
+    #[arg(long, value_name = "DIR")]
+    bundle: Option<PathBuf>,
     /// Guest RAM (at least 64M, at most 3G, a whole number of 4 KiB pages).
     #[arg(short = 'm', long, value_name = "SIZE", default_value = "256M")]
     mem: String,
@@ -186,6 +204,30 @@ struct RunArgs {
     /// The kernel's command line.
     #[arg(long, value_name = "TEXT", requires = "kernel", default_value = "")]
     cmdline: String,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The checkpoint bundle.
+    #[arg(long, value_name = "DIR")]
+    bundle: PathBuf,
+    /// The checkpoint to continue (taken with VM state by a running vmm).
+    #[arg(long, value_name = "NAME")]
+    checkpoint: String,
+}
+
+/// What `vmm run` and `vmm restore` share.
+#[derive(Args)]
+struct Common {
+    /// A disk: PATH[,ro][,format=raw|vhdx|vhd][,iops=N][,bps=N] (repeatable;
+    /// in device order, after the bundle's).
+    #[arg(long = "disk", value_name = "SPEC", value_parser = DiskSpec::parse)]
+    disks: Vec<DiskSpec>,
+    /// The format of every --disk that names none.
+    #[arg(short = 'f', long, value_name = "FMT", value_parser = Format::parse)]
+    format: Option<Format>,
     /// Stop the run after this many seconds (exit status 252).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -229,6 +271,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Run(a) => run(a),
+        Command::Restore(a) => restore(a),
         Command::Ctl(a) => ctl(a),
     };
     match result {
@@ -243,11 +286,6 @@ fn main() -> ExitCode {
 /// `vmm run`: the guest's exit status, or an error of the VMM.
 fn run(a: &RunArgs) -> Result<u8> {
     let mem = parse_size(&a.mem).with_context(|| format!("invalid --mem '{}'", a.mem))?;
-    let timeout = match a.timeout {
-        None => None,
-        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
-        Some(t) => bail!("invalid --timeout {t}: a positive number of seconds"),
-    };
     let boot = match (&a.payload, &a.kernel) {
         (Some(p), _) => Boot::Payload(read_payload(p)?),
         (None, Some(k)) => Boot::Linux {
@@ -257,34 +295,128 @@ fn run(a: &RunArgs) -> Result<u8> {
         },
         (None, None) => bail!("give --payload BIN or --kernel FILE"),
     };
+    let bundle = match &a.bundle {
+        Some(dir) => Some(open_bundle(dir, checkpoint::Bundle::open(dir))?),
+        None => None,
+    };
+    launch(&a.common, mem, a.vcpus, boot, bundle)
+}
+
+/// `vmm restore`: continue a VM checkpoint of a bundle in this process,
+/// the disk as of that checkpoint (a new active child of it).
+fn restore(a: &RestoreArgs) -> Result<u8> {
+    let dir = &a.bundle;
+    let mut bundle =
+        checkpoint::Bundle::open(dir).with_context(|| format!("--bundle {}", dir.display()))?;
+    let node = bundle
+        .checkpoint(&a.checkpoint)
+        .with_context(|| format!("--checkpoint {}", a.checkpoint))?
+        .id
+        .clone();
+    let (state, memory) = bundle.vm_state_paths(&node);
+    if !state.exists() {
+        bail!(
+            "checkpoint \"{}\" of {} has no VM state (it was taken of the disk alone; \
+             `vmm run --bundle` takes them with `vmm ctl SOCKET checkpoint NAME`)",
+            a.checkpoint,
+            dir.display()
+        );
+    }
+    // Checked before the bundle changes: a damaged state reverts nothing.
+    let ckpt = vmm_core::snapshot::Checkpoint::load(&state, &memory).map_err(anyhow::Error::msg)?;
+    if ckpt.conf.disks.len() != a.common.disks.len() + 1 {
+        bail!(
+            "the checkpoint's machine had {} disks: give the {} besides the bundle's with --disk \
+             (read-only), in the same order",
+            ckpt.conf.disks.len(),
+            ckpt.conf.disks.len() - 1
+        );
+    }
+    bundle
+        .revert(&a.checkpoint)
+        .with_context(|| format!("reverting {} to {}", dir.display(), a.checkpoint))?;
+    let (mem, vcpus) = (ckpt.conf.mem, ckpt.conf.vcpus);
+    let bundle = open_bundle(dir, Ok(bundle))?;
+    launch(
+        &a.common,
+        mem,
+        vcpus,
+        Boot::Restore(Arc::new(ckpt)),
+        Some(bundle),
+    )
+}
+
+/// The bundle's active disk, opened for the device, and the bundle.
+fn open_bundle(
+    dir: &Path,
+    bundle: std::result::Result<checkpoint::Bundle, disk::Error>,
+) -> Result<(vmm_core::Disk, checkpoint::Bundle)> {
+    let bundle = bundle.with_context(|| format!("--bundle {}", dir.display()))?;
+    let opts = image::OpenOptions {
+        format: Some(bundle.manifest().format.image()),
+        writable: true,
+        ..image::OpenOptions::probing()
+    };
+    let img = image::open(bundle.active_path(), &opts)
+        .with_context(|| format!("--bundle {}", dir.display()))?;
+    let disk = vmm_core::Disk {
+        disk: img.disk().clone(),
+        writable: true,
+        name: img.storage().name().to_string(),
+        qos: None,
+    };
+    // Only the device holds the disk from now on: a checkpoint closes it.
+    drop(img);
+    Ok((disk, bundle))
+}
+
+/// Open the other disks, start the API, run the machine, report.
+fn launch(
+    c: &Common,
+    mem: u64,
+    vcpus: usize,
+    boot: Boot,
+    bundle: Option<(vmm_core::Disk, checkpoint::Bundle)>,
+) -> Result<u8> {
+    let timeout = match c.timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+        Some(t) => bail!("invalid --timeout {t}: a positive number of seconds"),
+    };
     // Every disk is opened (and locked) before the guest runs; a disk that
     // cannot be opened stops the run before it starts.
-    let mut open: Vec<OpenDisk> = Vec::with_capacity(a.disks.len());
-    for spec in &a.disks {
-        let d = vmm_core::disks::open(spec, a.format)
+    let mut open: Vec<OpenDisk> = Vec::with_capacity(c.disks.len());
+    for spec in &c.disks {
+        let d = vmm_core::disks::open(spec, c.format)
             .with_context(|| format!("--disk {}", spec.path.display()))?;
         open.push(d);
     }
-    let disks = open
-        .iter()
-        .map(|d| vmm_core::Disk {
+    let (first, bundle) = match bundle {
+        Some((d, b)) => (Some(d), Some(b)),
+        None => (None, None),
+    };
+    let mut bundles: Vec<bool> = Vec::new();
+    let mut disks = Vec::new();
+    if let Some(d) = first {
+        disks.push(d);
+        bundles.push(true);
+    }
+    for d in &open {
+        disks.push(vmm_core::Disk {
             disk: d.disk(),
             writable: !d.spec.read_only,
             name: d.name(),
             qos: d.qos(),
-        })
-        .collect();
-    let controller = if a.paused {
+        });
+        bundles.push(d.bundle.is_some());
+    }
+    let controller = if c.paused {
         vmm_core::Controller::paused()
     } else {
         vmm_core::Controller::new()
     };
-    let api = match &a.api {
-        Some(path) => Some(api::serve(
-            path,
-            controller.clone(),
-            open.iter().map(|d| d.bundle.is_some()).collect(),
-        )?),
+    let api = match &c.api {
+        Some(path) => Some(api::serve(path, controller.clone(), bundles)?),
         None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -294,17 +426,18 @@ fn run(a: &RunArgs) -> Result<u8> {
     }
     let report = vmm_core::run(Config {
         mem,
-        vcpus: a.vcpus,
+        vcpus,
         disks,
         boot,
         console: Box::new(std::io::stdout()),
         timeout,
-        io: match a.io {
+        io: match c.io {
             Io::Thread => IoMode::Thread,
             Io::Vcpu => IoMode::Vcpu,
         },
         stop: Some(stop),
         controller: Some(controller),
+        bundle,
     })?;
     drop(api);
     // The disks were flushed and closed by the run; the bundles' locks go
@@ -314,10 +447,10 @@ fn run(a: &RunArgs) -> Result<u8> {
         Outcome::Exited(_) => {}
         other => eprintln!("vmm: {other}"),
     }
-    if a.report {
+    if c.report {
         print_report(&report);
     }
-    if let Some(path) = &a.report_json {
+    if let Some(path) = &c.report_json {
         write_json(&report, path)?;
     }
     Ok(report.outcome.status())
@@ -348,6 +481,7 @@ fn ctl(a: &CtlArgs) -> Result<u8> {
             "dest": dest,
             "format": format.unwrap_or_else(|| Format::for_new_file(dest)).name(),
         }),
+        CtlRequest::Checkpoint { name } => serde_json::json!({"cmd": "checkpoint", "name": name}),
         CtlRequest::Send { json } => {
             serde_json::from_str(json).context("the request is not JSON")?
         }

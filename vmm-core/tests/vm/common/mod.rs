@@ -80,6 +80,7 @@ pub fn run_disks(payload: &[u8], disks: Vec<Disk>, vcpus: usize, io: IoMode) -> 
         io,
         stop: None,
         controller: None,
+        bundle: None,
     })
     .expect("the VMM runs");
     (report, console.text())

@@ -366,6 +366,7 @@ fn debian_kernel_writes_vda_and_powers_off() {
         io: vmm_core::IoMode::Thread,
         stop: None,
         controller: None,
+        bundle: None,
     })
     .unwrap();
     drop(open);

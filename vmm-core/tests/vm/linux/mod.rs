@@ -415,6 +415,7 @@ fn run_linux(
         io: vmm_core::IoMode::Thread,
         stop: None,
         controller: None,
+        bundle: None,
     });
     drop(open);
     r.map(|r| (r, console.text()))
