@@ -1,0 +1,415 @@
+//! VMM benchmarks (issue 14 item 7), printed side by side in one run;
+//! nothing is asserted about speed or memory: the bench reports, and exits
+//! 0 when a target is missed.
+//!
+//! ```text
+//! cargo bench -p benches --bench vmm
+//! VMMBENCH_MS=500 VMMBENCH_ROUNDS=5 cargo bench -p benches --bench vmm   # longer
+//! ```
+//!
+//! Needs /dev/kvm (read-write) and gcc (the payload); skips, saying so,
+//! without them. About 30 s with the defaults.
+//!
+//! # What it measures
+//!
+//! 1. **Guest-side disk I/O.** The payload vmm-core/payloads/vmmbench.c
+//!    runs through [`vmm_core::run`] (1 vCPU, 256 MiB, the image as
+//!    virtio-blk disk 0, opened as `vmm run --disk` does) and times its
+//!    own requests with rdtsc: 4 KiB random reads and writes (uniform,
+//!    4 KiB aligned, the same sequence on every image) with one request in
+//!    flight (QD1) and with `VMMBENCH_QD` in flight (completions polled
+//!    from the used ring, each resubmitted at once), 1 MiB sequential
+//!    reads and writes, then one flush (the write-back of what the write
+//!    tests left dirty). Each test runs `VMMBENCH_MS` of guest time
+//!    (sequential writes stop after one pass over the disk). The payload
+//!    prints cycles; the host converts them with the guest TSC frequency
+//!    from KVM_GET_TSC_KHZ (asked of a vCPU of a VM made for that: KVM
+//!    gives every VM the same frequency, and the VMM sets none), which it
+//!    also patches into the payload for the time budget. Images, each
+//!    `VMMBENCH_DISK_MIB` and every byte written beforehand (the guest
+//!    checks the pattern in the first round): raw, dynamic VHDX (32 MiB blocks), fixed VHDX,
+//!    dynamic VHD (2 MiB blocks, size rounded up to a CHS geometry). The
+//!    files live in Cargo's target tmp dir (`VMMBENCH_DIR` to change),
+//!    in the page cache after the prefill. Ratios are image / raw (> 1:
+//!    faster than raw); the target (≥ 0.9×) is the dynamic VHDX's. Each
+//!    configuration runs `VMMBENCH_ROUNDS` times, the order rotating; the
+//!    tables show medians and the range of the per-round ratios.
+//! 2. **Where I/O runs.** The same on raw and dynamic VHDX with
+//!    [`vmm_core::IoMode::Vcpu`] (requests served on the vCPU thread during
+//!    the QueueNotify exit) against the default [`vmm_core::IoMode::Thread`]
+//!    (an I/O thread woken through an ioeventfd).
+//! 3. **First-touch writes.** Fresh images of `VMMBENCH_FRESH_MIB`: a
+//!    sparse raw file, a dynamic VHDX and a dynamic VHD with 2 MiB blocks;
+//!    one 4 KiB write every 2 MiB over the first half (each allocates a
+//!    block, or fills a hole of the raw file), 1 MiB sequential writes
+//!    over the second half, a flush.
+//! 4. **Start.** From the start of [`vmm_core::run`] to vCPU 0's first
+//!    exit ([`vmm_core::Report::first_exit`]) with a payload whose second
+//!    instruction exits: an upper bound of the time to the first guest
+//!    instruction (target ≤ 10 ms), `VMMBENCH_STARTS` times without a
+//!    disk and with the dynamic VHDX (whose open is timed apart); once in a
+//!    fresh process (the RSS child below). When a `vmm` binary is found
+//!    (`VMM_BIN`, else `vmm` beside this bench's target directory), also
+//!    from spawning `vmm run --payload` to the first byte the guest prints
+//!    on its stdout; otherwise that line says why it is skipped.
+//! 5. **Memory.** The VMM's RSS beyond guest memory (target ≤ 10 MiB): a
+//!    child process (this executable again) opens the dynamic VHDX and
+//!    runs the disk payload on it (IoMode::Thread) while a thread reads
+//!    its /proc/self/smaps every 2 ms; measured is the sum of `Rss:` over
+//!    every mapping except guest RAM (the anonymous mapping of exactly the
+//!    guest RAM size), at its peak during the run, split into file-backed
+//!    mappings (the executable and libraries) and the rest (heap, thread
+//!    stacks, the device's bounce buffer); also shown: the same before the
+//!    run, guest RAM resident, VmHWM. Kernel memory (KVM's page tables,
+//!    the page cache of the image) is not in any of them. With a `vmm`
+//!    binary, the same sampling of the real `vmm run`.
+
+mod guest;
+mod rss;
+mod start;
+mod table;
+
+use guest::{bits, ImageFile, Params};
+use std::time::{Duration, Instant};
+use table::{Results, Unit};
+use vmm_core::IoMode;
+
+/// The knobs, from the environment.
+struct Knobs {
+    ms: u64,
+    rounds: usize,
+    disk_mib: u64,
+    fresh_mib: u64,
+    qd: u64,
+    starts: usize,
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| {
+            eprintln!("{name}={v}: not a number, using the default");
+            default
+        }),
+        Err(_) => default,
+    }
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        Knobs {
+            ms: env_num("VMMBENCH_MS", 100u64).max(1),
+            rounds: env_num("VMMBENCH_ROUNDS", 3usize).max(1),
+            disk_mib: env_num("VMMBENCH_DISK_MIB", 256u64).max(4),
+            fresh_mib: env_num("VMMBENCH_FRESH_MIB", 4096u64).max(8),
+            qd: env_num("VMMBENCH_QD", 32u64).clamp(1, 40),
+            starts: env_num("VMMBENCH_STARTS", 20usize).max(1),
+        }
+    }
+}
+
+fn main() {
+    if std::env::var_os(rss::CHILD_ENV).is_some() {
+        if let Err(e) = rss::child() {
+            eprintln!("vmm bench (RSS child): {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Err(e) = bench() {
+        eprintln!("vmm bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn bench() -> Result<(), String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        println!("vmm bench skipped: /dev/kvm cannot be opened ({e})");
+        return Ok(());
+    }
+    if vmm_core::test_payloads::VMMBENCH.is_empty() {
+        println!("vmm bench skipped: the payloads were not built (no gcc)");
+        return Ok(());
+    }
+    let k = Knobs::from_env();
+    let started = Instant::now();
+    let tsc_khz = guest::tsc_khz()?;
+    let base = std::env::var_os("VMMBENCH_DIR").map_or_else(
+        || env!("CARGO_TARGET_TMPDIR").into(),
+        std::path::PathBuf::from,
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("vmm-bench")
+        .tempdir_in(&base)
+        .map_err(|e| format!("a directory in {}: {e}", base.display()))?;
+    let load_start = loadavg();
+    println!(
+        "== vmm bench: {} ms a test, {} rounds, queue depth {}, prefilled disks {} MiB, fresh disks {} MiB; \
+         guest TSC {tsc_khz} kHz (KVM_GET_TSC_KHZ); {} CPUs; load average {load_start} ==",
+        k.ms,
+        k.rounds,
+        k.qd,
+        k.disk_mib,
+        k.fresh_mib,
+        std::thread::available_parallelism().map_or(0, usize::from),
+    );
+
+    eprintln!("preparing images in {}", dir.path().display());
+    let pre = guest::prefilled(dir.path(), k.disk_mib << 20)?;
+    let params = Params {
+        tsc_khz,
+        ms: k.ms,
+        tests: bits::PREFILLED,
+        qd: k.qd,
+        check_prefill: true,
+    };
+    // The guest checks the prefill on the first round only: the write
+    // tests overwrite it.
+    let pre_bin_checked = guest::payload(&params)?;
+    let pre_bin = guest::payload(&Params {
+        check_prefill: false,
+        ..params
+    })?;
+    let fresh_bin = guest::payload(&Params {
+        tests: bits::FRESH,
+        check_prefill: false,
+        ..params
+    })?;
+
+    // 1 and 2: prefilled images, both I/O modes, rotating order.
+    let configs: Vec<(String, &ImageFile, IoMode)> = pre
+        .iter()
+        .map(|i| (i.label.to_string(), i, IoMode::Thread))
+        .chain(
+            pre.iter()
+                .filter(|i| matches!(i.label, "raw" | "vhdx-dyn"))
+                .map(|i| (format!("{}/vcpu", i.label), i, IoMode::Vcpu)),
+        )
+        .collect();
+    let mut res = Results::default();
+    let mut tsc_check = None;
+    for round in 0..k.rounds {
+        let t = Instant::now();
+        for c in 0..configs.len() {
+            let (key, img, io) = &configs[(c + round) % configs.len()];
+            let bin = if round == 0 {
+                &pre_bin_checked
+            } else {
+                &pre_bin
+            };
+            let r = guest::run(bin, img, *io, tsc_khz)?;
+            tsc_check.get_or_insert((r.guest_secs, r.report.elapsed));
+            res.add(key, round, &r.tests);
+        }
+        eprintln!(
+            "  round {} of the prefilled tests: {:.1} s",
+            round + 1,
+            t.elapsed().as_secs_f64()
+        );
+    }
+
+    // 3: fresh images, made anew for every round.
+    for round in 0..k.rounds {
+        let t = Instant::now();
+        let fresh = guest::fresh(dir.path(), k.fresh_mib << 20)?;
+        for c in 0..fresh.len() {
+            let img = &fresh[(c + round) % fresh.len()];
+            let r = guest::run(&fresh_bin, img, IoMode::Thread, tsc_khz)?;
+            res.add(&format!("fresh:{}", img.label), round, &r.tests);
+        }
+        for img in &fresh {
+            let _ = std::fs::remove_file(&img.path);
+        }
+        eprintln!(
+            "  round {} of the first-touch tests: {:.1} s",
+            round + 1,
+            t.elapsed().as_secs_f64()
+        );
+    }
+
+    // 4: start times; 5: memory.
+    let vhdx = pre
+        .iter()
+        .find(|i| i.label == "vhdx-dyn")
+        .ok_or("no dynamic VHDX")?;
+    let starts = start::in_process(k.starts, vhdx)?;
+    let payload_file = dir.path().join("vmmbench.bin");
+    std::fs::write(&payload_file, &pre_bin).map_err(|e| e.to_string())?;
+    let child = rss::measure(&payload_file, &vhdx.path, tsc_khz)?;
+    let vmm = start::find_vmm().and_then(|bin| {
+        let start_file = dir.path().join("start.bin");
+        std::fs::write(&start_file, start::NEWLINE_EXIT).map_err(|e| e.to_string())?;
+        let times = start::spawn_times(&bin, &start_file, k.starts.min(10))?;
+        let peak = start::spawn_rss(&bin, &payload_file, &vhdx.path)?;
+        Ok((bin, times, peak))
+    });
+
+    // The tables.
+    println!();
+    let qd = format!("QD{}", k.qd);
+    let rows = table::prefilled_rows(&qd);
+    println!(
+        "== 1. guest-side disk I/O on prefilled images (IoMode::Thread, the default); medians of {} rounds; \
+         ratio = image / raw (> 1: faster than raw); target: vhdx-dyn >= 0.9x ==",
+        k.rounds
+    );
+    res.print(
+        &rows,
+        "raw",
+        &["vhdx-dyn", "vhdx-fixed", "vhd-dyn"],
+        Some("vhdx-dyn"),
+    );
+    println!();
+    println!("== 2. I/O on the vCPU thread (IoMode::Vcpu) vs the I/O thread (IoMode::Thread); ratio = vcpu / thread ==");
+    res.print(&rows, "raw", &["raw/vcpu"], None);
+    res.print(&rows, "vhdx-dyn", &["vhdx-dyn/vcpu"], None);
+    println!("vhdx-dyn / raw, both on the vCPU thread:");
+    res.print(&rows, "raw/vcpu", &["vhdx-dyn/vcpu"], Some("vhdx-dyn/vcpu"));
+    println!();
+    println!(
+        "== 3. first-touch writes on fresh images ({} MiB; dynamic ones with 2 MiB blocks); IoMode::Thread; ratio = image / raw ==",
+        k.fresh_mib
+    );
+    res.print(
+        &[
+            (
+                "firsttouch4k",
+                "4K write, one per 2 MiB (allocating)",
+                Unit::Iops,
+            ),
+            ("seqwrite1m_fresh", "1M sequential write, fresh", Unit::Mbs),
+            ("flush", "flush after the writes", Unit::Ms),
+        ],
+        "fresh:raw-sparse",
+        &["fresh:vhdx-dyn", "fresh:vhd-dyn"],
+        None,
+    );
+    println!();
+    print_start(&k, &starts, &child, &vmm);
+    println!();
+    print_rss(&child, &vmm);
+    if let Some((guest_secs, elapsed)) = tsc_check {
+        println!();
+        println!(
+            "notes: TSC check: the guest's own span of its first run, {:.3} s by KVM_GET_TSC_KHZ, within that run's {:.3} s \
+             (vmm_core::run start to end, with setup and teardown).",
+            guest_secs,
+            elapsed.as_secs_f64()
+        );
+    }
+    println!(
+        "       IOPS, MB/s (10^6 bytes/s) and flush times are guest time (rdtsc) from the first submission to the last \
+         completion of each test. Load average at start: {load_start}; at end: {}. Total {:.1} s.",
+        loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+type VmmSpawn = Result<
+    (
+        std::path::PathBuf,
+        (Vec<Duration>, Vec<Duration>),
+        rss::Peak,
+    ),
+    String,
+>;
+
+fn print_start(k: &Knobs, s: &start::InProcess, child: &rss::ChildRss, vmm: &VmmSpawn) {
+    println!("== 4. start: time to the first guest exit (an upper bound of the first instruction); target <= 10 ms ==");
+    let line = |what: &str, v: &[Duration]| {
+        let (min, med, max) = table::min_med_max(v);
+        println!(
+            "{what:<62} min {:>7.3} ms  median {:>7.3} ms  max {:>7.3} ms  {}",
+            ms(min),
+            ms(med),
+            ms(max),
+            verdict(ms(med) <= 10.0)
+        );
+    };
+    line(
+        &format!("vmm_core::run -> first exit, no disk ({} runs)", k.starts),
+        &s.first_exit,
+    );
+    line(
+        "vmm_core::run -> first exit, 1 dynamic VHDX",
+        &s.first_exit_disk,
+    );
+    line("  opening that VHDX (before vmm_core::run)", &s.open);
+    line("  whole run, no disk (to the VM torn down)", &s.whole);
+    let cold = child.first_exit_us as f64 / 1e3;
+    println!(
+        "{:<62} {cold:.3} ms  {}",
+        "vmm_core::run -> first exit, first run of a fresh process",
+        verdict(cold <= 10.0)
+    );
+    match vmm {
+        Ok((bin, (first, exit), _)) => {
+            line(
+                &format!("spawn `{} run` -> first guest byte", bin.display()),
+                first,
+            );
+            line("spawn `vmm run` -> exit", exit);
+        }
+        Err(why) => println!("`vmm run` spawned: skipped: {why}"),
+    }
+}
+
+fn print_rss(c: &rss::ChildRss, vmm: &VmmSpawn) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!("== 5. VMM resident memory beyond guest RAM (smaps Rss of every mapping but guest RAM, peak); target <= 10 MiB ==");
+    println!(
+        "in-process VMM (child process, dynamic VHDX, full disk payload): peak {:.1} MiB = {:.1} MiB file-backed \
+         (executable, libraries) + {:.1} MiB other (heap, stacks, bounce buffer)  {}",
+        mib(c.peak.beyond_guest()),
+        mib(c.peak.file),
+        mib(c.peak.anon),
+        verdict(mib(c.peak.beyond_guest()) <= 10.0)
+    );
+    println!(
+        "  before the run (image open): {:.1} MiB; guest RAM resident at most {:.1} MiB of {} MiB; VmHWM {:.1} MiB; \
+         {} samples, {} during the run",
+        mib(c.before),
+        mib(c.guest),
+        guest::MEM >> 20,
+        mib(c.hwm),
+        c.samples.0,
+        c.samples.1
+    );
+    match vmm {
+        Ok((bin, _, p)) => println!(
+            "`{} run` (same payload and image): peak {:.1} MiB = {:.1} file-backed + {:.1} other; guest RAM resident {:.1} MiB; \
+             {} samples, {} with guest RAM  {}",
+            bin.display(),
+            mib(p.beyond.beyond_guest()),
+            mib(p.beyond.file),
+            mib(p.beyond.anon),
+            mib(p.guest),
+            p.samples,
+            p.with_guest,
+            verdict(mib(p.beyond.beyond_guest()) <= 10.0)
+        ),
+        Err(why) => println!("`vmm run` measured: skipped: {why}"),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
