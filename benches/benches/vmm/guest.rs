@@ -16,7 +16,7 @@ pub const PREFILL_SEED: u32 = 0x3c;
 /// First-touch stride, and the block size of the fresh dynamic images.
 pub const STRIDE: u64 = 2 << 20;
 
-/// The payload's test bits (vmmbench.c `B_*`).
+/// The payload's test bits (1 << vmmbench.c's test numbers).
 pub mod bits {
     pub const RANDREAD_QD1: u64 = 1 << 0;
     pub const RANDREAD_QDN: u64 = 1 << 1;
@@ -27,10 +27,10 @@ pub mod bits {
     pub const FIRSTTOUCH: u64 = 1 << 6;
     pub const SEQWRITE_FRESH: u64 = 1 << 7;
     pub const FLUSH: u64 = 1 << 8;
-    /// On a prefilled image.
+    /// On prefilled images.
     pub const PREFILLED: u64 =
         RANDREAD_QD1 | RANDREAD_QDN | RANDWRITE_QD1 | RANDWRITE_QDN | SEQREAD | SEQWRITE | FLUSH;
-    /// On a fresh image.
+    /// On fresh images.
     pub const FRESH: u64 = FIRSTTOUCH | SEQWRITE_FRESH | FLUSH;
 }
 
@@ -47,6 +47,8 @@ pub struct Params {
     pub qd: u64,
     /// Check the prefill pattern before the tests.
     pub check_prefill: bool,
+    /// The slices the disks take turns in.
+    pub slice_ms: u64,
 }
 
 const MAGIC: &[u8; 16] = b"VMMBENCH-PARAMS\0";
@@ -67,7 +69,7 @@ pub fn payload(p: &Params) -> Result<Vec<u8>, String> {
     } else {
         0
     };
-    for (i, v) in [p.tsc_khz, p.ms, p.tests, p.qd, STRIDE, check]
+    for (i, v) in [p.tsc_khz, p.ms, p.tests, p.qd, STRIDE, check, p.slice_ms]
         .into_iter()
         .enumerate()
     {
@@ -134,8 +136,8 @@ pub struct Sample {
 
 /// A run of the payload.
 pub struct GuestRun {
-    /// Each test by its name in the payload.
-    pub tests: BTreeMap<String, Sample>,
+    /// Each disk's tests by their names in the payload, in disk order.
+    pub tests: Vec<BTreeMap<String, Sample>>,
     /// The guest's time from its first test to its end line, seconds.
     pub guest_secs: f64,
     /// The VMM's report.
@@ -153,22 +155,29 @@ pub struct ImageFile {
     pub format: Format,
 }
 
-/// Run `bin` with the image as disk 0 (opened as `vmm run --disk` does,
-/// writable), and check that the run went as it should: the guest ended
-/// with 0, the device saw no error, refused nothing, and completed exactly
-/// the requests the guest counted.
-pub fn run(bin: &[u8], img: &ImageFile, io: IoMode, tsc_khz: u64) -> Result<GuestRun, String> {
-    let spec = DiskSpec {
-        path: img.path.clone(),
-        read_only: false,
-        format: Some(img.format),
-    };
-    let open = vmm_core::disks::open(&spec, None).map_err(|e| format!("{}: {e}", img.label))?;
-    let disks = vec![Disk {
-        disk: open.disk(),
-        writable: true,
-        name: open.name(),
-    }];
+/// Run `bin` with the images as disks 0, 1... (opened as `vmm run --disk`
+/// does, writable), and check that the run went as it should: the guest
+/// ended with 0, no device saw an error or refused anything, and each
+/// completed exactly the requests the guest counted for it.
+pub fn run(bin: &[u8], imgs: &[&ImageFile], io: IoMode, tsc_khz: u64) -> Result<GuestRun, String> {
+    let labels: Vec<&str> = imgs.iter().map(|i| i.label).collect();
+    let mut open = Vec::new();
+    for img in imgs {
+        let spec = DiskSpec {
+            path: img.path.clone(),
+            read_only: false,
+            format: Some(img.format),
+        };
+        open.push(vmm_core::disks::open(&spec, None).map_err(|e| format!("{}: {e}", img.label))?);
+    }
+    let disks = open
+        .iter()
+        .map(|o| Disk {
+            disk: o.disk(),
+            writable: true,
+            name: o.name(),
+        })
+        .collect();
     let console = Capture::default();
     let report = vmm_core::run(Config {
         mem: MEM,
@@ -179,23 +188,22 @@ pub fn run(bin: &[u8], img: &ImageFile, io: IoMode, tsc_khz: u64) -> Result<Gues
         timeout: Some(Duration::from_secs(600)),
         io,
     })
-    .map_err(|e| format!("{}: the VMM failed: {e}", img.label))?;
+    .map_err(|e| format!("{labels:?}: the VMM failed: {e}"))?;
     drop(open);
     let text = console.text();
-    let bad = |why: String| format!("{} ({io:?}): {why}; the guest printed:\n{text}", img.label);
+    let bad = |why: String| format!("{labels:?} ({io:?}): {why}; the guest printed:\n{text}");
     if report.outcome != Outcome::Exited(0) {
         return Err(bad(report.outcome.to_string()));
     }
-    let dev = report
-        .devices
-        .first()
-        .ok_or_else(|| bad("no device".into()))?;
-    if dev.io_errors + dev.refused > 0 || dev.needs_reset {
-        return Err(bad(format!("device problems: {dev:?}")));
+    for dev in &report.devices {
+        if dev.io_errors + dev.refused > 0 || dev.needs_reset {
+            return Err(bad(format!("device problems: {dev:?}")));
+        }
     }
     let hz = tsc_khz as f64 * 1e3;
-    let mut tests = BTreeMap::new();
-    let mut end = None;
+    let mut tests = vec![BTreeMap::new(); imgs.len()];
+    let mut requests = vec![None; imgs.len()];
+    let mut guest_secs = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("VMMBENCH ") else {
             continue;
@@ -210,22 +218,33 @@ pub fn run(bin: &[u8], img: &ImageFile, io: IoMode, tsc_khz: u64) -> Result<Gues
                 .ok_or_else(|| bad(format!("no {k}= in '{line}'")))
         };
         if let Some(name) = kv.get("test") {
+            let d = usize::try_from(num("disk")?).unwrap_or(usize::MAX);
             let s = Sample {
                 ops: num("ops")?,
                 bytes: num("bytes")?,
                 secs: num("cycles")? as f64 / hz,
             };
-            tests.insert((*name).to_string(), s);
+            tests
+                .get_mut(d)
+                .ok_or_else(|| bad(format!("disk {d}?")))?
+                .insert((*name).to_string(), s);
+        } else if kv.contains_key("disk") {
+            let d = usize::try_from(num("disk")?).unwrap_or(usize::MAX);
+            *requests
+                .get_mut(d)
+                .ok_or_else(|| bad(format!("disk {d}?")))? = Some(num("requests")?);
         } else if rest.starts_with("end ") {
-            end = Some((num("requests")?, num("cycles")? as f64 / hz));
+            guest_secs = Some(num("cycles")? as f64 / hz);
         }
     }
-    let (requests, guest_secs) = end.ok_or_else(|| bad("no end line".into()))?;
-    if requests != dev.requests {
-        return Err(bad(format!(
-            "the guest counted {requests} requests, the device completed {}",
-            dev.requests
-        )));
+    let guest_secs = guest_secs.ok_or_else(|| bad("no end line".into()))?;
+    for (d, (dev, counted)) in report.devices.iter().zip(&requests).enumerate() {
+        if *counted != Some(dev.requests) {
+            return Err(bad(format!(
+                "disk {d}: the guest counted {counted:?} requests, the device completed {}",
+                dev.requests
+            )));
+        }
     }
     Ok(GuestRun {
         tests,

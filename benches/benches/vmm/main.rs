@@ -65,6 +65,7 @@
 //!    binary, the same sampling of the real `vmm run`.
 
 mod guest;
+mod host;
 mod rss;
 mod start;
 mod table;
@@ -81,6 +82,7 @@ struct Knobs {
     disk_mib: u64,
     fresh_mib: u64,
     qd: u64,
+    slice_ms: u64,
     starts: usize,
 }
 
@@ -98,10 +100,11 @@ impl Knobs {
     fn from_env() -> Knobs {
         Knobs {
             ms: env_num("VMMBENCH_MS", 100u64).max(1),
-            rounds: env_num("VMMBENCH_ROUNDS", 3usize).max(1),
+            rounds: env_num("VMMBENCH_ROUNDS", 4usize).max(1),
             disk_mib: env_num("VMMBENCH_DISK_MIB", 256u64).max(4),
             fresh_mib: env_num("VMMBENCH_FRESH_MIB", 4096u64).max(8),
             qd: env_num("VMMBENCH_QD", 32u64).clamp(1, 40),
+            slice_ms: env_num("VMMBENCH_SLICE_MS", 10u64).max(1),
             starts: env_num("VMMBENCH_STARTS", 20usize).max(1),
         }
     }
@@ -153,9 +156,10 @@ fn bench() -> Result<(), String> {
         .map_err(|e| format!("a directory in {}: {e}", base.display()))?;
     let load_start = loadavg();
     println!(
-        "== vmm bench: {} ms a test, {} rounds, queue depth {}, prefilled disks {} MiB, fresh disks {} MiB; \
-         guest TSC {tsc_khz} kHz (KVM_GET_TSC_KHZ); {} CPUs; load average {load_start} ==",
+        "== vmm bench: {} ms a test on each disk in slices of {} ms, {} rounds, queue depth {}, prefilled disks {} MiB, \
+         fresh disks {} MiB; guest TSC {tsc_khz} kHz (KVM_GET_TSC_KHZ); {} CPUs; load average {load_start} ==",
         k.ms,
+        k.slice_ms,
         k.rounds,
         k.qd,
         k.disk_mib,
@@ -171,6 +175,7 @@ fn bench() -> Result<(), String> {
         tests: bits::PREFILLED,
         qd: k.qd,
         check_prefill: true,
+        slice_ms: k.slice_ms,
     };
     // The guest checks the prefill on the first round only: the write
     // tests overwrite it.
@@ -185,30 +190,46 @@ fn bench() -> Result<(), String> {
         ..params
     })?;
 
-    // 1 and 2: prefilled images, both I/O modes, rotating order.
-    let configs: Vec<(String, &ImageFile, IoMode)> = pre
+    // 1 and 2: prefilled images, all of them in one VM on the I/O thread,
+    // raw and dynamic VHDX in another on the vCPU thread; the two VMs'
+    // order alternating; the library's own costs after them.
+    let mut vcpu_imgs: Vec<&ImageFile> = pre
         .iter()
-        .map(|i| (i.label.to_string(), i, IoMode::Thread))
-        .chain(
-            pre.iter()
-                .filter(|i| matches!(i.label, "raw" | "vhdx-dyn"))
-                .map(|i| (format!("{}/vcpu", i.label), i, IoMode::Vcpu)),
-        )
+        .filter(|i| matches!(i.label, "raw" | "vhdx-dyn"))
         .collect();
+    let mut all: Vec<&ImageFile> = pre.iter().collect();
     let mut res = Results::default();
     let mut tsc_check = None;
     for round in 0..k.rounds {
         let t = Instant::now();
-        for c in 0..configs.len() {
-            let (key, img, io) = &configs[(c + round) % configs.len()];
-            let bin = if round == 0 {
-                &pre_bin_checked
-            } else {
-                &pre_bin
-            };
-            let r = guest::run(bin, img, *io, tsc_khz)?;
+        let bin = if round == 0 {
+            &pre_bin_checked
+        } else {
+            &pre_bin
+        };
+        // Which image is which device changes every round.
+        if round > 0 {
+            all.rotate_left(1);
+            vcpu_imgs.rotate_left(1);
+        }
+        let mut vms = [
+            (&all, IoMode::Thread, ""),
+            (&vcpu_imgs, IoMode::Vcpu, "/vcpu"),
+        ];
+        if round % 2 == 1 {
+            vms.reverse();
+        }
+        for (imgs, io, suffix) in vms {
+            let r = guest::run(bin, imgs, io, tsc_khz)?;
             tsc_check.get_or_insert((r.guest_secs, r.report.elapsed));
-            res.add(key, round, &r.tests);
+            for (img, tests) in imgs.iter().zip(&r.tests) {
+                res.add(&format!("{}{suffix}", img.label), round, tests);
+            }
+        }
+        for c in 0..pre.len() {
+            let img = &pre[(c + round) % pre.len()];
+            let s = host::measure(img, k.ms.div_ceil(2))?;
+            res.add(&format!("host:{}", img.label), round, &s);
         }
         eprintln!(
             "  round {} of the prefilled tests: {:.1} s",
@@ -217,16 +238,19 @@ fn bench() -> Result<(), String> {
         );
     }
 
-    // 3: fresh images, made anew for every round.
+    // 3: fresh images, made anew for every round, in one VM.
     for round in 0..k.rounds {
         let t = Instant::now();
         let fresh = guest::fresh(dir.path(), k.fresh_mib << 20)?;
-        for c in 0..fresh.len() {
-            let img = &fresh[(c + round) % fresh.len()];
-            let r = guest::run(&fresh_bin, img, IoMode::Thread, tsc_khz)?;
-            res.add(&format!("fresh:{}", img.label), round, &r.tests);
+        let imgs: Vec<&ImageFile> = fresh.iter().collect();
+        let r = guest::run(&fresh_bin, &imgs, IoMode::Thread, tsc_khz)?;
+        for (img, tests) in fresh.iter().zip(&r.tests) {
+            res.add(&format!("fresh:{}", img.label), round, tests);
         }
-        for img in &fresh {
+        // The library's own first-touch cost, on images as fresh.
+        for img in guest::fresh(dir.path(), k.fresh_mib << 20)? {
+            let s = host::first_touch(&img, k.ms.div_ceil(2))?;
+            res.add(&format!("host:fresh:{}", img.label), round, &s);
             let _ = std::fs::remove_file(&img.path);
         }
         eprintln!(
@@ -294,6 +318,8 @@ fn bench() -> Result<(), String> {
         None,
     );
     println!();
+    print_breakdown(&res, &pre);
+    println!();
     print_start(&k, &starts, &child, &vmm);
     println!();
     print_rss(&child, &vmm);
@@ -315,6 +341,48 @@ fn bench() -> Result<(), String> {
     Ok(())
 }
 
+/// Guest time per request against the library's on the host.
+fn print_breakdown(res: &Results, pre: &[ImageFile]) {
+    println!(
+        "== 4. where a request's time goes: time per request, one at a time (QD1), medians; \
+         library = the same calls on the host without the VMM =="
+    );
+    println!(
+        "{:<40} {:>14} {:>14} {:>10}  {:>18}",
+        "test, image", "guest, thread", "guest, vcpu", "library", "VMM part (thread)"
+    );
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} us"));
+    let line = |label: String, key: &str, test: &str| {
+        let thread = res.micros(key, test);
+        let vcpu = res.micros(&format!("{key}/vcpu"), test);
+        let lib = res.micros(&format!("host:{key}"), test);
+        let vmm = thread.zip(lib).map(|(t, h)| t - h);
+        println!(
+            "{label:<40} {:>14} {:>14} {:>10}  {:>18}",
+            show(thread),
+            show(vcpu),
+            show(lib),
+            show(vmm)
+        );
+    };
+    for (test, label) in [
+        ("randread4k_qd1", "4K random read"),
+        ("randwrite4k_qd1", "4K random write"),
+        ("seqread1m", "1M sequential read"),
+    ] {
+        for img in pre {
+            line(format!("{label}, {}", img.label), img.label, test);
+        }
+    }
+    for l in ["raw-sparse", "vhdx-dyn", "vhd-dyn"] {
+        line(
+            format!("4K first-touch write, {l}"),
+            &format!("fresh:{l}"),
+            "firsttouch4k",
+        );
+    }
+}
+
 type VmmSpawn = Result<
     (
         std::path::PathBuf,
@@ -325,7 +393,7 @@ type VmmSpawn = Result<
 >;
 
 fn print_start(k: &Knobs, s: &start::InProcess, child: &rss::ChildRss, vmm: &VmmSpawn) {
-    println!("== 4. start: time to the first guest exit (an upper bound of the first instruction); target <= 10 ms ==");
+    println!("== 5. start: time to the first guest exit (an upper bound of the first instruction); target <= 10 ms ==");
     let line = |what: &str, v: &[Duration]| {
         let (min, med, max) = table::min_med_max(v);
         println!(
@@ -366,7 +434,7 @@ fn print_start(k: &Knobs, s: &start::InProcess, child: &rss::ChildRss, vmm: &Vmm
 
 fn print_rss(c: &rss::ChildRss, vmm: &VmmSpawn) {
     let mib = |kib: u64| kib as f64 / 1024.0;
-    println!("== 5. VMM resident memory beyond guest RAM (smaps Rss of every mapping but guest RAM, peak); target <= 10 MiB ==");
+    println!("== 6. VMM resident memory beyond guest RAM (smaps Rss of every mapping but guest RAM, peak); target <= 10 MiB ==");
     println!(
         "in-process VMM (child process, dynamic VHDX, full disk payload): peak {:.1} MiB = {:.1} MiB file-backed \
          (executable, libraries) + {:.1} MiB other (heap, stacks, bounce buffer)  {}",

@@ -151,7 +151,7 @@ pub fn child() -> Result<(), String> {
     let before = read("self", MEM).map_err(|e| e.to_string())?;
     let sampler = Sampler::start("self".into(), MEM);
     let t = Instant::now();
-    let r = guest::run(&bin, &img, IoMode::Thread, tsc_khz);
+    let r = guest::run(&bin, &[&img], IoMode::Thread, tsc_khz);
     let wall = t.elapsed();
     let peak = sampler.finish();
     let r = r?;

@@ -121,6 +121,11 @@ impl Results {
         )
     }
 
+    /// The median time of one request of `test` on `config`, µs.
+    pub fn micros(&self, config: &str, test: &str) -> Option<f64> {
+        self.median(config, test, Unit::Iops).map(|iops| 1e6 / iops)
+    }
+
     /// A table: each row's value on `base` and on each of `others` with its
     /// ratio to `base`; for `target` (one of `others`), whether its ratio
     /// meets 0.9x (IOPS and MB/s rows) and the range of its per-round
