@@ -61,8 +61,12 @@ struct slot {
 
 static struct vq queues[MAXDISKS] __attribute__((aligned(4096)));
 static struct vblk disks[MAXDISKS];
-static u8 big[MIB] __attribute__((aligned(4096)));
-static u8 small[MAXQD][4096] __attribute__((aligned(4096)));
+/* Reads land in r*, writes come from w* (0xa5 for 1 MiB, 0x5a for 4 KiB):
+ * what the guest wrote is never what it read. */
+static u8 rbig[MIB] __attribute__((aligned(4096)));
+static u8 wbig[MIB] __attribute__((aligned(4096)));
+static u8 rsmall[MAXQD][4096] __attribute__((aligned(4096)));
+static u8 wsmall[MAXQD][4096] __attribute__((aligned(4096)));
 /* Shared by the disks: one disk has requests in flight at a time. */
 static struct slot slots[MAXQD];
 static struct vblk *b;
@@ -123,7 +127,8 @@ static u64 deep(u32 d, u32 type, u64 deadline) {
     u64 ops = 0;
     u32 i, inflight = qd, stopping = 0;
     struct used_elem u;
-    for (i = 0; i < qd; i++) submit(d, i, type, rand_sector(d), small[i], 4096);
+    u8 (*buf)[4096] = type == T_IN ? rsmall : wsmall;
+    for (i = 0; i < qd; i++) submit(d, i, type, rand_sector(d), buf[i], 4096);
     vq_notify(b);
     while (inflight) {
         u32 again = 0;
@@ -134,7 +139,7 @@ static u64 deep(u32 d, u32 type, u64 deadline) {
             inflight--;
             if (!stopping && rdtsc() >= deadline) stopping = 1;
             if (!stopping) {
-                submit(d, i, type, rand_sector(d), small[i], 4096);
+                submit(d, i, type, rand_sector(d), buf[i], 4096);
                 inflight++;
                 again = 1;
             }
@@ -151,7 +156,7 @@ static u64 sequential(u32 d, u32 type, u64 from, u64 to, int once, u64 deadline,
     if (pos[d] < from) pos[d] = from;
     do {
         u64 n = to - pos[d] < MIB / 512 ? to - pos[d] : MIB / 512;
-        one(d, type, pos[d], big, (u32)(n * 512));
+        one(d, type, pos[d], type == T_IN ? rbig : wbig, (u32)(n * 512));
         ops++;
         *bytes += n * 512;
         pos[d] += n;
@@ -170,7 +175,8 @@ static u64 slice(u32 t, u32 d, u64 deadline, u64 *bytes) {
     case RANDREAD_QD1:
     case RANDWRITE_QD1:
         do {
-            one(d, t == RANDREAD_QD1 ? T_IN : T_OUT, rand_sector(d), small[0], 4096);
+            if (t == RANDREAD_QD1) one(d, T_IN, rand_sector(d), rsmall[0], 4096);
+            else one(d, T_OUT, rand_sector(d), wsmall[0], 4096);
             ops++;
         } while (rdtsc() < deadline);
         *bytes = ops * 4096;
@@ -186,7 +192,7 @@ static u64 slice(u32 t, u32 d, u64 deadline, u64 *bytes) {
     case FIRSTTOUCH:
         do {
             if (pos[d] + 8 > half) { done[d] = 1; break; }
-            one(d, T_OUT, pos[d], small[0], 4096);
+            one(d, T_OUT, pos[d], wsmall[0], 4096);
             ops++;
             pos[d] += stride;
         } while (rdtsc() < deadline);
@@ -236,9 +242,9 @@ static void check_prefill(u32 d, u32 seed) {
     at[1] = (b->capacity / 16) * 8;
     at[2] = (b->capacity / 8 - 1) * 8;
     for (k = 0; k < 3; k++) {
-        one(d, T_IN, at[k], small[0], 4096);
+        one(d, T_IN, at[k], rsmall[0], 4096);
         for (i = 0; i < 4096; i++)
-            if (small[0][i] != pattern(seed, at[k] * 512 + i)) fail(24, "a disk does not hold the host's prefill");
+            if (rsmall[0][i] != pattern(seed, at[k] * 512 + i)) fail(24, "a disk does not hold the host's prefill");
     }
 }
 
@@ -258,8 +264,8 @@ u32 payload_main(u64 ram, u64 ndisks_, u64 vcpu) {
     seed = params.check_seed;
     if (qd < 1 || qd > MAXQD || 3 * qd > QSIZE) fail(3, "queue depth out of range");
     if (stride < 8 || stride % 8) fail(4, "first-touch stride not a multiple of 4 KiB");
-    memset(big, 0xa5, sizeof(big));
-    memset(small, 0x5a, sizeof(small));
+    memset(wbig, 0xa5, sizeof(wbig));
+    memset(wsmall, 0x5a, sizeof(wsmall));
     for (d = 0; d < ndisks; d++) {
         b = &disks[d];
         if (vblk_init(b, (int)d, &queues[d])) fail(5, "device init");

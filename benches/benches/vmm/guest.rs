@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_core::{Boot, Config, Disk, DiskSpec, IoMode, Outcome, Report};
+use vmm_core::{Boot, Config, Disk, DiskSpec, IoMode, OpenDisk, Outcome, Report};
 
 /// Guest RAM: the ABI's default (`vmm run` without `--mem`).
 pub const MEM: u64 = 256 << 20;
@@ -155,29 +155,35 @@ pub struct ImageFile {
     pub format: Format,
 }
 
+/// Open `img` as `vmm run --disk PATH,format=FORMAT` does (writable, no
+/// QoS limits).
+pub fn open(img: &ImageFile) -> Result<OpenDisk, String> {
+    let arg = format!("{},format={}", img.path.display(), img.format.name());
+    let spec = DiskSpec::parse(&arg)?;
+    vmm_core::disks::open(&spec, None).map_err(|e| format!("{}: {e}", img.label))
+}
+
+/// The device's disk for an open image, as `vmm run` makes it.
+pub fn served(o: &OpenDisk) -> Disk {
+    Disk {
+        disk: o.disk(),
+        writable: !o.spec.read_only,
+        name: o.name(),
+        qos: o.qos(),
+    }
+}
+
 /// Run `bin` with the images as disks 0, 1... (opened as `vmm run --disk`
 /// does, writable), and check that the run went as it should: the guest
 /// ended with 0, no device saw an error or refused anything, and each
 /// completed exactly the requests the guest counted for it.
 pub fn run(bin: &[u8], imgs: &[&ImageFile], io: IoMode, tsc_khz: u64) -> Result<GuestRun, String> {
     let labels: Vec<&str> = imgs.iter().map(|i| i.label).collect();
-    let mut open = Vec::new();
-    for img in imgs {
-        let spec = DiskSpec {
-            path: img.path.clone(),
-            read_only: false,
-            format: Some(img.format),
-        };
-        open.push(vmm_core::disks::open(&spec, None).map_err(|e| format!("{}: {e}", img.label))?);
-    }
-    let disks = open
+    let open = imgs
         .iter()
-        .map(|o| Disk {
-            disk: o.disk(),
-            writable: true,
-            name: o.name(),
-        })
-        .collect();
+        .map(|i| open(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let disks = open.iter().map(served).collect();
     let console = Capture::default();
     let report = vmm_core::run(Config {
         mem: MEM,
@@ -187,6 +193,8 @@ pub fn run(bin: &[u8], imgs: &[&ImageFile], io: IoMode, tsc_khz: u64) -> Result<
         console: Box::new(console.clone()),
         timeout: Some(Duration::from_secs(600)),
         io,
+        stop: None,
+        controller: None,
     })
     .map_err(|e| format!("{labels:?}: the VMM failed: {e}"))?;
     drop(open);
@@ -345,4 +353,25 @@ pub fn fresh(dir: &Path, size: u64) -> Result<Vec<ImageFile>, String> {
         create(dir, "vhdx-dyn", "fresh.vhdx", Kind::Vhdx(x), false)?,
         create(dir, "vhd-dyn", "fresh.vhd", Kind::Vhd(h), false)?,
     ])
+}
+
+/// Check that the guest's writes reached `img`: its first 4 KiB page is
+/// all 0xa5 (the payload's sequential writes, which wrap around the disk)
+/// or all 0x5a (its random writes), no longer the prefill.
+pub fn check_written(img: &ImageFile) -> Result<(), String> {
+    let o = image::open(&img.path, &image::OpenOptions::new(img.format))
+        .map_err(|e| format!("{}: {e}", img.label))?;
+    let mut page = vec![0u8; 4096];
+    o.disk()
+        .read_at(&mut page, 0)
+        .map_err(|e| format!("{}: {e}", img.label))?;
+    if page.iter().all(|&b| b == 0xa5) || page.iter().all(|&b| b == 0x5a) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: the guest's writes are not on the image (first bytes {:02x?})",
+            img.label,
+            &page[..8]
+        ))
+    }
 }

@@ -6,10 +6,9 @@
 //! part and the VMM's (the exits, the I/O thread's wake-up, the virtio
 //! queue, the copy into guest memory).
 
-use crate::guest::{ImageFile, Sample, STRIDE};
+use crate::guest::{self, ImageFile, Sample, STRIDE};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use vmm_core::DiskSpec;
 
 /// The payload's generator (vmmbench.c `next_rand`), same seed.
 struct Rng(u64);
@@ -46,12 +45,7 @@ fn timed(
 /// Each test for `ms` on `img`, opened as the VMM opens it; the samples by
 /// the guest's test names (QD1 ones).
 pub fn measure(img: &ImageFile, ms: u64) -> Result<BTreeMap<String, Sample>, String> {
-    let spec = DiskSpec {
-        path: img.path.clone(),
-        read_only: false,
-        format: Some(img.format),
-    };
-    let open = vmm_core::disks::open(&spec, None).map_err(|e| format!("{}: {e}", img.label))?;
+    let open = guest::open(img)?;
     let d = open.disk();
     let budget = Duration::from_millis(ms);
     let pages = d.virtual_size() / 4096;
@@ -85,12 +79,7 @@ pub fn measure(img: &ImageFile, ms: u64) -> Result<BTreeMap<String, Sample>, Str
 /// First-touch writes on a fresh image, as the payload does them: 4 KiB
 /// every [`STRIDE`] bytes over the first half, for `ms` (or the half).
 pub fn first_touch(img: &ImageFile, ms: u64) -> Result<BTreeMap<String, Sample>, String> {
-    let spec = DiskSpec {
-        path: img.path.clone(),
-        read_only: false,
-        format: Some(img.format),
-    };
-    let open = vmm_core::disks::open(&spec, None).map_err(|e| format!("{}: {e}", img.label))?;
+    let open = guest::open(img)?;
     let d = open.disk();
     let half = d.virtual_size() / 2;
     let buf = vec![0x5au8; 4096];

@@ -1,7 +1,6 @@
 //! The VMM's resident memory beyond guest RAM, from a process's
-//! /proc/PID/smaps: the Rss of every mapping but the guest RAM mapping
-//! (an anonymous mapping of exactly the guest RAM size, which is how
-//! vm-memory maps it), sampled every 2 ms while the VMM runs; and the
+//! /proc/PID/smaps: the Rss of every mapping but the guest RAM mapping,
+//! sampled every 2 ms while the VMM runs; and the
 //! child-process mode of this bench that runs one VMM run to be measured
 //! that way in a process of its own.
 
@@ -32,7 +31,13 @@ impl Smaps {
     }
 }
 
-/// Read /proc/`pid`/smaps (`pid` may be "self").
+/// Read /proc/`pid`/smaps (`pid` may be "self"). Guest RAM is the
+/// anonymous mapping (no path, inode 0) of at least `guest_len` bytes:
+/// vm-memory maps it as one anonymous mapping of exactly that size, and
+/// nothing else the VMM maps comes near (malloc's arenas reserve 64 MiB);
+/// at least, because the kernel may merge it with an adjacent anonymous
+/// mapping of the same flags (seen once in a few runs), whose pages then
+/// count as guest RAM.
 pub fn read(pid: &str, guest_len: u64) -> std::io::Result<Smaps> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut out = Smaps::default();
@@ -46,7 +51,7 @@ pub fn read(pid: &str, guest_len: u64) -> std::io::Result<Smaps> {
                 let (_perms, _off, _dev) = (w.next(), w.next(), w.next());
                 let inode = w.next().unwrap_or("0");
                 let path = w.next();
-                kind = if b - a == guest_len && inode == "0" && path.is_none() {
+                kind = if b - a >= guest_len && inode == "0" && path.is_none() {
                     b'g'
                 } else if path.is_some_and(|p| p.starts_with('/')) {
                     b'f'

@@ -3,13 +3,13 @@
 //! with a payload whose second instruction exits; and, when a `vmm` binary
 //! is found, from spawning `vmm run` to the first byte the guest printed.
 
-use crate::guest::{Capture, ImageFile, MEM};
+use crate::guest::{self, Capture, ImageFile, MEM};
 use crate::rss::{Peak, Sampler};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vmm_core::{Boot, Config, Disk, DiskSpec, IoMode, Outcome};
+use vmm_core::{Boot, Config, Disk, IoMode, Outcome};
 
 /// `xor eax, eax; out 0xf4, eax`: the run ends at the second instruction.
 const EXIT_NOW: &[u8] = &[0x31, 0xc0, 0xe7, 0xf4];
@@ -41,6 +41,8 @@ fn run_exit_now(disks: Vec<Disk>) -> Result<vmm_core::Report, String> {
         console: Box::new(Capture::default()),
         timeout: Some(Duration::from_secs(10)),
         io: IoMode::Thread,
+        stop: None,
+        controller: None,
     })
     .map_err(|e| format!("the VMM failed: {e}"))?;
     if r.outcome != Outcome::Exited(0) {
@@ -57,18 +59,9 @@ pub fn in_process(n: usize, img: &ImageFile) -> Result<InProcess, String> {
         out.first_exit.extend(r.first_exit);
         out.whole.push(r.elapsed);
         let t = Instant::now();
-        let spec = DiskSpec {
-            path: img.path.clone(),
-            read_only: false,
-            format: Some(img.format),
-        };
-        let open = vmm_core::disks::open(&spec, None).map_err(|e| e.to_string())?;
+        let open = guest::open(img)?;
         out.open.push(t.elapsed());
-        let r = run_exit_now(vec![Disk {
-            disk: open.disk(),
-            writable: true,
-            name: open.name(),
-        }])?;
+        let r = run_exit_now(vec![guest::served(&open)])?;
         out.first_exit_disk.extend(r.first_exit);
     }
     Ok(out)
