@@ -159,9 +159,9 @@ pub fn child() -> Result<(), String> {
     let r = guest::run(&bin, &[&img], IoMode::Thread, tsc_khz);
     let wall = t.elapsed();
     let peak = sampler.finish();
-    let r = r?;
+    r?;
     println!(
-        "RSS before={} peak_file={} peak_anon={} guest={} samples={} with_guest={} hwm={} first_exit_us={} wall_ms={}",
+        "RSS before={} peak_file={} peak_anon={} guest={} samples={} with_guest={} hwm={} wall_ms={}",
         before.beyond_guest(),
         peak.beyond.file,
         peak.beyond.anon,
@@ -169,7 +169,6 @@ pub fn child() -> Result<(), String> {
         peak.samples,
         peak.with_guest,
         vm_hwm(),
-        r.report.first_exit.map_or(0, |d| d.as_micros()),
         wall.as_millis()
     );
     Ok(())
@@ -188,8 +187,6 @@ pub struct ChildRss {
     pub samples: (u64, u64),
     /// VmHWM at the end, KiB.
     pub hwm: u64,
-    /// The run's first exit in a fresh process, µs.
-    pub first_exit_us: u64,
 }
 
 /// Run the child (this same executable) on `image` with `payload_file`.
@@ -233,6 +230,5 @@ pub fn measure(
         guest: g("guest"),
         samples: (g("samples"), g("with_guest")),
         hwm: g("hwm"),
-        first_exit_us: g("first_exit_us"),
     })
 }

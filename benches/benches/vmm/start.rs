@@ -96,11 +96,13 @@ pub fn find_vmm() -> Result<PathBuf, String> {
     }
 }
 
-/// `n` spawns of `vmm run --payload FILE` (the payload prints a newline
-/// and exits): spawn to the first byte on its stdout, spawn to its exit.
+/// `n` spawns of `vmm run --disk IMAGE,format=vhdx --payload FILE` (the
+/// payload prints a newline and exits): spawn to the first byte on its
+/// stdout, spawn to its exit.
 pub fn spawn_times(
     vmm: &Path,
     payload: &Path,
+    image: &Path,
     n: usize,
 ) -> Result<(Vec<Duration>, Vec<Duration>), String> {
     let (mut first, mut exit) = (Vec::new(), Vec::new());
@@ -108,6 +110,8 @@ pub fn spawn_times(
         let t = Instant::now();
         let mut child = Command::new(vmm)
             .arg("run")
+            .arg("--disk")
+            .arg(format!("{},format=vhdx", image.display()))
             .arg("--payload")
             .arg(payload)
             .stdout(Stdio::piped())
@@ -164,4 +168,69 @@ pub fn spawn_rss(vmm: &Path, payload: &Path, image: &Path) -> Result<Peak, Strin
         ));
     }
     Ok(peak)
+}
+
+/// The environment variable that makes this bench a start-time child; its
+/// value is the image.
+pub const CHILD_ENV: &str = "VMMBENCH_START_CHILD";
+
+/// The child: open the dynamic VHDX `image`, run [`EXIT_NOW`] with it,
+/// print `START open_us=N first_exit_us=N`.
+pub fn child(image: PathBuf) -> Result<(), String> {
+    let img = ImageFile {
+        label: "vhdx-dyn",
+        path: image,
+        format: image::Format::Vhdx,
+    };
+    let t = Instant::now();
+    let open = guest::open(&img)?;
+    let opened = t.elapsed();
+    let r = run_exit_now(vec![guest::served(&open)])?;
+    println!(
+        "START open_us={} first_exit_us={}",
+        opened.as_micros(),
+        r.first_exit.map_or(0, |d| d.as_micros())
+    );
+    Ok(())
+}
+
+/// Start times of the first run in fresh processes.
+#[derive(Debug, Default)]
+pub struct Cold {
+    /// Opening the image.
+    pub open: Vec<Duration>,
+    /// vmm_core::run start to its first exit.
+    pub first_exit: Vec<Duration>,
+}
+
+/// `n` children (this executable again), each timing its first run.
+pub fn cold(n: usize, img: &ImageFile) -> Result<Cold, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut out = Cold::default();
+    for _ in 0..n {
+        let o = Command::new(&exe)
+            .env(CHILD_ENV, &img.path)
+            .output()
+            .map_err(|e| format!("running the start child: {e}"))?;
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("START "))
+            .ok_or_else(|| {
+                format!(
+                    "the start child printed no result ({}): {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })?;
+        for w in line.split_whitespace() {
+            let us = |v: &str| Duration::from_micros(v.parse().unwrap_or(0));
+            match w.split_once('=') {
+                Some(("open_us", v)) => out.open.push(us(v)),
+                Some(("first_exit_us", v)) => out.first_exit.push(us(v)),
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
 }
