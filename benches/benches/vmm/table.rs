@@ -64,6 +64,7 @@ pub fn prefilled_rows(qd: &str) -> Vec<(&'static str, String, Unit)> {
             Unit::Mbs,
         ),
         ("flush", "flush after the writes".into(), Unit::Ms),
+        ("firstwrite", "first write after the open".into(), Unit::Ms),
     ]
 }
 
