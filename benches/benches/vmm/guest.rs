@@ -356,8 +356,9 @@ pub fn fresh(dir: &Path, size: u64) -> Result<Vec<ImageFile>, String> {
 }
 
 /// Check that the guest's writes reached `img`: its first 4 KiB page is
-/// all 0xa5 (the payload's sequential writes, which wrap around the disk)
-/// or all 0x5a (its random writes), no longer the prefill.
+/// all 0xa5 (the payload's sequential writes, which start there) or all
+/// 0x5a (its random and first-touch writes), no longer the prefill nor
+/// zeros.
 pub fn check_written(img: &ImageFile) -> Result<(), String> {
     let o = image::open(&img.path, &image::OpenOptions::new(img.format))
         .map_err(|e| format!("{}: {e}", img.label))?;

@@ -302,6 +302,8 @@ fn bench() -> Result<(), String> {
         let r = guest::run(&fresh_bin, &imgs, IoMode::Thread, tsc_khz)?;
         for (img, tests) in fresh.iter().zip(&r.tests) {
             res.add(&format!("fresh:{}", img.label), round, tests);
+            // Its first first-touch write (0x5a) is at offset 0.
+            guest::check_written(img)?;
         }
         // The library's own first-touch cost, on images as fresh.
         for img in guest::fresh(dir.path(), k.fresh_mib << 20)? {
