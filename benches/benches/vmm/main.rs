@@ -3,7 +3,7 @@
 //! against the issue's targets) and exits 0 when a target is missed.
 //!
 //! ```text
-//! cargo bench -p benches --bench vmm                                   # about 40 s
+//! cargo bench -p benches --bench vmm                                   # 35-70 s
 //! VMMBENCH_MS=300 VMMBENCH_ROUNDS=8 cargo bench -p benches --bench vmm # steadier
 //! VMM_BIN=path/to/vmm cargo bench -p benches --bench vmm               # and `vmm run`
 //! ```
@@ -11,7 +11,7 @@
 //! Needs /dev/kvm (read-write) and gcc (the payload); skips, saying so,
 //! without them. Run by `cargo test --benches` (no `--bench` argument) it
 //! makes a smoke run of a few seconds, every check included. Knobs (environment): `VMMBENCH_MS` (100: guest time of
-//! each test on each disk), `VMMBENCH_ROUNDS` (4), `VMMBENCH_SLICE_MS`
+//! each test on each disk), `VMMBENCH_ROUNDS` (3), `VMMBENCH_SLICE_MS`
 //! (10), `VMMBENCH_QD` (32, at most 40), `VMMBENCH_DISK_MIB` (256),
 //! `VMMBENCH_FRESH_MIB` (4096), `VMMBENCH_STARTS` (20), `VMMBENCH_DIR`
 //! (Cargo's target tmp dir), `VMM_BIN`.
@@ -137,7 +137,7 @@ impl Knobs {
         let d = |full: u64, small: u64| if smoke { small } else { full };
         Knobs {
             ms: env_num("VMMBENCH_MS", d(100, 5)).max(1),
-            rounds: env_num("VMMBENCH_ROUNDS", if smoke { 1 } else { 4 }).max(1),
+            rounds: env_num("VMMBENCH_ROUNDS", if smoke { 1 } else { 3 }).max(1),
             disk_mib: env_num("VMMBENCH_DISK_MIB", d(256, 16)).max(4),
             fresh_mib: env_num("VMMBENCH_FRESH_MIB", d(4096, 64)).max(8),
             qd: env_num("VMMBENCH_QD", 32u64).clamp(1, 40),
