@@ -6,8 +6,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const PROGRAMS: &[&str] = &[
-    "blk_io", "hostile", "smp", "bench", "sector0", "hello", "qos", "migrate",
+/// Each payload and its own extra gcc flags.
+const PROGRAMS: &[(&str, &[&str])] = &[
+    ("blk_io", &[]),
+    ("hostile", &[]),
+    ("smp", &[]),
+    ("bench", &[]),
+    ("sector0", &[]),
+    ("hello", &[]),
+    ("qos", &[]),
+    ("migrate", &[]),
+    // Up to 40 requests in flight, 3 descriptors each (payload.h QSIZE).
+    ("vmmbench", &["-DQSIZE=128"]),
 ];
 
 fn main() {
@@ -27,17 +37,17 @@ fn main() {
             "cargo:warning=gcc not found: the test payloads are not built and their tests skip"
         );
     }
-    for p in PROGRAMS {
+    for (p, flags) in PROGRAMS {
         let bin = out.join(format!("{p}.bin"));
         if !have_gcc {
             std::fs::write(&bin, b"").expect("writing OUT_DIR");
             continue;
         }
-        compile(&src, &out, p, &bin);
+        compile(&src, &out, p, flags, &bin);
     }
 }
 
-fn compile(src: &Path, out: &Path, name: &str, bin: &Path) {
+fn compile(src: &Path, out: &Path, name: &str, flags: &[&str], bin: &Path) {
     let elf = out.join(format!("{name}.elf"));
     let status = Command::new("gcc")
         .args([
@@ -57,6 +67,7 @@ fn compile(src: &Path, out: &Path, name: &str, bin: &Path) {
             "-Werror",
             "-Wl,--build-id=none",
         ])
+        .args(flags)
         .arg(format!("-Wl,-T,{}", src.join("link.ld").display()))
         .arg("-o")
         .arg(&elf)

@@ -91,13 +91,29 @@ const char *vblk_init(struct vblk *b, int index, struct vq *q) {
     return 0;
 }
 
-void vq_publish(struct vblk *b, u16 head) {
+void vq_add(struct vblk *b, u16 head) {
     struct vq *q = b->q;
     q->avail.ring[b->avail_idx % QSIZE] = head;
     b->avail_idx++;
     __atomic_store_n(&q->avail.idx, b->avail_idx, __ATOMIC_RELEASE);
+}
+
+void vq_notify(struct vblk *b) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     mmio_write(b->base, R_QUEUE_NOTIFY, 0);
+}
+
+void vq_publish(struct vblk *b, u16 head) {
+    vq_add(b, head);
+    vq_notify(b);
+}
+
+int vq_poll(struct vblk *b, struct used_elem *out) {
+    struct vq *q = b->q;
+    if (__atomic_load_n(&q->used.idx, __ATOMIC_ACQUIRE) == b->used_seen) return 0;
+    *out = q->used.ring[b->used_seen % QSIZE];
+    b->used_seen++;
+    return 1;
 }
 
 int vq_wait(struct vblk *b, struct used_elem *out) {

@@ -86,7 +86,11 @@ __attribute__((noreturn)) void fail(u32 code, const char *why);
 #define D_WRITE 2
 #define D_INDIRECT 4
 
+/* The queue size a payload's driver uses (a power of two, at most the
+ * device's 256); build.rs may give another with -DQSIZE for one payload. */
+#ifndef QSIZE
 #define QSIZE 16
+#endif
 
 struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
@@ -118,8 +122,14 @@ static inline void mmio_write(u64 base, u32 off, u32 v) { *(volatile u32 *)(base
 const char *vblk_init(struct vblk *b, int index, struct vq *q);
 /* Put chain `head` in the available ring and notify the device. */
 void vq_publish(struct vblk *b, u16 head);
+/* Put chain `head` in the available ring without notifying. */
+void vq_add(struct vblk *b, u16 head);
+/* Notify the device (QueueNotify) of what vq_add put in the ring. */
+void vq_notify(struct vblk *b);
 /* Wait for the next used entry: 0, or -1 after a long time without one. */
 int vq_wait(struct vblk *b, struct used_elem *out);
+/* Take the next used entry if there is one: 1, else 0 (no waiting). */
+int vq_poll(struct vblk *b, struct used_elem *out);
 /* A request: header, one data buffer (none if len is 0), status; the
  * status byte, or -1 if the device never answered. */
 int vblk_rw(struct vblk *b, u32 type, u64 sector, void *buf, u32 len);

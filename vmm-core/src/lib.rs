@@ -194,6 +194,8 @@ pub mod test_payloads {
     pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
     /// A write of sector 0 (payloads/sector0.c).
     pub const SECTOR0: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sector0.bin"));
+    /// Disk benchmarks for benches/benches/vmm (payloads/vmmbench.c).
+    pub const VMMBENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmmbench.bin"));
 }
 
 pub use boot::Boot;
