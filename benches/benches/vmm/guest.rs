@@ -195,6 +195,7 @@ pub fn run(bin: &[u8], imgs: &[&ImageFile], io: IoMode, tsc_khz: u64) -> Result<
         io,
         stop: None,
         controller: None,
+        bundle: None,
     })
     .map_err(|e| format!("{labels:?}: the VMM failed: {e}"))?;
     drop(open);

@@ -43,6 +43,7 @@ fn run_exit_now(disks: Vec<Disk>) -> Result<vmm_core::Report, String> {
         io: IoMode::Thread,
         stop: None,
         controller: None,
+        bundle: None,
     })
     .map_err(|e| format!("the VMM failed: {e}"))?;
     if r.outcome != Outcome::Exited(0) {
