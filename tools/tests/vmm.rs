@@ -602,9 +602,12 @@ fn vm_checkpoints_through_the_api_and_vmm_restore() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    // While vmm holds the bundle, vdisk cannot change it.
-    let e = fails(1, &["checkpoint", "create", p(&bundle), "other"]);
+    // While vmm holds the bundle, vdisk cannot change it, but a checkpoint
+    // is taken by asking the vmm (the bundle names its API socket).
+    let e = fails(1, &["checkpoint", "revert", p(&bundle), "disk-only"]);
     assert!(e.contains("lock") || e.contains("in use"), "{e}");
+    let out = ok(&["checkpoint", "create", p(&bundle), "by-vdisk"]);
+    assert!(out.contains("through the vmm"), "{out}");
     let (code, v) = ctl(&sock, &["checkpoint", "c1"]);
     assert_eq!(code, Some(0), "{v}");
     let at = *rounds(&out1).last().unwrap();
@@ -612,7 +615,14 @@ fn vm_checkpoints_through_the_api_and_vmm_restore() {
     ctl(&sock, &["stop"]);
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(130));
     let list = ok(&["checkpoint", "list", p(&bundle)]);
-    assert!(list.contains("c1 [vm]"), "{list}");
+    assert!(
+        list.contains("c1 [vm]") && list.contains("by-vdisk [vm]"),
+        "{list}"
+    );
+    assert!(
+        !bundle.join("vmm.api").exists(),
+        "the API record outlived the vmm"
+    );
     assert!(!list.contains("disk-only [vm]"), "{list}");
     let json = ok(&["checkpoint", "list", p(&bundle), "--output", "json"]);
     assert!(json.contains("\"vm-state\": true"), "{json}");

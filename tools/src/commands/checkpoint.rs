@@ -5,7 +5,7 @@ use crate::cli::{
 };
 use crate::open::Format;
 use crate::size::{human, image_size};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use checkpoint::{Bundle, NodeInfo};
 use std::path::Path;
 
@@ -13,7 +13,11 @@ pub fn run(args: &CheckpointArgs) -> Result<()> {
     match &args.command {
         CheckpointCommand::Init(a) => init(a),
         CheckpointCommand::Create(a) => {
-            let mut b = open(&a.bundle)?;
+            let mut b = match open(&a.bundle) {
+                Ok(b) => b,
+                Err(e) if is_locked(&e) => return via_vmm(&a.bundle, &a.name, e),
+                Err(e) => return Err(e),
+            };
             b.create(&a.name)?;
             crate::outln!(
                 "Created checkpoint '{}' in '{}'; active disk: {}",
@@ -61,6 +65,46 @@ pub fn run(args: &CheckpointArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn is_locked(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<disk::Error>()
+            .is_some_and(|d| d.kind() == disk::ErrorKind::Locked)
+    })
+}
+
+/// The bundle is held: if a vmm running it recorded its API socket, ask it
+/// to take the checkpoint (with the VM's state); otherwise the lock error.
+fn via_vmm(dir: &Path, name: &str, locked: anyhow::Error) -> Result<()> {
+    let Some(socket) = tools::vmm_api::recorded(dir) else {
+        return Err(locked);
+    };
+    let reply = tools::vmm_api::call(
+        &socket,
+        &serde_json::json!({"cmd": "checkpoint", "name": name}),
+    )
+    .with_context(|| {
+        format!(
+            "{}: held by a vmm whose API is {}",
+            dir.display(),
+            socket.display()
+        )
+    })?;
+    if reply["ok"] != true {
+        bail!(
+            "{}: the vmm running it refused the checkpoint: {}",
+            dir.display(),
+            reply["error"].as_str().unwrap_or("(no reason)")
+        );
+    }
+    crate::outln!(
+        "Created checkpoint '{name}' in '{}' through the vmm running it (API {}): the VM's \
+         state and its disk",
+        dir.display(),
+        socket.display()
+    )?;
+    Ok(())
 }
 
 /// Open the bundle in `dir` (finishing an interrupted operation).

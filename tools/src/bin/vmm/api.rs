@@ -269,27 +269,3 @@ fn set_qos(req: &Map<String, Value>, ctl: &Controller) -> Result<(), String> {
         },
     )
 }
-
-/// `vmm ctl SOCKET REQUEST`: send one request, print the reply; whether it
-/// said ok.
-///
-/// # Errors
-/// The socket cannot be reached, or the reply is no JSON line.
-pub fn call(path: &Path, req: &Value) -> Result<Value> {
-    let mut s = UnixStream::connect(path).with_context(|| {
-        format!(
-            "cannot connect to {} (is `vmm run --api` running?)",
-            path.display()
-        )
-    })?;
-    let mut text = req.to_string();
-    text.push('\n');
-    s.write_all(text.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .take(MAX_LINE)
-        .read_line(&mut line)
-        .context("reading the reply")?;
-    serde_json::from_str(&line)
-        .with_context(|| format!("the reply is not JSON: {:?}", line.trim_end()))
-}

@@ -419,6 +419,12 @@ fn launch(
         Some(path) => Some(api::serve(path, controller.clone(), bundles)?),
         None => None,
     };
+    // A bundle run with an API names its socket, so that `vdisk checkpoint
+    // create` asks this vmm rather than fail on the bundle's lock.
+    let recorded = match (&c.api, &bundle) {
+        (Some(sock), Some(b)) => Some(tools::vmm_api::record(b.dir(), sock)?),
+        _ => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
@@ -439,6 +445,7 @@ fn launch(
         controller: Some(controller),
         bundle,
     })?;
+    drop(recorded);
     drop(api);
     // The disks were flushed and closed by the run; the bundles' locks go
     // with `open`.
@@ -486,7 +493,7 @@ fn ctl(a: &CtlArgs) -> Result<u8> {
             serde_json::from_str(json).context("the request is not JSON")?
         }
     };
-    let reply = api::call(&a.socket, &req)?;
+    let reply = tools::vmm_api::call(&a.socket, &req)?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     if reply["ok"] == true {
         Ok(0)
