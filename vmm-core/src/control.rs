@@ -163,6 +163,28 @@ type Captured = (Vec<u8>, bool);
 /// What a vCPU thread gives the gate to capture its state with.
 pub(crate) type Capture<'a> = &'a dyn Fn() -> Result<Vec<u8>, String>;
 
+/// The run, if it has started and not ended.
+fn running(g: &Gate) -> Result<&Parts, String> {
+    if g.ended {
+        return Err("the run is over".into());
+    }
+    g.run
+        .as_ref()
+        .ok_or_else(|| "the machine has not started yet".into())
+}
+
+impl Parts {
+    /// Disk `i`.
+    fn disk(&self, i: usize) -> Result<&Attached, String> {
+        self.disks.get(i).ok_or_else(|| {
+            format!(
+                "no disk {i}: the machine has {} (0-based)",
+                self.disks.len()
+            )
+        })
+    }
+}
+
 /// The handle that controls a machine (see the module docs).
 #[derive(Default)]
 pub struct Controller {
@@ -321,12 +343,7 @@ impl Controller {
     pub fn pause(&self) -> Result<(), String> {
         let start = Instant::now();
         let mut g = self.lock();
-        if g.ended {
-            return Err("the run is over".into());
-        }
-        if g.run.is_none() {
-            return Err("the machine has not started yet".into());
-        }
+        running(&g)?;
         g.closed = true;
         while g.waiting < g.active && !g.ended {
             for t in &g.tids {
@@ -370,13 +387,7 @@ impl Controller {
     /// The run has not started or is over.
     pub fn stop(&self) -> Result<(), String> {
         let g = self.lock();
-        if g.ended {
-            return Err("the run is over".into());
-        }
-        let Some(run) = &g.run else {
-            return Err("the machine has not started yet".into());
-        };
-        run.bus.control.finish(Ok(Outcome::Stopped));
+        running(&g)?.bus.control.finish(Ok(Outcome::Stopped));
         Ok(())
     }
 
@@ -386,16 +397,7 @@ impl Controller {
     /// No such disk, or the run has not started.
     pub fn set_qos(&self, disk: usize, limits: Limits) -> Result<(), String> {
         let g = self.lock();
-        let Some(run) = &g.run else {
-            return Err("the machine has not started yet".into());
-        };
-        let d = run.disks.get(disk).ok_or_else(|| {
-            format!(
-                "no disk {disk}: the machine has {} (0-based)",
-                run.disks.len()
-            )
-        })?;
-        d.qos.set(limits);
+        running(&g)?.disk(disk)?.qos.set(limits);
         Ok(())
     }
 
@@ -413,18 +415,8 @@ impl Controller {
     ) -> Result<MigrateReport, String> {
         let (transport, bus) = {
             let g = self.lock();
-            if g.ended {
-                return Err("the run is over".into());
-            }
-            let Some(run) = &g.run else {
-                return Err("the machine has not started yet".into());
-            };
-            let d = run.disks.get(disk).ok_or_else(|| {
-                format!(
-                    "no disk {disk}: the machine has {} (0-based)",
-                    run.disks.len()
-                )
-            })?;
+            let run = running(&g)?;
+            let d = run.disk(disk)?;
             if d.migrating.swap(true, Ordering::AcqRel) {
                 return Err(format!("disk {disk} is already being migrated"));
             }
@@ -481,9 +473,7 @@ impl Controller {
         let started = Instant::now();
         let (mut bundle, bus, vm, ram, linux, mem, vcpus, transports, disks) = {
             let mut g = self.lock();
-            if g.ended {
-                return Err("the run is over".into());
-            }
+            running(&g)?;
             let Some(run) = g.run.as_mut() else {
                 return Err("the machine has not started yet".into());
             };
@@ -586,6 +576,37 @@ impl Controller {
                     qos: d.qos.limits(),
                 })
                 .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parked vCPU answers a capture and is let go at the end, however
+    /// the end interleaves with its waiting (the wake-up once raced).
+    #[test]
+    fn parked_vcpus_answer_captures_and_wake_at_the_end() {
+        for round in 0..500 {
+            let c = Arc::new(Controller::default());
+            c.lock().active = 1;
+            let parked = {
+                let c = c.clone();
+                std::thread::spawn(move || c.park(0, &|| Ok(vec![7, 7])))
+            };
+            if round % 2 == 0 {
+                let got = c.capture_vcpus(1).unwrap();
+                assert_eq!(got, vec![(vec![7, 7], true)]);
+            }
+            let _ = c.end();
+            let t0 = Instant::now();
+            while !parked.is_finished() {
+                assert!(t0.elapsed() < Duration::from_secs(5), "round {round}");
+                std::thread::yield_now();
+            }
+            parked.join().unwrap();
+            assert!(c.capture_vcpus(1).unwrap_err().contains("ended"));
         }
     }
 }
