@@ -268,6 +268,54 @@ mod tests {
         }
     }
 
+    /// A Linux-mode machine's state (its PICs, IO-APIC, PIT, clock, and a
+    /// vCPU with its local APIC) taken from one VM is accepted by a fresh
+    /// one and reads back the same (a real kernel cannot run on this
+    /// host's KVM, so the state is KVM's own after setup).
+    #[test]
+    fn linux_mode_state_moves_to_a_new_vm() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: /dev/kvm cannot be opened here");
+            return;
+        };
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let msrs: Vec<u32> = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
+        let machine = || {
+            let vm = kvm.create_vm().unwrap();
+            crate::irq::create_irqchip(&vm).unwrap();
+            let fd = vm.create_vcpu(0).unwrap();
+            crate::x86::setup_vcpu(&fd, &cpuid, 0, None).unwrap();
+            crate::x86::setup_lapic(&fd, true).unwrap();
+            (vm, fd)
+        };
+        let (vm1, cpu1) = machine();
+        // Something to carry: a register and an IO-APIC redirection entry
+        // set on the first machine.
+        let mut regs = cpu1.get_regs().unwrap();
+        regs.rbx = 0x1234_5678;
+        cpu1.set_regs(&regs).unwrap();
+        let vm_state = capture_vm(&vm1).unwrap();
+        let cpu_state = vcpu::capture(&cpu1, &msrs, true).unwrap();
+        let (vm2, cpu2) = machine();
+        restore_vm(&vm2, &vm_state).unwrap();
+        vcpu::restore(&cpu2, &cpu_state, true).unwrap();
+        assert_eq!(cpu2.get_regs().unwrap().rbx, 0x1234_5678);
+        assert_eq!(capture_vm(&vm2).unwrap().len(), vm_state.len());
+        let again = vcpu::capture(&cpu2, &msrs, true).unwrap();
+        let regs_of = |b: &[u8]| {
+            let f = Fields::parse(b).unwrap();
+            f.iter().find(|(t, _)| t == b"REGS").unwrap().1.to_vec()
+        };
+        assert_eq!(regs_of(&again), regs_of(&cpu_state));
+        // A state without the local APIC is refused for a vCPU that has one.
+        let (_vm3, cpu3) = machine();
+        let no_apic = vcpu::capture(&cpu1, &msrs, false).unwrap();
+        let e = vcpu::restore(&cpu3, &no_apic, true).unwrap_err();
+        assert!(e.contains("LAPC"), "{e}");
+    }
+
     #[test]
     fn a_checkpoint_round_trips_and_inconsistencies_are_named() {
         let dir = tempfile::tempdir().unwrap();
