@@ -365,6 +365,9 @@ impl VirtualDisk for ChainView {
     fn commit_write(&self, ext: &WriteExtent) -> Result<()> {
         self.layers[0].commit_write(ext)
     }
+    fn copy_up_locks(&self) -> Option<&crate::CopyUpLocks> {
+        self.layers[0].copy_up_locks()
+    }
     fn flush(&self) -> Result<()> {
         self.layers[0].flush()
     }

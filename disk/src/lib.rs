@@ -20,6 +20,7 @@
 mod chain;
 pub mod check;
 pub mod compact;
+pub mod copy_up;
 mod error;
 #[cfg(feature = "testing")]
 pub mod fault;
@@ -35,6 +36,7 @@ mod virtual_disk;
 
 pub use chain::ChainView;
 pub use compact::{CompactReport, Progress, Step};
+pub use copy_up::CopyUpLocks;
 pub use error::{Error, ErrorKind, Result, ResultExt};
 pub use lock::LockMode;
 pub use opener::{file_opener, FileOpener, Opener};

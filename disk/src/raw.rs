@@ -96,6 +96,7 @@ impl<S: Storage> VirtualDisk for RawDisk<S> {
             file_offset: FileOffset(offset),
             fill_partial_sectors: false,
             token: 0,
+            copy_up: None,
         })
     }
     fn flush(&self) -> Result<()> {

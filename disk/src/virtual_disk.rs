@@ -12,6 +12,7 @@
 //! read loop reads those bytes straight from that layer's storage
 //! ([`VirtualDisk::layer_storage`]).
 
+use crate::copy_up::CopyUpLocks;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::ops::Range;
@@ -71,6 +72,11 @@ pub struct WriteExtent {
     pub fill_partial_sectors: bool,
     /// Driver-private value handed back to [`VirtualDisk::commit_write`].
     pub token: u64,
+    /// `Some(block)` when the write lands in a block whose sectors are
+    /// tracked one by one: the shared loop then holds that block's copy-up
+    /// lock ([`VirtualDisk::copy_up_locks`], [`crate::copy_up`]) from the
+    /// partial-sector fill through `commit_write`.
+    pub copy_up: Option<u64>,
 }
 
 /// Sizes that describe a virtual disk.
@@ -154,6 +160,12 @@ pub trait VirtualDisk: Send + Sync {
     /// # Errors
     /// I/O errors.
     fn flush(&self) -> Result<()>;
+
+    /// The copy-up locks of a disk that tracks sectors one by one (see
+    /// [`crate::copy_up`]); `None` for a disk that does not.
+    fn copy_up_locks(&self) -> Option<&CopyUpLocks> {
+        None
+    }
 
     /// Flush and close: what a driver does at a clean close (VHDX: an empty
     /// log in both headers). Idempotent, and through `&self`, so a disk
@@ -329,6 +341,11 @@ pub trait VirtualDisk: Send + Sync {
                 .in_file(self.storage().name(), 0));
             }
             let chunk = &buf[done..done + n];
+            // Held from the fill's read of the current contents until the
+            // driver has recorded the write (see `copy_up`).
+            let _copy_up = ext
+                .copy_up
+                .and_then(|block| self.copy_up_locks().map(|l| l.lock(block)));
             if ext.fill_partial_sectors {
                 write_with_sector_fill(self, chunk, pos, ext.file_offset)?;
             } else {
@@ -373,6 +390,9 @@ impl<T: VirtualDisk + ?Sized> VirtualDisk for Arc<T> {
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()
+    }
+    fn copy_up_locks(&self) -> Option<&CopyUpLocks> {
+        (**self).copy_up_locks()
     }
     fn close(&self) -> Result<()> {
         (**self).close()

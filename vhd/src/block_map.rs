@@ -249,6 +249,8 @@ impl Vhd {
             file_offset: FileOffset(block_off + d.bitmap_size + within),
             fill_partial_sectors,
             token: if full { 0 } else { block + 1 },
+            // Sectors tracked one by one: serialize their copy-up.
+            copy_up: (!full).then_some(block),
         })
     }
 

@@ -240,6 +240,9 @@ pub struct Vhd {
     /// the parent, and new blocks start with an all-zero bitmap.
     pub(crate) differencing: bool,
     pub(crate) flush_lock: Mutex<()>,
+    /// Serializes writes into blocks whose bitmap is not full (see
+    /// `disk::copy_up`).
+    pub(crate) copy_up: disk::CopyUpLocks,
     pub(crate) closed: AtomicBool,
     pub(crate) info: Info,
 }

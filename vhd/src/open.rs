@@ -209,6 +209,7 @@ impl Vhd {
             parent: l.parent,
             differencing: l.differencing,
             flush_lock: Mutex::new(()),
+            copy_up: disk::CopyUpLocks::default(),
             closed: AtomicBool::new(false),
             info: l.info,
         })

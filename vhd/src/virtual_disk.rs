@@ -64,6 +64,7 @@ impl VirtualDisk for Vhd {
                 file_offset: FileOffset(offset),
                 fill_partial_sectors: false,
                 token: 0,
+                copy_up: None,
             }),
             Some(d) => {
                 let run = run.min(d.block_size - offset % d.block_size);
@@ -81,6 +82,10 @@ impl VirtualDisk for Vhd {
 
     fn close(&self) -> Result<()> {
         self.close_inner()
+    }
+
+    fn copy_up_locks(&self) -> Option<&disk::CopyUpLocks> {
+        Some(&self.copy_up)
     }
 
     fn flush(&self) -> Result<()> {

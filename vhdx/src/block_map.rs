@@ -416,6 +416,8 @@ impl VirtualDisk for Vhdx {
             file_offset: FileOffset(fo + within),
             fill_partial_sectors,
             token,
+            // Sectors tracked one by one: serialize their copy-up.
+            copy_up: (token != 0).then_some(block),
         })
     }
 
@@ -428,6 +430,10 @@ impl VirtualDisk for Vhdx {
 
     fn parent(&self) -> Option<&Arc<dyn VirtualDisk>> {
         self.parent.as_ref()
+    }
+
+    fn copy_up_locks(&self) -> Option<&disk::CopyUpLocks> {
+        Some(&self.copy_up)
     }
 
     fn flush(&self) -> Result<()> {

@@ -227,6 +227,8 @@ pub struct Vhdx {
     pub(crate) known_len: AtomicU64,
     pub(crate) bitmaps: Mutex<BitmapCache>,
     pub(crate) parent: Option<Arc<dyn VirtualDisk>>,
+    /// Serializes writes into PARTIALLY_PRESENT blocks (see `disk::copy_up`).
+    pub(crate) copy_up: disk::CopyUpLocks,
     pub(crate) closed: AtomicBool,
 }
 

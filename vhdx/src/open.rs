@@ -408,6 +408,7 @@ impl Vhdx {
             known_len: AtomicU64::new(cur_len),
             bitmaps: Mutex::new(BitmapCache::new(BITMAP_CACHE_PAGES)),
             parent,
+            copy_up: disk::CopyUpLocks::default(),
             closed: AtomicBool::new(false),
             storage,
             info: info.clone(),

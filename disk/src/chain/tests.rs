@@ -134,6 +134,7 @@ impl VirtualDisk for TestDisk {
             file_offset: FileOffset(fo + within),
             fill_partial_sectors: false,
             token: 0,
+            copy_up: None,
         })
     }
     fn flush(&self) -> Result<()> {
