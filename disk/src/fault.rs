@@ -32,6 +32,28 @@ struct Inner {
     ops: Vec<Op>,
     recording: bool,
     fail_writes_after: Option<usize>,
+    /// Fail the mutation (write, flush or set_len) after this many more,
+    /// with this error.
+    fail_mutation: Option<(usize, Fault)>,
+}
+
+/// The error an injected fault returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// EIO: the device failed.
+    Eio,
+    /// ENOSPC: no space left.
+    Enospc,
+}
+
+impl Fault {
+    fn error(self) -> std::io::Error {
+        // Linux's errno values.
+        std::io::Error::from_raw_os_error(match self {
+            Fault::Eio => 5,
+            Fault::Enospc => 28,
+        })
+    }
 }
 
 /// A recording in-memory storage; see the module docs.
@@ -56,6 +78,7 @@ impl RecordingStorage {
                 ops: Vec::new(),
                 recording: true,
                 fail_writes_after: None,
+                fail_mutation: None,
             }),
             name: name.into(),
         }
@@ -75,6 +98,17 @@ impl RecordingStorage {
     /// Make every write after the next `n` fail with an I/O error (None: never).
     pub fn fail_writes_after(&self, n: Option<usize>) {
         self.lock().fail_writes_after = n;
+    }
+
+    /// Make the mutation (write, flush or set_len) after the next `n` fail
+    /// with `fault`, once (None: never).
+    pub fn fail_mutation_after(&self, n: Option<usize>, fault: Fault) {
+        self.lock().fail_mutation = n.map(|n| (n, fault));
+    }
+
+    /// Whether an armed mutation fault has not fired yet.
+    pub fn fault_pending(&self) -> bool {
+        self.lock().fail_mutation.is_some()
     }
 
     /// Number of recorded operations.
@@ -143,6 +177,22 @@ fn apply(img: &mut Vec<u8>, op: &Op) {
     }
 }
 
+/// Count a mutation against the armed fault; the fault's error when it
+/// fires (once).
+fn injected(g: &mut Inner, name: &str, what: impl Fn() -> String) -> Result<()> {
+    match g.fail_mutation {
+        Some((0, fault)) => {
+            g.fail_mutation = None;
+            Err(Error::io(format!("injected fault {}", what()), fault.error()).in_file(name, 0))
+        }
+        Some((n, fault)) => {
+            g.fail_mutation = Some((n - 1, fault));
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
 impl Storage for RecordingStorage {
     fn name(&self) -> &str {
         &self.name
@@ -166,6 +216,9 @@ impl Storage for RecordingStorage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut g = self.lock();
+        injected(&mut g, &self.name, || {
+            format!("writing {} bytes at offset {offset:#x}", buf.len())
+        })?;
         if let Some(n) = g.fail_writes_after {
             if n == 0 {
                 return Err(Error::io(
@@ -196,6 +249,7 @@ impl Storage for RecordingStorage {
     }
     fn flush(&self) -> Result<()> {
         let mut g = self.lock();
+        injected(&mut g, &self.name, || "flushing".to_string())?;
         if g.recording {
             g.ops.push(Op::Flush);
         }
@@ -206,6 +260,9 @@ impl Storage for RecordingStorage {
     }
     fn set_len(&self, len: u64) -> Result<()> {
         let mut g = self.lock();
+        injected(&mut g, &self.name, || {
+            format!("setting the length to {len:#x}")
+        })?;
         let op = Op::SetLen(len);
         apply(&mut g.current, &op);
         if g.recording {
