@@ -305,3 +305,112 @@ mod tests {
         assert_eq!(e.kind(), crate::ErrorKind::Io);
     }
 }
+
+/// An opener of real files whose mutations (writes, flushes, length
+/// changes, across every file it opened or created) fail once, at the
+/// n-th, with an injected EIO or ENOSPC: for running whole operations
+/// (merges, checkpoints, conversions) into a failing disk.
+#[derive(Debug)]
+pub struct FaultOpener {
+    plan: std::sync::Arc<Mutex<Option<(usize, Fault)>>>,
+}
+
+impl FaultOpener {
+    /// Fail the mutation after the next `n`, with `fault` (once).
+    pub fn new(n: usize, fault: Fault) -> FaultOpener {
+        FaultOpener {
+            plan: std::sync::Arc::new(Mutex::new(Some((n, fault)))),
+        }
+    }
+
+    /// Whether the fault has not fired yet.
+    pub fn pending(&self) -> bool {
+        self.plan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn wrap(&self, inner: Box<dyn Storage>) -> Box<dyn Storage> {
+        Box::new(Faulty {
+            inner,
+            plan: self.plan.clone(),
+        })
+    }
+}
+
+impl crate::Opener for FaultOpener {
+    fn open(
+        &self,
+        path: &std::path::Path,
+        writable: bool,
+        lock: crate::LockMode,
+    ) -> Result<Box<dyn Storage>> {
+        Ok(self.wrap(crate::FileOpener.open(path, writable, lock)?))
+    }
+    fn create(&self, path: &std::path::Path, overwrite: bool) -> Result<Box<dyn Storage>> {
+        Ok(self.wrap(crate::FileOpener.create(path, overwrite)?))
+    }
+}
+
+/// A storage of [`FaultOpener`].
+struct Faulty {
+    inner: Box<dyn Storage>,
+    plan: std::sync::Arc<Mutex<Option<(usize, Fault)>>>,
+}
+
+impl Faulty {
+    fn check(&self, what: impl Fn() -> String) -> Result<()> {
+        let mut p = self
+            .plan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *p {
+            Some((0, fault)) => {
+                *p = None;
+                Err(
+                    Error::io(format!("injected fault {}", what()), fault.error())
+                        .in_file(self.inner.name(), 0),
+                )
+            }
+            Some((n, fault)) => {
+                *p = Some((n - 1, fault));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Storage for Faulty {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check(|| format!("writing {} bytes at offset {offset:#x}", buf.len()))?;
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        self.check(|| "flushing".to_string())?;
+        self.inner.flush()
+    }
+    fn len(&self) -> Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.check(|| format!("setting the length to {len:#x}"))?;
+        self.inner.set_len(len)
+    }
+    fn is_writable(&self) -> bool {
+        self.inner.is_writable()
+    }
+    fn file_id(&self) -> Option<(u64, u64)> {
+        self.inner.file_id()
+    }
+    fn data_run(&self, offset: u64) -> Result<Option<(u64, u64)>> {
+        self.inner.data_run(offset)
+    }
+}

@@ -226,6 +226,11 @@ pub struct Vhdx {
     /// past that is a truncated block.
     pub(crate) known_len: AtomicU64,
     pub(crate) bitmaps: Mutex<BitmapCache>,
+    /// The operations of a log entry that is durable in the log but whose
+    /// in-place application failed: applied again before anything else is
+    /// logged, and until then the session does not end clean (the next open
+    /// would replay the entry).
+    pub(crate) unapplied: Mutex<Option<Vec<crate::log::LogOp>>>,
     pub(crate) parent: Option<Arc<dyn VirtualDisk>>,
     /// Serializes writes into PARTIALLY_PRESENT blocks (see `disk::copy_up`).
     pub(crate) copy_up: disk::CopyUpLocks,

@@ -409,6 +409,7 @@ impl Vhdx {
             bitmaps: Mutex::new(BitmapCache::new(BITMAP_CACHE_PAGES)),
             parent,
             copy_up: disk::CopyUpLocks::default(),
+            unapplied: Mutex::new(None),
             closed: AtomicBool::new(false),
             storage,
             info: info.clone(),

@@ -87,6 +87,13 @@ impl Vhdx {
     /// starts a new session (new FileWriteGuid and LogGuid).
     pub(crate) fn end_session(&self) -> Result<()> {
         let _f = lock(&self.flush_lock);
+        if lock(&self.unapplied).is_some() {
+            return Err(Error::invalid(
+                "a logged change could not be applied in place: the log is kept, and the next \
+                 open replays it",
+            )
+            .in_file(self.name(), 0));
+        }
         let mut hs = lock(&self.header);
         let mut h = hs.current.clone();
         h.log_guid = Uuid::nil();
@@ -149,6 +156,14 @@ impl Vhdx {
         last_file_offset: u64,
     ) -> Result<()> {
         self.storage.flush()?;
+        // An entry the log holds but that did not reach its place: apply
+        // it first (replaying is idempotent).
+        let mut unapplied = lock(&self.unapplied);
+        if let Some(ops) = unapplied.as_ref() {
+            replay::apply(&*self.storage, ops)?;
+            self.storage.flush()?;
+            *unapplied = None;
+        }
         if pages.is_empty() {
             return Ok(());
         }
@@ -190,8 +205,15 @@ impl Vhdx {
             // previous entry is applied and synced, so its space is free.
             self.storage.write_at(&bytes, log_offset)?;
             self.storage.flush()?;
-            replay::apply(&*self.storage, &entry.ops)?;
-            self.storage.flush()?;
+            // The entry is durable: should applying it fail, it is applied
+            // again at the next flush, and the log is not emptied until it
+            // is (a crash meanwhile replays it on open).
+            let applied =
+                replay::apply(&*self.storage, &entry.ops).and_then(|()| self.storage.flush());
+            if let Err(e) = applied {
+                *unapplied = Some(entry.ops);
+                return Err(e);
+            }
             seq += 1;
             lock(&self.header).next_sequence = seq;
         }
