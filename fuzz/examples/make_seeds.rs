@@ -22,6 +22,14 @@ fn put(target: &str, name: &str, bytes: &[u8]) {
     std::fs::write(dir.join(name), bytes).unwrap();
 }
 
+/// VHDX creation options with 1 MiB blocks (the smallest: every block a
+/// whole-image target allocates grows the in-memory file by a block).
+fn vhdx_opts(size: u64) -> vhdx::CreateOptions {
+    let mut o = vhdx::CreateOptions::new(size);
+    o.block_size = 1 << 20;
+    o
+}
+
 fn vhdx_bytes(opts: &vhdx::CreateOptions, writes: &[(u64, u8)]) -> Vec<u8> {
     let st = Arc::new(MemStorage::new("seed.vhdx"));
     let d = vhdx::Vhdx::create_on(Box::new(st.clone()), opts).unwrap();
@@ -105,14 +113,11 @@ fn main() {
     std::fs::create_dir_all(&tmp).unwrap();
 
     // VHDX: dynamic with data, fixed, 4K sectors, differencing.
-    let dynamic = vhdx_bytes(
-        &vhdx::CreateOptions::new(8 << 20),
-        &[(0, 0x11), (5 << 20, 0x22)],
-    );
-    let mut fixed_o = vhdx::CreateOptions::new(1 << 20);
+    let dynamic = vhdx_bytes(&vhdx_opts(8 << 20), &[(0, 0x11), (5 << 20, 0x22)]);
+    let mut fixed_o = vhdx_opts(1 << 20);
     fixed_o.fixed = true;
     let fixed = vhdx_bytes(&fixed_o, &[(4096, 0x33)]);
-    let mut k4 = vhdx::CreateOptions::new(4 << 20);
+    let mut k4 = vhdx_opts(4 << 20);
     k4.logical_sector_size = 4096;
     k4.physical_sector_size = 4096;
     let sector4k = vhdx_bytes(&k4, &[(8192, 0x44)]);
@@ -132,7 +137,7 @@ fn main() {
     std::fs::write(&ppath, &dynamic).unwrap();
     let cpath = tmp.join("child.avhdx");
     {
-        let opts = vhdx::CreateOptions::new(8 << 20);
+        let opts = vhdx_opts(8 << 20);
         let popts = vhdx::OpenOptions::default();
         let c = vhdx::Vhdx::create_differencing(&cpath, &ppath, &opts, &popts, true).unwrap();
         c.write_at(&[0x66; 4096], 1 << 20).unwrap();
