@@ -243,7 +243,10 @@ mod tests {
             "active":"b","pending":{"op":"delete","node":"b"}}"#;
         let m: Manifest = serde_json::from_str(text).unwrap();
         let err = validate(&m).unwrap_err();
-        assert!(err.contains("pending delete names the active node"), "{err}");
+        assert!(
+            err.contains("pending delete names the active node"),
+            "{err}"
+        );
         let ok = Manifest {
             pending: Some(Pending::Delete { node: "a".into() }),
             ..m
