@@ -216,6 +216,13 @@ fn validate(m: &Manifest) -> std::result::Result<(), String> {
     if m.pending.is_none() && m.nodes.iter().any(|n| n.parent.as_deref() == Some(&a.id)) {
         return Err("the active node has children".into());
     }
+    // Found by fuzzing: recovering such a delete removed the active node
+    // and a later `Bundle::active` panicked.
+    if let Some(Pending::Delete { node }) = &m.pending {
+        if *node == m.active {
+            return Err("the pending delete names the active node".into());
+        }
+    }
     if m.nodes.iter().filter(|n| n.name.is_none()).count() != 1 {
         return Err("exactly one node (the active one) must be unnamed".into());
     }
@@ -225,6 +232,27 @@ fn validate(m: &Manifest) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzz finding (fuzz/ checkpoint_manifest): a pending delete of the
+    /// active node is refused, not recovered into a manifest without one.
+    #[test]
+    fn pending_delete_of_the_active_node_is_refused() {
+        let text = r#"{"version":1,"format":"vhd","nodes":[
+            {"id":"a","name":"base","created":0,"parent":null,"disk":"base.vhd"},
+            {"id":"b","name":null,"created":0,"parent":"a","disk":"b.avhd"}],
+            "active":"b","pending":{"op":"delete","node":"b"}}"#;
+        let m: Manifest = serde_json::from_str(text).unwrap();
+        let err = validate(&m).unwrap_err();
+        assert!(
+            err.contains("pending delete names the active node"),
+            "{err}"
+        );
+        let ok = Manifest {
+            pending: Some(Pending::Delete { node: "a".into() }),
+            ..m
+        };
+        assert_eq!(validate(&ok), Ok(()));
+    }
 
     #[test]
     fn utc_formatting() {
