@@ -211,6 +211,53 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
 }
 
+/// Where the `s`-th sector of [`copy_up_race`] lies: spread over 8 MiB.
+pub fn copy_up_sector_at(s: u64) -> u64 {
+    (s * 7 % 8) * (1 << 20) + (s / 8) * 512 * 3
+}
+
+/// The copy-up race of a differencing disk of at least 8 MiB whose parent
+/// reads `parent` everywhere (see `disk::copy_up`). Two threads write bytes [0, 100) and [300, 400) of each test sector at
+/// the same moment; every sector must end with both writes and the
+/// parent's bytes around them.
+pub fn copy_up_race(d: std::sync::Arc<dyn VirtualDisk>, sectors: u64, parent: u8) {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let writer = |range: std::ops::Range<u64>, byte: u8| {
+        let d = d.clone();
+        let barrier = barrier.clone();
+        std::thread::spawn(move || {
+            let buf = vec![byte; usize::try_from(range.end - range.start).unwrap()];
+            for s in 0..sectors {
+                barrier.wait();
+                d.write_at(&buf, copy_up_sector_at(s) + range.start)
+                    .unwrap();
+            }
+        })
+    };
+    let a = writer(0..100, 0xa1);
+    let b = writer(300..400, 0xb2);
+    a.join().unwrap();
+    b.join().unwrap();
+    let mut lost = Vec::new();
+    for s in 0..sectors {
+        let mut sector = [0u8; 512];
+        d.read_at(&mut sector, copy_up_sector_at(s)).unwrap();
+        let ok = sector[..100].iter().all(|&x| x == 0xa1)
+            && sector[100..300].iter().all(|&x| x == parent)
+            && sector[300..400].iter().all(|&x| x == 0xb2)
+            && sector[400..].iter().all(|&x| x == parent);
+        if !ok {
+            lost.push(s);
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {sectors} sectors lost a write: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
 /// Pattern writes that make a parent disk interesting: the first 3/8
 /// (whole blocks), 70 000 bytes just past the middle (a partial block),
 /// and the last 1/20 (the end). Returns the disk's content afterwards,

@@ -5,57 +5,13 @@
 // Test data: small disks whose sizes and offsets fit any integer type.
 #![allow(clippy::cast_possible_truncation)]
 
+use disk::testing::copy_up_race;
 use disk::{ChainView, VirtualDisk};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use vhd::{CreateOptions, Vhd};
 
 const MIB: u64 = 1 << 20;
 const PARENT: u8 = 0x5a;
-
-/// Where the `s`-th test sector lies: spread over the blocks.
-fn sector_at(s: u64) -> u64 {
-    (s * 7 % 8) * MIB + (s / 8) * 512 * 3
-}
-
-/// Two threads write bytes [0, 100) and [300, 400) of each test sector at
-/// the same moment; every sector must end with both writes and the
-/// parent's bytes around them.
-fn race(d: Arc<dyn VirtualDisk>, sectors: u64) {
-    let barrier = Arc::new(Barrier::new(2));
-    let writer = |range: std::ops::Range<u64>, byte: u8| {
-        let d = d.clone();
-        let barrier = barrier.clone();
-        std::thread::spawn(move || {
-            let buf = vec![byte; (range.end - range.start) as usize];
-            for s in 0..sectors {
-                barrier.wait();
-                d.write_at(&buf, sector_at(s) + range.start).unwrap();
-            }
-        })
-    };
-    let a = writer(0..100, 0xa1);
-    let b = writer(300..400, 0xb2);
-    a.join().unwrap();
-    b.join().unwrap();
-    let mut lost = Vec::new();
-    for s in 0..sectors {
-        let mut sector = [0u8; 512];
-        d.read_at(&mut sector, sector_at(s)).unwrap();
-        let ok = sector[..100].iter().all(|&x| x == 0xa1)
-            && sector[100..300].iter().all(|&x| x == PARENT)
-            && sector[300..400].iter().all(|&x| x == 0xb2)
-            && sector[400..].iter().all(|&x| x == PARENT);
-        if !ok {
-            lost.push(s);
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} of {sectors} sectors lost a write: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
-}
 
 fn parent_and_child(dir: &std::path::Path) -> std::path::PathBuf {
     let base = dir.join("base.vhd");
@@ -88,7 +44,7 @@ fn two_writers_copy_up_one_sector_and_neither_is_lost() {
         )
         .unwrap(),
     );
-    race(d.clone(), 2000);
+    copy_up_race(d.clone(), 2000, PARENT);
     d.close().unwrap();
 }
 
@@ -107,6 +63,6 @@ fn through_a_chain_view_too() {
         .unwrap(),
     );
     let view: Arc<dyn VirtualDisk> = Arc::new(ChainView::new(d.clone()));
-    race(view, 2000);
+    copy_up_race(view, 2000, PARENT);
     d.close().unwrap();
 }

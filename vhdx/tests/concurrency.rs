@@ -108,44 +108,6 @@ fn two_writers_copy_up_one_sector_and_neither_is_lost() {
     let d = Arc::new(
         Vhdx::create_differencing(&child, &base, &co, &OpenOptions::default(), false).unwrap(),
     );
-    let sectors = 2000u64;
-    let barrier = Arc::new(std::sync::Barrier::new(2));
-    let writer = |range: std::ops::Range<usize>, byte: u8| {
-        let d = d.clone();
-        let barrier = barrier.clone();
-        std::thread::spawn(move || {
-            let buf = vec![byte; range.len()];
-            for s in 0..sectors {
-                barrier.wait();
-                // Sectors spread over the blocks, each written once by each
-                // thread while it is still the parent's.
-                let at = (s * 7 % 8) * MIB + (s / 8) * 512 * 3;
-                d.write_at(&buf, at + range.start as u64).unwrap();
-            }
-        })
-    };
-    let a = writer(0..100, 0xa1);
-    let b = writer(300..400, 0xb2);
-    a.join().unwrap();
-    b.join().unwrap();
-    let mut lost = Vec::new();
-    for s in 0..sectors {
-        let at = (s * 7 % 8) * MIB + (s / 8) * 512 * 3;
-        let mut sector = [0u8; 512];
-        d.read_at(&mut sector, at).unwrap();
-        let ok = sector[..100].iter().all(|&x| x == 0xa1)
-            && sector[100..300].iter().all(|&x| x == parent_byte)
-            && sector[300..400].iter().all(|&x| x == 0xb2)
-            && sector[400..].iter().all(|&x| x == parent_byte);
-        if !ok {
-            lost.push(s);
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} of {sectors} sectors lost a write: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
+    disk::testing::copy_up_race(d.clone(), 2000, parent_byte);
     Arc::try_unwrap(d).unwrap().close().unwrap();
 }
