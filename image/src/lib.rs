@@ -14,7 +14,9 @@
 //!   relinking.
 //!
 //! Every consumer (the `vdisk` commands, the mount, the checkpoint crate,
-//! the benchmarks) opens images through here.
+//! the benchmarks) opens images through here. What survives a crash, which
+//! operations are atomic, what a concurrent reader may see and what a
+//! hostile image can make us do: [`guarantees`].
 //!
 //! ```
 //! use disk::VirtualDisk;
@@ -40,6 +42,8 @@ pub mod chain;
 mod create;
 mod format;
 pub mod guard;
+#[doc = include_str!("guarantees.md")]
+pub mod guarantees {}
 mod open;
 pub mod probe;
 

@@ -178,7 +178,10 @@ pub(crate) enum Command {
         either from the other, or both when only their cookie was lost and the checksum \
         proves the rest intact), the dynamic disk header, the BAT, the parent's unique id. \
         Leaks: file space at the end of the file that no structure uses and that lies past \
-        the last byte any structure references (-r leaks cuts it off). Unused space between \
+        the last byte any structure references (-r leaks cuts it off; so does the next \
+        writable open of an image with nothing else wrong: such space is what a crash leaves \
+        between a block's allocation and the flush that would have referenced it). Unused \
+        space between \
         structures is listed but is no leak (nothing is lost, and vdisk compact packs blocks \
         into it). Raw images have nothing to check.\n\
         Repairs never destroy data: -r never cuts or overwrites a referenced byte, whatever \

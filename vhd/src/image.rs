@@ -62,7 +62,7 @@
 //! torn by a power cut is a mix of old and new bits, each of them covering
 //! durable data. A power cut before the second sync leaves each BAT
 //! entry either old (unallocated: the unflushed writes are lost, the block's
-//! space leaks) or new (pointing at a durable block): either way the image
+//! space leaks until the next writable open gives it back, see `open`) or new (pointing at a durable block): either way the image
 //! opens and every write acknowledged by an earlier flush reads back.
 //!
 //! `discard` of whole blocks of a dynamic disk marks them unallocated in the

@@ -3,7 +3,9 @@
 //! Virtual PC 2004, or the copy at offset 0 of a dynamic disk whose
 //! trailing footer is damaged, then read-only), validate the dynamic disk
 //! header and the BAT against the file, and find a differencing disk's
-//! parent (`parent_search`).
+//! parent (`parent_search`). A writable open of an image with nothing else
+//! wrong gives back a leak before the footer: a block allocated before a
+//! crash that no flushed BAT entry references.
 
 use crate::bat::{Bat, SECTOR, UNALLOCATED};
 use crate::block_map::{Dyn, DynState};
@@ -31,6 +33,11 @@ pub(crate) struct Loaded {
     pub(crate) parent: Option<Arc<dyn VirtualDisk>>,
     pub(crate) differencing: bool,
     pub(crate) info: Info,
+    /// Bytes of payload area past every block and the BAT, before the
+    /// trailing footer (0 for a fixed disk): space a power cut left
+    /// between allocating a block and the flush that would have referenced
+    /// it, or locator data.
+    pub(crate) unreferenced_tail: u64,
 }
 
 impl Vhd {
@@ -198,7 +205,40 @@ impl Vhd {
         opts: &OpenOptions,
         parent_source: ParentSource<'_>,
     ) -> Result<Self> {
-        let l = Self::load(&*storage, opts, parent_source)?;
+        let mut l = Self::load(&*storage, opts, parent_source)?;
+        if l.writable
+            && l.dynamic
+                .as_ref()
+                .is_some_and(|d| l.unreferenced_tail >= d.bitmap_size + d.block_size)
+        {
+            // A block's worth of space before the footer that no BAT entry
+            // references: a block allocated before a power cut whose flush
+            // never came (the footer moves first). Reclaim it as `check -r
+            // leaks` does (the same code: the footer written again after the
+            // last used structure, synced, then the file cut after it; it
+            // knows locator data, which the bound above does not), then
+            // load again with the parent already found.
+            let check_opts = crate::check::CheckOptions {
+                check_parent: false,
+                ..Default::default()
+            };
+            // Only in an image with nothing else wrong: next to a corrupt
+            // structure, the space may hold the only copy of data a bad
+            // BAT entry no longer points at.
+            let report = crate::check::check(&*storage, &check_opts)?;
+            if report.corruptions == 0
+                && report.leaks > 0
+                && crate::check::repair(&*storage, disk::check::RepairMode::Leaks, &check_opts)?
+                    .leaks_fixed
+                    > 0
+            {
+                let again = match l.parent.clone() {
+                    Some(p) => ParentSource::Given(p),
+                    None => ParentSource::Inspect,
+                };
+                l = Self::load(&*storage, opts, again)?;
+            }
+        }
         Ok(Vhd {
             storage,
             writable: l.writable,
@@ -262,6 +302,7 @@ impl Vhd {
 
         let mut parent: Option<Arc<dyn VirtualDisk>> = None;
         let differencing = footer.disk_type == DiskType::Differencing;
+        let mut unreferenced_tail = 0;
         let dynamic = match footer.disk_type {
             DiskType::Fixed => {
                 if let ParentSource::Given(p) = parent_source {
@@ -398,6 +439,9 @@ impl Vhd {
                 }
                 info.allocated_blocks = allocated;
                 info.truncated_blocks = truncated;
+                if source != FooterSource::CopyAtStart && truncated == 0 {
+                    unreferenced_tail = end.saturating_sub(max_end);
+                }
                 if footer.disk_type == DiskType::Differencing {
                     info.parent_locators = read_locators(storage, &header, file_len);
                     parent = match parent_source {
@@ -447,6 +491,7 @@ impl Vhd {
             parent,
             differencing,
             info,
+            unreferenced_tail,
         })
     }
 }

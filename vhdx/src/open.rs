@@ -3,7 +3,9 @@
 //! (MS-VHDX 2.3.3: into the file when writable, in memory otherwise) before
 //! anything it may change is read, the region table, the metadata, a
 //! differencing disk's parent, and, when writable, a scan of the BAT that
-//! refuses a truncated file.
+//! refuses a truncated file and, in an image with nothing else wrong, gives
+//! back the unreferenced tail a crash leaves between a block's allocation
+//! and the flush that would have referenced it.
 
 use crate::bat::BatGeometry;
 use crate::bat_cache::BatCache;
@@ -14,7 +16,7 @@ use crate::log::{self, LogOp};
 use crate::metadata::{FileParameters, Metadata};
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
 use crate::parent_search::find_parent;
-use crate::region_table::RegionTable;
+use crate::region_table::{RegionEntry, RegionTable};
 use crate::replay::{self, ReplayOverlay};
 use crate::scan;
 use crate::sector_bitmap::BitmapCache;
@@ -337,7 +339,7 @@ impl Vhdx {
             )
             .in_file(&name, 0));
         }
-        let cur_len = storage.len()?;
+        let mut cur_len = storage.len()?;
         // New blocks go past every byte the BAT references, inside the file
         // or not (space kept for an unmapped block past the end; a block
         // of a file truncated since it was opened), at a 1 MiB boundary.
@@ -378,7 +380,40 @@ impl Vhdx {
                 )
                 .in_file(&name, 0));
             }
-            alloc_end = alloc_end.max(s.referenced_end);
+            // A power cut between allocating blocks (the file grew) and
+            // the flush that would have referenced them leaves space past
+            // every structure that nothing references. The log is empty
+            // now (replayed above), so the BAT in the file is the whole
+            // truth: reclaim that tail as `check -r leaks` does (the same
+            // code, which cuts only unreferenced space past the last
+            // referenced byte). Only when the cheap bound says a tail may
+            // be there: the check reads the whole BAT again.
+            let structures_end = regions
+                .entries
+                .iter()
+                .filter_map(RegionEntry::end)
+                .chain([
+                    MIB,
+                    hdr.log_offset.saturating_add(u64::from(hdr.log_length)),
+                    s.referenced_end,
+                ])
+                .max()
+                .unwrap_or(MIB);
+            if cur_len > structures_end.div_ceil(MIB).saturating_mul(MIB) {
+                let check_opts = crate::check::CheckOptions {
+                    check_parent: false,
+                    ..Default::default()
+                };
+                // Only in an image with nothing else wrong: next to a
+                // corrupt structure, the tail may hold the only copy of
+                // data a bad BAT entry no longer points at.
+                let report = crate::check::check(&*storage, &check_opts)?;
+                if report.corruptions == 0 && report.leaks > 0 {
+                    crate::check::repair(&*storage, disk::check::RepairMode::Leaks, &check_opts)?;
+                    cur_len = storage.len()?;
+                }
+            }
+            alloc_end = cur_len.max(s.referenced_end);
         }
         let alloc_end = alloc_end.div_ceil(MIB) * MIB;
         let next_sequence = 1;
