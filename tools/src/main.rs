@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => commands::mount::mount(a),
         Command::Unmount(a) => commands::mount::unmount(a),
         Command::Map(a) => commands::map::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Completions(a) => commands::completions::completions(a),
         Command::Man(a) => commands::completions::man(a),
         Command::Convert(a) => {
@@ -109,6 +110,7 @@ fn sharing(command: &Command) -> (bool, ShareArgs) {
         Command::Map(a) => (true, a.share),
         Command::Read(a) => (true, a.share),
         Command::Mount(a) => (!a.rw, a.share),
+        Command::Serve(a) => (!a.rw, a.share),
         _ => (false, ShareArgs::default()),
     }
 }

@@ -13,6 +13,7 @@ pub mod map;
 pub mod mount;
 pub mod resize;
 pub mod rw;
+pub mod serve;
 
 use disk::{Extent, Mapping, VirtualDisk};
 

@@ -1,0 +1,530 @@
+//! The server against a small client written from the protocol document:
+//! the handshake, every command, and hostile clients (bad magic, unknown
+//! flags, huge lengths, out-of-range offsets, option floods, clients that
+//! vanish mid-request). After every hostile client the server still
+//! serves a well-behaved one, and the disk reads what it should.
+
+// Test data: small disks whose offsets and sizes fit any integer type.
+#![allow(clippy::cast_possible_truncation)]
+
+use disk::{MemStorage, RawDisk, VirtualDisk};
+use nbd::proto::{self, cflag, cmd, errno, opt, rep, tflag, Request};
+use nbd::{Export, Listener, Server};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const SIZE: u64 = 8 << 20;
+
+struct Fixture {
+    server: Arc<Server>,
+    disk: Arc<RawDisk<MemStorage>>,
+    path: PathBuf,
+    thread: Option<JoinHandle<nbd::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(writable: bool) -> Fixture {
+        let disk =
+            Arc::new(RawDisk::new(MemStorage::from_vec("mem", vec![0u8; SIZE as usize])).unwrap());
+        let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+        disk.write_at(&pattern, 1 << 20).unwrap();
+        let server = Arc::new(
+            Server::new(
+                vec![Export {
+                    name: "d".into(),
+                    description: "test disk".into(),
+                    disk: disk.clone(),
+                    writable,
+                }],
+                |_| {},
+            )
+            .unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = Listener::Unix(UnixListener::bind(&path).unwrap());
+        let s = server.clone();
+        let thread = Some(std::thread::spawn(move || s.run(&listener)));
+        Fixture {
+            server,
+            disk,
+            path,
+            thread,
+            _dir: dir,
+        }
+    }
+
+    fn raw(&self) -> UnixStream {
+        let c = UnixStream::connect(&self.path).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c
+    }
+
+    /// A client through `NBD_OPT_GO` with structured replies and
+    /// `base:allocation`.
+    fn client(&self) -> Client {
+        let mut c = Client::greet(self.raw(), 1);
+        c.option(opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(c.reply().1, rep::ACK);
+        let mut d = Vec::new();
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.push(b'd');
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&15u32.to_be_bytes());
+        d.extend_from_slice(b"base:allocation");
+        c.option(opt::SET_META_CONTEXT, &d);
+        let (_, t, data) = c.reply();
+        assert_eq!(t, rep::META_CONTEXT);
+        assert_eq!(&data[4..], b"base:allocation");
+        assert_eq!(c.reply().1, rep::ACK);
+        c.go("d");
+        c
+    }
+
+    /// Wait until the server has counted `n` dropped clients.
+    fn wait_dropped(&self, n: usize) {
+        for _ in 0..200 {
+            if self.server.dropped() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{} clients dropped, expected {n}", self.server.dropped());
+    }
+
+    /// A well-behaved client still gets the right data.
+    fn still_serves(&self) {
+        let mut c = self.client();
+        let (e, data) = c.read(1 << 20, 4096, 0);
+        assert_eq!(e, 0);
+        let want: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        assert_eq!(data, want);
+        c.disconnect();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.server.stop_flag().store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let r = t.join().unwrap();
+            if !std::thread::panicking() {
+                r.unwrap();
+            }
+        }
+    }
+}
+
+struct Client {
+    s: UnixStream,
+    flags: u16,
+    cookie: u64,
+}
+
+impl Client {
+    fn greet(mut s: UnixStream, client_flags: u32) -> Client {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(&g[0..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(proto::be16(&g[16..18]), 3, "fixed newstyle and no zeroes");
+        s.write_all(&client_flags.to_be_bytes()).unwrap();
+        Client {
+            s,
+            flags: 0,
+            cookie: 0,
+        }
+    }
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut v = Vec::new();
+        v.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        self.s.write_all(&v).unwrap();
+    }
+    fn reply(&mut self) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(proto::be64(&h[0..8]), proto::REPLY_MAGIC);
+        let mut d = vec![0u8; proto::be32(&h[16..20]) as usize];
+        self.s.read_exact(&mut d).unwrap();
+        (proto::be32(&h[8..12]), proto::be32(&h[12..16]), d)
+    }
+    fn go(&mut self, name: &str) {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&proto::info::BLOCK_SIZE.to_be_bytes());
+        self.option(opt::GO, &d);
+        loop {
+            let (o, t, data) = self.reply();
+            assert_eq!(o, opt::GO);
+            match t {
+                rep::ACK => break,
+                rep::INFO => {
+                    if proto::be16(&data[0..2]) == proto::info::EXPORT {
+                        assert_eq!(proto::be64(&data[2..10]), SIZE);
+                        self.flags = proto::be16(&data[10..12]);
+                    }
+                }
+                _ => panic!("GO failed: {t:#x} {:?}", String::from_utf8_lossy(&data)),
+            }
+        }
+    }
+    fn send(&mut self, flags: u16, kind: u16, offset: u64, length: u32, payload: &[u8]) -> u64 {
+        self.cookie += 1;
+        let r = Request {
+            flags,
+            kind,
+            cookie: self.cookie,
+            offset,
+            length,
+        };
+        self.s.write_all(&r.to_bytes()).unwrap();
+        self.s.write_all(payload).unwrap();
+        self.cookie
+    }
+    /// One whole structured (or simple) reply: (error, data or
+    /// descriptors as bytes).
+    fn answer(&mut self, cookie: u64) -> (u32, Vec<u8>) {
+        let mut out = Vec::new();
+        loop {
+            let mut m = [0u8; 4];
+            self.s.read_exact(&mut m).unwrap();
+            if proto::be32(&m) == proto::SIMPLE_REPLY_MAGIC {
+                let mut h = [0u8; 12];
+                self.s.read_exact(&mut h).unwrap();
+                assert_eq!(proto::be64(&h[4..12]), cookie);
+                return (proto::be32(&h[0..4]), out);
+            }
+            assert_eq!(proto::be32(&m), proto::STRUCTURED_REPLY_MAGIC);
+            let mut h = [0u8; 16];
+            self.s.read_exact(&mut h).unwrap();
+            let (flags, kind) = (proto::be16(&h[0..2]), proto::be16(&h[2..4]));
+            assert_eq!(proto::be64(&h[4..12]), cookie);
+            let mut p = vec![0u8; proto::be32(&h[12..16]) as usize];
+            self.s.read_exact(&mut p).unwrap();
+            let mut err = 0;
+            match kind {
+                proto::reply::OFFSET_DATA => out.extend_from_slice(&p[8..]),
+                proto::reply::BLOCK_STATUS => out.extend_from_slice(&p[4..]),
+                proto::reply::ERROR => err = proto::be32(&p[0..4]),
+                _ => {}
+            }
+            if flags & proto::reply::FLAG_DONE != 0 {
+                return (err, out);
+            }
+        }
+    }
+    fn read(&mut self, offset: u64, len: u32, flags: u16) -> (u32, Vec<u8>) {
+        let c = self.send(flags, cmd::READ, offset, len, &[]);
+        self.answer(c)
+    }
+    fn request(&mut self, flags: u16, kind: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
+        let c = self.send(flags, kind, offset, len, payload);
+        self.answer(c).0
+    }
+    fn disconnect(mut self) {
+        self.send(0, cmd::DISC, 0, 0, &[]);
+        let mut b = [0u8; 1];
+        assert_eq!(
+            self.s.read(&mut b).unwrap(),
+            0,
+            "the server closes after DISC"
+        );
+    }
+}
+
+#[test]
+fn every_command_on_a_writable_export() {
+    let f = Fixture::new(true);
+    let mut c = f.client();
+    let want = tflag::HAS_FLAGS
+        | tflag::SEND_FLUSH
+        | tflag::SEND_FUA
+        | tflag::SEND_TRIM
+        | tflag::SEND_WRITE_ZEROES
+        | tflag::SEND_FAST_ZERO
+        | tflag::CAN_MULTI_CONN
+        | tflag::SEND_DF;
+    assert_eq!(c.flags & want, want, "{:#x}", c.flags);
+    assert_eq!(c.flags & tflag::READ_ONLY, 0);
+    // Write (FUA), read back, unaligned.
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 13) as u8 + 100).collect();
+    assert_eq!(
+        c.request(cflag::FUA, cmd::WRITE, 3 * 1024 * 1024 + 7, 10_000, &data),
+        0
+    );
+    assert_eq!(
+        c.read(3 * 1024 * 1024 + 7, 10_000, cflag::DF),
+        (0, data.clone())
+    );
+    assert_eq!(c.request(0, cmd::FLUSH, 0, 0, &[]), 0);
+    // Write zeroes, then trim: both read as zeros.
+    assert_eq!(
+        c.request(
+            cflag::NO_HOLE,
+            cmd::WRITE_ZEROES,
+            3 * 1024 * 1024,
+            4096,
+            &[]
+        ),
+        0
+    );
+    assert_eq!(c.read(3 * 1024 * 1024, 4096, 0), (0, vec![0u8; 4096]));
+    assert_eq!(c.request(0, cmd::CACHE, 0, 4096, &[]), 0);
+    // Block status: data where the pattern is, one descriptor with REQ_ONE.
+    let c1 = c.send(cflag::REQ_ONE, cmd::BLOCK_STATUS, 1 << 20, 4096, &[]);
+    let (e, d) = c.answer(c1);
+    assert_eq!((e, d.len()), (0, 8));
+    assert!(proto::be32(&d[0..4]) <= 4096);
+    assert_eq!(proto::be32(&d[4..8]) & proto::STATE_HOLE, 0);
+    c.disconnect();
+    let mut got = vec![0u8; 10_000];
+    f.disk.read_at(&mut got, 3 * 1024 * 1024 + 4096).unwrap();
+    assert_eq!(&got[..10_000 - 4089], &data[4089..]);
+}
+
+#[test]
+fn invalid_requests_fail_and_the_connection_goes_on() {
+    let f = Fixture::new(false);
+    let mut c = f.client();
+    assert_ne!(c.flags & tflag::READ_ONLY, 0);
+    // Writes on a read-only export: EPERM, the payload consumed.
+    assert_eq!(c.request(0, cmd::WRITE, 0, 512, &[1u8; 512]), errno::EPERM);
+    assert_eq!(c.request(0, cmd::TRIM, 0, 512, &[]), errno::EPERM);
+    // Out of range, overflowing, too large, unknown command, bad flags.
+    assert_eq!(c.read(SIZE - 100, 4096, 0).0, errno::EINVAL);
+    assert_eq!(c.read(u64::MAX - 10, 4096, 0).0, errno::EINVAL);
+    assert_eq!(c.read(0, u32::MAX, 0).0, errno::EINVAL);
+    assert_eq!(c.request(0, 99, 0, 0, &[]), errno::EINVAL);
+    assert_eq!(
+        c.request(cflag::REQ_ONE, cmd::READ, 0, 512, &[]),
+        errno::EINVAL
+    );
+    assert_eq!(
+        c.request(0, cmd::BLOCK_STATUS, SIZE, 512, &[]),
+        errno::EINVAL
+    );
+    // Still fine.
+    assert_eq!(c.read(1 << 20, 1, 0), (0, vec![1u8]));
+    c.disconnect();
+    f.still_serves();
+    assert_eq!(f.server.dropped(), 0);
+}
+
+#[test]
+fn writes_past_the_end_are_no_space() {
+    let f = Fixture::new(true);
+    let mut c = f.client();
+    assert_eq!(
+        c.request(0, cmd::WRITE, SIZE - 1, 2, &[1, 2]),
+        errno::ENOSPC
+    );
+    assert_eq!(
+        c.request(0, cmd::WRITE_ZEROES, SIZE, 512, &[]),
+        errno::ENOSPC
+    );
+    c.disconnect();
+    f.still_serves();
+}
+
+#[test]
+fn block_status_needs_a_selected_context() {
+    let f = Fixture::new(false);
+    let mut c = Client::greet(f.raw(), 1);
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply().1, rep::ACK);
+    c.go("d");
+    assert_eq!(c.request(0, cmd::BLOCK_STATUS, 0, 512, &[]), errno::EINVAL);
+    c.disconnect();
+}
+
+#[test]
+fn handshake_options_and_their_errors() {
+    let f = Fixture::new(false);
+    let mut c = Client::greet(f.raw(), 3);
+    c.option(opt::LIST, &[]);
+    let (_, t, d) = c.reply();
+    assert_eq!(t, rep::SERVER);
+    assert_eq!(&d[4..5], b"d");
+    assert_eq!(c.reply().1, rep::ACK);
+    c.option(opt::LIST, b"x");
+    assert_eq!(c.reply().1, rep::ERR_INVALID);
+    c.option(opt::STARTTLS, &[]);
+    assert_eq!(c.reply().1, rep::ERR_POLICY);
+    c.option(77, b"whatever");
+    assert_eq!(c.reply().1, rep::ERR_UNSUP);
+    // Meta contexts before structured replies.
+    c.option(opt::LIST_META_CONTEXT, &[0, 0, 0, 1, b'd', 0, 0, 0, 0]);
+    assert_eq!(c.reply().1, rep::ERR_INVALID);
+    // INFO of an unknown export, malformed INFO.
+    c.option(opt::INFO, &[0, 0, 0, 1, b'x', 0, 0]);
+    assert_eq!(c.reply().1, rep::ERR_UNKNOWN);
+    c.option(opt::INFO, &[0, 0, 0, 200, b'x']);
+    assert_eq!(c.reply().1, rep::ERR_INVALID);
+    // Option data too large to parse but small enough to skip.
+    c.option(opt::GO, &vec![0u8; 100_000]);
+    assert_eq!(c.reply().1, rep::ERR_TOO_BIG);
+    // Then the classic way in: NBD_OPT_EXPORT_NAME, no zeroes (flag 2).
+    c.option(opt::EXPORT_NAME, b"d");
+    let mut h = [0u8; 10];
+    c.s.read_exact(&mut h).unwrap();
+    assert_eq!(proto::be64(&h[0..8]), SIZE);
+    c.flags = proto::be16(&h[8..10]);
+    assert_ne!(c.flags & tflag::READ_ONLY, 0);
+    // Simple replies (no structured replies negotiated).
+    let cookie = c.send(0, cmd::READ, 1 << 20, 3, &[]);
+    let mut r = [0u8; 19];
+    c.s.read_exact(&mut r).unwrap();
+    assert_eq!(proto::be32(&r[0..4]), proto::SIMPLE_REPLY_MAGIC);
+    assert_eq!((proto::be32(&r[4..8]), proto::be64(&r[8..16])), (0, cookie));
+    assert_eq!(&r[16..], &[1, 2, 3]);
+    c.disconnect();
+    assert_eq!(f.server.dropped(), 0);
+}
+
+#[test]
+fn abort_gets_an_ack() {
+    let f = Fixture::new(false);
+    let mut c = Client::greet(f.raw(), 1);
+    c.option(opt::ABORT, &[]);
+    assert_eq!(c.reply().1, rep::ACK);
+    f.still_serves();
+}
+
+/// Hostile clients: each is dropped, counted, and the server goes on.
+#[test]
+fn hostile_clients_are_dropped_never_the_server() {
+    let f = Fixture::new(true);
+    let mut dropped = 0;
+    let mut check = |what: &str, f: &Fixture, mut s: UnixStream| {
+        // The server closes its side: reads end.
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+        dropped += 1;
+        f.wait_dropped(dropped);
+        f.still_serves();
+        eprintln!("{what}: dropped");
+    };
+    // Unknown client flags.
+    let c = Client::greet(f.raw(), 0x80);
+    check("unknown client flags", &f, c.s);
+    // Bad option magic.
+    let mut c = Client::greet(f.raw(), 1);
+    c.s.write_all(&[0xffu8; 16]).unwrap();
+    check("bad option magic", &f, c.s);
+    // An option claiming 4 GiB of data.
+    let mut c = Client::greet(f.raw(), 1);
+    let mut h = Vec::new();
+    h.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    h.extend_from_slice(&opt::GO.to_be_bytes());
+    h.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.s.write_all(&h).unwrap();
+    check("option of 4 GiB", &f, c.s);
+    // A flood of options.
+    let mut c = Client::greet(f.raw(), 1);
+    let s2 = c.s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s2 = s2;
+        let mut sink = Vec::new();
+        let _ = s2.read_to_end(&mut sink);
+    });
+    for _ in 0..300 {
+        let mut v = Vec::new();
+        v.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&77u32.to_be_bytes());
+        v.extend_from_slice(&0u32.to_be_bytes());
+        if c.s.write_all(&v).is_err() {
+            break;
+        }
+    }
+    reader.join().unwrap();
+    check("option flood", &f, c.s);
+    // An unknown export through NBD_OPT_EXPORT_NAME.
+    let mut c = Client::greet(f.raw(), 1);
+    c.option(opt::EXPORT_NAME, b"nope");
+    check("unknown export name", &f, c.s);
+    // Bad request magic in transmission.
+    let mut c = f.client();
+    c.s.write_all(&[0x55u8; 28]).unwrap();
+    check("bad request magic", &f, c.s);
+    // A write whose payload is beyond the maximum.
+    let mut c = f.client();
+    c.send(0, cmd::WRITE, 0, u32::MAX, &[]);
+    check("write of 4 GiB", &f, c.s);
+    // A client that vanishes in the middle of a write payload.
+    let mut c = f.client();
+    c.send(0, cmd::WRITE, 0, 4096, &[9u8; 100]);
+    drop(c);
+    dropped += 1;
+    f.wait_dropped(dropped);
+    f.still_serves();
+    // Nothing of that write reached the disk.
+    let mut got = vec![0u8; 100];
+    f.disk.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, vec![0u8; 100]);
+    // A client that vanishes with requests in flight: the server finishes
+    // them and goes on.
+    let mut c = f.client();
+    for i in 0..32 {
+        c.send(0, cmd::READ, i * 4096, 4096, &[]);
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    f.still_serves();
+}
+
+#[test]
+fn a_stop_finishes_in_flight_requests_and_refuses_new_clients() {
+    let f = Fixture::new(true);
+    let mut c = f.client();
+    let data = vec![7u8; 1 << 20];
+    let cookies: Vec<u64> = (0..8)
+        .map(|i| c.send(0, cmd::WRITE, i << 20, 1 << 20, &data))
+        .collect();
+    f.server.stop_flag().store(true, Ordering::Relaxed);
+    for k in cookies {
+        assert_eq!(c.answer(k).0, 0);
+    }
+    // The connection then ends (the server stops reading at the next
+    // request boundary).
+    let mut b = [0u8; 1];
+    assert_eq!(c.s.read(&mut b).unwrap_or(0), 0);
+    let mut got = vec![0u8; 1 << 20];
+    f.disk.read_at(&mut got, 7 << 20).unwrap();
+    assert_eq!(got, data);
+}
+
+#[test]
+fn many_clients_at_once() {
+    let f = Fixture::new(true);
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let f = &f;
+            s.spawn(move || {
+                let mut c = f.client();
+                let data = vec![t as u8 + 1; 65536];
+                for k in 0..16u64 {
+                    let off = (t * 16 + k) * 65536;
+                    assert_eq!(c.request(0, cmd::WRITE, off, 65536, &data), 0);
+                }
+                assert_eq!(c.request(0, cmd::FLUSH, 0, 0, &[]), 0);
+                for k in 0..16u64 {
+                    let off = (t * 16 + k) * 65536;
+                    assert_eq!(c.read(off, 65536, 0), (0, data.clone()));
+                }
+                c.disconnect();
+            });
+        }
+    });
+    assert_eq!(f.server.dropped(), 0);
+}
