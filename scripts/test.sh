@@ -13,10 +13,12 @@ need=()
 # a mounted image; sfdisk (fdisk): partition files of a mount; vhdimount
 # (libvhdi-utils): another reader of the differencing disks vdisk writes;
 # iasl (acpica-tools): disassembles the ACPI tables vmm-core makes; cpio:
-# reads back the initramfs the Linux boot test writes.
+# reads back the initramfs the Linux boot test writes; nbdinfo and nbdcopy
+# (libnbd-bin): NBD clients of `vdisk serve`.
 for tool in unzip:unzip bzip2:bzip2 gzip:gzip fusermount3:fuse3 \
   mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs sfdisk:fdisk \
-  vhdimount:libvhdi-utils iasl:acpica-tools cpio:cpio; do
+  vhdimount:libvhdi-utils iasl:acpica-tools cpio:cpio nbdinfo:libnbd-bin \
+  nbdcopy:libnbd-bin; do
   pkg=${tool#*:}
   have "${tool%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done

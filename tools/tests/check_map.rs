@@ -5,9 +5,9 @@
 #![allow(clippy::cast_possible_truncation)]
 
 mod common;
+use common::vdisk_write as write;
 use common::*;
 
-use disk::fault::RecordingStorage;
 use disk::testing::have;
 use disk::VirtualDisk;
 use std::fs;
@@ -15,7 +15,6 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 
@@ -44,14 +43,6 @@ fn check_json(img: &Path, extra: &[&str], code: i32) -> serde_json::Value {
     args.extend_from_slice(extra);
     args.push(p(img));
     serde_json::from_str(&status(code, &args)).expect("JSON")
-}
-
-/// Write `data` at virtual `offset` of `img` through `vdisk write`.
-fn write(img: &Path, offset: u64, data: &[u8]) {
-    let f = img.with_extension("payload");
-    fs::write(&f, data).unwrap();
-    ok(&["write", p(img), &offset.to_string(), p(&f)]);
-    fs::remove_file(&f).unwrap();
 }
 
 /// A raw copy of `img`'s virtual contents, for `vdisk compare` after repairs.
@@ -400,37 +391,6 @@ fn damaged_vhd_footer_is_restored_by_repair_all() {
     let j = check_json(&img, &["-r", "all"], 0);
     assert_eq!(j["corruptions-fixed"], 1);
     assert_eq!(fs::read(&img).unwrap(), good);
-}
-
-/// A VHDX whose last flush was cut after its log entry was durable but
-/// before the BAT was updated in place: the log must be replayed.
-fn dirty_log_vhdx(path: &Path) -> Vec<u8> {
-    let st = Arc::new(disk::MemStorage::new("base"));
-    let mut o = vhdx::CreateOptions::new(16 * MIB);
-    o.block_size = MIB as u32;
-    vhdx::Vhdx::create_on(Box::new(st.clone()), &o)
-        .unwrap()
-        .close()
-        .unwrap();
-    let rec = Arc::new(RecordingStorage::new("rec", st.to_vec()));
-    let d = vhdx::Vhdx::open_storage(
-        Box::new(rec.clone()),
-        &vhdx::OpenOptions {
-            writable: true,
-            ..vhdx::OpenOptions::default()
-        },
-    )
-    .unwrap();
-    let data = pattern(64 * 1024, 7);
-    d.write_at(&data, 3 * MIB).unwrap();
-    d.flush().unwrap();
-    std::mem::forget(d); // a crash: no clean close
-                         // flush = sync, log entry, sync, BAT in place, sync: keep up to the
-                         // sync after the log entry.
-    let flushes = rec.flush_points();
-    let img = rec.crash_image(flushes[flushes.len() - 2] + 1, |_| true);
-    fs::write(path, img).unwrap();
-    data
 }
 
 #[test]

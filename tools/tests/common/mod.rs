@@ -1,6 +1,7 @@
 //! Running the `vdisk` binary from the integration tests.
 #![allow(dead_code)]
 
+use disk::VirtualDisk as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -98,4 +99,43 @@ pub fn read_bytes(img: &Path, offset: u64, len: u64) -> Vec<u8> {
 /// `vdisk create -f vhdx -o block_size=1M IMG SIZE`, which must succeed.
 pub fn create_vhdx_1m(img: &Path, size: &str) {
     ok(&["create", "-f", "vhdx", "-o", "block_size=1M", p(img), size]);
+}
+
+/// A VHDX whose last flush was cut after its log entry was durable but
+/// before the BAT was updated in place: the log must be replayed.
+pub fn dirty_log_vhdx(path: &Path) -> Vec<u8> {
+    let st = std::sync::Arc::new(disk::MemStorage::new("base"));
+    let mut o = vhdx::CreateOptions::new(16 << 20);
+    o.block_size = 1 << 20;
+    vhdx::Vhdx::create_on(Box::new(st.clone()), &o)
+        .unwrap()
+        .close()
+        .unwrap();
+    let rec = std::sync::Arc::new(disk::fault::RecordingStorage::new("rec", st.to_vec()));
+    let d = vhdx::Vhdx::open_storage(
+        Box::new(rec.clone()),
+        &vhdx::OpenOptions {
+            writable: true,
+            ..vhdx::OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let data = pattern(64 * 1024, 7);
+    d.write_at(&data, 3 << 20).unwrap();
+    d.flush().unwrap();
+    // A crash: no clean close. A flush is sync, log entry, sync, BAT in
+    // place, sync: keep what was written up to the sync after the log entry.
+    std::mem::forget(d);
+    let flushes = rec.flush_points();
+    let img = rec.crash_image(flushes[flushes.len() - 2] + 1, |_| true);
+    std::fs::write(path, img).unwrap();
+    data
+}
+
+/// `vdisk write IMG OFFSET FILE` of `data` (through a file beside `img`).
+pub fn vdisk_write(img: &Path, offset: u64, data: &[u8]) {
+    let f = img.with_extension("payload");
+    std::fs::write(&f, data).unwrap();
+    ok(&["write", p(img), &offset.to_string(), p(&f)]);
+    std::fs::remove_file(&f).unwrap();
 }
