@@ -16,6 +16,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a client stopped in the middle of a message is waited for once
 /// the server is stopping.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Bytes read from the socket at once.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// The socket itself.
 #[derive(Debug)]
@@ -30,6 +32,11 @@ pub enum Socket {
 #[derive(Debug)]
 pub struct Stream {
     socket: Socket,
+    /// Bytes received but not yet consumed: a client with many requests in
+    /// flight sends them in one burst, read here in one system call.
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rend: usize,
     stop: Arc<AtomicBool>,
     /// Longest wait for the next byte (none: wait for ever, as in the
     /// transmission phase, where clients may idle).
@@ -54,6 +61,9 @@ impl Stream {
         r.map_err(|e| Error::io("setting the socket read timeout", e))?;
         Ok(Stream {
             socket,
+            rbuf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            rpos: 0,
+            rend: 0,
             stop,
             idle_limit: None,
         })
@@ -74,8 +84,12 @@ impl Stream {
             Socket::Unix(s) => s.try_clone().map(Socket::Unix),
         }
         .map_err(|e| Error::io("duplicating the socket", e))?;
+        // The clone writes replies; it never reads.
         Ok(Stream {
             socket,
+            rbuf: Box::new([]),
+            rpos: 0,
+            rend: 0,
             stop: self.stop.clone(),
             idle_limit: self.idle_limit,
         })
@@ -178,12 +192,32 @@ impl Stream {
     }
 }
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Stream {
+    fn read_socket(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &mut self.socket {
             Socket::Tcp(s) => s.read(buf),
             Socket::Unix(s) => s.read(buf),
         }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.rpos == self.rend {
+            if buf.len() >= self.rbuf.len() {
+                // Large payloads go straight to their buffer.
+                return self.read_socket(buf);
+            }
+            let mut rbuf = std::mem::take(&mut self.rbuf);
+            let r = self.read_socket(&mut rbuf);
+            self.rbuf = rbuf;
+            self.rpos = 0;
+            self.rend = r?;
+        }
+        let n = buf.len().min(self.rend - self.rpos);
+        buf[..n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+        self.rpos += n;
+        Ok(n)
     }
 }
 

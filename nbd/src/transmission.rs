@@ -25,8 +25,8 @@ use std::io::Write;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Mutex;
 
-/// Workers per connection.
-const WORKERS: usize = 4;
+/// Workers per connection (clients keep up to 16 requests in flight).
+const WORKERS: usize = 16;
 /// Most descriptors in one block status reply (the protocol asks for at
 /// most 2^20; clients ask again from where a reply ended).
 const MAX_EXTENTS: usize = 1 << 16;
@@ -326,9 +326,8 @@ fn send_outcome(w: &Mutex<Stream>, neg: Negotiated, r: &Request, o: Outcome) -> 
             .map_err(io),
         Outcome::Data(buf) if buf.is_empty() => send_outcome(w, neg, r, Outcome::Done),
         Outcome::Data(buf) => {
-            let mut s = lock(w);
-            if neg.structured {
-                let mut h = [0u8; 28];
+            let mut h = [0u8; 28];
+            let head = if neg.structured {
                 h[..20].copy_from_slice(&proto::chunk_header(
                     reply::FLAG_DONE,
                     reply::OFFSET_DATA,
@@ -336,11 +335,12 @@ fn send_outcome(w: &Mutex<Stream>, neg: Negotiated, r: &Request, o: Outcome) -> 
                     proto::len32(buf.len() + 8),
                 ));
                 h[20..].copy_from_slice(&r.offset.to_be_bytes());
-                s.write_all(&h).map_err(io)?;
+                &h[..]
             } else {
-                s.write_all(&proto::simple_reply(0, r.cookie)).map_err(io)?;
-            }
-            s.write_all(&buf).map_err(io)
+                h[..16].copy_from_slice(&proto::simple_reply(0, r.cookie));
+                &h[..16]
+            };
+            write_two(&mut lock(w), head, &buf).map_err(io)
         }
         Outcome::Extents(ext) => {
             let mut v = Vec::with_capacity(24 + 8 * ext.len());
@@ -358,6 +358,26 @@ fn send_outcome(w: &Mutex<Stream>, neg: Negotiated, r: &Request, o: Outcome) -> 
             lock(w).write_all(&v).map_err(io)
         }
     }
+}
+
+/// `a` then `b`, in one system call when the socket takes both.
+fn write_two(s: &mut Stream, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    let total = a.len() + b.len();
+    while done < total {
+        let n = if done < a.len() {
+            s.write_vectored(&[std::io::IoSlice::new(&a[done..]), std::io::IoSlice::new(b)])
+        } else {
+            s.write(&b[done - a.len()..])
+        };
+        match n {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn send_error(w: &Mutex<Stream>, neg: Negotiated, r: &Request, code: u32, msg: &str) -> Result<()> {

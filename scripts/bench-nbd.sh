@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# `vdisk serve` against `qemu-nbd` serving the same VHDX, with the same
+# client (`qemu-img bench -f raw nbd://...`), side by side in one run;
+# prints each server's time and the ratio qemu-nbd / vdisk (above 1: vdisk
+# is faster).
+#   scripts/bench-nbd.sh [COUNT]
+# Rows: 4 KiB reads at queue depth 1 and 16 (strided by 257 x 4 KiB, so
+# consecutive requests land in different blocks; qemu-img bench has no
+# random mode), 1 MiB sequential reads, and first-touch 64 KiB writes into
+# a fresh image (each a new allocation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+count=${1:-20000}
+cargo build --release -q -p tools --bin vdisk
+vdisk=$PWD/target/release/vdisk
+command -v qemu-nbd >/dev/null || { echo "qemu-nbd is needed" >&2; exit 2; }
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# A 2 GiB dynamic VHDX (2 MiB blocks), its first GiB written.
+qemu-img create -q -f vhdx -o block_size=2M "$dir/d.vhdx" 2G
+qemu-io -f vhdx -c "write -P 0x33 0 1G" "$dir/d.vhdx" >/dev/null
+cp "$dir/d.vhdx" "$dir/q.vhdx"
+qemu-img create -q -f vhdx -o block_size=2M "$dir/fresh.vhdx" 2G
+
+port_v=$((20000 + RANDOM % 10000)); port_q=$((port_v + 1))
+
+start_vdisk() { # image, extra args
+  "$vdisk" serve --bind "127.0.0.1:$port_v" "$@" >"$dir/v.out" 2>"$dir/v.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q serving "$dir/v.out" 2>/dev/null && return; sleep 0.05; done
+  cat "$dir/v.err" >&2; exit 1
+}
+start_qemu() { # image, extra args
+  qemu-nbd -t -f vhdx -p "$port_q" -b 127.0.0.1 "$@" &
+  pids+=($!)
+  for _ in $(seq 100); do qemu-img info "nbd://127.0.0.1:$port_q" >/dev/null 2>&1 && return; sleep 0.05; done
+  echo "qemu-nbd did not start" >&2; exit 1
+}
+stop_all() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+}
+secs() { # url, bench args...
+  local url=$1; shift
+  qemu-img bench -f raw "$@" "$url" 2>&1 | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+}
+row() { # name, bench args...
+  local name=$1; shift
+  local v q
+  v=$(secs "nbd://127.0.0.1:$port_v" "$@")
+  q=$(secs "nbd://127.0.0.1:$port_q" "$@")
+  printf '%-28s vdisk %8.3f s   qemu-nbd %8.3f s   qemu-nbd/vdisk %5.2fx\n' \
+    "$name" "$v" "$q" "$(awk -v q="$q" -v v="$v" 'BEGIN { print q / v }')"
+}
+
+echo "reads ($count requests each; one connection; load: $(cut -d' ' -f1 /proc/loadavg))"
+start_vdisk "$dir/d.vhdx"
+start_qemu -r "$dir/q.vhdx"
+row "4K strided read QD1" -c "$count" -d 1 -s 4096 -S 1052672
+row "4K strided read QD16" -c "$count" -d 16 -s 4096 -S 1052672
+row "1M sequential read QD4" -c 2048 -d 4 -s 1M
+stop_all
+
+echo "first-touch writes"
+cp "$dir/fresh.vhdx" "$dir/fv.vhdx"; cp "$dir/fresh.vhdx" "$dir/fq.vhdx"
+start_vdisk --rw "$dir/fv.vhdx"
+start_qemu "$dir/fq.vhdx"
+row "64K first-touch write QD16" -w -c 8192 -d 16 -s 65536 -S 262144
+stop_all
