@@ -207,3 +207,304 @@ fn vhd_operations_under_faults() {
     run::<vhd::Vhd>("vhd resize up", grow);
     run::<vhd::Vhd>("vhd resize down", shrink);
 }
+
+// Compact and relink, on files through the front door: every file the
+// operation opens is reached through a `FaultOpener`.
+
+use disk::fault::FaultOpener;
+use image::chain::{chain_files, set_parent};
+use image::{CreateOptions, Format, Kind, OpenOptions};
+use std::path::{Path, PathBuf};
+
+fn ext(format: Format) -> &'static str {
+    if format == Format::Vhdx {
+        "vhdx"
+    } else {
+        "vhd"
+    }
+}
+
+/// A new dynamic image (1 MiB blocks) at `path`, or a differencing one
+/// over `parent`.
+fn make(path: &Path, format: Format, parent: Option<&Path>) {
+    let kind = if format == Format::Vhdx {
+        let mut o = vhdx::CreateOptions::new(SIZE);
+        o.block_size = MIB as u32;
+        Kind::Vhdx(o)
+    } else {
+        let mut o = vhd::CreateOptions::new(SIZE);
+        o.block_size = MIB as u32;
+        Kind::Vhd(o)
+    };
+    let mut o = CreateOptions::new(kind);
+    o.parent = parent.map(Path::to_path_buf);
+    image::create(path, &o).unwrap().close().unwrap();
+}
+
+fn write_file(path: &Path, off: u64, data: &[u8]) {
+    let img = image::open(path, &OpenOptions::probing().writable()).unwrap();
+    img.disk().write_at(data, off).unwrap();
+    img.close().unwrap();
+}
+
+fn read_file(path: &Path) -> Vec<u8> {
+    read_all(&**image::open(path, &OpenOptions::probing()).unwrap().disk())
+}
+
+fn pattern(len: u64, seed: u64) -> Vec<u8> {
+    disk::testing::pattern(len as usize, seed)
+}
+
+/// The problems a check finds that are not leaks or unused space (which a
+/// compact cut short may leave, and which lose nothing).
+fn damage(path: &Path, format: Format) -> Vec<String> {
+    let o = disk::check::CheckOptions::default();
+    let r = if format == Format::Vhdx {
+        vhdx::check::check_file(path, &o)
+    } else {
+        vhd::check::check_file(path, &o)
+    }
+    .unwrap();
+    r.problems
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.kind,
+                disk::check::ProblemKind::Leak | disk::check::ProblemKind::Unused
+            )
+        })
+        .map(|p| format!("{p:?}"))
+        .collect()
+}
+
+/// Open `path` writable through `opener`, compact it and close it (as
+/// `vdisk compact` does).
+fn compact(path: &Path, opener: Arc<dyn disk::Opener>) -> disk::Result<disk::CompactReport> {
+    let o = OpenOptions {
+        opener,
+        ..OpenOptions::probing().writable()
+    };
+    match image::open(path, &o)?.into_driver() {
+        d @ image::Driver::Vhdx(_) => {
+            let mut d = d.into_vhdx()?;
+            let r = d.compact(&mut |_| {})?;
+            d.close().map(|()| r)
+        }
+        d => {
+            let mut d = d.into_vhd()?;
+            let r = d.compact(&mut |_| {})?;
+            d.close().map(|()| r)
+        }
+    }
+}
+
+/// A dynamic image with blocks of zeros to free and data blocks above them
+/// to move down, or a differencing one over a base with data whose blocks
+/// hold the parent's bytes (freed), zeros over data (VHDX: a ZERO block),
+/// sectors of their own (VHDX: PARTIALLY_PRESENT, with a sector bitmap)
+/// and data above the holes. Returns the image to compact.
+fn compact_template(dir: &Path, format: Format, differencing: bool) -> PathBuf {
+    let base = dir.join(format!("base.{}", ext(format)));
+    make(&base, format, None);
+    if !differencing {
+        write_file(&base, 0, &pattern(10 * MIB, 1));
+        for b in [1, 3, 5] {
+            write_file(&base, b * MIB, &vec![0; MIB as usize]);
+        }
+        return base;
+    }
+    let parent = pattern(12 * MIB, 2);
+    write_file(&base, 0, &parent);
+    let child = dir.join(format!("child.{}", ext(format)));
+    make(&child, format, Some(&base));
+    // Block 0: the parent's bytes; 1: zeros; 2: a few sectors of its own;
+    // 3: some of the parent's sectors only; 4..9: data.
+    write_file(&child, 0, &parent[..MIB as usize]);
+    write_file(&child, MIB, &vec![0; MIB as usize]);
+    write_file(&child, 2 * MIB + 4096, &pattern(3000, 3));
+    let at = (3 * MIB + 8192) as usize;
+    write_file(&child, at as u64, &parent[at..at + 5000]);
+    write_file(&child, 4 * MIB, &pattern(6 * MIB, 4));
+    // Block 5 then reads as the parent again: freed, a hole to fill.
+    write_file(&child, 5 * MIB, &parent[5 * MIB as usize..6 * MIB as usize]);
+    child
+}
+
+fn run_compact(format: Format, differencing: bool) {
+    let name = format!(
+        "{format:?} {} compact",
+        if differencing {
+            "differencing"
+        } else {
+            "dynamic"
+        }
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let tpl = tmp.path().join("tpl");
+    std::fs::create_dir(&tpl).unwrap();
+    let target = compact_template(&tpl, format, differencing);
+    let file = target.file_name().unwrap().to_owned();
+    let before = read_file(&target);
+    let len = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let old_len = len(&target);
+    // Without faults: what compacting gives.
+    let clean = tmp.path().join("clean");
+    copy_dir(&tpl, &clean);
+    let report = compact(&clean.join(&file), disk::file_opener()).unwrap();
+    let clean_len = len(&clean.join(&file));
+    assert!(clean_len < old_len, "{name}: nothing to compact");
+    assert!(
+        report.blocks_freed > 0 && report.blocks_moved > 0,
+        "{name}: {report:?}"
+    );
+    assert!(read_file(&clean.join(&file)) == before, "{name}: clean");
+    let mut faults = 0;
+    for n in 0.. {
+        assert!(n < 2000, "{name}: never completes");
+        let fault = if n % 2 == 0 {
+            Fault::Eio
+        } else {
+            Fault::Enospc
+        };
+        let dir = tmp.path().join(format!("run{n}"));
+        copy_dir(&tpl, &dir);
+        let path = dir.join(&file);
+        let opener = Arc::new(FaultOpener::new(n, fault));
+        let r = compact(&path, opener.clone());
+        if opener.pending() {
+            r.unwrap_or_else(|e| panic!("{name}: without a fault: {e:#}"));
+            break;
+        }
+        let what = format!("{name}, {fault:?} at mutation {n}");
+        let msg = format!(
+            "{:#}",
+            r.expect_err(&format!("{what}: Ok, though a write failed"))
+        );
+        assert!(
+            msg.contains("injected fault") && msg.contains(path.to_str().unwrap()),
+            "{what}: {msg}"
+        );
+        faults += 1;
+        // A compact never changes what the disk reads.
+        assert!(read_file(&path) == before, "{what}: reads differently");
+        let bad = damage(&path, format);
+        assert!(bad.is_empty(), "{what}: check finds {bad:#?}");
+        compact(&path, disk::file_opener())
+            .unwrap_or_else(|e| panic!("{what}: the retry failed: {e:#}"));
+        assert!(read_file(&path) == before, "{what}: after the retry");
+        assert!(
+            len(&path) <= clean_len,
+            "{what}: the retry leaves {} bytes, a clean compact {clean_len}",
+            len(&path)
+        );
+        assert!(damage(&path, format).is_empty(), "{what}: after the retry");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("{name}: {faults} faults injected, every one survived");
+    assert!(faults > 0, "{name}: no fault was injected");
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn compact_under_faults() {
+    for format in [Format::Vhdx, Format::Vhd] {
+        run_compact(format, false);
+        run_compact(format, true);
+    }
+}
+
+/// Relink a child from `base` to `new` (a copy of base, the same identity;
+/// or, with `adopt`, an image of the same contents and another identity)
+/// with the files failing.
+fn run_relink(format: Format, adopt: bool) {
+    let name = format!(
+        "{format:?} set_parent{}",
+        if adopt { " (adopt)" } else { "" }
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let tpl = tmp.path().join("tpl");
+    std::fs::create_dir(&tpl).unwrap();
+    let f = |dir: &Path, n: &str| dir.join(format!("{n}.{}", ext(format)));
+    let base = f(&tpl, "base");
+    make(&base, format, None);
+    let data = pattern(5 * MIB, 5);
+    write_file(&base, 0, &data);
+    let child = f(&tpl, "child");
+    make(&child, format, Some(&base));
+    write_file(&child, 3 * MIB + 512, &pattern(2 * MIB, 6));
+    let new = f(&tpl, "new");
+    if adopt {
+        make(&new, format, None);
+        write_file(&new, 0, &data);
+    } else {
+        std::fs::copy(&base, &new).unwrap();
+    }
+    let before = read_file(&child);
+    let relink = |dir: &Path, opener: Arc<dyn disk::Opener>| {
+        let o = OpenOptions {
+            opener,
+            ..OpenOptions::probing()
+        };
+        set_parent(&f(dir, "child"), &f(dir, "new"), adopt, &o)
+    };
+    let mut faults = 0;
+    for n in 0.. {
+        assert!(n < 200, "{name}: never completes");
+        let fault = if n % 2 == 0 {
+            Fault::Eio
+        } else {
+            Fault::Enospc
+        };
+        let dir = tmp.path().join(format!("run{n}"));
+        copy_dir(&tpl, &dir);
+        let opener = Arc::new(FaultOpener::new(n, fault));
+        let r = relink(&dir, opener.clone());
+        if opener.pending() {
+            r.unwrap_or_else(|e| panic!("{name}: without a fault: {e:#}"));
+            break;
+        }
+        let what = format!("{name}, {fault:?} at mutation {n}");
+        let msg = format!(
+            "{:#}",
+            r.expect_err(&format!("{what}: Ok, though a write failed"))
+        );
+        assert!(
+            msg.contains("injected fault") && msg.contains(f(&dir, "child").to_str().unwrap()),
+            "{what}: {msg}"
+        );
+        faults += 1;
+        // The child opens over the old parent or the new one.
+        assert!(read_file(&f(&dir, "child")) == before, "{what}: reads");
+        let parent = chain_files(&f(&dir, "child"), &OpenOptions::probing()).unwrap()[1].clone();
+        assert!(
+            parent == f(&dir, "base") || parent == f(&dir, "new"),
+            "{what}: linked to {}",
+            parent.display()
+        );
+        relink(&dir, disk::file_opener())
+            .unwrap_or_else(|e| panic!("{what}: the retry failed: {e:#}"));
+        // Done: the old parent is no longer needed.
+        std::fs::remove_file(f(&dir, "base")).unwrap();
+        assert!(read_file(&f(&dir, "child")) == before, "{what}: after");
+        let chain = chain_files(&f(&dir, "child"), &OpenOptions::probing()).unwrap();
+        assert_eq!(chain[1], f(&dir, "new"), "{what}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("{name}: {faults} faults injected, every one survived");
+    assert!(faults > 0, "{name}: no fault was injected");
+}
+
+#[test]
+fn relink_under_faults() {
+    for format in [Format::Vhdx, Format::Vhd] {
+        run_relink(format, false);
+        run_relink(format, true);
+    }
+}
