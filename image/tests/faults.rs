@@ -8,6 +8,22 @@
 //! - the file, as left, opens, and every sector reads as before the
 //!   operation or as after it (its size one or the other);
 //! - retrying the operation on it completes, and reads as after.
+//!
+//! Then, on files, every file an operation opens reached through a
+//! `FaultOpener` failing its n-th mutation (any file), same rounds:
+//! - compact (dynamic and differencing, VHDX and VHD, opened, compacted and
+//!   closed as `vdisk compact` does): the image reads exactly as before
+//!   (a compact never changes contents) and a check finds no corruption
+//!   (a leak or unused space may stay); a retry compacts it to no more
+//!   than a clean compact does;
+//! - relink (`image::chain::set_parent` to a copy of the parent, and to
+//!   another image of the same contents with `adopt`): the child opens over
+//!   the old parent or the new one and reads as before; a retry links it
+//!   to the new one;
+//! - convert (`image::convert`, a chain into a new VHDX, VHD and raw image
+//!   replacing an existing file): the source is untouched, no target is
+//!   left (see `image::convert` for why), a retry makes an image that
+//!   reads as the source. A target another open holds is left alone.
 
 // Test data: small disks whose sizes and offsets fit any integer type.
 #![allow(clippy::cast_possible_truncation)]
@@ -507,4 +523,148 @@ fn relink_under_faults() {
         run_relink(format, false);
         run_relink(format, true);
     }
+}
+
+/// Convert a chain (a differencing VHDX over a base) into a new VHDX, VHD
+/// and raw image with the target failing: the error names the target and
+/// the fault, the source files are untouched, the target (which existed
+/// before, and was replaced) is gone, and a retry makes an image that
+/// reads as the source.
+fn run_convert(kind: Kind) {
+    let name = format!("convert to {:?}", kind.format());
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhdx");
+    make(&base, Format::Vhdx, None);
+    write_file(&base, 0, &pattern(6 * MIB, 7));
+    let child = tmp.path().join("child.vhdx");
+    make(&child, Format::Vhdx, Some(&base));
+    write_file(&child, 2 * MIB + 999, &pattern(3 * MIB, 8));
+    write_file(&child, 12 * MIB, &pattern(MIB, 9));
+    let want = read_file(&child);
+    let files_before = [
+        std::fs::read(&base).unwrap(),
+        std::fs::read(&child).unwrap(),
+    ];
+    let target = tmp.path().join("target");
+    let convert = |opener: Arc<dyn disk::Opener>| {
+        let src = image::open(&child, &OpenOptions::probing()).unwrap();
+        let o = CreateOptions {
+            overwrite: true,
+            opener,
+            ..CreateOptions::new(kind.clone())
+        };
+        let mut last = None;
+        let r = image::convert(&**src.disk(), &target, &o, false, &mut |s| last = Some(s));
+        if r.is_ok() {
+            let s = last.expect("progress was reported");
+            assert_eq!((s.done, s.total), (SIZE, SIZE), "{name}: progress");
+        }
+        r
+    };
+    let mut faults = 0;
+    for n in 0.. {
+        assert!(n < 2000, "{name}: never completes");
+        let fault = if n % 2 == 0 {
+            Fault::Eio
+        } else {
+            Fault::Enospc
+        };
+        // A file by the target's name, which the convert replaces.
+        std::fs::write(&target, b"an older file").unwrap();
+        let opener = Arc::new(FaultOpener::new(n, fault));
+        let r = convert(opener.clone());
+        if opener.pending() {
+            r.unwrap_or_else(|e| panic!("{name}: without a fault: {e:#}"));
+            break;
+        }
+        let what = format!("{name}, {fault:?} at mutation {n}");
+        let msg = format!(
+            "{:#}",
+            r.expect_err(&format!("{what}: Ok, though a write failed"))
+        );
+        assert!(
+            msg.contains("injected fault") && msg.contains(target.to_str().unwrap()),
+            "{what}: {msg}"
+        );
+        faults += 1;
+        assert!(!target.exists(), "{what}: an incomplete target is left");
+        assert!(
+            [
+                std::fs::read(&base).unwrap(),
+                std::fs::read(&child).unwrap()
+            ] == files_before,
+            "{what}: the source changed"
+        );
+        let done = convert(disk::file_opener())
+            .unwrap_or_else(|e| panic!("{what}: the retry failed: {e:#}"));
+        let got = read_file(&target);
+        assert_eq!(got.len() as u64, done.virtual_size, "{what}");
+        assert!(got[..want.len()] == want[..], "{what}: reads differently");
+        assert!(got[want.len()..].iter().all(|&b| b == 0), "{what}: tail");
+        std::fs::remove_file(&target).unwrap();
+    }
+    eprintln!("{name}: {faults} faults injected, every one survived");
+    assert!(faults > 0, "{name}: no fault was injected");
+}
+
+#[test]
+fn convert_under_faults() {
+    let mut x = vhdx::CreateOptions::new(0);
+    x.block_size = MIB as u32;
+    run_convert(Kind::Vhdx(x));
+    let mut v = vhd::CreateOptions::new(0);
+    v.block_size = MIB as u32;
+    run_convert(Kind::Vhd(v));
+    run_convert(Kind::Raw { size: 0 });
+}
+
+/// A convert whose target another open holds is refused, and the target
+/// is left as it was (it is not the convert's to remove).
+#[test]
+fn convert_onto_a_held_target_leaves_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.vhdx");
+    make(&src, Format::Vhdx, None);
+    write_file(&src, 0, &pattern(MIB, 10));
+    let target = tmp.path().join("held.vhdx");
+    make(&target, Format::Vhdx, None);
+    write_file(&target, 0, &pattern(MIB, 11));
+    let bytes = std::fs::read(&target).unwrap();
+    let held = image::open(&target, &OpenOptions::probing().writable()).unwrap();
+    let s = image::open(&src, &OpenOptions::probing()).unwrap();
+    let o = CreateOptions {
+        overwrite: true,
+        ..CreateOptions::new(Kind::Vhdx(vhdx::CreateOptions::new(0)))
+    };
+    let e = image::convert(&**s.disk(), &target, &o, false, &mut |_| {}).unwrap_err();
+    assert_eq!(e.kind(), disk::ErrorKind::Locked, "{e:#}");
+    drop(held);
+    assert!(
+        std::fs::read(&target).unwrap() == bytes,
+        "the held target changed"
+    );
+}
+
+/// A failed convert onto a symbolic link removes the incomplete file the
+/// link names (where the image was written).
+#[test]
+fn failed_convert_through_a_symlink_removes_the_file_it_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src.vhdx");
+    make(&src, Format::Vhdx, None);
+    write_file(&src, 0, &pattern(MIB, 12));
+    let real = tmp.path().join("real.vhdx");
+    std::fs::write(&real, b"old").unwrap();
+    let link = tmp.path().join("link.vhdx");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let s = image::open(&src, &OpenOptions::probing()).unwrap();
+    let o = CreateOptions {
+        overwrite: true,
+        opener: Arc::new(FaultOpener::new(3, Fault::Enospc)),
+        ..CreateOptions::new(Kind::Vhdx(vhdx::CreateOptions::new(0)))
+    };
+    let e = image::convert(&**s.disk(), &link, &o, false, &mut |_| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("injected fault"), "{e:#}");
+    assert!(!real.exists(), "the incomplete image is left");
+    assert!(link.symlink_metadata().is_ok(), "the link itself stays");
 }
