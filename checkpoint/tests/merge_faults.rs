@@ -1,4 +1,5 @@
-//! Chain merges into failing storage: merge into the child, merge into the
+//! Chain merges into failing storage: merge into the child (top, which
+//! then links to base; and mid, which then stands alone), merge into the
 //! parent, rebase onto the grandparent (data copied) and rebase onto a copy
 //! of the parent (a relink only), on a VHDX and a VHD chain base ← mid ←
 //! top. Each runs again and again with the files failing their n-th
@@ -11,9 +12,11 @@
 //!   exactly as before, and so does every layer the operation does not
 //!   merge into; mid, when it is merged into, reads per sector as before or
 //!   as top (what the merge writes there is what top reads);
-//! - top links to mid or to its new parent (merge into the child and
-//!   rebase), as the crash protocol of `checkpoint::merge` promises: the
-//!   relink is the last step, one logged (VHDX) or one-page (VHD) write;
+//! - the disk being relinked links to its old parent or its new one (or
+//!   none: made standalone), as the crash protocol of `checkpoint::merge`
+//!   promises: the relink is the last step, one logged (VHDX) or one-page
+//!   (VHD) write, and a disk made standalone is a valid differencing disk
+//!   until its last logged flush;
 //! - running the operation again (a merge into the child only while top
 //!   still links to mid: once relinked it is done) completes it, with the
 //!   result a clean run gives.
@@ -32,7 +35,10 @@ use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
+    /// top takes mid's data and links to base.
     IntoChild,
+    /// mid takes base's data and stands alone (top still links to it).
+    IntoChildStandalone,
     IntoParent,
     /// Onto base: mid's data is copied into top.
     RebaseOntoBase,
@@ -69,15 +75,19 @@ fn op(kind: Kind, f: &Files, opener: Arc<dyn Opener>) -> disk::Result<()> {
     };
     match kind {
         Kind::IntoChild => merge_into_child(&f.top, &o, &mut |_| {}).map(|_| ()),
+        Kind::IntoChildStandalone => merge_into_child(&f.mid, &o, &mut |_| {}).map(|_| ()),
         Kind::IntoParent => merge_into_ancestor(&f.top, 1, &o, &mut |_| {}).map(|_| ()),
         Kind::RebaseOntoBase => rebase(&f.top, &f.base, &o, &mut |_| {}).map(|_| ()),
         Kind::RebaseOntoCopy => rebase(&f.top, &f.copy, &o, &mut |_| {}).map(|_| ()),
     }
 }
 
-/// The parent top links to (the second file of its chain).
-fn parent_of(top: &Path) -> PathBuf {
-    chain_files(top, &OpenOptions::probing()).unwrap()[1].clone()
+/// The parent `disk` links to (the second file of its chain).
+fn parent_of(disk: &Path) -> Option<PathBuf> {
+    chain_files(disk, &OpenOptions::probing())
+        .unwrap()
+        .get(1)
+        .cloned()
 }
 
 /// Every 512-byte sector of `got` is `a`'s or `b`'s.
@@ -101,11 +111,20 @@ fn run(format: Format, kind: Kind) {
     let t = files(&tpl, format);
     std::fs::copy(&t.mid, &t.copy).unwrap();
     let want_base = read_all(&t.base);
-    // Where top links once the operation is done.
+    // The disk whose link changes, its parent before and after.
+    let relinked = |f: &Files| match kind {
+        Kind::IntoChildStandalone => f.mid.clone(),
+        _ => f.top.clone(),
+    };
+    let old_parent = |f: &Files| match kind {
+        Kind::IntoChildStandalone => Some(f.base.clone()),
+        _ => Some(f.mid.clone()),
+    };
     let new_parent = |f: &Files| match kind {
-        Kind::IntoChild | Kind::RebaseOntoBase => f.base.clone(),
-        Kind::IntoParent => f.mid.clone(),
-        Kind::RebaseOntoCopy => f.copy.clone(),
+        Kind::IntoChild | Kind::RebaseOntoBase => Some(f.base.clone()),
+        Kind::IntoChildStandalone => None,
+        Kind::IntoParent => Some(f.mid.clone()),
+        Kind::RebaseOntoCopy => Some(f.copy.clone()),
     };
     let mut faults = 0;
     for n in 0.. {
@@ -145,21 +164,26 @@ fn run(format: Format, kind: Kind) {
             assert!(read_all(&f.mid) == want_mid, "{what}: mid changed");
         }
         assert!(read_all(&f.copy) == want_mid, "{what}: copy changed");
-        let linked = parent_of(&f.top);
+        let linked = parent_of(&relinked(&f));
         assert!(
-            linked == f.mid || linked == new_parent(&f),
-            "{what}: top links to {}",
-            linked.display()
+            linked == old_parent(&f) || linked == new_parent(&f),
+            "{what}: links to {linked:?}"
         );
         // Again, with real files, unless done (a merge into the child is
-        // done once top links past mid; done again it would merge base).
-        let done = kind == Kind::IntoChild && linked == f.base;
+        // done once the child links past its parent; done again it would
+        // merge the next one).
+        let done =
+            matches!(kind, Kind::IntoChild | Kind::IntoChildStandalone) && linked == new_parent(&f);
         if !done {
             op(kind, &f, disk::file_opener())
                 .unwrap_or_else(|e| panic!("{what}: the retry failed: {e:#}"));
         }
         assert!(read_all(&f.top) == want_top, "{what}: top after the retry");
-        assert_eq!(parent_of(&f.top), new_parent(&f), "{what}: after the retry");
+        assert_eq!(
+            parent_of(&relinked(&f)),
+            new_parent(&f),
+            "{what}: after the retry"
+        );
         let mid_after = if kind == Kind::IntoParent {
             &want_top
         } else {
@@ -173,8 +197,12 @@ fn run(format: Format, kind: Kind) {
             read_all(&f.base) == want_base,
             "{what}: base after the retry"
         );
-        if kind != Kind::IntoParent {
-            // top no longer needs mid.
+        // The old parent is no longer needed.
+        if kind == Kind::IntoChildStandalone {
+            std::fs::remove_file(&f.base).unwrap();
+            assert!(read_all(&f.mid) == want_mid, "{what}: mid without base");
+            assert!(read_all(&f.top) == want_top, "{what}: top without base");
+        } else if kind != Kind::IntoParent {
             std::fs::remove_file(&f.mid).unwrap();
             assert!(read_all(&f.top) == want_top, "{what}: top without mid");
         }
@@ -186,8 +214,10 @@ fn run(format: Format, kind: Kind) {
 
 #[test]
 fn merge_into_child_under_faults() {
-    run(Format::Vhdx, Kind::IntoChild);
-    run(Format::Vhd, Kind::IntoChild);
+    for format in [Format::Vhdx, Format::Vhd] {
+        run(format, Kind::IntoChild);
+        run(format, Kind::IntoChildStandalone);
+    }
 }
 
 #[test]
