@@ -258,11 +258,13 @@ pub fn merge_into_ancestor(
         off += len;
         progress(step(off, size, &stats));
     }
-    // Flushed here, where an error is reported; dropping the last handle
-    // then closes the ancestor cleanly.
+    // Flushed and closed here, where an error is reported (dropping the
+    // last handle would close it too, silently: a failing close, which
+    // ends a VHDX's log session or writes a VHD's footer, would pass for
+    // a completed merge).
     target.flush()?;
     drop(layers);
-    drop(target);
+    target.close()?;
     Ok((ancestor, stats))
 }
 
@@ -283,9 +285,16 @@ pub fn rebase(
     opts: &OpenOptions,
     progress: Progress<'_>,
 ) -> Result<MergeStats> {
-    // Same identity: a verified relink is enough.
-    if set_parent(child, new_parent, false, opts).is_ok() {
-        return Ok(MergeStats::default());
+    // Same identity: a verified relink is enough. Any other refusal (not
+    // the child's parent, another size...) means copying; a failing disk or
+    // a lock does not, and is reported (a relink the fault cut short is
+    // completed by running this again).
+    match set_parent(child, new_parent, false, opts) {
+        Ok(()) => return Ok(MergeStats::default()),
+        Err(e) if matches!(e.kind(), disk::ErrorKind::Io | disk::ErrorKind::Locked) => {
+            return Err(e)
+        }
+        Err(_) => {}
     }
     let name = child.display().to_string();
     let img = image::open(

@@ -12,6 +12,9 @@
 //!   why a VMM must give the format of a disk a guest writes.
 //! - [`chain`]: a chain's files, opening layers over a disk already open,
 //!   relinking.
+//! - [`convert()`]: a disk's contents copied into a new image (zero ranges
+//!   skipped, unreadable ranges salvaged on request); a failed convert
+//!   removes the target it created.
 //!
 //! Every consumer (the `vdisk` commands, the mount, the checkpoint crate,
 //! the benchmarks) opens images through here. What survives a crash, which
@@ -39,6 +42,7 @@
 //! ```
 
 pub mod chain;
+pub mod convert;
 mod create;
 mod format;
 pub mod guard;
@@ -47,6 +51,7 @@ pub mod guarantees {}
 mod open;
 pub mod probe;
 
+pub use convert::{convert, Converted};
 pub use create::{create, create_closed, CreateOptions, Kind};
 pub use disk::{Error, ErrorKind, Result};
 pub use format::Format;

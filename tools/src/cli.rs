@@ -148,8 +148,12 @@ pub(crate) enum Command {
         one sector) so that only what is really unreadable is replaced by zeros; every range \
         replaced is listed on stderr (virtual range and why). The target is always complete. \
         Exit status: 0 nothing was lost, 2 some ranges were replaced by zeros (listed), 1 \
-        error (no target is left behind). Without --salvage, the first read error stops the \
-        convert (exit 1).")]
+        error. Without --salvage, the first read error stops the convert (exit 1).\n\n\
+        A convert that fails (the source cannot be read, the target cannot be written: \
+        EIO, a full disk) removes the target it created, rather than leave an image that \
+        opens fine and reads zeros where the copy did not reach (qemu-img leaves it); an \
+        existing file of that name was already replaced. A target another program holds \
+        open is refused and left alone.")]
     Convert(ConvertArgs),
     /// Check whether two images have the same virtual contents
     #[command(after_help = "Examples:\n  \

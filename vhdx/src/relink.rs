@@ -213,7 +213,8 @@ impl Vhdx {
     /// `Set-VHD -ParentPath`): the parent's DataWriteGuid must be one the
     /// child's locator records, unless `adopt` (the caller guarantees the new
     /// parent reads what the old one did; its DataWriteGuid is recorded).
-    /// The new parent's own chain is opened under `parent_opts`.
+    /// The new parent's own chain is opened under `parent_opts`, whose
+    /// opener also reaches the child.
     ///
     /// # Errors
     /// The new parent cannot be opened or is not the child's parent, the
@@ -231,9 +232,12 @@ impl Vhdx {
         };
         let parent = Vhdx::open(new_parent, &popts)?;
         let dwg = parent.info.header.data_write_guid;
+        // The child through the caller's opener (as the parent), so that
+        // the files are reached the same way (a journal, a fault injector).
         let rw = OpenOptions {
             writable: true,
             keep_data_write_guid: true,
+            opener: parent_opts.opener.clone(),
             ..OpenOptions::default()
         };
         let c = Vhdx::open_with_parent(child, &rw, Arc::new(parent))?;

@@ -213,12 +213,16 @@ fn note_policy(child: &Path, parent: &Path) {
 
 /// Create `path` as `target` with a virtual size of `size` bytes.
 pub fn create(path: &Path, target: &Target, size: u64) -> Result<Image> {
-    let kind = match target {
+    open::create(path, kind(target, size), None)
+}
+
+/// What the library creates for `target` with a virtual size of `size`.
+pub fn kind(target: &Target, size: u64) -> Kind {
+    match target {
         Target::Raw => Kind::Raw { size },
         Target::Vhdx(o) => Kind::Vhdx(o.clone()),
         Target::Vhd(o) => Kind::Vhd(o.clone()),
-    };
-    open::create(path, kind, None)
+    }
 }
 
 /// Tell (on stderr) when the format made the disk larger than asked: a VHD

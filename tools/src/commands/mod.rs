@@ -15,8 +15,6 @@ pub mod resize;
 pub mod rw;
 pub mod serve;
 
-use disk::{Extent, Mapping, VirtualDisk};
-
 /// Bytes moved per read or write: large enough for streaming speed, small
 /// enough to stay in cache (measured: 4 MiB chunks cost 2-3x the CPU of
 /// 256 KiB-1 MiB ones), and a divisor of every VHDX block size.
@@ -52,42 +50,8 @@ macro_rules! outln {
     };
 }
 
-/// The extent at `pos` (up to the end of the disk), checked to start at `pos`.
-pub fn extent_at(d: &dyn VirtualDisk, pos: u64) -> disk::Result<Extent> {
-    let size = d.virtual_size();
-    let ext = d.map_allocation(pos, size - pos)?;
-    if ext.offset != pos || ext.len == 0 {
-        return Err(disk::Error::corrupt(
-            "block mapping",
-            pos,
-            "driver returned an empty or misplaced extent",
-        )
-        .in_file(d.storage().name(), 0));
-    }
-    Ok(Extent {
-        len: ext.len.min(size - pos),
-        ..ext
-    })
-}
-
-/// Whether an extent reads as zeros without looking at any data.
-pub fn reads_as_zero(ext: &Extent) -> bool {
-    matches!(ext.mapping, Mapping::Zero | Mapping::Unallocated)
-}
-
-/// Whether `buf` is all zeros, 64 bytes at a time (the inner loop vectorises).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut blocks = buf.chunks_exact(64);
-    for b in &mut blocks {
-        let acc = b.chunks_exact(8).fold(0u64, |a, w| {
-            a | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
-        });
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
+/// Scanning helpers shared with the library's convert.
+pub use image::convert::{extent_at, is_zero, reads_as_zero};
 
 /// Index of the first byte where `a` and `b` differ (they have equal length).
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
