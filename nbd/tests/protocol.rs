@@ -195,21 +195,30 @@ impl Client {
     /// One whole structured (or simple) reply: (error, data or
     /// descriptors as bytes).
     fn answer(&mut self, cookie: u64) -> (u32, Vec<u8>) {
+        let (c, e, d) = self.next_answer();
+        assert_eq!(c, cookie);
+        (e, d)
+    }
+    /// The next whole reply, whichever request it answers (replies come
+    /// in completion order): (cookie, error, data).
+    fn next_answer(&mut self) -> (u64, u32, Vec<u8>) {
         let mut out = Vec::new();
+        let mut cookie = None;
         loop {
             let mut m = [0u8; 4];
             self.s.read_exact(&mut m).unwrap();
             if proto::be32(&m) == proto::SIMPLE_REPLY_MAGIC {
                 let mut h = [0u8; 12];
                 self.s.read_exact(&mut h).unwrap();
-                assert_eq!(proto::be64(&h[4..12]), cookie);
-                return (proto::be32(&h[0..4]), out);
+                assert!(cookie.is_none(), "a simple reply among chunks");
+                return (proto::be64(&h[4..12]), proto::be32(&h[0..4]), out);
             }
             assert_eq!(proto::be32(&m), proto::STRUCTURED_REPLY_MAGIC);
             let mut h = [0u8; 16];
             self.s.read_exact(&mut h).unwrap();
             let (flags, kind) = (proto::be16(&h[0..2]), proto::be16(&h[2..4]));
-            assert_eq!(proto::be64(&h[4..12]), cookie);
+            let c = proto::be64(&h[4..12]);
+            assert_eq!(*cookie.get_or_insert(c), c, "chunks of two replies mixed");
             let mut p = vec![0u8; proto::be32(&h[12..16]) as usize];
             self.s.read_exact(&mut p).unwrap();
             let mut err = 0;
@@ -220,7 +229,7 @@ impl Client {
                 _ => {}
             }
             if flags & proto::reply::FLAG_DONE != 0 {
-                return (err, out);
+                return (c, err, out);
             }
         }
     }
@@ -492,9 +501,15 @@ fn a_stop_finishes_in_flight_requests_and_refuses_new_clients() {
         .map(|i| c.send(0, cmd::WRITE, i << 20, 1 << 20, &data))
         .collect();
     f.server.stop_flag().store(true, Ordering::Relaxed);
-    for k in cookies {
-        assert_eq!(c.answer(k).0, 0);
-    }
+    let mut answered: Vec<u64> = (0..8)
+        .map(|_| {
+            let (k, e, _) = c.next_answer();
+            assert_eq!(e, 0);
+            k
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, cookies);
     // The connection then ends (the server stops reading at the next
     // request boundary).
     let mut b = [0u8; 1];
