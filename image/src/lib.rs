@@ -36,6 +36,8 @@
 //! assert_eq!(&buf, b"base");
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod chain;
 mod create;
 mod format;
