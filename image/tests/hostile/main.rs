@@ -15,8 +15,9 @@
 //! it started (see there for why that bound).
 //!
 //! Modules by what they damage: `vhdx` (headers, region tables, metadata,
-//! BAT), `vhdx_log` (the metadata log), `vhd`, `chain` (parents of either
-//! format), `truncation` (files cut at every structure boundary),
+//! BAT), `vhdx_log` (the metadata log), `differencing` (sector bitmaps of
+//! differencing VHDX), `vhd`, `chain` (parents of either format),
+//! `truncation` (files cut at every structure boundary),
 //! `partition` (partition tables inside a valid image).
 // Test data: sizes and offsets of small test images (they fit any integer
 // type), patterns and field values.
@@ -25,6 +26,7 @@
 mod harness;
 
 mod chain;
+mod differencing;
 mod partition;
 mod truncation;
 mod vhd;

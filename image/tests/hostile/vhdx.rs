@@ -658,6 +658,14 @@ fn sector_bitmap_entry_in_a_disk_without_parent_is_ignored() {
     assert!(r.first.iter().all(|&b| b == FIRST));
     assert!(r.last.iter().all(|&b| b == LAST));
     assert_eq!(bat(&p, 4096) & 7, NOT_PRESENT + FULLY_PRESENT);
+    // The check says what is wrong with it.
+    let rep = vhdx::check::check_file(&p, &Default::default()).unwrap();
+    assert!(
+        rep.problems.iter().any(|x| x
+            .message
+            .contains("sector bitmap block present in a disk without a parent")),
+        "{rep:?}"
+    );
 }
 
 #[test]
