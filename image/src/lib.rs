@@ -41,6 +41,8 @@
 //! assert_eq!(&buf, b"base");
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod chain;
 pub mod convert;
 mod create;

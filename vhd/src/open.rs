@@ -183,7 +183,10 @@ impl Vhd {
             Error::corrupt("VHD footer", 0, "no valid footer at the end of the file")
                 .in_file(name, tail_off)
         });
-        if file_len >= 2 * FOOTER_SIZE as u64 {
+        // Any file longer than one footer: its first 512 bytes are not the
+        // tail just parsed (a dynamic disk cut inside its header still has
+        // its footer copy, and the error then says where it is cut).
+        if file_len > FOOTER_SIZE as u64 {
             let head = read_vec(storage, 0, FOOTER_SIZE as u64)?;
             if let Ok(f) = Footer::parse(&head) {
                 if f.disk_type != DiskType::Fixed {
@@ -393,6 +396,8 @@ impl Vhd {
                 // Only the entries the disk uses are kept (bounded by the file).
                 let tbuf = read_vec(storage, table_off, needed * 4)?;
                 let batv = Bat::parse(&tbuf).in_file(&name, table_off)?;
+                // Not held while the parent's chain opens below.
+                drop(tbuf);
                 let bm = sector_bitmap::size(header.block_size);
                 let mut allocated = 0u64;
                 let mut truncated = 0u64;

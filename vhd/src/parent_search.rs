@@ -99,12 +99,22 @@ pub(crate) fn find_parent(
             continue;
         }
         seen.push(canon);
-        let depth = chain.depth();
-        chain.enter(name, &path)?;
         let popts = OpenOptions {
             writable: false,
             ..opts.clone()
         };
+        // A candidate whose footer says it is another disk is passed over
+        // before its own chain is opened: opening each candidate's whole
+        // chain to learn its id made a hostile set of files, each naming a
+        // wrong candidate before the right one, open 2^depth chains.
+        if !opts.ignore_parent_id {
+            if let Some(pid) = footer_id(&path, &popts).filter(|&id| id != h.parent_unique_id) {
+                mismatch.get_or_insert_with(|| id_mismatch(name, &path, pid, h, hdr_off));
+                continue;
+            }
+        }
+        let depth = chain.depth();
+        chain.enter(name, &path)?;
         let parent = Vhd::open_path(&path, &popts, chain);
         chain.truncate(depth);
         let parent = parent.map_err(|e| parent::parent_error(e, name, &path))?;
@@ -112,17 +122,7 @@ pub(crate) fn find_parent(
         if pid == h.parent_unique_id || opts.ignore_parent_id {
             return Ok(Arc::new(parent));
         }
-        mismatch.get_or_insert_with(|| {
-            Error::invalid(format!(
-                "parent {} has unique id {pid}, but this differencing VHD expects parent unique \
-                 id {} (dynamic disk header at offset {:#x}): it is not this disk's parent, or \
-                 its id was changed (open with ignore_parent_id to use it anyway)",
-                path.display(),
-                h.parent_unique_id,
-                hdr_off + 40
-            ))
-            .in_file(name, 0)
-        });
+        mismatch.get_or_insert_with(|| id_mismatch(name, &path, pid, h, hdr_off));
     }
     if let Some(e) = mismatch {
         return Err(e);
@@ -137,6 +137,29 @@ pub(crate) fn find_parent(
         ),
         "no parent locator or parent name names a path",
     ))
+}
+
+/// The unique id in the footer of the VHD at `path`, read without opening
+/// its parents; `None` when it has no readable footer (the full open then
+/// says why).
+fn footer_id(path: &Path, opts: &OpenOptions) -> Option<uuid::Uuid> {
+    let st = opts.opener.open(path, false, opts.lock).ok()?;
+    let len = st.len().ok()?;
+    Vhd::find_footer(&*st, len).ok().map(|(f, ..)| f.unique_id)
+}
+
+/// The error for a candidate parent at `path` whose unique id `pid` is not
+/// the one the header `h` (at `hdr_off`) of the child `name` expects.
+fn id_mismatch(name: &str, path: &Path, pid: uuid::Uuid, h: &DynamicHeader, hdr_off: u64) -> Error {
+    Error::invalid(format!(
+        "parent {} has unique id {pid}, but this differencing VHD expects parent unique id {} \
+         (dynamic disk header at offset {:#x}): it is not this disk's parent, or its id was \
+         changed (open with ignore_parent_id to use it anyway)",
+        path.display(),
+        h.parent_unique_id,
+        hdr_off + 40
+    ))
+    .in_file(name, 0)
 }
 
 /// What [`Vhd::set_parent`] records about the parent at `parent_abs`

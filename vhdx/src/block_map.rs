@@ -6,6 +6,7 @@
 use crate::bat::{BatEntry, PayloadState};
 use crate::bat_cache::{ENTRIES_PER_PAGE, PAGE_BYTES};
 use crate::image::{lock, MIB, MIB_BYTES};
+use crate::region_table::{BAT_REGION, METADATA_REGION};
 use crate::scan;
 use crate::{AllocationStats, Error, Result, Vhdx};
 use disk::{Extent, FileOffset, Geometry, Mapping, Storage, VirtualDisk, WriteExtent};
@@ -111,14 +112,16 @@ impl Vhdx {
         ))
     }
 
-    /// Fail when entry `idx` (read as zeros) lies past the end of the
+    /// Fail when entry `idx` lies wholly or partly past the end of the
     /// file: a file truncated inside the BAT must not read the blocks whose
-    /// entries it lost as zeros. No writer leaves the BAT region past the
-    /// end of the file (this library, QEMU and Windows all write it or
-    /// extend the file over it).
-    pub(crate) fn entry_in_file(&self, idx: u64, e: BatEntry) -> Result<()> {
+    /// entries it lost as zeros, nor use an entry cut in two (its low bytes
+    /// kept, the high bytes of its file offset read as zeros: another
+    /// block's data). No writer leaves the BAT region past the end of the
+    /// file (this library, QEMU and Windows all write it or extend the file
+    /// over it).
+    pub(crate) fn entry_in_file(&self, idx: u64) -> Result<()> {
         let at = self.bat_offset + idx * 8;
-        if e.0 != 0 || at + 8 <= self.known_len.load(Ordering::Acquire) {
+        if at + 8 <= self.known_len.load(Ordering::Acquire) {
             return Ok(());
         }
         let flen = self.file_len_for(at + 8)?;
@@ -138,7 +141,7 @@ impl Vhdx {
     pub(crate) fn block_entry(&self, block: u64) -> Result<(PayloadState, u64)> {
         let idx = self.bat_geo.payload_index(block);
         let e = self.bat_entry(idx)?;
-        self.entry_in_file(idx, e)?;
+        self.entry_in_file(idx)?;
         let at = self.bat_offset + idx * 8;
         let state = e
             .payload_state()
@@ -156,6 +159,23 @@ impl Vhdx {
             )
             .in_file(self.name(), 0));
         }
+        if matches!(
+            state,
+            PayloadState::FullyPresent | PayloadState::PartiallyPresent
+        ) {
+            if let Some(what) = self.structure_at(fo, self.block_size) {
+                return Err(Error::corrupt(
+                    "BAT entry",
+                    at,
+                    format!(
+                        "block {block} at file offset {fo:#x} (+{:#x}) overlaps {what}: reading \
+                         it would show that structure, writing it would destroy it",
+                        self.block_size
+                    ),
+                )
+                .in_file(self.name(), 0));
+            }
+        }
         if state == PayloadState::PartiallyPresent && !self.bat_geo.has_parent {
             return Err(Error::corrupt(
                 "BAT entry",
@@ -165,6 +185,35 @@ impl Vhdx {
             .in_file(self.name(), 0));
         }
         Ok((state, fo))
+    }
+
+    /// The fixed structure of the file (the header section, the log, a
+    /// region) that the file range `fo..fo + len` overlaps, described, if
+    /// any. No block may overlap one (MS-VHDX 2.5, 2.2.3): a hostile BAT
+    /// entry pointing into the metadata would otherwise read it as data,
+    /// and a write there would overwrite it.
+    pub(crate) fn structure_at(&self, fo: u64, len: u64) -> Option<String> {
+        let end = fo.saturating_add(len);
+        let meets = |start: u64, length: u64| fo < start.saturating_add(length) && start < end;
+        if meets(0, MIB) {
+            return Some("the header section (0x0+0x100000)".to_string());
+        }
+        let h = &self.info.header;
+        if meets(h.log_offset, u64::from(h.log_length)) {
+            return Some(format!("the log ({:#x}+{:#x})", h.log_offset, h.log_length));
+        }
+        self.info
+            .regions
+            .iter()
+            .find(|r| meets(r.file_offset, u64::from(r.length)))
+            .map(|r| {
+                let what = match r.guid {
+                    BAT_REGION => "the BAT region".to_string(),
+                    METADATA_REGION => "the metadata region".to_string(),
+                    g => format!("region {g}"),
+                };
+                format!("{what} ({:#x}+{:#x})", r.file_offset, r.length)
+            })
     }
 
     /// Allocate file space for `block` and point its BAT entry at it.
@@ -190,6 +239,18 @@ impl Vhdx {
             // LeaveBlocksAllocated kept the space: reuse it, zeroed, for this
             // same block (it was never handed to another block).
             let fo = cur.file_offset();
+            if let Some(what) = self.structure_at(fo, self.block_size) {
+                return Err(Error::corrupt(
+                    "BAT entry",
+                    self.bat_offset + idx * 8,
+                    format!(
+                        "the space kept for block {block} at file offset {fo:#x} (+{:#x}) \
+                         overlaps {what}: zeroing it for a write would destroy it",
+                        self.block_size
+                    ),
+                )
+                .in_file(self.name(), 0));
+            }
             let zeros = vec![0u8; MIB_BYTES];
             let mut done = 0;
             while done < self.block_size {

@@ -43,7 +43,7 @@ impl Vhdx {
             .bat_geo
             .bitmap_index(block / self.bat_geo.chunk_ratio());
         let e = self.bat_entry(idx)?;
-        self.entry_in_file(idx, e)?;
+        self.entry_in_file(idx)?;
         let at = self.bat_offset + idx * 8;
         match e.state() {
             SB_BLOCK_NOT_PRESENT => Ok(None),
@@ -54,6 +54,18 @@ impl Vhdx {
                         "BAT entry",
                         at,
                         format!("sector bitmap block at invalid file offset {fo:#x}"),
+                    )
+                    .in_file(self.name(), 0));
+                }
+                if let Some(what) = self.structure_at(fo, MIB) {
+                    return Err(Error::corrupt(
+                        "BAT entry",
+                        at,
+                        format!(
+                            "the sector bitmap block of chunk {} at file offset {fo:#x} \
+                             (+0x100000) overlaps {what}",
+                            block / self.bat_geo.chunk_ratio()
+                        ),
                     )
                     .in_file(self.name(), 0));
                 }

@@ -161,7 +161,7 @@ pub fn select_current(first: Result<Header>, second: Result<Header>) -> Result<(
         (Err(_), Ok(b)) => Ok((1, b)),
         (Err(e1), Err(e2)) => Err(Error::corrupt(
             NAME,
-            0,
+            Header::OFFSETS[0],
             format!(
                 "no valid header: first copy (at {:#x}): {e1}; second copy (at {:#x}): {e2}",
                 Header::OFFSETS[0],

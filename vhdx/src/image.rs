@@ -245,14 +245,16 @@ pub(crate) fn read_vec(
     storage: &dyn Storage,
     offset: u64,
     len: u64,
-    what: &str,
+    what: &'static str,
 ) -> Result<Vec<u8>> {
     let file_len = storage.len()?;
     if offset.checked_add(len).is_none_or(|e| e > file_len) {
         return Err(Error::corrupt(
-            "file",
+            what,
             offset,
-            format!("{what} ({len} bytes) extends past the end of the file ({file_len} bytes)"),
+            format!(
+                "its {len} bytes at {offset:#x} extend past the end of the file ({file_len} bytes)"
+            ),
         )
         .in_file(storage.name(), 0));
     }

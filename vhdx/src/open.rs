@@ -16,7 +16,7 @@ use crate::log::{self, LogOp};
 use crate::metadata::{FileParameters, Metadata};
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
 use crate::parent_search::find_parent;
-use crate::region_table::{RegionEntry, RegionTable};
+use crate::region_table::{self, RegionEntry, RegionTable, BAT_REGION};
 use crate::replay::{self, ReplayOverlay};
 use crate::scan;
 use crate::sector_bitmap::BitmapCache;
@@ -141,20 +141,20 @@ impl Vhdx {
         let file_size = storage.len()?;
         if file_size < 5 * 64 * 1024 {
             return Err(Error::corrupt(
-                "file identifier",
+                "VHDX file identifier",
                 0,
                 format!("file is {file_size} bytes, too short to be a VHDX"),
             )
             .in_file(&name, 0));
         }
         // 2.2.1 file type identifier.
-        let ident_buf = read_vec(&*storage, 0, 520, "file identifier")?;
+        let ident_buf = read_vec(&*storage, 0, 520, "VHDX file identifier")?;
         let ident = FileIdentifier::parse(&ident_buf).in_file(&name, 0)?;
 
         // 2.2.2 headers: the valid one with the larger sequence number.
         let mut hdrs = Vec::with_capacity(2);
         for off in Header::OFFSETS {
-            let buf = read_vec(&*storage, off, Header::SIZE as u64, "header")?;
+            let buf = read_vec(&*storage, off, Header::SIZE as u64, "VHDX header")?;
             hdrs.push(Header::parse(&buf).in_file(&name, off));
         }
         let second = hdrs.pop().expect("two headers");
@@ -174,7 +174,12 @@ impl Vhdx {
                 ))
                 .in_file(&name, 0));
             }
-            let log_buf = read_vec(&*storage, hdr.log_offset, u64::from(hdr.log_length), "log")?;
+            let log_buf = read_vec(
+                &*storage,
+                hdr.log_offset,
+                u64::from(hdr.log_length),
+                "VHDX log",
+            )?;
             let seq = log::find_active_sequence(&log_buf, hdr.log_guid);
             log_entries = seq.len();
             if let Some((_, head)) = seq.last() {
@@ -182,7 +187,7 @@ impl Vhdx {
                 let last = head.last_file_offset;
                 if flushed > file_size {
                     return Err(Error::corrupt(
-                        "log entry",
+                        "VHDX log entry",
                         hdr.log_offset + seq.last().map_or(0, |(o, _)| *o as u64),
                         format!(
                             "FlushedFileOffset {flushed:#x} is beyond the end of the file \
@@ -212,22 +217,26 @@ impl Vhdx {
         }
 
         // 2.2.3 region tables: the first valid one.
-        let mut rt_err = None;
+        let mut rt_errs = Vec::new();
         let mut regions = None;
         for off in RegionTable::OFFSETS {
-            let buf = read_vec(&*storage, off, RegionTable::SIZE as u64, "region table")?;
+            let buf = read_vec(
+                &*storage,
+                off,
+                RegionTable::SIZE as u64,
+                "VHDX region table",
+            )?;
             match RegionTable::parse(&buf).in_file(&name, off) {
                 Ok(t) => {
-                    regions = Some(t);
+                    regions = Some((off, t));
                     break;
                 }
                 Err(e) if e.kind() == disk::ErrorKind::Unsupported => return Err(e),
-                Err(e) => rt_err = rt_err.or(Some(e)),
+                Err(e) => rt_errs.push(e),
             }
         }
-        let regions = match regions {
-            Some(r) => r,
-            None => return Err(rt_err.expect("an error when no table parsed")),
+        let Some((rt_off, regions)) = regions else {
+            return Err(no_region_table(&name, &rt_errs));
         };
         let bat_region = *regions.bat();
         let meta_region = *regions.metadata();
@@ -244,10 +253,13 @@ impl Vhdx {
             &*storage,
             meta_region.file_offset,
             u64::from(meta_region.length),
-            "metadata region",
+            "VHDX metadata region",
         )?;
         let (metadata_table, metadata) =
             Metadata::parse(&meta_buf).in_file(&name, meta_region.file_offset)?;
+        // Not held while the parent's chain opens below (a chain of 64
+        // held 64 metadata regions at once).
+        drop(meta_buf);
 
         let info = Info {
             creator: ident.creator,
@@ -328,9 +340,15 @@ impl Vhdx {
         )
         .in_file(&name, meta_region.file_offset)?;
         if bat_geo.bat_bytes() > u64::from(bat_region.length) {
+            // The BAT entry's Length field in the copy in use.
+            let i = regions
+                .entries
+                .iter()
+                .position(|e| e.guid == BAT_REGION)
+                .unwrap_or(0);
             return Err(Error::corrupt(
-                "region table",
-                RegionTable::OFFSETS[0],
+                "VHDX region table",
+                rt_off + (region_table::HEADER_SIZE + region_table::ENTRY_SIZE * i) as u64 + 24,
                 format!(
                     "BAT region is {} bytes but the disk needs {} bytes of BAT",
                     bat_region.length,
@@ -363,7 +381,7 @@ impl Vhdx {
                 // instead of failing: data lost silently. (QEMU refuses to
                 // open such an image at all.)
                 return Err(Error::corrupt(
-                    "BAT",
+                    "VHDX BAT",
                     bat_region.file_offset + b.index * 8,
                     format!(
                         "the image is truncated: {} blocks lie past the end of the file (the \
@@ -451,6 +469,28 @@ impl Vhdx {
         };
         Ok((vhdx, info))
     }
+}
+
+/// The error for a file whose two region table copies both fail to parse
+/// (`errs`, the first copy's first): names each copy and what is wrong
+/// with it, at the first copy's offset.
+fn no_region_table(name: &str, errs: &[Error]) -> Error {
+    let at = match errs.first() {
+        Some(Error::Corrupt { offset, .. }) => *offset,
+        _ => RegionTable::OFFSETS[0],
+    };
+    let copies: Vec<String> = RegionTable::OFFSETS
+        .iter()
+        .zip(errs)
+        .zip(["first", "second"])
+        .map(|((off, e), which)| format!("{which} copy (at {off:#x}): {e}"))
+        .collect();
+    Error::corrupt(
+        "VHDX region table",
+        at,
+        format!("no valid region table: {}", copies.join("; ")),
+    )
+    .in_file(name, 0)
 }
 
 /// How `open_inner` gets a differencing disk's parent.

@@ -97,7 +97,12 @@ impl Vhdx {
                 Error::corrupt("region table", 0, "no metadata region").in_file(self.name(), 0)
             })?;
         let len = u64::from(meta.length);
-        let old = read_vec(&*self.storage, meta.file_offset, len, "metadata region")?;
+        let old = read_vec(
+            &*self.storage,
+            meta.file_offset,
+            len,
+            "VHDX metadata region",
+        )?;
         let mut table = MetadataTable::parse(&old, len).in_file(self.name(), meta.file_offset)?;
         let mut region = old.clone();
         edit(&mut table, &mut region).in_file(self.name(), meta.file_offset)?;

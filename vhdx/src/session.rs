@@ -230,12 +230,22 @@ pub(crate) fn write_header_pair(
 ) -> Result<usize> {
     let mut buf = vec![0u8; Header::SIZE];
     let mut slot = current_slot;
+    // Both bumps are checked before either copy is written.
+    if h.sequence_number > u64::MAX - 2 {
+        return Err(Error::corrupt(
+            "VHDX header",
+            Header::OFFSETS[current_slot] + 8,
+            format!(
+                "SequenceNumber {:#x} cannot be increased: the headers cannot be updated, so \
+                 the image cannot be written",
+                h.sequence_number
+            ),
+        )
+        .in_file(storage.name(), 0));
+    }
     for _ in 0..2 {
         slot = 1 - slot;
-        h.sequence_number = h.sequence_number.checked_add(1).ok_or_else(|| {
-            Error::corrupt("header", Header::OFFSETS[slot], "sequence number overflow")
-                .in_file(storage.name(), 0)
-        })?;
+        h.sequence_number += 1;
         h.write_to(&mut buf);
         storage.write_at(&buf, Header::OFFSETS[slot])?;
         storage.flush()?;

@@ -375,3 +375,40 @@ fn self_overlapping_run_is_rejected() {
     place(&mut log, 0, &e);
     assert_eq!(seqs(&find_active_sequence(&log, GUID)), vec![(0, 1)]);
 }
+
+#[test]
+fn checksums_from_prefix_crcs_match_direct_ones() {
+    // Entries of 1 to 12 sectors at every offset of a log, wrapping or
+    // not, valid or damaged: validating with the prefix CRCs gives what
+    // computing each checksum over the entry gives.
+    let mut log = vec![0u8; LOG_LEN];
+    let mut at = 0;
+    let mut seq = 1;
+    while at + 12 * LOG_SECTOR < LOG_LEN {
+        at = place(&mut log, at, &entry(seq, 0, (seq % 10) as usize));
+        seq += 1;
+    }
+    // One entry wrapping around the end of the log.
+    place(&mut log, LOG_LEN - 2 * LOG_SECTOR, &entry(seq, 0, 5));
+    let crcs = SectorCrcs::new(&log);
+    for s in 0..LOG_LEN / LOG_SECTOR {
+        for k in 1..=12usize {
+            let a = s * LOG_SECTOR;
+            let len = k * LOG_SECTOR;
+            let mut direct = log[a..LOG_LEN.min(a + len)].to_vec();
+            direct.extend_from_slice(&log[..len - direct.len()]);
+            assert_eq!(
+                crcs.entry(&log, a, len),
+                crate::guid::crc32c_zeroed(&direct, CHECKSUM_AT),
+                "sector {s}, {k} sectors"
+            );
+        }
+        let fast = validate_at(&log, s * LOG_SECTOR, GUID, Some(&crcs)).map(|h| h.sequence_number);
+        let slow = validate_at(&log, s * LOG_SECTOR, GUID, None).map(|h| h.sequence_number);
+        assert_eq!(fast.ok(), slow.ok(), "sector {s}");
+    }
+    let valid = (0..LOG_LEN / LOG_SECTOR)
+        .filter(|s| validate_at(&log, s * LOG_SECTOR, GUID, Some(&crcs)).is_ok())
+        .count();
+    assert!(valid >= 5, "{valid}");
+}
