@@ -62,8 +62,7 @@ impl Changes {
         progress: disk::Progress<'_>,
     ) -> Result<DeltaStats> {
         let name = delta.display().to_string();
-        self.check_delta_path(delta)
-            .map_err(|e| e.in_file(&name, 0))?;
+        self.check_delta(delta)?;
         let kind = match self.from.format() {
             Format::Vhdx => {
                 let mut o = vhdx::CreateOptions::new(0);
@@ -119,8 +118,17 @@ impl Changes {
         Ok(stats)
     }
 
-    /// Refuse a delta that is a file of either chain, or in the guarded
-    /// (bundle) directory.
+    /// Whether [`Changes::write_delta`] may write a delta at `delta`: not
+    /// over a file of either chain, nor into the bundle's directory (for
+    /// the changes of a bundle). Nothing is written.
+    ///
+    /// # Errors
+    /// One of those, naming `delta`.
+    pub fn check_delta(&self, delta: &Path) -> Result<()> {
+        self.check_delta_path(delta)
+            .map_err(|e| e.in_file(&delta.display().to_string(), 0))
+    }
+
     fn check_delta_path(&self, delta: &Path) -> Result<()> {
         let dir = canonical(dir_of(delta));
         if let (Some(g), Some(d)) = (self.guarded.as_deref().and_then(canonical), &dir) {

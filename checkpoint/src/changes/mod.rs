@@ -230,6 +230,12 @@ impl Changes {
         self.to.disk()
     }
 
+    /// FROM's format (TO's too: a chain is of one format), the format of
+    /// a delta ([`Changes::write_delta`]).
+    pub fn format(&self) -> image::Format {
+        self.from.format()
+    }
+
     /// The virtual size of both disks.
     pub fn virtual_size(&self) -> u64 {
         self.size
