@@ -16,6 +16,7 @@ use image::OpenOptions;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 /// The bundle's disk: six 2 MiB blocks of its differencing disks.
@@ -134,6 +135,15 @@ fn apply(b: &mut Bundle, ops: &[Op]) -> u64 {
         }
     }
     size
+}
+
+/// The bundle closed and opened again: a VHD bundle's spare child, made
+/// in the background after a checkpoint, is then complete (the snapshots
+/// of the bundle's files must not see it appear).
+fn settled(b: Bundle) -> Bundle {
+    let dir = b.dir().to_path_buf();
+    drop(b);
+    Bundle::open(&dir).unwrap()
 }
 
 fn read_all(d: &dyn VirtualDisk) -> Vec<u8> {
@@ -269,6 +279,7 @@ fn run(format: Format, ops: &[Op], exact: bool) {
     let dir = tmp.path().join("vm");
     let mut b = Bundle::init(&dir, format, DISK).unwrap();
     apply(&mut b, ops);
+    let b = settled(b);
     let names = names(&b);
     let delta = tmp
         .path()
@@ -328,6 +339,7 @@ fn changes_across_branches_and_a_delta_kept_out_of_the_bundle() {
             Op::Blocks { block: 4, count: 1 },
         ];
         apply(&mut b, &ops);
+        let b = settled(b);
         assert_eq!(names(&b), ["base", "cp0", "cp1"]);
         let c = b.changes("cp1", None).unwrap();
         assert_eq!(c.from_side().len(), 1, "cp1's own layer");
@@ -355,12 +367,115 @@ fn changes_across_branches_and_a_delta_kept_out_of_the_bundle() {
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not be written into the bundle"), "{e}");
-        // Nor over a disk of the chains compared, from outside the bundle
-        // (a chain opened from elsewhere).
-        let active = b.active_path();
-        let e = c.write_delta(&active, true, &mut |_| {}).unwrap_err();
-        assert!(e.to_string().contains("bundle"), "{e}");
+        // Nor below it (the bundle deletes unknown files of its `vm` dir).
+        let sub = dir.join(checkpoint::VM_STATE_DIR);
+        std::fs::create_dir_all(&sub).unwrap();
+        let e = c
+            .write_delta(&sub.join("delta.avhdx"), true, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may not be written into the bundle"), "{e}");
+        std::fs::remove_dir(&sub).unwrap();
+        drop(c);
+        // Nor, for the same disks opened as files (no bundle to guard),
+        // over a disk of the chains compared.
+        let from = b.disk_path(b.checkpoint("cp0").unwrap());
+        let mut c =
+            checkpoint::Changes::open(&from, &b.active_path(), &OpenOptions::probing()).unwrap();
+        for target in [from.clone(), b.active_path()] {
+            let e = c.write_delta(&target, true, &mut |_| {}).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("the delta would replace a disk of the chains compared"),
+                "{e}"
+            );
+        }
         drop(c);
         assert!(snapshot(&dir) == before);
+    }
+}
+
+/// A delta written into failing storage (EIO or ENOSPC at the n-th write,
+/// flush or length change, n = 0, 1, 2... until the write no longer meets
+/// the fault): each failure is an error, leaves no temporary file and the
+/// delta written before untouched; the run that completes reads as TO.
+#[test]
+fn a_failed_delta_leaves_the_previous_one() {
+    use disk::fault::{Fault, FaultOpener};
+    for format in [Format::Vhdx, Format::Vhd] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("vm");
+        let mut b = Bundle::init(&dir, format, DISK).unwrap();
+        apply(
+            &mut b,
+            &[
+                Op::Write {
+                    off: MIB + 5,
+                    len: 300_000,
+                },
+                Op::Create,
+                Op::Blocks { block: 3, count: 1 },
+                Op::Zero {
+                    off: 8 * MIB,
+                    len: 2 * MIB,
+                    unmap: true,
+                },
+            ],
+        );
+        let delta = tmp
+            .path()
+            .join(format!("delta.{}", format.child_extension()));
+        let tmp_file = tmp
+            .path()
+            .join(format!("delta.{}.tmp", format.child_extension()));
+        b.changes("base", None)
+            .unwrap()
+            .write_delta(&delta, false, &mut |_| {})
+            .unwrap();
+        let previous = std::fs::read(&delta).unwrap();
+        let from = b.disk_path(b.checkpoint("cp0").unwrap());
+        let want = {
+            let img = image::open(b.active_path(), &OpenOptions::probing()).unwrap();
+            read_all(&**img.disk())
+        };
+        let mut n = 0;
+        loop {
+            let fault = if n % 2 == 0 {
+                Fault::Eio
+            } else {
+                Fault::Enospc
+            };
+            let opener = Arc::new(FaultOpener::new(n, fault));
+            let opts = OpenOptions {
+                opener: opener.clone(),
+                ..OpenOptions::probing()
+            };
+            let mut c = checkpoint::Changes::open(&from, &b.active_path(), &opts).unwrap();
+            let r = c.write_delta(&delta, true, &mut |_| {});
+            drop(c);
+            assert!(!tmp_file.exists(), "{format:?} n={n}: temporary file left");
+            if !opener.pending() {
+                let e = r.expect_err("the fault fired");
+                assert!(!e.to_string().is_empty());
+                assert!(
+                    std::fs::read(&delta).unwrap() == previous,
+                    "{format:?} n={n}: the previous delta changed"
+                );
+                n += 1;
+                continue;
+            }
+            r.unwrap();
+            break;
+        }
+        assert!(n > 3, "{format:?}: the faults met only {n} mutations");
+        let opts = OpenOptions {
+            parent_policy: ParentPolicy {
+                allowed_dirs: vec![dir.clone()],
+                ..ParentPolicy::default()
+            },
+            ..OpenOptions::probing()
+        };
+        let img = image::open(&delta, &opts).unwrap();
+        assert!(read_all(&**img.disk()) == want, "{format:?}");
     }
 }

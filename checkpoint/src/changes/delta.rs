@@ -51,8 +51,8 @@ impl Changes {
     /// and the bytes written.
     ///
     /// # Errors
-    /// `delta` is a file of either chain, lies in a bundle's directory
-    /// (for the changes of a bundle), exists (without `overwrite`) or is in
+    /// `delta` is a file of either chain, lies in a bundle's directory or
+    /// below it (for the changes of a bundle), exists (without `overwrite`) or is in
     /// use; FROM is raw (no differencing disk over it); read or write
     /// errors.
     pub fn write_delta(
@@ -119,8 +119,8 @@ impl Changes {
     }
 
     /// Whether [`Changes::write_delta`] may write a delta at `delta`: not
-    /// over a file of either chain, nor into the bundle's directory (for
-    /// the changes of a bundle). Nothing is written.
+    /// over a file of either chain, nor into the bundle's directory or
+    /// below it (for the changes of a bundle). Nothing is written.
     ///
     /// # Errors
     /// One of those, naming `delta`.
@@ -130,9 +130,11 @@ impl Changes {
     }
 
     fn check_delta_path(&self, delta: &Path) -> Result<()> {
+        // Under the bundle, even in a subdirectory: the bundle deletes files
+        // of its own there (VM state files of no checkpoint).
         let dir = canonical(dir_of(delta));
         if let (Some(g), Some(d)) = (self.guarded.as_deref().and_then(canonical), &dir) {
-            if g == *d {
+            if d.starts_with(&g) {
                 return Err(Error::invalid(format!(
                     "the delta may not be written into the bundle {} (write it outside)",
                     g.display()

@@ -46,8 +46,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A range of the virtual disk whose content may differ between FROM and
-/// TO (serialized with kebab-case keys like `vdisk map`'s: `start`,
-/// `length`, `zero`, `data`).
+/// TO (serialized with kebab-case keys, `start`, `length`, `zero`, as
+/// `vdisk map`'s; `vdisk changes` adds `data`, the opposite of `zero`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Change {
