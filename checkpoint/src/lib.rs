@@ -8,6 +8,10 @@
 //!   atomic and finished at the next open if interrupted.
 //! - [`disks`]: a bundle's disk format and how a checkpoint's new child is
 //!   made.
+//! - [`changes`]: changed-block tracking: the ranges that may differ between
+//!   two checkpoints (or two disks of one chain), from the layers' block
+//!   tables alone; checked against the data, or written out as a delta
+//!   disk (an incremental backup).
 //!
 //! ```
 //! use checkpoint::{Bundle, Format};
@@ -31,12 +35,14 @@
 //! ```
 
 mod bundle;
+pub mod changes;
 pub mod disks;
 mod manifest;
 pub mod merge;
 mod ops;
 
 pub use bundle::{Bundle, NodeInfo, VM_STATE_DIR};
+pub use changes::{Change, Changes};
 pub use disk::{Error, ErrorKind, Result};
 pub use disks::Format;
 pub use manifest::{format_utc, Manifest, Node, Pending, MANIFEST, SPARE};

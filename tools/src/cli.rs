@@ -325,6 +325,45 @@ pub(crate) enum Command {
         `vdisk rebase -u -b PARENT CHILD` command that relinks it; run it only if PARENT \
         still holds the data CHILD was made over (else CHILD would read wrong data).")]
     Rebase(RebaseArgs),
+    /// List the ranges that may differ between two images of one chain (changed-block tracking)
+    #[command(after_help = "Examples:\n  \
+        vdisk changes base.vhdx child.avhdx\n  \
+        vdisk changes --output json old.avhdx new.avhdx\n  \
+        vdisk changes --verify base.vhd child.vhd\n  \
+        vdisk changes --output-image delta.avhdx old.avhdx new.avhdx\n\n\
+        OLD and NEW are images whose chains share a file: one an ancestor of the other (a \
+        differencing disk and its parent, or grandparent...), or two children of one \
+        parent; images of different chains are refused, with both chains listed. The \
+        order matters only for what the listing and the delta describe: NEW's content.\n\
+        The changes are found from the block tables and sector bitmaps of the layers \
+        between the two disks (no data is read): OLD and NEW read alike wherever no layer \
+        above their lowest common ancestor (the first file of NEW's chain that OLD's chain \
+        holds too; OLD itself when it is NEW's ancestor) holds data or explicit zeros. So \
+        the list is a superset of the ranges that truly differ (a rewrite of the same \
+        bytes, or of part of a sector, is listed), and exactly those ranges when every \
+        write covered whole blocks with new data. Ranges are sorted, merged, and split \
+        where NEW maps zeros (a ZERO block, nothing allocated) or data.\n\
+        The human form lists offset, length and whether NEW reads data or zeros there, \
+        then a summary (changes, bytes, the common ancestor). --output json prints one \
+        JSON array of objects in offset order, qemu-img map style: start, length, zero \
+        (NEW maps zeros there), data (the opposite). For example:\n  \
+        [{ \"start\": 2097152, \"length\": 2097152, \"zero\": false, \"data\": true },\n  \
+        { \"start\": 8388608, \"length\": 1048576, \"zero\": true, \"data\": false }]\n\
+        --verify reads both disks whole, compares them sector by sector and checks that \
+        every differing sector lies inside a listed range; it prints the bytes compared, \
+        the bytes that differ and the bytes listed (on stderr with --output json), and \
+        fails (exit 1) naming the ranges outside the list if there are any.\n\
+        --output-image DELTA writes the changes as a differencing disk over OLD's file \
+        (OLD's format: VHDX with 2 MiB blocks, or VHD; a name saying the other format is \
+        refused): NEW's bytes for each range (zeros where NEW maps zeros). Read over OLD, \
+        DELTA reads exactly as NEW: an incremental backup, which `vdisk merge` folds into \
+        (a copy of) OLD. OLD and NEW are only read. DELTA is written as DELTA.tmp and \
+        renamed once complete and synced (an existing DELTA is replaced, unless in use); \
+        it may not be a file of either chain. Its parent locator names OLD: open it with \
+        --parent-dir OLD's directory when it lies elsewhere. Done after --verify, and \
+        only if that passed.\n\
+        Exit status: 0 done, 1 error (or --verify found a difference outside the list).")]
+    Changes(ChangesArgs),
     /// Manage a checkpoint tree in a directory (a disk bundle)
     #[command(after_help = "Examples:\n  \
         vdisk checkpoint init vm 20G                 # base.vhdx + an active child\n  \
@@ -335,7 +374,8 @@ pub(crate) enum Command {
         vdisk checkpoint list vm\n  \
         vdisk checkpoint revert vm before-upgrade\n  \
         vdisk checkpoint delete vm before-upgrade\n  \
-        vdisk checkpoint merge vm\n\n\
+        vdisk checkpoint merge vm\n  \
+        vdisk checkpoint changes vm before-upgrade   # what changed since\n\n\
         The bundle directory holds the disks and bundle.json; the active disk (printed by \
         `path`) is the one a VM writes. Every change is atomic and is finished at the next \
         command if interrupted. A command holds the bundle while it runs (another one is \
@@ -706,6 +746,48 @@ pub(crate) enum CheckpointCommand {
     #[command(after_help = "Examples:\n  \
         vdisk checkpoint merge vm")]
     Merge(CheckpointBundleArgs),
+    /// List the ranges that may differ between checkpoint FROM and TO (or the active disk)
+    #[command(after_help = "Examples:\n  \
+        vdisk checkpoint changes vm before-upgrade\n  \
+        vdisk checkpoint changes --output json vm monday tuesday\n  \
+        vdisk checkpoint changes --verify vm monday\n  \
+        vdisk checkpoint changes --output-image /backup/tuesday.avhdx vm monday tuesday\n\n\
+        FROM and TO name checkpoints (an unknown name is refused, listing the names); \
+        without TO, the active disk. They may lie on different branches of the tree (a \
+        revert makes the active disk a new child of the checkpoint reverted to): the \
+        changes are then those of both branches above their lowest common ancestor. \
+        Below, OLD is FROM and NEW is TO. The bundle is held while the command runs and \
+        its disks are only read: the active disk cannot be read while a VM writes it.\n\
+        The changes are found from the block tables and sector bitmaps of the layers \
+        between the two disks (no data is read): OLD and NEW read alike wherever no layer \
+        above their lowest common ancestor (the first file of NEW's chain that OLD's chain \
+        holds too; OLD itself when it is NEW's ancestor) holds data or explicit zeros. So \
+        the list is a superset of the ranges that truly differ (a rewrite of the same \
+        bytes, or of part of a sector, is listed), and exactly those ranges when every \
+        write covered whole blocks with new data. Ranges are sorted, merged, and split \
+        where NEW maps zeros (a ZERO block, nothing allocated) or data.\n\
+        The human form lists offset, length and whether NEW reads data or zeros there, \
+        then a summary (changes, bytes, the common ancestor). --output json prints one \
+        JSON array of objects in offset order, qemu-img map style: start, length, zero \
+        (NEW maps zeros there), data (the opposite). For example:\n  \
+        [{ \"start\": 2097152, \"length\": 2097152, \"zero\": false, \"data\": true },\n  \
+        { \"start\": 8388608, \"length\": 1048576, \"zero\": true, \"data\": false }]\n\
+        --verify reads both disks whole, compares them sector by sector and checks that \
+        every differing sector lies inside a listed range; it prints the bytes compared, \
+        the bytes that differ and the bytes listed (on stderr with --output json), and \
+        fails (exit 1) naming the ranges outside the list if there are any.\n\
+        --output-image DELTA (outside the bundle) writes the changes as a differencing \
+        disk over OLD's file (OLD's format: VHDX with 2 MiB blocks, or VHD; a name \
+        saying the other format is refused): NEW's bytes for each range (zeros where NEW \
+        maps zeros). Read over OLD, DELTA reads exactly as NEW: an incremental backup, \
+        which `vdisk merge` folds into (a copy of) OLD. OLD and NEW are only read. DELTA \
+        is written as DELTA.tmp and renamed once complete and synced (an existing DELTA \
+        is replaced, unless in use); it may not be a file of either chain. Its parent \
+        locator names OLD: open it with --parent-dir OLD's directory when it lies \
+        elsewhere. Done after --verify, and \
+        only if that passed.\n\
+        Exit status: 0 done, 1 error (or --verify found a difference outside the list).")]
+    Changes(CheckpointChangesArgs),
     /// Print the path of the active disk (the one to write)
     #[command(after_help = "Examples:\n  \
         vdisk checkpoint path vm\n  \
@@ -806,4 +888,50 @@ pub(crate) struct CheckpointListArgs {
     pub(crate) output: OutputFormat,
     /// The bundle directory
     pub(crate) bundle: PathBuf,
+}
+
+/// What `changes` and `checkpoint changes` do besides listing.
+#[derive(Args, Debug)]
+pub(crate) struct ChangesOptions {
+    /// Output format
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Also read both disks whole and check that every difference is listed
+    #[arg(long)]
+    pub(crate) verify: bool,
+    /// Write the changes as a differencing disk over OLD (FROM) that reads
+    /// as NEW (TO): an incremental backup
+    #[arg(long = "output-image", value_name = "DELTA")]
+    pub(crate) output_image: Option<PathBuf>,
+    /// Show progress on stderr (--verify: the bytes compared; --output-image:
+    /// the bytes written)
+    #[arg(short = 'p', long = "progress")]
+    pub(crate) progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ChangesArgs {
+    #[command(flatten)]
+    pub(crate) opts: ChangesOptions,
+    /// Format of both images (detected from the content when absent)
+    #[arg(short = 'f', long = "format", value_parser = open::parse_format)]
+    pub(crate) format: Option<Format>,
+    /// The older image
+    pub(crate) old: PathBuf,
+    /// The newer image
+    pub(crate) new: PathBuf,
+    #[command(flatten)]
+    pub(crate) share: ShareArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CheckpointChangesArgs {
+    #[command(flatten)]
+    pub(crate) opts: ChangesOptions,
+    /// The bundle directory
+    pub(crate) bundle: PathBuf,
+    /// The older checkpoint
+    pub(crate) from: String,
+    /// The newer checkpoint (the active disk when absent)
+    pub(crate) to: Option<String>,
 }

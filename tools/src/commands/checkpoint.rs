@@ -59,6 +59,10 @@ pub fn run(args: &CheckpointArgs) -> Result<()> {
             )?;
             Ok(())
         }
+        CheckpointCommand::Changes(a) => {
+            let b = open(&a.bundle)?;
+            super::changes::run_bundle(&b, &a.from, a.to.as_deref(), &a.opts)
+        }
         CheckpointCommand::Path(a) => {
             let b = open(&a.bundle)?;
             crate::outln!("{}", b.active_path().display())?;

@@ -126,7 +126,7 @@ pub fn walk(top: &dyn VirtualDisk, mut emit: impl FnMut(&Entry) -> Result<()>) -
 }
 
 /// qemu-img's `%#-16x`: "0" for zero, else 0x-prefixed hex, left-aligned in 16.
-fn hex16(v: u64) -> String {
+pub fn hex16(v: u64) -> String {
     let s = if v == 0 {
         "0".to_string()
     } else {

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus helpers they share.
 
 pub mod chain;
+pub mod changes;
 pub mod check;
 pub mod checkpoint;
 pub mod compact;
