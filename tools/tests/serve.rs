@@ -99,15 +99,7 @@ fn must(prog: &str, args: &[&str]) -> String {
 /// A 64 MiB VHDX (1 MiB blocks) with data at 1 MiB and 40 MiB.
 fn image(dir: &Path) -> std::path::PathBuf {
     let img = dir.join("d.vhdx");
-    ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        p(&img),
-        "64M",
-    ]);
+    create_vhdx_1m(&img, "64M");
     write(&img, MIB, &pattern(300_000, 1));
     write(&img, 40 * MIB, &pattern(4096, 2));
     img
