@@ -50,7 +50,8 @@ pub enum Listener {
 
 /// Counts payload bytes in flight; `acquire` waits for room.
 pub(crate) struct Budget {
-    used: Mutex<u64>,
+    /// Bytes in use, and how many threads wait for room.
+    used: Mutex<(u64, usize)>,
     freed: Condvar,
 }
 
@@ -58,16 +59,22 @@ impl Budget {
     /// Wait until `n` more bytes fit (a request larger than the whole
     /// budget waits until nothing else is in flight).
     pub(crate) fn acquire(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > BUDGET {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        let mut g = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while g.0 > 0 && g.0 + n > BUDGET {
+            g.1 += 1;
+            g = self.freed.wait(g).unwrap_or_else(|e| e.into_inner());
+            g.1 -= 1;
         }
-        *used += n;
+        g.0 += n;
     }
     pub(crate) fn release(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used = used.saturating_sub(n);
-        self.freed.notify_all();
+        let mut g = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = g.0.saturating_sub(n);
+        let wake = g.1 > 0;
+        drop(g);
+        if wake {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -124,7 +131,7 @@ impl Server {
             shared: Arc::new(Shared {
                 exports,
                 budget: Budget {
-                    used: Mutex::new(0),
+                    used: Mutex::new((0, 0)),
                     freed: Condvar::new(),
                 },
                 stop: Arc::new(AtomicBool::new(false)),

@@ -21,12 +21,15 @@ use crate::server::{Export, Shared};
 use crate::stream::Stream;
 use crate::{Error, Result, MAX_PAYLOAD};
 use disk::{Mapping, VirtualDisk};
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
-/// Workers per connection (clients keep up to 16 requests in flight).
-const WORKERS: usize = 16;
+/// Workers per connection.
+const WORKERS: usize = 4;
+/// Requests queued per connection beyond those being served (clients keep
+/// up to 16 in flight).
+const QUEUED: usize = 16;
 /// Most descriptors in one block status reply (the protocol asks for at
 /// most 2^20; clients ask again from where a reply ended).
 const MAX_EXTENTS: usize = 1 << 16;
@@ -45,13 +48,12 @@ struct Job {
 pub(crate) fn transmit(s: &mut Stream, shared: &Shared, neg: Negotiated) -> Result<()> {
     let export = &shared.exports[neg.export];
     let writer = Mutex::new(s.try_clone()?);
-    let (tx, rx) = sync_channel::<Job>(WORKERS);
-    let rx = Mutex::new(rx);
+    let queue = Queue::default();
     let result = std::thread::scope(|scope| {
-        let rx = &rx;
+        let queue = &queue;
         let writer = &writer;
         for _ in 0..WORKERS {
-            scope.spawn(move || work(rx, export, neg, writer, shared));
+            scope.spawn(move || work(queue, export, neg, writer, shared));
         }
         let r = (|| loop {
             let mut h = [0u8; Request::SIZE];
@@ -93,12 +95,9 @@ pub(crate) fn transmit(s: &mut Stream, shared: &Shared, neg: Negotiated) -> Resu
                 cost = u64::from(req.length);
                 shared.budget.acquire(cost);
             }
-            if tx.send(Job { req, payload, cost }).is_err() {
-                shared.budget.release(cost);
-                return Err(Error::protocol("the connection's workers stopped".into()));
-            }
+            queue.push(Job { req, payload, cost });
         })();
-        drop(tx);
+        queue.close();
         r
     });
     if export.writable {
@@ -181,19 +180,79 @@ enum Outcome {
     Extents(Vec<(u32, u32)>),
 }
 
-fn work(
-    rx: &Mutex<Receiver<Job>>,
-    export: &Export,
-    neg: Negotiated,
-    writer: &Mutex<Stream>,
-    shared: &Shared,
-) {
+/// The jobs of one connection: the reader pushes (waiting while
+/// [`QUEUED`] are queued), workers pop. Waits are counted so that a push
+/// or pop wakes a thread only when one is waiting.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    idle_workers: usize,
+    reader_waiting: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn push(&self, job: Job) {
+        let mut g = self.lock();
+        while g.jobs.len() >= QUEUED {
+            g.reader_waiting = true;
+            g = self
+                .room
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        g.reader_waiting = false;
+        g.jobs.push_back(job);
+        let wake = g.idle_workers > 0;
+        drop(g);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+    /// The next job; `None` once closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut g = self.lock();
+        loop {
+            if let Some(j) = g.jobs.pop_front() {
+                let wake = g.reader_waiting;
+                drop(g);
+                if wake {
+                    self.room.notify_one();
+                }
+                return Some(j);
+            }
+            if g.closed {
+                return None;
+            }
+            g.idle_workers += 1;
+            g = self
+                .ready
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            g.idle_workers -= 1;
+        }
+    }
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+fn work(queue: &Queue, export: &Export, neg: Negotiated, writer: &Mutex<Stream>, shared: &Shared) {
     loop {
-        let job = {
-            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            rx.recv()
-        };
-        let Ok(job) = job else { return };
+        let Some(job) = queue.pop() else { return };
         let out = run(&job, export);
         let sent = match out {
             Ok(o) => send_outcome(writer, neg, &job.req, o),
