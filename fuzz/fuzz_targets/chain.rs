@@ -4,18 +4,16 @@
 // bit 0 child is a VHD, bit 1 parent is a VHD, bit 2 ignore the parent
 // linkage (DataWriteGuid / time stamp); bytes 1..5: the parent's length
 // (u32 LE); then the parent, then the child. VHDX files are
-// sparse-encoded (vdisk_fuzz::decode_sparse), VHD files are raw. The child
-// is opened read-only and read, then writable: read, written, flushed,
-// closed, reopened over the parent and read back.
-use disk::{MemStorage, VirtualDisk};
+// sparse-encoded (vdisk_fuzz::decode_sparse), VHD files are raw; both live
+// in sparse in-memory storage. The child is opened read-only and read,
+// then writable: read, written, flushed, closed, reopened over the parent
+// and read back. What is read and written: vdisk_fuzz::Plan.
+use disk::{Storage, VirtualDisk};
 use std::sync::Arc;
-use vdisk_fuzz::{bytes_of, check_written, decode_sparse, read_all, shared, write_some, Written};
+use vdisk_fuzz::{check_growth, check_written, Plan, SparseStorage, Written};
 
-fn parent(vhd: bool, file: &[u8]) -> Option<Arc<dyn VirtualDisk>> {
-    let st = Box::new(MemStorage::from_vec(
-        if vhd { "parent.vhd" } else { "parent.vhdx" },
-        file.to_vec(),
-    ));
+fn parent(vhd: bool, file: &SparseStorage) -> Option<Arc<dyn VirtualDisk>> {
+    let st = Box::new(file.snapshot(if vhd { "parent.vhd" } else { "parent.vhdx" }, false));
     if vhd {
         Some(Arc::new(
             vhd::Vhd::open_storage(st, &vhd::OpenOptions::default()).ok()?,
@@ -27,14 +25,15 @@ fn parent(vhd: bool, file: &[u8]) -> Option<Arc<dyn VirtualDisk>> {
     }
 }
 
-/// Open the child over `p`; exercise it if `write`.
+/// Open the child over `p`, read the plan's ranges; write them if `write`.
 fn child(
     vhd: bool,
     ignore: bool,
-    st: Box<dyn disk::Storage>,
+    st: Box<dyn Storage>,
     p: Arc<dyn VirtualDisk>,
     write: bool,
-) -> Option<(Box<dyn VirtualDisk>, Written)> {
+    data: &[u8],
+) -> Option<(Box<dyn VirtualDisk>, Plan, Written)> {
     let d: Box<dyn VirtualDisk> = if vhd {
         let o = vhd::OpenOptions {
             writable: write,
@@ -50,13 +49,14 @@ fn child(
         };
         Box::new(vhdx::Vhdx::open_storage_with_parent(st, &o, p).ok()?)
     };
-    read_all(&*d);
+    let plan = Plan::new(d.virtual_size(), data);
+    plan.read(&*d);
     let w = if write {
-        write_some(&*d, 7)
+        plan.write(&*d, 7)
     } else {
         Vec::new()
     };
-    Some((d, w))
+    Some((d, plan, w))
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -67,44 +67,50 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let plen = (u32::from_le_bytes(data[1..5].try_into().unwrap()) as usize).min(data.len() - 5);
     let (praw, craw) = data[5..].split_at(plen);
     let pfile = if pvhd {
-        praw.to_vec()
+        SparseStorage::from_bytes("parent.vhd", praw)
     } else {
-        decode_sparse(praw)
+        SparseStorage::decode("parent.vhdx", praw)
     };
+    let name = if cvhd { "child.vhd" } else { "child.vhdx" };
     let cfile = if cvhd {
-        craw.to_vec()
+        SparseStorage::from_bytes(name, craw)
     } else {
-        decode_sparse(craw)
+        SparseStorage::decode(name, craw)
     };
     let Some(p) = parent(pvhd, &pfile) else {
         return;
     };
-    let name = if cvhd { "child.vhd" } else { "child.vhdx" };
     let _ = child(
         cvhd,
         ignore,
-        Box::new(MemStorage::from_vec(name, cfile.clone())),
+        Box::new(cfile.snapshot(name, false)),
         p.clone(),
         false,
+        data,
     );
-    let st = shared(name, cfile);
-    let Some((d, written)) = child(cvhd, ignore, Box::new(st.clone()), p, true) else {
+    let initial = cfile.len().unwrap_or(0);
+    let st = Arc::new(cfile);
+    let Some((d, plan, written)) = child(cvhd, ignore, Box::new(st.clone()), p, true, data) else {
         return;
     };
-    if d.close().is_err() {
+    let closed = d.close();
+    check_growth(&st, initial, d.virtual_size());
+    drop(d);
+    if closed.is_err() {
         return;
     }
-    drop(d);
     let Some(p) = parent(pvhd, &pfile) else {
         return;
     };
-    if let Some((d, _)) = child(
+    if let Some((d, _, _)) = child(
         cvhd,
         ignore,
-        Box::new(MemStorage::from_vec(name, bytes_of(&st))),
+        Box::new(st.snapshot(name, false)),
         p,
         false,
+        data,
     ) {
         check_written(&*d, &written);
+        plan.read(&*d);
     }
 });

@@ -235,9 +235,14 @@ impl Vhdx {
         if state == PayloadState::FullyPresent {
             return Ok(cur.file_offset()); // another thread got here first
         }
-        let fo = if state == PayloadState::Unmapped && cur.file_offset() >= MIB {
+        let kept = cur.file_offset();
+        let fo = if state == PayloadState::Unmapped
+            && kept >= MIB
+            && kept.saturating_add(self.block_size) <= self.kept_limit
+        {
             // LeaveBlocksAllocated kept the space: reuse it, zeroed, for this
-            // same block (it was never handed to another block).
+            // same block (it was never handed to another block). Space kept
+            // beyond kept_limit is ignored (never this file's space).
             let fo = cur.file_offset();
             if let Some(what) = self.structure_at(fo, self.block_size) {
                 return Err(Error::corrupt(
@@ -533,5 +538,59 @@ impl VirtualDisk for Vhdx {
 
     fn is_writable(&self) -> bool {
         self.writable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bat::{BatEntry, PayloadState};
+    use crate::image::MIB;
+    use crate::{CreateOptions, OpenOptions, Vhdx};
+    use disk::{Mapping, MemStorage, Storage, VirtualDisk};
+    use std::sync::Arc;
+
+    /// Where `d` maps virtual `at`.
+    fn file_offset(d: &Vhdx, at: u64) -> u64 {
+        match d.map(at, 4096).unwrap().mapping {
+            Mapping::Data(fo) => fo.0,
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn space_kept_at_an_absurd_offset_is_neither_reused_nor_allocated_after() {
+        // A fuzz finding (vhdx_open, chain): an UNMAPPED entry keeping
+        // space at file offset 0x7461646174800000 made a writable open put
+        // every new block past it, extending an 8 MiB file by exabytes (an
+        // in-memory file ran out of memory).
+        let st = Arc::new(MemStorage::new("k.vhdx"));
+        let mut o = CreateOptions::new(16 * MIB);
+        o.block_size = 1 << 20;
+        let d = Vhdx::create_on(Box::new(st.clone()), &o).unwrap();
+        d.write_at(&[1; 4096], 0).unwrap();
+        let bat = d.bat_offset;
+        d.close().unwrap();
+        let len = st.len().unwrap();
+        let absurd = BatEntry::new(PayloadState::Unmapped as u8, 0x7461_6461_7480_0000);
+        st.write_at(&absurd.0.to_le_bytes(), bat + 3 * 8).unwrap();
+        let rw = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let d = Vhdx::open_storage(Box::new(st.clone()), &rw).unwrap();
+        // Another block goes at the end of the file, and block 3 gets new
+        // space after it rather than its "kept" space.
+        d.write_at(&[2; 4096], 5 * MIB).unwrap();
+        d.write_at(&[3; 4096], 3 * MIB).unwrap();
+        assert_eq!(file_offset(&d, 5 * MIB), len);
+        assert_eq!(file_offset(&d, 3 * MIB), len + MIB);
+        d.close().unwrap();
+        assert_eq!(st.len().unwrap(), len + 2 * MIB);
+        let d = Vhdx::open_storage(Box::new(st.clone()), &OpenOptions::default()).unwrap();
+        for (at, b) in [(0, 1u8), (5 * MIB, 2), (3 * MIB, 3)] {
+            let mut got = [0u8; 4096];
+            d.read_at(&mut got, at).unwrap();
+            assert!(got.iter().all(|&x| x == b), "virtual {at:#x}");
+        }
     }
 }

@@ -221,6 +221,10 @@ pub struct Vhdx {
     pub(crate) next_data_write_guid: Option<Uuid>,
     pub(crate) bat: RwLock<BatCache>,
     pub(crate) alloc_end: Mutex<u64>,
+    /// Space kept for an UNMAPPED block is reused only if it ends at or
+    /// before this offset (`scan::kept_limit` of the file as
+    /// opened); new blocks may have been placed over space kept beyond.
+    pub(crate) kept_limit: u64,
     /// The file length last seen: a block reaching past it is checked
     /// against the file's length now (it may have grown), and what lies
     /// past that is a truncated block.
@@ -241,12 +245,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(crate) fn read_vec(
+/// Refuse `what`, `len` bytes at `offset`, when it extends past the end of
+/// the file.
+pub(crate) fn check_in_file(
     storage: &dyn Storage,
     offset: u64,
     len: u64,
     what: &'static str,
-) -> Result<Vec<u8>> {
+) -> Result<()> {
     let file_len = storage.len()?;
     if offset.checked_add(len).is_none_or(|e| e > file_len) {
         return Err(Error::corrupt(
@@ -258,6 +264,16 @@ pub(crate) fn read_vec(
         )
         .in_file(storage.name(), 0));
     }
+    Ok(())
+}
+
+pub(crate) fn read_vec(
+    storage: &dyn Storage,
+    offset: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<Vec<u8>> {
+    check_in_file(storage, offset, len, what)?;
     let n = usize::try_from(len).map_err(|_| {
         Error::invalid(format!("{what} ({len} bytes) does not fit in memory"))
             .in_file(storage.name(), 0)

@@ -504,8 +504,15 @@ pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)
     }
     let n = log.len() / LOG_SECTOR;
     let crcs = SectorCrcs::new(log);
+    // Most sectors of a log hold no entry header: skip them on the
+    // signature alone (validate_at would build an error message for each).
     let valid: Vec<Option<ValidHeader>> = (0..n)
-        .map(|s| validate_at(log, s * LOG_SECTOR, log_guid, Some(&crcs)).ok())
+        .map(|s| {
+            let at = s * LOG_SECTOR;
+            (log[at..at + 4] == ENTRY_SIGNATURE)
+                .then(|| validate_at(log, at, log_guid, Some(&crcs)).ok())
+                .flatten()
+        })
         .collect();
     let sectors = |h: &ValidHeader| h.entry_length as usize / LOG_SECTOR;
     // The successor of the entry at sector s, when it continues the run.

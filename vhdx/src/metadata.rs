@@ -232,6 +232,15 @@ impl MetadataTable {
         Ok(MetadataTable { entries })
     }
 
+    /// Where the last item ends (at least the end of the 64 KiB table): how
+    /// much of the region [`Metadata::parse_start`] needs.
+    pub fn items_end(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(MetadataEntry::end)
+            .fold(TABLE_SIZE as u64, u64::max)
+    }
+
     /// Write the table into `buf[..65536]` (unused space zeroed).
     ///
     /// # Panics
@@ -332,7 +341,19 @@ impl Metadata {
     /// The parent locator is parsed whenever present and required when
     /// `HasParent` is set; its locator type is not checked here.
     pub fn parse(region: &[u8]) -> Result<(MetadataTable, Metadata)> {
-        let table = MetadataTable::parse(region, region.len() as u64)?;
+        Metadata::parse_start(region, region.len() as u64)
+    }
+
+    /// [`Metadata::parse`] from `start`, the first bytes of a metadata
+    /// region of `region_length` bytes: at least the table and every item
+    /// (see [`MetadataTable::items_end`]). An open reads no more of the
+    /// (usually 1 MiB) region than that.
+    ///
+    /// # Errors
+    /// As [`Metadata::parse`]; an item past `start` is `Corrupt`.
+    pub fn parse_start(start: &[u8], region_length: u64) -> Result<(MetadataTable, Metadata)> {
+        let region = start;
+        let table = MetadataTable::parse(region, region_length)?;
         let mut file_parameters = None;
         let mut virtual_disk_size = None;
         let mut virtual_disk_id = None;
@@ -340,8 +361,20 @@ impl Metadata {
         let mut physical_sector_size = None;
         let mut parent_locator = None;
         for e in &table.entries {
-            // In bounds: MetadataTable::parse checked offset + length <= region.len().
-            let item = &region[e.offset as usize..e.offset as usize + e.length as usize];
+            // MetadataTable::parse checked offset + length <= region_length,
+            // which is region.len() unless only the start was read.
+            let Some(item) = region.get(e.offset as usize..e.offset as usize + e.length as usize)
+            else {
+                return Err(Error::corrupt(
+                    NAME,
+                    u64::from(e.offset),
+                    format!(
+                        "item {} lies past the {:#x} bytes read of the region",
+                        e.item_id,
+                        region.len()
+                    ),
+                ));
+            };
             let base = u64::from(e.offset);
             // Rebase an item-relative error to the region (file name stays empty
             // so the driver's own `in_file` still applies).

@@ -11,9 +11,11 @@ use crate::bat::BatGeometry;
 use crate::bat_cache::BatCache;
 use crate::file_identifier::FileIdentifier;
 use crate::header::{self, Header};
-use crate::image::{read_vec, HeaderState, BITMAP_CACHE_PAGES, MAX_LOG, MAX_METADATA_REGION, MIB};
+use crate::image::{
+    check_in_file, read_vec, HeaderState, BITMAP_CACHE_PAGES, MAX_LOG, MAX_METADATA_REGION, MIB,
+};
 use crate::log::{self, LogOp};
-use crate::metadata::{FileParameters, Metadata};
+use crate::metadata::{FileParameters, Metadata, MetadataTable, TABLE_SIZE};
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
 use crate::parent_search::find_parent;
 use crate::region_table::{self, RegionEntry, RegionTable, BAT_REGION};
@@ -249,14 +251,37 @@ impl Vhdx {
             ))
             .in_file(&name, 0));
         }
-        let meta_buf = read_vec(
+        // The table (64 KiB) first, then up to the end of its last item:
+        // the rest of the region is unused.
+        let meta_len = u64::from(meta_region.length);
+        check_in_file(
             &*storage,
             meta_region.file_offset,
-            u64::from(meta_region.length),
+            meta_len,
             "VHDX metadata region",
         )?;
+        let head = read_vec(
+            &*storage,
+            meta_region.file_offset,
+            meta_len.min(TABLE_SIZE as u64),
+            "VHDX metadata region",
+        )?;
+        let items_end = MetadataTable::parse(&head, meta_len)
+            .in_file(&name, meta_region.file_offset)?
+            .items_end()
+            .min(meta_len);
+        let meta_buf = if items_end > head.len() as u64 {
+            read_vec(
+                &*storage,
+                meta_region.file_offset,
+                items_end,
+                "VHDX metadata region",
+            )?
+        } else {
+            head
+        };
         let (metadata_table, metadata) =
-            Metadata::parse(&meta_buf).in_file(&name, meta_region.file_offset)?;
+            Metadata::parse_start(&meta_buf, meta_len).in_file(&name, meta_region.file_offset)?;
         // Not held while the parent's chain opens below (a chain of 64
         // held 64 metadata regions at once).
         drop(meta_buf);
@@ -458,6 +483,7 @@ impl Vhdx {
             next_data_write_guid: opts.data_write_guid,
             bat: RwLock::new(BatCache::new(bat_geo.total_entries(), opts.bat_cache_pages)),
             alloc_end: Mutex::new(alloc_end),
+            kept_limit: scan::kept_limit(cur_len, &bat_geo),
             known_len: AtomicU64::new(cur_len),
             bitmaps: Mutex::new(BitmapCache::new(BITMAP_CACHE_PAGES)),
             parent,

@@ -46,7 +46,9 @@ pub struct TruncatedBlock {
 pub struct BatScan {
     /// One past the last byte a BAT entry references: present payload and
     /// sector bitmap blocks, and space kept for unmapped blocks
-    /// (LeaveBlocksAllocated), which the driver may reuse. 0 when none.
+    /// (LeaveBlocksAllocated), which the driver may reuse, when it ends
+    /// within `kept_limit` (beyond, it is not space this file ever had:
+    /// ignored, never reused). 0 when none.
     pub referenced_end: u64,
     /// Blocks that run past the end of the file.
     pub truncated_blocks: u64,
@@ -67,6 +69,21 @@ impl BatScan {
     }
 }
 
+/// How far space kept for an UNMAPPED or ZERO block (LeaveBlocksAllocated)
+/// may reach in a file of `file_len` bytes with geometry `geo`: the file
+/// plus every payload and sector bitmap block of the disk. A file never
+/// needs more, so kept space ending beyond was never space of this file
+/// (a corrupt entry): honouring it would put every new block there,
+/// growing the file by up to 16 EiB. The driver ignores such space: it
+/// neither reuses it nor places new blocks after it.
+pub(crate) fn kept_limit(file_len: u64, geo: &BatGeometry) -> u64 {
+    let blocks = geo
+        .payload_blocks()
+        .saturating_mul(u64::from(geo.block_size))
+        .saturating_add(geo.bitmap_blocks().saturating_mul(MIB));
+    file_len.saturating_add(blocks)
+}
+
 /// Scan the BAT at `bat_offset` of `storage` (geometry `geo`).
 ///
 /// # Errors
@@ -81,7 +98,9 @@ pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) ->
         ..BatScan::default()
     };
     let bat_end = bat_offset + out.entries_in_file * 8;
-    let mut buf = vec![0u8; SCAN_CHUNK_BYTES];
+    // No larger than the BAT: a small disk's BAT is a few bytes.
+    let bat_bytes = usize::try_from(out.entries_in_file * 8).unwrap_or(usize::MAX);
+    let mut buf = vec![0u8; SCAN_CHUNK_BYTES.min(bat_bytes)];
     let mut pos = bat_offset;
     while pos < bat_end {
         // Skip holes: they read as zeros, NOT_PRESENT entries.
@@ -137,7 +156,9 @@ fn scan_page(page: &[u8], first: u64, geo: &BatGeometry, file_len: u64, out: &mu
                 // not), but it holds no data.
                 Ok(PayloadState::Unmapped | PayloadState::Zero) if fo >= MIB => {
                     let end = fo.saturating_add(block_size);
-                    out.referenced_end = out.referenced_end.max(end);
+                    if end <= kept_limit(file_len, geo) {
+                        out.referenced_end = out.referenced_end.max(end);
+                    }
                     continue;
                 }
                 _ => continue,
@@ -307,6 +328,33 @@ mod tests {
         let e = lost_entry_error("s.vhdx", &g, 12, BAT + 96, BAT + 80).to_string();
         assert!(e.contains("at offset 0x300060"), "{e}");
         assert!(e.contains("block 12 (BAT entry 12"), "{e}");
+    }
+
+    #[test]
+    fn kept_space_beyond_what_the_file_can_need_is_ignored() {
+        // A fuzz finding: an UNMAPPED entry keeping space at an absurd file
+        // offset made referenced_end (where new blocks go) exabytes long.
+        let g = geo();
+        let len = 6 * MIB;
+        let limit = kept_limit(len, &g);
+        // The file, 64 payload blocks of 1 MiB and 1 sector bitmap block.
+        assert_eq!(limit, len + 64 * MIB + MIB);
+        let unmapped = PayloadState::Unmapped as u8;
+        let st = file(
+            &[
+                (0, BatEntry::new(PayloadState::FullyPresent as u8, 4 * MIB)),
+                // Kept space ending exactly at the limit: honoured.
+                (1, BatEntry::new(unmapped, limit - MIB)),
+                (2, BatEntry::new(unmapped, 0x7461_6461_7480_0000)),
+                (3, BatEntry::new(PayloadState::Zero as u8, limit)),
+            ],
+            len,
+        );
+        let s = scan(&st, BAT, &g).unwrap();
+        assert_eq!(s.referenced_end, limit);
+        assert!(!s.is_truncated());
+        let st = file(&[(2, BatEntry::new(unmapped, 0x7461_6461_7480_0000))], len);
+        assert_eq!(scan(&st, BAT, &g).unwrap().referenced_end, 0);
     }
 
     #[test]

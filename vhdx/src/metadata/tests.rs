@@ -64,6 +64,32 @@ fn build_then_parse_round_trips() {
 }
 
 #[test]
+fn the_start_of_the_region_up_to_the_last_item_parses_alike() {
+    // An open reads the table, then up to the end of the last item.
+    for m in [sample(), diff_sample()] {
+        let region = m.build_region(MIB).unwrap();
+        let whole = Metadata::parse(&region).unwrap();
+        let end = MetadataTable::parse(&region[..TABLE_SIZE], u64::from(MIB))
+            .unwrap()
+            .items_end();
+        assert!(end > TABLE_SIZE as u64 && end < 0x11000, "{end:#x}");
+        let start = &region[..end as usize];
+        assert_eq!(Metadata::parse_start(start, u64::from(MIB)).unwrap(), whole);
+        // One byte short of the last item: an error, not a panic.
+        let e = Metadata::parse_start(&start[..start.len() - 1], u64::from(MIB)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains("past the"), "{e}");
+    }
+    // Still checked against the whole region's length.
+    let region = sample().build_region(MIB).unwrap();
+    let e = Metadata::parse_start(&region, 0x10010).unwrap_err();
+    assert!(
+        e.to_string().contains("extends past the metadata region"),
+        "{e}"
+    );
+}
+
+#[test]
 fn build_refuses_bad_values() {
     let mut m = sample();
     m.file_parameters.block_size = 3 * MIB;
