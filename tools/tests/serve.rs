@@ -304,4 +304,16 @@ fn bad_arguments_are_refused() {
     assert!(err.contains("missing.vhdx"), "{err}");
     let err = fails(1, &["serve", "-U", "--rw", p(&img)]);
     assert!(err.contains("force-share"), "{err}");
+    // The help says what it does and how it ends.
+    let help = ok(&["serve", "--help"]);
+    for want in [
+        "Examples",
+        "vdisk serve ",
+        "base:allocation",
+        "--rw",
+        "SIGTERM",
+        "Exit status",
+    ] {
+        assert!(help.contains(want), "{want}: {help}");
+    }
 }
