@@ -3,7 +3,12 @@
 //! `qemu-io`, `nbdinfo`, `nbdcopy` or a kernel client.
 //!
 //! The protocol is the NetworkBlockDevice project's `doc/proto.md`; the
-//! modules cite its sections.
+//! modules cite its sections. Written here rather than taken from a crate:
+//! `nbd` 0.3 (its server serves a `Read + Write + Seek`, without
+//! structured replies or block status, "a rather early version"),
+//! `nbdkit` (a plugin for the C nbdkit server, which would have to be
+//! installed and run) and `tokio-nbd` (a tokio runtime for what a thread
+//! per connection does) each miss what `vdisk serve` needs.
 //!
 //! - `proto`: the wire format.
 //! - `handshake`: fixed newstyle negotiation (`NBD_OPT_GO`/`INFO` with
