@@ -145,6 +145,10 @@ fn validate(req: &Request, e: &Export, neg: Negotiated) -> std::result::Result<(
             ),
         ));
     }
+    if req.kind == cmd::BLOCK_STATUS && req.length == 0 {
+        // A reply must hold at least one (non-empty) descriptor.
+        return Err((errno::EINVAL, "block status of 0 bytes".into()));
+    }
     if req.kind == cmd::BLOCK_STATUS && !neg.base_allocation {
         return Err((
             errno::EINVAL,
