@@ -323,6 +323,7 @@ fn invalid_requests_fail_and_the_connection_goes_on() {
         c.request(0, cmd::BLOCK_STATUS, SIZE, 512, &[]),
         errno::EINVAL
     );
+    assert_eq!(c.request(0, cmd::BLOCK_STATUS, 0, 0, &[]), errno::EINVAL);
     // Still fine.
     assert_eq!(c.read(1 << 20, 1, 0), (0, vec![1u8]));
     c.disconnect();
