@@ -285,7 +285,7 @@ impl Vhdx {
     /// # Errors
     /// I/O errors.
     pub fn truncation(&self) -> Result<scan::BatScan> {
-        scan::scan(&*self.storage, self.bat_offset, &self.bat_geo)
+        scan::scan(&*self.storage, self.bat_offset, &self.bat_geo, None)
     }
 
     /// Scan the whole BAT (page by page, without keeping it resident).

@@ -341,6 +341,38 @@ mod tests {
     }
 
     #[test]
+    fn a_block_on_the_bat_region_opens_read_only_only() {
+        // A fuzz finding (vhdx_open): block 0's entry pointed at the BAT
+        // region; a write to the block went into the BAT, and the flush of
+        // the BAT then overwrote it: the flushed write read back different.
+        let (st, d) = mem_disk(8 * MIB, 1 << 20);
+        d.write_at(&[7; 4096], 0).unwrap();
+        let bat = d.bat_offset;
+        d.close().unwrap();
+        let e = crate::bat::BatEntry::new(crate::bat::PayloadState::FullyPresent as u8, bat);
+        st.write_at(&e.0.to_le_bytes(), bat).unwrap();
+        let rw = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let err = Vhdx::open_storage(Box::new(st.clone()), &rw).unwrap_err();
+        assert_eq!(err.kind(), disk::ErrorKind::Corrupt);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "block 0 (BAT entry 0) at file offset {bat:#x}+0x100000 overlaps the BAT region \
+                 ({bat:#x}+0x100000)"
+            )),
+            "{msg}"
+        );
+        // Read-only, it opens (and reads what the entry points at).
+        let d = Vhdx::open_storage(Box::new(st.clone()), &OpenOptions::default()).unwrap();
+        let mut b = [0u8; 8];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, e.0.to_le_bytes());
+    }
+
+    #[test]
     fn write_read_reopen() {
         let (st, d) = mem_disk(64 * MIB, 1 << 20);
         let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();

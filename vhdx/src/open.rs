@@ -18,7 +18,7 @@ use crate::log::{self, LogOp};
 use crate::metadata::{FileParameters, Metadata, MetadataTable, TABLE_SIZE};
 use crate::parent_locator::VHDX_PARENT_LOCATOR_TYPE;
 use crate::parent_search::find_parent;
-use crate::region_table::{self, RegionEntry, RegionTable, BAT_REGION};
+use crate::region_table::{self, region_name, RegionEntry, RegionTable, BAT_REGION};
 use crate::replay::{self, ReplayOverlay};
 use crate::scan;
 use crate::sector_bitmap::BitmapCache;
@@ -390,7 +390,21 @@ impl Vhdx {
         // truncated file.
         let mut alloc_end = cur_len;
         if writable {
-            let s = scan::scan(&*storage, bat_region.file_offset, &bat_geo)?;
+            // What the driver writes besides blocks: the headers, the
+            // log, the regions (BAT and metadata included).
+            let mut structures = vec![(0, MIB), (hdr.log_offset, u64::from(hdr.log_length))];
+            structures.extend(
+                regions
+                    .entries
+                    .iter()
+                    .map(|r| (r.file_offset, u64::from(r.length))),
+            );
+            let s = scan::scan(
+                &*storage,
+                bat_region.file_offset,
+                &bat_geo,
+                Some(&structures),
+            )?;
             if s.entries_in_file < s.total_entries {
                 return Err(scan::lost_entry_error(
                     &name,
@@ -419,6 +433,43 @@ impl Vhdx {
                         b.virtual_range.1,
                         b.file_offset,
                         b.length
+                    ),
+                )
+                .in_file(&name, 0));
+            }
+            if let Some(o) = s.overlap {
+                // Writing the block would overwrite the structure or block
+                // it overlaps, or be overwritten by it: a flushed write
+                // lost. (The check reports such entries as corruption.)
+                let what = if o.kept {
+                    format!("the space kept for {}", scan::describe(&bat_geo, o.index))
+                } else {
+                    scan::describe(&bat_geo, o.index)
+                };
+                let log_end = hdr.log_offset.saturating_add(u64::from(hdr.log_length));
+                let with = if o.file_offset < MIB {
+                    format!("the headers (0x0+{MIB:#x})")
+                } else if let Some(r) = regions.overlapping(o.file_offset, o.length) {
+                    format!(
+                        "the {} ({:#x}+{:#x})",
+                        region_name(r.guid),
+                        r.file_offset,
+                        r.length
+                    )
+                } else if o.file_offset < log_end
+                    && hdr.log_offset < o.file_offset.saturating_add(o.length)
+                {
+                    format!("the log ({:#x}+{:#x})", hdr.log_offset, hdr.log_length)
+                } else {
+                    "the file space of an earlier BAT entry (`vdisk check` names it)".to_string()
+                };
+                return Err(Error::corrupt(
+                    "BAT",
+                    bat_region.file_offset + o.index * 8,
+                    format!(
+                        "{what} (BAT entry {}) at file offset {:#x}+{:#x} overlaps {with}: it \
+                         opens read-only only, as writing would overwrite one with the other",
+                        o.index, o.file_offset, o.length
                     ),
                 )
                 .in_file(&name, 0));

@@ -117,6 +117,15 @@ pub struct RegionTable {
     pub entries: Vec<RegionEntry>,
 }
 
+/// A region's name for messages.
+pub(crate) fn region_name(guid: Uuid) -> String {
+    match guid {
+        BAT_REGION => "BAT region".to_string(),
+        METADATA_REGION => "metadata region".to_string(),
+        g => format!("region {g}"),
+    }
+}
+
 impl RegionTable {
     /// Bytes of one copy of the table.
     pub const SIZE: usize = 64 * 1024;

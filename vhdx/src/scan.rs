@@ -12,6 +12,7 @@
 use crate::bat::{BatEntry, BatGeometry, PayloadState, SB_BLOCK_PRESENT};
 use crate::Error;
 use disk::{Result, Storage};
+use std::collections::HashMap;
 
 const MIB: u64 = 1 << 20;
 /// Bytes of BAT read at a time.
@@ -41,6 +42,21 @@ pub struct TruncatedBlock {
     pub bitmap: bool,
 }
 
+/// A block, sector bitmap block or kept space (which a write of its block
+/// reuses) whose file space overlaps a structure or another one: the
+/// driver would overwrite one with the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap {
+    /// Its BAT index.
+    pub index: u64,
+    /// Its file offset.
+    pub file_offset: u64,
+    /// Its length in the file.
+    pub length: u64,
+    /// Whether it is space kept for an UNMAPPED block.
+    pub kept: bool,
+}
+
 /// What [`scan`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BatScan {
@@ -59,6 +75,9 @@ pub struct BatScan {
     pub entries_in_file: u64,
     /// BAT entries the disk has.
     pub total_entries: u64,
+    /// The first block (in BAT order) whose file space overlaps the given
+    /// structures or an earlier block, when they were given.
+    pub overlap: Option<Overlap>,
 }
 
 impl BatScan {
@@ -84,22 +103,81 @@ pub(crate) fn kept_limit(file_len: u64, geo: &BatGeometry) -> u64 {
     file_len.saturating_add(blocks)
 }
 
-/// Scan the BAT at `bat_offset` of `storage` (geometry `geo`).
+/// 1 MiB units of file space in one [`Claims`] chunk.
+const CHUNK_UNITS: u64 = 1 << 15;
+
+/// File space claimed so far, in 1 MiB units (structures, blocks and
+/// sector bitmap blocks all start on a 1 MiB boundary): a sparse bitmap,
+/// 4 KiB per 32 GiB of file that holds anything.
+#[derive(Default)]
+struct Claims {
+    chunks: HashMap<u64, Box<[u64; (CHUNK_UNITS / 64) as usize]>>,
+}
+
+impl Claims {
+    /// Claim `start..start + len`; whether any of it was claimed before.
+    fn claim(&mut self, start: u64, len: u64) -> bool {
+        let mut taken = false;
+        for unit in start / MIB..start.saturating_add(len).div_ceil(MIB) {
+            let chunk = self
+                .chunks
+                .entry(unit / CHUNK_UNITS)
+                .or_insert_with(|| Box::new([0; (CHUNK_UNITS / 64) as usize]));
+            // Below CHUNK_UNITS / 64: fits a usize.
+            let (word, bit) = ((unit % CHUNK_UNITS / 64) as usize, unit % 64);
+            taken |= chunk[word] & (1 << bit) != 0;
+            chunk[word] |= 1 << bit;
+        }
+        taken
+    }
+}
+
+/// What a pass over the BAT accumulates.
+struct Pass<'a> {
+    geo: &'a BatGeometry,
+    file_len: u64,
+    out: BatScan,
+    /// When overlaps are looked for.
+    claims: Option<Claims>,
+}
+
+/// Scan the BAT at `bat_offset` of `storage` (geometry `geo`). With
+/// `structures` (file ranges the driver writes: headers, log, regions),
+/// also find the first block, sector bitmap block or reused kept space
+/// that overlaps one of them or an earlier one ([`BatScan::overlap`]).
 ///
 /// # Errors
 /// I/O errors.
-pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) -> Result<BatScan> {
+pub(crate) fn scan(
+    storage: &dyn Storage,
+    bat_offset: u64,
+    geo: &BatGeometry,
+    structures: Option<&[(u64, u64)]>,
+) -> Result<BatScan> {
     let file_len = storage.len()?;
     let total = geo.total_entries();
     let in_file = file_len.saturating_sub(bat_offset) / 8;
-    let mut out = BatScan {
+    let out = BatScan {
         entries_in_file: in_file.min(total),
         total_entries: total,
         ..BatScan::default()
     };
     let bat_end = bat_offset + out.entries_in_file * 8;
+    let claims = structures.map(|list| {
+        let mut c = Claims::default();
+        for &(start, len) in list {
+            c.claim(start, len);
+        }
+        c
+    });
+    let mut pass = Pass {
+        geo,
+        file_len,
+        out,
+        claims,
+    };
     // No larger than the BAT: a small disk's BAT is a few bytes.
-    let bat_bytes = usize::try_from(out.entries_in_file * 8).unwrap_or(usize::MAX);
+    let bat_bytes = usize::try_from(pass.out.entries_in_file * 8).unwrap_or(usize::MAX);
     let mut buf = vec![0u8; SCAN_CHUNK_BYTES.min(bat_bytes)];
     let mut pos = bat_offset;
     while pos < bat_end {
@@ -124,15 +202,17 @@ pub(crate) fn scan(storage: &dyn Storage, bat_offset: u64, geo: &BatGeometry) ->
             if page == &ZERO_PAGE[..page.len()] {
                 continue;
             }
-            scan_page(page, first + k as u64 * 512, geo, file_len, &mut out);
+            scan_page(page, first + k as u64 * 512, &mut pass);
         }
         pos = start + n as u64;
     }
-    Ok(out)
+    Ok(pass.out)
 }
 
 /// Account for the entries in `page` (BAT entries from index `first`).
-fn scan_page(page: &[u8], first: u64, geo: &BatGeometry, file_len: u64, out: &mut BatScan) {
+fn scan_page(page: &[u8], first: u64, pass: &mut Pass<'_>) {
+    let (geo, file_len) = (pass.geo, pass.file_len);
+    let out = &mut pass.out;
     let block_size = u64::from(geo.block_size);
     for (j, raw) in page.chunks_exact(8).enumerate() {
         let e = BatEntry(u64::from_le_bytes(raw.try_into().expect("8 bytes")));
@@ -154,16 +234,22 @@ fn scan_page(page: &[u8], first: u64, geo: &BatGeometry, file_len: u64, out: &mu
                 // Space kept for an unmapped block: the driver may reuse
                 // it, so nothing else may go there (inside the file or
                 // not), but it holds no data.
-                Ok(PayloadState::Unmapped | PayloadState::Zero) if fo >= MIB => {
+                Ok(state @ (PayloadState::Unmapped | PayloadState::Zero)) if fo >= MIB => {
                     let end = fo.saturating_add(block_size);
                     if end <= kept_limit(file_len, geo) {
                         out.referenced_end = out.referenced_end.max(end);
+                        // A write of an UNMAPPED block zeroes its kept
+                        // space and puts the block there.
+                        if state == PayloadState::Unmapped {
+                            claim(&mut pass.claims, out, i, fo, block_size, true);
+                        }
                     }
                     continue;
                 }
                 _ => continue,
             }
         };
+        claim(&mut pass.claims, out, i, fo, len, false);
         let block_end = fo.saturating_add(len);
         out.referenced_end = out.referenced_end.max(block_end);
         if block_end > file_len {
@@ -177,6 +263,21 @@ fn scan_page(page: &[u8], first: u64, geo: &BatGeometry, file_len: u64, out: &mu
                     bitmap,
                 });
             }
+        }
+    }
+}
+
+/// Claim the file space of BAT entry `i` when overlaps are looked for;
+/// record the first overlap.
+fn claim(claims: &mut Option<Claims>, out: &mut BatScan, i: u64, fo: u64, len: u64, kept: bool) {
+    if let Some(c) = claims {
+        if c.claim(fo, len) && out.overlap.is_none() {
+            out.overlap = Some(Overlap {
+                index: i,
+                file_offset: fo,
+                length: len,
+                kept,
+            });
         }
     }
 }
@@ -285,7 +386,7 @@ mod tests {
             ],
             6 * MIB + 1000,
         );
-        let s = scan(&st, BAT, &g).unwrap();
+        let s = scan(&st, BAT, &g, None).unwrap();
         assert_eq!(s.referenced_end, 21 * MIB);
         assert_eq!(s.truncated_blocks, 1);
         assert_eq!(
@@ -318,7 +419,7 @@ mod tests {
             &[(1, BatEntry::new(PayloadState::FullyPresent as u8, 4 * MIB))],
             BAT + 80,
         );
-        let s = scan(&st, BAT, &g).unwrap();
+        let s = scan(&st, BAT, &g, None).unwrap();
         assert_eq!(
             (s.entries_in_file, s.total_entries),
             (10, g.total_entries())
@@ -350,11 +451,77 @@ mod tests {
             ],
             len,
         );
-        let s = scan(&st, BAT, &g).unwrap();
+        let s = scan(&st, BAT, &g, None).unwrap();
         assert_eq!(s.referenced_end, limit);
         assert!(!s.is_truncated());
         let st = file(&[(2, BatEntry::new(unmapped, 0x7461_6461_7480_0000))], len);
-        assert_eq!(scan(&st, BAT, &g).unwrap().referenced_end, 0);
+        assert_eq!(scan(&st, BAT, &g, None).unwrap().referenced_end, 0);
+    }
+
+    #[test]
+    fn blocks_overlapping_structures_or_each_other_are_found() {
+        // A fuzz finding: block 0 of a writable image lay on the BAT
+        // region, so the flush of the BAT overwrote the block's data.
+        let g = geo();
+        let present = PayloadState::FullyPresent as u8;
+        let unmapped = PayloadState::Unmapped as u8;
+        let structures = [(0, MIB), (MIB, MIB), (BAT, MIB)];
+        let overlap = |entries: &[(u64, BatEntry)]| {
+            scan(&file(entries, 12 * MIB), BAT, &g, Some(&structures))
+                .unwrap()
+                .overlap
+        };
+        let at = |index, file_offset, kept| {
+            Some(Overlap {
+                index,
+                file_offset,
+                length: MIB,
+                kept,
+            })
+        };
+        assert_eq!(
+            overlap(&[(0, BatEntry::new(present, BAT))]),
+            at(0, BAT, false)
+        );
+        assert_eq!(
+            overlap(&[
+                (0, BatEntry::new(present, 4 * MIB)),
+                (2, BatEntry::new(present, 5 * MIB)),
+                (3, BatEntry::new(present, 4 * MIB)),
+            ]),
+            at(3, 4 * MIB, false)
+        );
+        // A sector bitmap block, and space kept for an UNMAPPED block (a
+        // write of the block zeroes it), count; ZERO's kept space is never
+        // written.
+        let sb = g.bitmap_index(0);
+        assert_eq!(
+            overlap(&[
+                (0, BatEntry::new(present, 4 * MIB)),
+                (sb, BatEntry::new(SB_BLOCK_PRESENT, 4 * MIB)),
+            ]),
+            at(sb, 4 * MIB, false)
+        );
+        assert_eq!(
+            overlap(&[
+                (0, BatEntry::new(present, 4 * MIB)),
+                (1, BatEntry::new(unmapped, 4 * MIB)),
+            ]),
+            at(1, 4 * MIB, true)
+        );
+        assert_eq!(
+            overlap(&[
+                (0, BatEntry::new(present, 4 * MIB)),
+                (1, BatEntry::new(PayloadState::Zero as u8, 4 * MIB)),
+                (2, BatEntry::new(unmapped, 5 * MIB)),
+                (3, BatEntry::new(present, 6 * MIB)),
+                (sb, BatEntry::new(SB_BLOCK_PRESENT, 7 * MIB)),
+            ]),
+            None
+        );
+        // Not looked for without structures.
+        let st = file(&[(0, BatEntry::new(present, BAT))], 12 * MIB);
+        assert_eq!(scan(&st, BAT, &g, None).unwrap().overlap, None);
     }
 
     #[test]
@@ -364,7 +531,7 @@ mod tests {
             &[(0, BatEntry::new(PayloadState::FullyPresent as u8, 4 * MIB))],
             5 * MIB,
         );
-        let s = scan(&st, BAT, &g).unwrap();
+        let s = scan(&st, BAT, &g, None).unwrap();
         assert!(!s.is_truncated());
         assert_eq!(s.referenced_end, 5 * MIB);
     }

@@ -4,20 +4,11 @@
 use super::log::View;
 use super::space::{Layout, Space};
 use super::{Findings, STRUCTURE};
-use crate::region_table::{RegionTable, BAT_REGION, METADATA_REGION};
+pub(super) use crate::region_table::region_name;
+use crate::region_table::{RegionTable, METADATA_REGION};
 use crate::{Error, ErrorKind, Result};
 use disk::check::{CheckReport, Problem, ProblemKind, RepairMode, Used};
 use disk::ResultExt;
-use uuid::Uuid;
-
-/// A region's name for messages.
-pub(super) fn region_name(guid: Uuid) -> String {
-    match guid {
-        BAT_REGION => "BAT region".to_string(),
-        METADATA_REGION => "metadata region".to_string(),
-        g => format!("region {g}"),
-    }
-}
 
 /// Both copies: a damaged or different copy is repairable from the other
 /// (recorded in `f.region_fix`). Returns the valid table and its offset;
