@@ -86,7 +86,6 @@ pub(crate) struct Shared {
     pub(crate) budget: Budget,
     stop: Arc<AtomicBool>,
     log: Log,
-    connections: AtomicUsize,
     dropped: AtomicUsize,
 }
 
@@ -136,7 +135,6 @@ impl Server {
                 },
                 stop: Arc::new(AtomicBool::new(false)),
                 log: Box::new(log),
-                connections: AtomicUsize::new(0),
                 dropped: AtomicUsize::new(0),
             }),
         })
@@ -229,7 +227,6 @@ impl Server {
 }
 
 fn serve_socket(shared: &Shared, socket: Socket) {
-    shared.connections.fetch_add(1, Ordering::Relaxed);
     let r = (|| {
         let mut s = Stream::new(socket, shared.stop.clone())?;
         s.set_idle_limit(Some(HANDSHAKE_IDLE));
@@ -246,5 +243,4 @@ fn serve_socket(shared: &Shared, socket: Socket) {
         shared.dropped.fetch_add(1, Ordering::Relaxed);
         shared.log(&format!("client dropped: {e:#}"));
     }
-    shared.connections.fetch_sub(1, Ordering::Relaxed);
 }
