@@ -29,3 +29,11 @@ command -v qemu-img >/dev/null || echo "note: qemu-img absent: interop tests wil
 [ -e /dev/fuse ] || echo "note: /dev/fuse absent: the mount tests will skip"
 
 cargo test --workspace --release "$@"
+
+# A 20-second smoke run of every fuzz target (fuzz/README.md; it installs
+# g++ and cargo-fuzz when missing): any panic, overflow, timeout or
+# out-of-memory fails the run. Skipped when arguments narrow the tests, or
+# with FUZZ_SECONDS=0; FUZZ_SECONDS sets the seconds per target.
+if [ $# -eq 0 ] && [ "${FUZZ_SECONDS:-20}" != 0 ]; then
+  bash scripts/fuzz.sh all "${FUZZ_SECONDS:-20}"
+fi
