@@ -27,7 +27,6 @@ target=${1:-all}
 seconds=${2:-20}
 sanitizer=${FUZZ_SANITIZER:-none}
 export RUSTC_BOOTSTRAP=1
-export RUSTC_WRAPPER=$root/fuzz/rustc-wrapper.sh
 
 # libfuzzer-sys compiles libFuzzer (C++) with the cc crate: it needs c++
 # (g++ and its libstdc++).
@@ -43,6 +42,7 @@ if ! cargo fuzz --version 2>/dev/null | grep -q ' 0\.13\.'; then
 fi
 
 cd fuzz
+export RUSTC_WRAPPER=$root/fuzz/rustc-wrapper.sh
 all=$(cargo fuzz list)
 if [ "$target" = all ]; then
   targets=$all

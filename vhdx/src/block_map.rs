@@ -461,6 +461,10 @@ impl VirtualDisk for Vhdx {
         let mut fill_partial_sectors = false;
         let mut token = 0;
         if state == PayloadState::PartiallyPresent {
+            // Without its sector bitmap block the write could not be
+            // recorded: refused before anything is written (it used to
+            // succeed and be lost once the chunk got a bitmap block).
+            self.partial_bitmap(block)?;
             token = block + 1;
             // A sector not yet present holds undefined bytes in the file: if
             // this write covers it only partly, the shared write loop merges

@@ -156,15 +156,11 @@ impl Vhdx {
         Ok(())
     }
 
-    /// Map part of a PARTIALLY_PRESENT block by its sector bitmap.
-    pub(crate) fn map_partial(
-        &self,
-        block: u64,
-        within: u64,
-        run: u64,
-        fo: u64,
-    ) -> Result<(Mapping, u64)> {
-        let sb = self.bitmap_block(block)?.ok_or_else(|| {
+    /// The sector bitmap block of PARTIALLY_PRESENT `block`'s chunk. A
+    /// chunk without one is corrupt: which of the block's sectors are
+    /// present cannot be told, so neither reads nor writes can go there.
+    pub(crate) fn partial_bitmap(&self, block: u64) -> Result<u64> {
+        self.bitmap_block(block)?.ok_or_else(|| {
             Error::corrupt(
                 "BAT entry",
                 self.bat_offset + self.bat_geo.payload_index(block) * 8,
@@ -173,7 +169,18 @@ impl Vhdx {
                 ),
             )
             .in_file(self.name(), 0)
-        })?;
+        })
+    }
+
+    /// Map part of a PARTIALLY_PRESENT block by its sector bitmap.
+    pub(crate) fn map_partial(
+        &self,
+        block: u64,
+        within: u64,
+        run: u64,
+        fo: u64,
+    ) -> Result<(Mapping, u64)> {
+        let sb = self.partial_bitmap(block)?;
         let ss = u64::from(self.geometry.logical_sector_size);
         let s0 = within / ss;
         let last = (within + run - 1) / ss;
@@ -263,9 +270,7 @@ impl Vhdx {
         if state != PayloadState::PartiallyPresent {
             return Ok(());
         }
-        let Some(sb) = self.bitmap_block(block)? else {
-            return Ok(());
-        };
+        let sb = self.partial_bitmap(block)?;
         let ss = u64::from(self.geometry.logical_sector_size);
         let within = ext.offset % self.block_size;
         let first = self.first_bit(block);
@@ -282,5 +287,77 @@ impl Vhdx {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bat::BatEntry;
+    use crate::image::MIB;
+    use crate::{parent_locator_for, CreateOptions, ErrorKind, OpenOptions, Vhdx};
+    use disk::{MemStorage, Storage, VirtualDisk};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn parent() -> Arc<dyn VirtualDisk> {
+        let st = Arc::new(MemStorage::new("parent.vhdx"));
+        let mut o = CreateOptions::new(8 * MIB);
+        o.block_size = 1 << 20;
+        let d = Vhdx::create_on(Box::new(st.clone()), &o).unwrap();
+        d.write_at(&[0x11; 4096], 0).unwrap();
+        d.close().unwrap();
+        Arc::new(
+            Vhdx::open_storage(
+                Box::new(MemStorage::from_vec("parent.vhdx", st.to_vec())),
+                &OpenOptions::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_write_into_a_partial_block_without_a_sector_bitmap_block_is_refused() {
+        // A fuzz finding (chain): block 0 PARTIALLY_PRESENT, its chunk with
+        // no sector bitmap block. A write there succeeded without being
+        // recorded; once a write elsewhere gave the chunk a (zeroed) bitmap
+        // block, block 0 read the parent again: a flushed write lost.
+        let p = parent();
+        let loc = parent_locator_for(
+            Path::new("/nonexistent/child.avhdx"),
+            Path::new("/"),
+            p.disk_id()
+                .map_or_else(uuid::Uuid::nil, |_| uuid::Uuid::nil()),
+        )
+        .unwrap();
+        let st = Arc::new(MemStorage::new("child.avhdx"));
+        let mut o = CreateOptions::new(8 * MIB);
+        o.block_size = 1 << 20;
+        let d = Vhdx::create_differencing_on(Box::new(st.clone()), &o, loc, p.clone()).unwrap();
+        d.write_at(&[0x22; 4096], 0).unwrap();
+        let (bat, sb_idx) = (d.bat_offset, d.bat_geo.bitmap_index(0));
+        d.close().unwrap();
+        // Forget the chunk's sector bitmap block.
+        st.write_at(&BatEntry(0).0.to_le_bytes(), bat + sb_idx * 8)
+            .unwrap();
+        let rw = OpenOptions {
+            writable: true,
+            ignore_parent_linkage: true,
+            ..OpenOptions::default()
+        };
+        let d = Vhdx::open_storage_with_parent(Box::new(st.clone()), &rw, p).unwrap();
+        for at in [0, 4096, 512] {
+            let e = d.write_at(&[0x33; 4096], at).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            assert!(e.to_string().contains("no sector bitmap block"), "{e}");
+        }
+        // Another block of the chunk gets a bitmap block; block 0 still
+        // does not read as written (it was never written).
+        d.write_at(&[0x44; 4096], 7 * MIB).unwrap();
+        d.flush().unwrap();
+        let mut b = [0u8; 4096];
+        d.read_at(&mut b, 7 * MIB).unwrap();
+        assert_eq!(b, [0x44; 4096]);
+        d.read_at(&mut b, 0).unwrap();
+        assert!(b != [0x33; 4096]);
     }
 }
