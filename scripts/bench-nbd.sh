@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # `vdisk serve` against `qemu-nbd` serving the same VHDX, with the same
 # client (`qemu-img bench -f raw nbd://...`), side by side in one run;
-# prints each server's time and the ratio qemu-nbd / vdisk (above 1: vdisk
-# is faster).
-#   scripts/bench-nbd.sh [COUNT]
+# prints each server's median time and the ratio qemu-nbd / vdisk (above
+# 1: vdisk is faster).
+#   scripts/bench-nbd.sh [COUNT] [ROUNDS]
 # Rows: 4 KiB reads at queue depth 1 and 16 (strided by 257 x 4 KiB, so
 # consecutive requests land in different blocks; qemu-img bench has no
 # random mode), 1 MiB sequential reads, and first-touch 64 KiB writes into
-# a fresh image (each a new allocation).
+# a fresh image (each a new allocation). Each row runs ROUNDS times
+# (default 5), the two servers alternating, and reports the medians: on a
+# shared 2-CPU machine single runs vary by 30% and more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-20000}
-cargo build --release -q -p tools --bin vdisk
-vdisk=$PWD/target/release/vdisk
+rounds=${2:-5}
+# VDISK=PATH benchmarks that binary instead (e.g. an older build).
+if [ -z "${VDISK:-}" ]; then
+  cargo build --release -q -p tools --bin vdisk
+fi
+vdisk=${VDISK:-$PWD/target/release/vdisk}
 command -v qemu-nbd >/dev/null || { echo "qemu-nbd is needed" >&2; exit 2; }
 dir=$(mktemp -d)
 pids=()
@@ -52,16 +58,25 @@ secs() { # url, bench args...
   local url=$1; shift
   qemu-img bench -f raw "$@" "$url" 2>&1 | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
 }
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+report() { # name, vdisk times, qemu-nbd times (a line each)
+  local v q
+  v=$(printf '%s' "$2" | median)
+  q=$(printf '%s' "$3" | median)
+  printf '%-28s vdisk %8.3f s   qemu-nbd %8.3f s   qemu-nbd/vdisk %5.2fx\n' \
+    "$1" "$v" "$q" "$(awk -v q="$q" -v v="$v" 'BEGIN { print q / v }')"
+}
 row() { # name, bench args...
   local name=$1; shift
-  local v q
-  v=$(secs "nbd://127.0.0.1:$port_v" "$@")
-  q=$(secs "nbd://127.0.0.1:$port_q" "$@")
-  printf '%-28s vdisk %8.3f s   qemu-nbd %8.3f s   qemu-nbd/vdisk %5.2fx\n' \
-    "$name" "$v" "$q" "$(awk -v q="$q" -v v="$v" 'BEGIN { print q / v }')"
+  local vs="" qs=""
+  for _ in $(seq "$rounds"); do
+    vs+="$(secs "nbd://127.0.0.1:$port_v" "$@")"$'\n'
+    qs+="$(secs "nbd://127.0.0.1:$port_q" "$@")"$'\n'
+  done
+  report "$name" "$vs" "$qs"
 }
 
-echo "reads ($count requests each; one connection; load: $(cut -d' ' -f1 /proc/loadavg))"
+echo "reads ($count requests each, median of $rounds runs; one connection; load: $(cut -d' ' -f1 /proc/loadavg))"
 start_vdisk "$dir/d.vhdx"
 start_qemu -r "$dir/q.vhdx"
 row "4K strided read QD1" -c "$count" -d 1 -s 4096 -S 1052672
@@ -69,9 +84,14 @@ row "4K strided read QD16" -c "$count" -d 16 -s 4096 -S 1052672
 row "1M sequential read QD4" -c 2048 -d 4 -s 1M
 stop_all
 
-echo "first-touch writes"
-cp "$dir/fresh.vhdx" "$dir/fv.vhdx"; cp "$dir/fresh.vhdx" "$dir/fq.vhdx"
-start_vdisk --rw "$dir/fv.vhdx"
-start_qemu "$dir/fq.vhdx"
-row "64K first-touch write QD16" -w -c 8192 -d 16 -s 65536 -S 262144
-stop_all
+echo "first-touch writes (a fresh image each run)"
+vs="" qs=""
+for _ in $(seq "$rounds"); do
+  cp "$dir/fresh.vhdx" "$dir/fv.vhdx"; cp "$dir/fresh.vhdx" "$dir/fq.vhdx"
+  start_vdisk --rw "$dir/fv.vhdx"
+  start_qemu "$dir/fq.vhdx"
+  vs+="$(secs "nbd://127.0.0.1:$port_v" -w -c 8192 -d 16 -s 65536 -S 262144)"$'\n'
+  qs+="$(secs "nbd://127.0.0.1:$port_q" -w -c 8192 -d 16 -s 65536 -S 262144)"$'\n'
+  stop_all
+done
+report "64K first-touch write QD16" "$vs" "$qs"

@@ -14,8 +14,10 @@
 //! - `handshake`: fixed newstyle negotiation (`NBD_OPT_GO`/`INFO` with
 //!   block sizes, `LIST`, structured replies, `base:allocation`).
 //! - `transmission`: requests validated whole before any I/O, then served
-//!   by a few workers per connection (READ, WRITE with FUA, FLUSH, TRIM,
-//!   WRITE_ZEROES with NO_HOLE and FAST_ZERO, BLOCK_STATUS, CACHE).
+//!   by the connection's reader (small reads from a cache) or a few
+//!   workers (READ, WRITE with FUA, FLUSH, TRIM, WRITE_ZEROES with NO_HOLE
+//!   and FAST_ZERO, BLOCK_STATUS, CACHE).
+//! - `reply`: replies, sent whole, those completed together in one write.
 //! - `server`: the accept loop, a thread per connection, the stop flag,
 //!   and a memory budget for payloads in flight.
 //!
@@ -58,6 +60,7 @@
 
 mod handshake;
 pub mod proto;
+mod reply;
 mod server;
 mod stream;
 mod transmission;

@@ -1,8 +1,9 @@
 //! The server: exports, the accept loop, one thread per connection, the
 //! stop flag and the memory budget shared by every connection.
 //!
-//! Locks: the budget's mutex is held only to count; a connection's writer
-//! mutex only to write one reply. Disk I/O holds neither.
+//! Locks: the budget's mutex is held only to count; a connection's queue
+//! and outbox mutexes only to move jobs and replies (never across a socket
+//! write). Disk I/O holds none of them.
 
 use crate::handshake;
 use crate::stream::{Socket, Stream};
@@ -56,6 +57,19 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
+    pub(crate) fn new() -> Budget {
+        Budget {
+            used: Mutex::new((0, 0)),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Bytes in use.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> u64 {
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
     /// Wait until `n` more bytes fit (a request larger than the whole
     /// budget waits until nothing else is in flight).
     pub(crate) fn acquire(&self, n: u64) {
@@ -67,7 +81,20 @@ impl Budget {
         }
         g.0 += n;
     }
+    /// Take `n` bytes if they fit now (as [`Budget::acquire`] would
+    /// without waiting).
+    pub(crate) fn try_acquire(&self, n: u64) -> bool {
+        let mut g = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 > 0 && g.0 + n > BUDGET {
+            return false;
+        }
+        g.0 += n;
+        true
+    }
     pub(crate) fn release(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
         let mut g = self.used.lock().unwrap_or_else(|e| e.into_inner());
         g.0 = g.0.saturating_sub(n);
         let wake = g.1 > 0;
@@ -129,10 +156,7 @@ impl Server {
         Ok(Server {
             shared: Arc::new(Shared {
                 exports,
-                budget: Budget {
-                    used: Mutex::new((0, 0)),
-                    freed: Condvar::new(),
-                },
+                budget: Budget::new(),
                 stop: Arc::new(AtomicBool::new(false)),
                 log: Box::new(log),
                 dropped: AtomicUsize::new(0),

@@ -69,6 +69,12 @@ impl Stream {
         })
     }
 
+    /// Bytes received and not yet consumed: what can be read without
+    /// waiting for the client.
+    pub fn buffered(&self) -> usize {
+        self.rend - self.rpos
+    }
+
     /// Give up on a client that sends nothing for `limit`.
     pub fn set_idle_limit(&mut self, limit: Option<Duration>) {
         self.idle_limit = limit;

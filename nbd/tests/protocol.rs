@@ -7,13 +7,13 @@
 // Test data: small disks whose offsets and sizes fit any integer type.
 #![allow(clippy::cast_possible_truncation)]
 
-use disk::{MemStorage, RawDisk, VirtualDisk};
+use disk::{MemStorage, RawDisk, Storage, VirtualDisk};
 use nbd::proto::{self, cflag, cmd, errno, opt, rep, tflag, Request};
 use nbd::{Export, Listener, Server};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -22,7 +22,7 @@ const SIZE: u64 = 8 << 20;
 
 struct Fixture {
     server: Arc<Server>,
-    disk: Arc<RawDisk<MemStorage>>,
+    disk: Arc<dyn VirtualDisk>,
     path: PathBuf,
     thread: Option<JoinHandle<nbd::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -32,6 +32,11 @@ impl Fixture {
     fn new(writable: bool) -> Fixture {
         let disk =
             Arc::new(RawDisk::new(MemStorage::from_vec("mem", vec![0u8; SIZE as usize])).unwrap());
+        Fixture::over(disk, writable)
+    }
+
+    /// Serve `disk` (of [`SIZE`] bytes; the pattern is written at 1 MiB).
+    fn over(disk: Arc<dyn VirtualDisk>, writable: bool) -> Fixture {
         let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
         disk.write_at(&pattern, 1 << 20).unwrap();
         let server = Arc::new(
@@ -118,6 +123,68 @@ impl Drop for Fixture {
                 r.unwrap();
             }
         }
+    }
+}
+
+/// Storage that takes `delay` for each read, fails reads that start at
+/// `fail_at`, and counts the most reads it served at once.
+struct SlowStorage {
+    inner: MemStorage,
+    delay: Duration,
+    fail_at: Option<u64>,
+    now: AtomicUsize,
+    most: Arc<AtomicUsize>,
+}
+
+impl SlowStorage {
+    /// The disk, and the most reads it served at once.
+    fn disk(
+        delay: Duration,
+        fail_at: Option<u64>,
+    ) -> (Arc<RawDisk<SlowStorage>>, Arc<AtomicUsize>) {
+        let most = Arc::new(AtomicUsize::new(0));
+        let st = SlowStorage {
+            inner: MemStorage::from_vec("slow", vec![0u8; SIZE as usize]),
+            delay,
+            fail_at,
+            now: AtomicUsize::new(0),
+            most: most.clone(),
+        };
+        (Arc::new(RawDisk::new(st).unwrap()), most)
+    }
+}
+
+impl Storage for SlowStorage {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+        if self.fail_at == Some(offset) {
+            return Err(disk::Error::io(
+                format!("reading at {offset:#x}"),
+                std::io::Error::other("injected"),
+            ));
+        }
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(n, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> disk::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> disk::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> disk::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> disk::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn is_writable(&self) -> bool {
+        true
     }
 }
 
@@ -543,4 +610,83 @@ fn many_clients_at_once() {
         }
     });
     assert_eq!(f.server.dropped(), 0);
+}
+
+/// The pattern [`Fixture::over`] writes at 1 MiB, `len` bytes from `at`.
+fn pattern(at: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((at - (1 << 20) + i) % 251) as u8 + 1)
+        .collect()
+}
+
+#[test]
+fn a_burst_of_small_reads_is_answered_whole_and_right() {
+    // 64 reads in one write (the reader serves small reads itself and
+    // sends their replies together): each gets its own data, an invalid
+    // one its error, and a failing one an error without data (its buffer
+    // is reused; nothing of an earlier read may leak into a reply).
+    let (disk, _) = SlowStorage::disk(Duration::ZERO, Some((1 << 20) + 40 * 4096));
+    let f = Fixture::over(disk, false);
+    let mut c = f.client();
+    let mut want = std::collections::HashMap::new();
+    let mut burst = Vec::new();
+    for k in 0..64u64 {
+        c.cookie += 1;
+        let (offset, length) = match k {
+            20 => (SIZE - 100, 4096),                         // past the end
+            _ => ((1 << 20) + k * 4096, 4096 - k as u32 * 3), // 40 fails
+        };
+        burst.extend_from_slice(
+            &Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie: c.cookie,
+                offset,
+                length,
+            }
+            .to_bytes(),
+        );
+        want.insert(c.cookie, (k, offset, length));
+    }
+    c.s.write_all(&burst).unwrap();
+    for _ in 0..64 {
+        let (cookie, e, data) = c.next_answer();
+        let (k, offset, length) = want.remove(&cookie).expect("one reply per request");
+        match k {
+            20 => assert_eq!((e, data.len()), (errno::EINVAL, 0)),
+            40 => assert_eq!((e, data.len()), (errno::EIO, 0)),
+            _ => {
+                assert_eq!(e, 0, "read {k}");
+                assert_eq!(data, pattern(offset, length as usize), "read {k}");
+            }
+        }
+    }
+    c.disconnect();
+    assert_eq!(f.server.dropped(), 0);
+}
+
+#[test]
+fn small_reads_from_slow_storage_are_served_in_parallel() {
+    // Reads from a cache are served by the reader itself, one after the
+    // other; once one is slow, the next small reads go to the workers.
+    let (disk, most) = SlowStorage::disk(Duration::from_millis(20), None);
+    let f = Fixture::over(disk, false);
+    let mut c = f.client();
+    let cookies: Vec<u64> = (0..16u64)
+        .map(|k| c.send(0, cmd::READ, (1 << 20) + k * 8192, 4096, &[]))
+        .collect();
+    let mut answered: Vec<u64> = (0..16)
+        .map(|_| {
+            let (k, e, data) = c.next_answer();
+            assert_eq!(e, 0);
+            let offset = (1 << 20) + (k - cookies[0]) * 8192;
+            assert_eq!(data, pattern(offset, 4096));
+            k
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, cookies);
+    let most = most.load(Ordering::SeqCst);
+    assert!(most >= 2, "at most {most} read at once");
+    c.disconnect();
 }
