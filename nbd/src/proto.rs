@@ -148,6 +148,8 @@ pub mod reply {
     pub const NONE: u16 = 0;
     /// Data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// Zeros at an offset (a hole: no data follows).
+    pub const OFFSET_HOLE: u16 = 2;
     /// Block status descriptors of one context.
     pub const BLOCK_STATUS: u16 = 5;
     /// An error with a message.

@@ -20,9 +20,8 @@ use crate::{Error, Result};
 use std::io::{IoSlice, Write};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// The longest fixed part of a reply (a structured `OFFSET_DATA` chunk
-/// header and its offset).
-const HEAD: usize = 28;
+/// The longest fixed part of a reply (a structured `OFFSET_HOLE` chunk).
+const HEAD: usize = 32;
 /// The most replies written in one system call (`IOV_MAX` is 1024 slices,
 /// two a reply).
 const BATCH: usize = 256;
@@ -84,10 +83,10 @@ impl Reply {
                 r.cookie,
                 proto::len32(buf.len() + 8),
             ));
-            h[20..].copy_from_slice(&r.offset.to_be_bytes());
+            h[20..28].copy_from_slice(&r.offset.to_be_bytes());
             Reply {
                 recycle: true,
-                ..Reply::new(&h, buf)
+                ..Reply::new(&h[..28], buf)
             }
         } else {
             Reply {
@@ -95,6 +94,22 @@ impl Reply {
                 ..Reply::new(&proto::simple_reply(0, r.cookie), buf)
             }
         }
+    }
+
+    /// A read whose whole range reads as zeros, when structured replies
+    /// were negotiated and the client did not forbid fragments (`DF`):
+    /// one `OFFSET_HOLE` chunk ("Structured reply types"), no data.
+    pub(crate) fn hole(r: &Request) -> Reply {
+        let mut h = [0u8; HEAD];
+        h[..20].copy_from_slice(&proto::chunk_header(
+            reply::FLAG_DONE,
+            reply::OFFSET_HOLE,
+            r.cookie,
+            12,
+        ));
+        h[20..28].copy_from_slice(&r.offset.to_be_bytes());
+        h[28..].copy_from_slice(&r.length.to_be_bytes());
+        Reply::new(&h, Vec::new())
     }
 
     /// `base:allocation` descriptors `(length, flags)`.

@@ -394,6 +394,9 @@ fn run(
     };
     let done = |()| Reply::done(r, structured);
     let res = match r.kind {
+        cmd::READ if structured && r.flags & cflag::DF == 0 && reads_zeros(d, r.offset, len) => {
+            Ok(Reply::hole(r))
+        }
         cmd::READ => {
             let mut buf = outbox.buffer(r.length as usize);
             match d.read_at(&mut buf, r.offset) {
@@ -427,6 +430,18 @@ fn run(
         _ => Ok(Reply::done(r, structured)),
     };
     res.map_err(|e| (errno_of(&e), format!("{e:#}")))
+}
+
+/// Whether `[offset, offset+len)` (not empty) reads as zeros without
+/// reading any data: one zero or unallocated extent covers it (the lookup
+/// the read itself starts with; no system call on a file's holes). Asked
+/// before a read, so that the client gets a hole, not `len` bytes of
+/// zeros; a failing lookup just means "read it", and the read reports it.
+fn reads_zeros(d: &dyn VirtualDisk, offset: u64, len: u64) -> bool {
+    len > 0
+        && d.map(offset, len).is_ok_and(|e| {
+            e.len >= len && matches!(e.mapping, Mapping::Zero | Mapping::Unallocated)
+        })
 }
 
 /// Whether zeroing `[offset, offset+len)` is quicker than writing zeros:

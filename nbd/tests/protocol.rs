@@ -7,7 +7,7 @@
 // Test data: small disks whose offsets and sizes fit any integer type.
 #![allow(clippy::cast_possible_truncation)]
 
-use disk::{MemStorage, RawDisk, Storage, VirtualDisk};
+use disk::{Extent, FileOffset, Geometry, Mapping, MemStorage, RawDisk, Storage, VirtualDisk};
 use nbd::proto::{self, cflag, cmd, errno, opt, rep, tflag, Request};
 use nbd::{Export, Listener, Server};
 use std::io::{Read, Write};
@@ -37,8 +37,12 @@ impl Fixture {
 
     /// Serve `disk` (of [`SIZE`] bytes; the pattern is written at 1 MiB).
     fn over(disk: Arc<dyn VirtualDisk>, writable: bool) -> Fixture {
-        let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
-        disk.write_at(&pattern, 1 << 20).unwrap();
+        disk.write_at(&pattern(1 << 20, 1 << 20), 1 << 20).unwrap();
+        Fixture::serving(disk, writable)
+    }
+
+    /// Serve `disk` as it is.
+    fn serving(disk: Arc<dyn VirtualDisk>, writable: bool) -> Fixture {
         let server = Arc::new(
             Server::new(
                 vec![Export {
@@ -291,6 +295,10 @@ impl Client {
             let mut err = 0;
             match kind {
                 proto::reply::OFFSET_DATA => out.extend_from_slice(&p[8..]),
+                proto::reply::OFFSET_HOLE => {
+                    assert_eq!(p.len(), 12, "a hole chunk's length");
+                    out.resize(out.len() + proto::be32(&p[8..12]) as usize, 0);
+                }
                 proto::reply::BLOCK_STATUS => out.extend_from_slice(&p[4..]),
                 proto::reply::ERROR => err = proto::be32(&p[0..4]),
                 _ => {}
@@ -688,5 +696,76 @@ fn small_reads_from_slow_storage_are_served_in_parallel() {
     assert_eq!(answered, cookies);
     let most = most.load(Ordering::SeqCst);
     assert!(most >= 2, "at most {most} read at once");
+    c.disconnect();
+}
+
+/// A disk whose first MiB is unallocated (reads as zeros without a read),
+/// the rest raw data.
+struct Holey(MemStorage);
+
+impl VirtualDisk for Holey {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            virtual_size: SIZE,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+        }
+    }
+    fn storage(&self) -> &dyn Storage {
+        &self.0
+    }
+    fn map(&self, offset: u64, len: u64) -> disk::Result<Extent> {
+        let hole = 1 << 20;
+        let (end, mapping) = if offset < hole {
+            (hole, Mapping::Unallocated)
+        } else {
+            (SIZE, Mapping::Data(FileOffset(offset)))
+        };
+        Ok(Extent {
+            offset,
+            len: len.min(end - offset),
+            mapping,
+        })
+    }
+    fn flush(&self) -> disk::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_read_of_zeros_gets_a_hole_unless_the_client_forbids_fragments() {
+    let st = MemStorage::from_vec("holey", vec![0u8; SIZE as usize]);
+    st.write_at(&pattern(1 << 20, 1 << 20), 1 << 20).unwrap();
+    let f = Fixture::serving(Arc::new(Holey(st)), false);
+    let mut c = f.client();
+    // The raw chunk: (type, payload).
+    let chunk = |c: &mut Client, flags: u16, offset: u64, len: u32| {
+        let cookie = c.send(flags, cmd::READ, offset, len, &[]);
+        let mut h = [0u8; 20];
+        c.s.read_exact(&mut h).unwrap();
+        assert_eq!(proto::be32(&h[0..4]), proto::STRUCTURED_REPLY_MAGIC);
+        assert_eq!(proto::be16(&h[4..6]), proto::reply::FLAG_DONE);
+        assert_eq!(proto::be64(&h[8..16]), cookie);
+        let mut p = vec![0u8; proto::be32(&h[16..20]) as usize];
+        c.s.read_exact(&mut p).unwrap();
+        (proto::be16(&h[6..8]), p)
+    };
+    let (kind, p) = chunk(&mut c, 0, 4096, 65536);
+    assert_eq!(kind, proto::reply::OFFSET_HOLE);
+    assert_eq!(proto::be64(&p[0..8]), 4096);
+    assert_eq!(proto::be32(&p[8..12]), 65536);
+    // DF: one data chunk of zeros.
+    let (kind, p) = chunk(&mut c, cflag::DF, 4096, 65536);
+    assert_eq!(kind, proto::reply::OFFSET_DATA);
+    assert_eq!(p.len(), 8 + 65536);
+    assert!(p[8..].iter().all(|&b| b == 0));
+    // Across the end of the hole: data (the pattern starts at 1 MiB).
+    let (kind, p) = chunk(&mut c, 0, (1 << 20) - 4096, 8192);
+    assert_eq!(kind, proto::reply::OFFSET_DATA);
+    assert!(p[8..8 + 4096].iter().all(|&b| b == 0));
+    assert_eq!(&p[8 + 4096..], &pattern(1 << 20, 4096)[..]);
+    // Large reads too.
+    let (kind, _) = chunk(&mut c, 0, 0, 1 << 20);
+    assert_eq!(kind, proto::reply::OFFSET_HOLE);
     c.disconnect();
 }
