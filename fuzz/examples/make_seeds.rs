@@ -1,7 +1,9 @@
 //! Writes the checked-in seed corpora, fuzz/seeds/TARGET/*, from images this
 //! library creates (never from ../shared/corpus, which must not be copied
 //! into the repository: scripts/fuzz.sh adds it at run time). Run from
-//! fuzz/: `cargo run --example make_seeds`.
+//! fuzz/: `cargo run --example make_seeds [TARGET...]` (only those
+//! targets' seeds when named; the images carry random GUIDs, so the other
+//! seeds would change).
 
 use disk::{MemStorage, VirtualDisk};
 use std::path::Path;
@@ -12,6 +14,10 @@ use vhdx::log::{LogEntry, LogOp};
 use vhdx::region_table::{RegionTable, BAT_REGION, METADATA_REGION};
 
 fn put(target: &str, name: &str, bytes: &[u8]) {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    if !only.is_empty() && !only.iter().any(|t| t == target) {
+        return;
+    }
     assert!(
         bytes.len() < 100 << 10,
         "{target}/{name} is {} bytes",
@@ -377,5 +383,93 @@ fn main() {
         put("virtio_mmio", name, &m);
     }
 
+    nbd_seeds();
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// Client sessions for `nbd_session` (byte 0: 1 = writable export).
+fn nbd_seeds() {
+    use nbd::proto::{cflag, cmd, opt, Request, IHAVEOPT};
+    fn option(v: &mut Vec<u8>, option: u32, data: &[u8]) {
+        v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+    }
+    fn request(v: &mut Vec<u8>, flags: u16, kind: u16, offset: u64, length: u32) {
+        let cookie = v.len() as u64;
+        let r = Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        };
+        v.extend_from_slice(&r.to_bytes());
+        if kind == cmd::WRITE {
+            v.extend(std::iter::repeat_n(0x5a, length as usize));
+        }
+    }
+    let name_and_info = |name: &[u8]| {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name);
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&3u16.to_be_bytes()); // NBD_INFO_BLOCK_SIZE
+        d
+    };
+    let mut meta = 1u32.to_be_bytes().to_vec();
+    meta.push(b'd');
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+
+    // Fixed newstyle, structured replies, base:allocation, GO, every
+    // command, DISC.
+    let mut full = vec![1u8];
+    full.extend_from_slice(&1u32.to_be_bytes()); // NBD_FLAG_C_FIXED_NEWSTYLE
+    option(&mut full, opt::STRUCTURED_REPLY, &[]);
+    option(&mut full, opt::LIST_META_CONTEXT, &meta);
+    option(&mut full, opt::SET_META_CONTEXT, &meta);
+    option(&mut full, opt::GO, &name_and_info(b"d"));
+    request(&mut full, 0, cmd::WRITE, 4096, 4096);
+    request(&mut full, cflag::FUA, cmd::WRITE, 65536, 512);
+    request(&mut full, 0, cmd::READ, 0, 8192);
+    request(&mut full, cflag::DF, cmd::READ, 4096, 4096);
+    request(&mut full, 0, cmd::BLOCK_STATUS, 0, 1 << 20);
+    request(&mut full, cflag::REQ_ONE, cmd::BLOCK_STATUS, 4096, 4096);
+    request(&mut full, 0, cmd::TRIM, 0, 65536);
+    request(&mut full, 0, cmd::WRITE_ZEROES, 131072, 65536);
+    request(&mut full, cflag::FAST_ZERO | cflag::NO_HOLE, cmd::WRITE_ZEROES, 0, 4096);
+    request(&mut full, 0, cmd::FLUSH, 0, 0);
+    request(&mut full, 0, cmd::CACHE, 0, 4096);
+    request(&mut full, 0, cmd::READ, (1 << 20) - 512, 1024); // past the end
+    request(&mut full, 0, cmd::DISC, 0, 0);
+    put("nbd_session", "every-command", &full);
+
+    // Read-only, simple replies, many small reads in one burst.
+    let mut burst = vec![0u8];
+    burst.extend_from_slice(&1u32.to_be_bytes());
+    option(&mut burst, opt::GO, &name_and_info(b""));
+    for k in 0..32u64 {
+        request(&mut burst, 0, cmd::READ, k * 4096, 4096);
+    }
+    request(&mut burst, 0, cmd::WRITE, 0, 512); // refused: read-only
+    put("nbd_session", "read-only-burst", &burst);
+
+    // The other options, then the old way into transmission.
+    let mut opts = vec![1u8];
+    opts.extend_from_slice(&3u32.to_be_bytes()); // fixed newstyle, no zeroes
+    option(&mut opts, opt::LIST, &[]);
+    option(&mut opts, opt::INFO, &name_and_info(b"d"));
+    option(&mut opts, opt::INFO, &name_and_info(b"nope"));
+    option(&mut opts, opt::STARTTLS, &[]);
+    option(&mut opts, 0xdead, b"unknown");
+    option(&mut opts, opt::EXPORT_NAME, b"d");
+    request(&mut opts, 0, cmd::READ, 0, 512);
+    put("nbd_session", "options-then-export-name", &opts);
+
+    let mut abort = vec![0u8];
+    abort.extend_from_slice(&1u32.to_be_bytes());
+    option(&mut abort, opt::ABORT, &[]);
+    put("nbd_session", "abort", &abort);
 }
