@@ -10,6 +10,7 @@
 # fuzz/seeds/TARGET, what earlier runs found (fuzz/corpus/TARGET, not
 # checked in) and, when ../shared/corpus is there, small pieces of its
 # real images (prepared once into fuzz/corpus-shared, not checked in).
+# With `all`, first runs the harness's unit tests (cargo test --lib).
 # Prints the executions of each target (libFuzzer's
 # stat::number_of_executed_units); exits non-zero if any target crashed,
 # leaked, ran out of memory or timed out, after printing the file holding
@@ -119,6 +120,13 @@ EOF
   touch "$out/.done"
 }
 prep_shared
+
+if [ "$target" = all ]; then
+  # The harness's own unit tests (SparseStorage against MemStorage, the
+  # sparse decoder, the read/write plan), uninstrumented.
+  echo "== the harness's unit tests"
+  RUSTC_WRAPPER= cargo test -q --lib
+fi
 
 echo "== building the fuzz targets"
 cargo fuzz build -a -s "$sanitizer"
