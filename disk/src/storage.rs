@@ -306,6 +306,23 @@ impl MemStorage {
     }
 }
 
+/// Make `data` at least `len` bytes long (zeros), or fail as a file
+/// system that is full would, never abort the process: memory is reserved
+/// before it is filled.
+fn grow(data: &mut Vec<u8>, len: usize, name: &str) -> Result<()> {
+    if let Some(more) = len.checked_sub(data.len()).filter(|&m| m > 0) {
+        data.try_reserve_exact(more).map_err(|e| {
+            Error::io(
+                format!("growing in-memory storage to {len} bytes: {e}"),
+                std::io::ErrorKind::OutOfMemory.into(),
+            )
+            .in_file(name, 0)
+        })?;
+        data.resize(len, 0);
+    }
+    Ok(())
+}
+
 impl Storage for MemStorage {
     fn name(&self) -> &str {
         &self.name
@@ -334,9 +351,7 @@ impl Storage for MemStorage {
             .ok()
             .and_then(|s| s.checked_add(buf.len()))
             .ok_or_else(|| Error::invalid("write beyond addressable memory"))?;
-        if data.len() < end {
-            data.resize(end, 0);
-        }
+        grow(&mut data, end, &self.name)?;
         data[end - buf.len()..end].copy_from_slice(buf);
         Ok(())
     }
@@ -348,10 +363,9 @@ impl Storage for MemStorage {
     }
     fn set_len(&self, len: u64) -> Result<()> {
         let len = usize::try_from(len).map_err(|_| Error::invalid("length too large"))?;
-        self.data
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .resize(len, 0);
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        grow(&mut data, len, &self.name)?;
+        data.truncate(len);
         Ok(())
     }
     fn is_writable(&self) -> bool {
@@ -447,5 +461,24 @@ mod tests {
         assert!(range_is(&st, end, 1, 0).is_err(), "past the end");
         copy_range(&st, 0, 0, 0).unwrap();
         fill_range(&st, 0, 0, 1).unwrap();
+    }
+
+    #[test]
+    fn memory_storage_refuses_an_impossible_size_with_an_error() {
+        let st = MemStorage::from_vec("m", vec![1u8; 4096]);
+        let e = st.write_at(&[2u8; 512], 1 << 62).unwrap_err();
+        assert_eq!(
+            e.io_error().map(std::io::Error::kind),
+            Some(std::io::ErrorKind::OutOfMemory),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("m: "), "names the storage: {e}");
+        assert!(st.set_len(1 << 62).is_err());
+        // Nothing changed; ordinary growth and cuts still work.
+        assert_eq!(st.len().unwrap(), 4096);
+        st.write_at(&[3u8; 512], 8192).unwrap();
+        assert_eq!(st.len().unwrap(), 8704);
+        st.set_len(100).unwrap();
+        assert_eq!(st.to_vec(), vec![1u8; 100]);
     }
 }
