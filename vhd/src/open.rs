@@ -442,6 +442,21 @@ impl Vhd {
                     }
                     max_end = max_end.max(start + len);
                 }
+                if writable {
+                    if let Some((i, j)) = overlapping_blocks(&batv.entries, bm + bs) {
+                        let (a, b) = (batv.entries[i], batv.entries[j]);
+                        return Err(Error::corrupt(
+                            "VHD BAT",
+                            table_off + j as u64 * 4,
+                            format!(
+                                "block {j} at sector {b:#x} overlaps block {i} at sector {a:#x}: \
+                                 a write to one would change the other (open it read-only; \
+                                 `vdisk check` lists them)"
+                            ),
+                        )
+                        .in_file(&name, 0));
+                    }
+                }
                 info.allocated_blocks = allocated;
                 info.truncated_blocks = truncated;
                 if source != FooterSource::CopyAtStart && truncated == 0 {
@@ -577,6 +592,29 @@ fn not_differencing(name: &str, parent: &dyn VirtualDisk) -> Error {
     .in_file(name, 0)
 }
 
+/// Two allocated BAT entries whose blocks (`block_len` bytes each, bitmap
+/// included) share file space: `(i, j)` with `i` the lower place. Only a
+/// writable open asks (a write to one block would change the other's
+/// data); the sort takes 4 bytes an allocated entry.
+fn overlapping_blocks(entries: &[u32], block_len: u64) -> Option<(usize, usize)> {
+    let mut starts: Vec<u32> = entries
+        .iter()
+        .copied()
+        .filter(|&e| e != UNALLOCATED)
+        .collect();
+    starts.sort_unstable();
+    let (a, b) = starts
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .find(|&(a, b)| u64::from(b - a) * SECTOR < block_len)?;
+    let i = entries.iter().position(|&e| e == a)?;
+    let j = entries
+        .iter()
+        .enumerate()
+        .position(|(k, &e)| e == b && k != i)?;
+    Some((i, j))
+}
+
 #[cfg(test)]
 // Test images are a few MiB: their offsets and sizes fit any integer type.
 #[allow(clippy::cast_possible_truncation)]
@@ -585,6 +623,34 @@ mod tests {
     use crate::image::testutil::mem;
     use crate::image::MIB;
     use disk::MemStorage;
+
+    #[test]
+    fn overlapping_blocks_are_found_and_named() {
+        let len = 512 + 4096; // a bitmap sector and 8 sectors of data
+        let u = UNALLOCATED;
+        assert_eq!(
+            overlapping_blocks(&[u, 10, 19, 28, u], len),
+            None,
+            "adjacent"
+        );
+        assert_eq!(
+            overlapping_blocks(&[u, 28, 10, u, 19], len),
+            None,
+            "any order"
+        );
+        assert_eq!(
+            overlapping_blocks(&[10, u, 18], len),
+            Some((0, 2)),
+            "one sector shared"
+        );
+        assert_eq!(
+            overlapping_blocks(&[40, 10, 28, 10], len),
+            Some((1, 3)),
+            "one place"
+        );
+        assert_eq!(overlapping_blocks(&[u, u], len), None);
+        assert_eq!(overlapping_blocks(&[], len), None);
+    }
 
     #[test]
     fn damaged_trailing_footer_uses_copy_read_only() {

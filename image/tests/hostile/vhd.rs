@@ -304,16 +304,34 @@ fn bat_entries_pointing_at_structures_or_past_the_end_are_corrupt() {
 }
 
 #[test]
-fn bat_entries_sharing_a_block_read_alike_and_check_reports_them() {
+fn bat_entries_sharing_a_block_read_alike_and_a_writable_open_is_refused() {
     let (_d, p) = base("bsh");
-    // The last block pointed at block 0's place.
+    // The last block pointed at block 0's place (and, below, one sector
+    // after it: the blocks then share all but a sector).
     let b0 = vhd_bat(&p, 0);
     let nb = vhd::Vhd::inspect(&p).unwrap().info_blocks() - 1;
-    set_vhd_bat(&p, nb, b0);
-    let r = front_door("two VHD blocks at one place", &p, V);
-    assert_eq!(r.stage, Stage::Done, "{:?}", r.err);
-    let rep = vhd::check::check_file(&p, &Default::default()).unwrap();
-    assert!(rep.corruptions > 0, "{rep:?}");
+    for (sector, at) in [(b0, b0), (b0 + 1, b0 + 1)] {
+        set_vhd_bat(&p, nb, sector);
+        let r = front_door("two VHD blocks at one place", &p, V);
+        assert_eq!(r.stage, Stage::Done, "{:?}", r.err);
+        let rep = vhd::check::check_file(&p, &Default::default()).unwrap();
+        assert!(rep.corruptions > 0, "{rep:?}");
+        // A write to one block would change the other's data.
+        let before = std::fs::read(&p).unwrap();
+        let mut o = OpenOptions::new(V);
+        o.writable = true;
+        let e = image::open(&p, &o).map(drop).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert_corrupt(&e, "VHD BAT", VHD_BAT + nb * 4);
+        has_words(
+            &e,
+            &[&format!(
+                "block {nb} at sector {at:#x} overlaps block 0 at sector {b0:#x}"
+            )],
+        );
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), before, "nothing written");
+    }
 }
 
 /// The number of BAT entries a VHD's disk uses.
