@@ -495,9 +495,8 @@ fn validate_at(
 /// one whose head is at the lower offset.
 ///
 /// Cost: every sector is validated once (its checksum derived from the
-/// prefix CRCs of the log's sectors in O(log n), see [`SectorCrcs`]) and
-/// each candidate head is walked at most once around the log (O(n) steps of
-/// a table lookup each).
+/// prefix CRCs of the log's sectors in O(log n), see [`SectorCrcs`]), then
+/// the sequence is picked in O(n) table lookups ([`pick_sequence`]).
 pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)> {
     if log.is_empty() || !is_aligned(log.len() as u64, SECTOR) || log_guid.is_nil() {
         return Vec::new();
@@ -514,47 +513,10 @@ pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)
                 .flatten()
         })
         .collect();
-    let sectors = |h: &ValidHeader| h.entry_length as usize / LOG_SECTOR;
-    // The successor of the entry at sector s, when it continues the run.
-    let next = |s: usize| -> Option<usize> {
-        let h = valid[s]?;
-        let t = (s + sectors(&h)) % n;
-        let nh = valid[t]?;
-        (Some(nh.sequence_number) == h.sequence_number.checked_add(1)).then_some(t)
-    };
-    let mut best: Option<(u64, usize, usize)> = None; // (head sequence, tail sector, head sector)
-    for head in 0..n {
-        let Some(h) = valid[head] else { continue };
-        if next(head).is_some() {
-            continue;
-        }
-        if best.is_some_and(|(seq, _, _)| seq >= h.sequence_number) {
-            continue;
-        }
-        let tail = h.tail as usize / LOG_SECTOR;
-        let mut cur = tail;
-        let mut used = 0usize;
-        let reached = loop {
-            let Some(c) = valid[cur] else { break false };
-            used += sectors(&c);
-            if used > n {
-                break false;
-            }
-            if cur == head {
-                break true;
-            }
-            match next(cur) {
-                Some(t) => cur = t,
-                None => break false,
-            }
-        };
-        if reached {
-            best = Some((h.sequence_number, tail, head));
-        }
-    }
-    let Some((_, tail, head)) = best else {
+    let Some((tail, head)) = pick_sequence(&valid) else {
         return Vec::new();
     };
+    let next = |s: usize| successor(&valid, s);
     let mut out = Vec::new();
     let mut cur = tail;
     loop {
@@ -571,6 +533,90 @@ pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)
             _ => return Vec::new(),
         }
     }
+}
+
+/// Sectors of a valid entry.
+fn entry_sectors(h: &ValidHeader) -> usize {
+    h.entry_length as usize / LOG_SECTOR
+}
+
+/// The successor of the valid entry at sector `s` of a log of
+/// `valid.len()` sectors, when it continues the run (the next entry, its
+/// sequence number one more).
+fn successor(valid: &[Option<ValidHeader>], s: usize) -> Option<usize> {
+    let h = valid[s]?;
+    let t = (s + entry_sectors(&h)) % valid.len();
+    let nh = valid[t]?;
+    (Some(nh.sequence_number) == h.sequence_number.checked_add(1)).then_some(t)
+}
+
+/// The active sequence among the valid entries, as `(tail sector, head
+/// sector)` (MS-VHDX 2.3.3): of the entries that end a run (no successor),
+/// the one with the highest sequence number whose tail leads to it through
+/// successors, the run no longer than the log.
+///
+/// Successors make a graph in which every entry has at most one way out,
+/// so where each entry's run ends, and how many sectors it takes to get
+/// there, is found once for every entry (a hostile log of runs whose
+/// tails all point into one long run made walking each run from its tail
+/// quadratic).
+fn pick_sequence(valid: &[Option<ValidHeader>]) -> Option<(usize, usize)> {
+    let n = valid.len();
+    // For each entry: the end of its run and the sectors from it to there
+    // (both ends counted); None on a cycle or an invalid sector.
+    let mut end: Vec<Option<(usize, u64)>> = vec![None; n];
+    let mut done = vec![false; n];
+    let mut path = Vec::new();
+    for start in 0..n {
+        let mut cur = start;
+        // Follow successors to an entry already known or a run's end.
+        let mut result = loop {
+            if done[cur] {
+                break end[cur];
+            }
+            let Some(h) = valid[cur] else {
+                done[cur] = true;
+                break None;
+            };
+            done[cur] = true; // on the path: reaching it again is a cycle
+            path.push(cur);
+            match successor(valid, cur) {
+                Some(t) => cur = t,
+                None => {
+                    path.pop();
+                    let r = Some((cur, entry_sectors(&h) as u64));
+                    end[cur] = r;
+                    break r;
+                }
+            }
+        };
+        // Unwind. (Sequence numbers rise along successors, so there is no
+        // cycle; were there one, reaching a path entry again would give
+        // None here, its end not yet known.)
+        while let Some(s) = path.pop() {
+            result = result.map(|(e, d)| {
+                let own = valid[s].map_or(0, |h| entry_sectors(&h) as u64);
+                (e, d.saturating_add(own))
+            });
+            end[s] = result;
+        }
+    }
+    let mut best: Option<(u64, usize, usize)> = None; // (head sequence, tail, head)
+    for head in 0..n {
+        let Some(h) = valid[head] else { continue };
+        if successor(valid, head).is_some() {
+            continue;
+        }
+        if best.is_some_and(|(seq, _, _)| seq >= h.sequence_number) {
+            continue;
+        }
+        let tail = h.tail as usize / LOG_SECTOR;
+        let reached = tail < n && end[tail].is_some_and(|(e, d)| e == head && d <= n as u64);
+        if reached {
+            best = Some((h.sequence_number, tail, head));
+        }
+    }
+    best.map(|(_, tail, head)| (tail, head))
 }
 
 #[cfg(test)]

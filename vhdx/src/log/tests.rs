@@ -412,3 +412,89 @@ fn checksums_from_prefix_crcs_match_direct_ones() {
         .count();
     assert!(valid >= 5, "{valid}");
 }
+
+/// The walk `pick_sequence` replaced, kept as its model: each candidate
+/// head's run walked from its tail.
+fn pick_by_walking(valid: &[Option<ValidHeader>]) -> Option<(usize, usize)> {
+    let n = valid.len();
+    let mut best: Option<(u64, usize, usize)> = None;
+    for head in 0..n {
+        let Some(h) = valid[head] else { continue };
+        if successor(valid, head).is_some() || best.is_some_and(|(q, _, _)| q >= h.sequence_number)
+        {
+            continue;
+        }
+        let tail = h.tail as usize / LOG_SECTOR;
+        let (mut cur, mut used) = (tail, 0usize);
+        let reached = tail < n
+            && loop {
+                let Some(c) = valid[cur] else { break false };
+                used += entry_sectors(&c);
+                if used > n {
+                    break false;
+                }
+                if cur == head {
+                    break true;
+                }
+                match successor(valid, cur) {
+                    Some(t) => cur = t,
+                    None => break false,
+                }
+            };
+        if reached {
+            best = Some((h.sequence_number, tail, head));
+        }
+    }
+    best.map(|(_, t, h)| (t, h))
+}
+
+fn header(seq: u64, tail_sector: usize, sectors: usize) -> Option<ValidHeader> {
+    Some(ValidHeader {
+        sequence_number: seq,
+        tail: (tail_sector * LOG_SECTOR) as u32,
+        entry_length: (sectors * LOG_SECTOR) as u32,
+        descriptor_count: 0,
+        descriptor_sectors: 0,
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// On any arrangement of valid headers (runs, branches into one entry,
+    /// cycles, tails anywhere), the linear pick agrees with the walk.
+    #[test]
+    fn picking_the_sequence_agrees_with_walking_each_run(
+        n in 1usize..24,
+        cells in proptest::collection::vec(
+            (0u8..3, 0u64..6, 0usize..24, 1usize..4), 24),
+    ) {
+        let valid: Vec<Option<ValidHeader>> = cells[..n]
+            .iter()
+            .map(|&(kind, seq, tail, len)| match kind {
+                0 => None,
+                _ => header(seq, tail % n, len),
+            })
+            .collect();
+        proptest::prop_assert_eq!(pick_sequence(&valid), pick_by_walking(&valid));
+    }
+}
+
+#[test]
+fn many_heads_whose_tails_reach_into_one_long_run() {
+    // A run of entries 1..=k over the first half, then k single-entry runs
+    // of rising sequence numbers whose tails all point at the run's start:
+    // walking each from its tail took k steps each. The answer is none of
+    // them (their tails lead to the run's own head), but the run itself.
+    let k = 1 << 14;
+    let mut valid = vec![None; 2 * k];
+    for (s, v) in valid.iter_mut().enumerate().take(k) {
+        *v = header(s as u64 + 1, 0, 1);
+    }
+    for (i, v) in valid.iter_mut().enumerate().skip(k) {
+        *v = header(1_000_000 + 2 * i as u64, 0, 1);
+    }
+    assert_eq!(pick_sequence(&valid), Some((0, k - 1)));
+    // Two entries, the second's end wrapping back to the first.
+    let wrap = vec![header(1, 0, 1), header(2, 0, 1)];
+    assert_eq!(pick_sequence(&wrap), Some((0, 1)));
+}
