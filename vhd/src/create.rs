@@ -128,7 +128,13 @@ impl Vhd {
         let path = path.as_ref();
         let name = path.display().to_string();
         let parent_abs = differencing_parent_path(path, parent_path.as_ref())?;
-        let parent = Vhd::open(&parent_abs, &OpenOptions::default())?;
+        // Through the caller's opener, like the child (fault injection and
+        // power-cut journals see both).
+        let popts = OpenOptions {
+            opener: opts.opener.clone(),
+            ..OpenOptions::default()
+        };
+        let parent = Vhd::open(&parent_abs, &popts)?;
         validate_differencing(opts, parent.virtual_size()).in_file(&name, 0)?;
         // The specification's Parent Time Stamp is "the modification time
         // stamp of the parent hard disk": the parent file's mtime, as Virtual
@@ -455,6 +461,46 @@ fn validate_create(o: &CreateOptions) -> Result<()> {
 mod tests {
     use super::*;
     use disk::MemStorage;
+
+    /// Files opened or created through it, in order.
+    #[derive(Debug, Default)]
+    struct Recording(std::sync::Mutex<Vec<(std::path::PathBuf, &'static str)>>);
+
+    impl disk::Opener for Recording {
+        fn open(
+            &self,
+            path: &Path,
+            writable: bool,
+            lock: disk::LockMode,
+        ) -> Result<Box<dyn Storage>> {
+            self.0.lock().unwrap().push((path.to_path_buf(), "open"));
+            disk::FileOpener.open(path, writable, lock)
+        }
+        fn create(&self, path: &Path, overwrite: bool) -> Result<Box<dyn Storage>> {
+            self.0.lock().unwrap().push((path.to_path_buf(), "create"));
+            disk::FileOpener.create(path, overwrite)
+        }
+    }
+
+    #[test]
+    fn a_differencing_disk_opens_its_parent_through_the_callers_opener() {
+        let dir = tempfile::tempdir().unwrap();
+        let (parent, child) = (dir.path().join("p.vhd"), dir.path().join("c.vhd"));
+        Vhd::create(&parent, &CreateOptions::new(4 * MIB), false)
+            .unwrap()
+            .close()
+            .unwrap();
+        let rec = Arc::new(Recording::default());
+        let mut o = CreateOptions::new(4 * MIB);
+        o.opener = rec.clone();
+        Vhd::create_differencing(&child, &parent, &o, false)
+            .unwrap()
+            .close()
+            .unwrap();
+        let seen = rec.0.lock().unwrap().clone();
+        assert!(seen.contains(&(parent.clone(), "open")), "{seen:?}");
+        assert!(seen.contains(&(child.clone(), "create")), "{seen:?}");
+    }
 
     #[test]
     fn create_validation() {
