@@ -442,6 +442,27 @@ impl Vhd {
                     }
                     max_end = max_end.max(start + len);
                 }
+                if writable && footer.disk_type == DiskType::Differencing {
+                    // A write to such a block would change the parent link.
+                    for (k, l) in header.locators() {
+                        let (off, len) = (l.data_offset, u64::from(l.data_length));
+                        let hit = batv.entries.iter().enumerate().find(|&(_, &e)| {
+                            e != UNALLOCATED && overlaps(u64::from(e) * SECTOR, bm + bs, off, len)
+                        });
+                        if let Some((i, &e)) = hit {
+                            return Err(Error::corrupt(
+                                "VHD BAT",
+                                table_off + i as u64 * 4,
+                                format!(
+                                    "block {i} at sector {e:#x} overlaps the data of parent \
+                                     locator {k} ({len} bytes at {off:#x}): a write to it would \
+                                     change the parent link (open it read-only)"
+                                ),
+                            )
+                            .in_file(&name, 0));
+                        }
+                    }
+                }
                 if writable {
                     if let Some((i, j)) = overlapping_blocks(&batv.entries, bm + bs) {
                         let (a, b) = (batv.entries[i], batv.entries[j]);

@@ -478,6 +478,53 @@ fn mem_child(parent: &[u8], block: u32) -> Vec<u8> {
     st.to_vec()
 }
 
+#[test]
+fn a_block_over_a_parent_locator_is_refused_writable_and_read_read_only() {
+    let (parent, _) = mem_parent(4 * MIB, 64 << 10, 3);
+    let pdisk = || -> Arc<dyn VirtualDisk> { Arc::new(open_parent(&parent)) };
+    let st = Arc::new(MemStorage::from_vec(
+        "child.vhd",
+        mem_child(&parent, 64 << 10),
+    ));
+    let d = Vhd::open_storage_with_parent(Box::new(st.clone()), &rw(), pdisk()).unwrap();
+    for k in 0..4 {
+        d.write_at(&[7u8; 4096], k * (64 << 10)).unwrap();
+    }
+    d.close().unwrap();
+    let mut bytes = st.to_vec();
+    let footer = vhd::footer::Footer::parse(&bytes[bytes.len() - 512..]).unwrap();
+    let at = footer.data_offset as usize;
+    let h = vhd::dynamic_header::DynamicHeader::parse(&bytes[at..at + 1024]).unwrap();
+    let (k, l) = h.locators().next().expect("a locator");
+    let (loc, entry) = (l.data_offset, h.table_offset + 10 * 4);
+    // Block 10 (not allocated) pointed at the locator's data.
+    let sector = u32::try_from(loc / 512).unwrap();
+    bytes[entry as usize..entry as usize + 4].copy_from_slice(&sector.to_be_bytes());
+    let opened = |writable: bool| {
+        let o = OpenOptions {
+            writable,
+            ..OpenOptions::default()
+        };
+        let st = MemStorage::from_vec("child.vhd", bytes.clone());
+        Vhd::open_storage_with_parent(Box::new(st), &o, pdisk())
+    };
+    let e = opened(true).map(drop).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("child.vhd")
+            && msg.contains(&format!("VHD BAT at offset {entry:#x}"))
+            && msg.contains(&format!(
+                "block 10 at sector {sector:#x} overlaps the data of parent locator {k}"
+            )),
+        "{msg}"
+    );
+    let ro = opened(false).unwrap();
+    let mut b = vec![0u8; 4096];
+    ro.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![7u8; 4096]);
+}
+
 // ---- Crash test of the differencing write path. ----
 
 fn crash_run(block: u32, seed: u64) {
