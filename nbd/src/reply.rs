@@ -75,39 +75,21 @@ impl Reply {
         if buf.is_empty() {
             return Reply::done(r, structured);
         }
-        if structured {
-            let mut h = [0u8; HEAD];
-            h[..20].copy_from_slice(&proto::chunk_header(
-                reply::FLAG_DONE,
-                reply::OFFSET_DATA,
-                r.cookie,
-                proto::len32(buf.len() + 8),
-            ));
-            h[20..28].copy_from_slice(&r.offset.to_be_bytes());
-            Reply {
-                recycle: true,
-                ..Reply::new(&h[..28], buf)
-            }
+        let mut reply = if structured {
+            let h = offset_chunk(r, reply::OFFSET_DATA, proto::len32(buf.len() + 8));
+            Reply::new(&h[..28], buf)
         } else {
-            Reply {
-                recycle: true,
-                ..Reply::new(&proto::simple_reply(0, r.cookie), buf)
-            }
-        }
+            Reply::new(&proto::simple_reply(0, r.cookie), buf)
+        };
+        reply.recycle = true;
+        reply
     }
 
     /// A read whose whole range reads as zeros, when structured replies
     /// were negotiated and the client did not forbid fragments (`DF`):
     /// one `OFFSET_HOLE` chunk ("Structured reply types"), no data.
     pub(crate) fn hole(r: &Request) -> Reply {
-        let mut h = [0u8; HEAD];
-        h[..20].copy_from_slice(&proto::chunk_header(
-            reply::FLAG_DONE,
-            reply::OFFSET_HOLE,
-            r.cookie,
-            12,
-        ));
-        h[20..28].copy_from_slice(&r.offset.to_be_bytes());
+        let mut h = offset_chunk(r, reply::OFFSET_HOLE, 12);
         h[28..].copy_from_slice(&r.length.to_be_bytes());
         Reply::new(&h, Vec::new())
     }
@@ -143,6 +125,20 @@ impl Reply {
     fn len(&self) -> usize {
         self.head_len + self.body.len()
     }
+}
+
+/// The final chunk header of a content chunk of `kind` with `length` bytes
+/// of payload, then the request's offset: the first 28 bytes.
+fn offset_chunk(r: &Request, kind: u16, length: u32) -> [u8; HEAD] {
+    let mut h = [0u8; HEAD];
+    h[..20].copy_from_slice(&proto::chunk_header(
+        reply::FLAG_DONE,
+        kind,
+        r.cookie,
+        length,
+    ));
+    h[20..28].copy_from_slice(&r.offset.to_be_bytes());
+    h
 }
 
 /// Read buffers kept for reuse by a connection (each up to
@@ -225,8 +221,7 @@ impl<'a> Outbox<'a> {
     /// shut down (so that its reader stops too) and the replies still
     /// pending are dropped, as are those sent after.
     pub(crate) fn send(&self, r: Reply) -> Result<()> {
-        let mut one = vec![r];
-        self.send_all(&mut one)
+        self.post(|pending| pending.push(r))
     }
 
     /// Send every reply of `replies`, as [`Outbox::send`].
@@ -234,16 +229,22 @@ impl<'a> Outbox<'a> {
         if replies.is_empty() {
             return Ok(());
         }
+        self.post(|pending| pending.append(replies))
+    }
+
+    /// Queue replies with `add`, then send what is pending unless another
+    /// thread is sending.
+    fn post(&self, add: impl FnOnce(&mut Vec<Reply>)) -> Result<()> {
         let mut g = self.lock();
+        add(&mut g.pending);
         if g.failed {
             // The sender that failed reported it; these replies have
             // nowhere to go.
+            let cost: u64 = g.pending.drain(..).map(|r| r.cost).sum();
             drop(g);
-            let cost: u64 = replies.drain(..).map(|r| r.cost).sum();
             self.budget.release(cost);
             return Ok(());
         }
-        g.pending.append(replies);
         let Some(mut stream) = g.stream.take() else {
             // Another thread is sending; it will send this one too.
             return Ok(());

@@ -58,12 +58,10 @@ pub(crate) fn transmit(s: &mut Stream, shared: &Shared, neg: Negotiated) -> Resu
         for _ in 0..WORKERS {
             scope.spawn(move || work(queue, export, neg, outbox, shared));
         }
-        let mut batch = Vec::with_capacity(QUEUED);
-        let mut replies = Vec::new();
-        let r = read_requests(s, shared, neg, queue, outbox, &mut batch, &mut replies);
+        let mut held = Held::default();
+        let r = read_requests(s, shared, neg, queue, outbox, &mut held);
         // What was read before an error is still served.
-        queue.push_all(&mut batch);
-        let sent = outbox.send_all(&mut replies);
+        let sent = held.hand_over(queue, outbox);
         queue.close();
         r.and(sent)
     });
@@ -78,36 +76,49 @@ pub(crate) fn transmit(s: &mut Stream, shared: &Shared, neg: Negotiated) -> Resu
     result
 }
 
+/// What the reader has read and not yet handed over: jobs for the
+/// workers, and the replies of the reads it served itself.
+#[derive(Default)]
+struct Held {
+    jobs: Vec<Job>,
+    replies: Vec<Reply>,
+}
+
+impl Held {
+    /// Queue the jobs for the workers and send the replies.
+    fn hand_over(&mut self, queue: &Queue, outbox: &Outbox<'_>) -> Result<()> {
+        queue.push_all(&mut self.jobs);
+        outbox.send_all(&mut self.replies)
+    }
+}
+
 /// Read, validate and queue requests until the client disconnects. Jobs
-/// gather in `batch` while more requests are already buffered, and are
-/// handed to the workers at once before the reader waits for the client
-/// or the budget (a client with many requests in flight sends them in one
-/// burst: one hand-off, not one each).
+/// and inline replies are held while more requests are already buffered,
+/// and handed over at once before the reader waits for the client or the
+/// budget (a client with many requests in flight sends them in one burst:
+/// one hand-off, not one each).
 fn read_requests(
     s: &mut Stream,
     shared: &Shared,
     neg: Negotiated,
     queue: &Queue,
     outbox: &Outbox<'_>,
-    batch: &mut Vec<Job>,
-    replies: &mut Vec<Reply>,
+    held: &mut Held,
 ) -> Result<()> {
     let export = &shared.exports[neg.export];
-    let acquire = |n: u64, batch: &mut Vec<Job>, replies: &mut Vec<Reply>| -> Result<()> {
+    let acquire = |n: u64, held: &mut Held| -> Result<()> {
         if !shared.budget.try_acquire(n) {
             // Room comes back as queued jobs complete and replies go out:
             // hand ours over first.
-            queue.push_all(batch);
-            outbox.send_all(replies)?;
+            held.hand_over(queue, outbox)?;
             shared.budget.acquire(n);
         }
         Ok(())
     };
     let mut inline = Inline::default();
     loop {
-        if s.buffered() < Request::SIZE || batch.len() + replies.len() >= QUEUED {
-            queue.push_all(batch);
-            outbox.send_all(replies)?;
+        if s.buffered() < Request::SIZE || held.jobs.len() + held.replies.len() >= QUEUED {
+            held.hand_over(queue, outbox)?;
         }
         let mut h = [0u8; Request::SIZE];
         if !s.read_full(&mut h, "request header")? {
@@ -132,10 +143,9 @@ fn read_requests(
                 )));
             }
             cost = u64::from(req.length);
-            acquire(cost, batch, replies)?;
+            acquire(cost, held)?;
             if s.buffered() < req.length as usize {
-                queue.push_all(batch);
-                outbox.send_all(replies)?;
+                held.hand_over(queue, outbox)?;
             }
             payload = vec![0u8; req.length as usize];
             if let Err(e) = s.read_rest(&mut payload, "write payload") {
@@ -157,14 +167,14 @@ fn read_requests(
             let start = Instant::now();
             let reply = serve(&job, export, neg, outbox);
             inline.took(start.elapsed());
-            replies.push(reply);
+            held.replies.push(reply);
             continue;
         }
         if req.kind == cmd::READ {
             cost = u64::from(req.length);
-            acquire(cost, batch, replies)?;
+            acquire(cost, held)?;
         }
-        batch.push(Job { req, payload, cost });
+        held.jobs.push(Job { req, payload, cost });
     }
 }
 
@@ -524,10 +534,12 @@ mod tests {
         i.took(INLINE_SLOW);
         assert!(i.wants(&req(cmd::READ, 4096)), "not slower than the limit");
         i.took(INLINE_SLOW + Duration::from_micros(1));
+        // Writes and large reads do not count down the skip.
+        assert!(!i.wants(&req(cmd::WRITE, 4096)));
+        assert!(!i.wants(&req(cmd::READ, INLINE_MAX + 1)));
         for _ in 0..SLOW_SKIP {
             assert!(!i.wants(&req(cmd::READ, 4096)));
         }
-        // Writes and large reads do not count down the skip.
         assert!(i.wants(&req(cmd::READ, 4096)));
     }
 }
