@@ -402,6 +402,18 @@ impl Vhd {
                 let mut allocated = 0u64;
                 let mut truncated = 0u64;
                 let mut max_end = table_off + table_bytes;
+                // The data of a writable differencing disk's parent
+                // locators: a write to a block over it would change the
+                // parent link.
+                let locators: Vec<(usize, u64, u64)> =
+                    if writable && footer.disk_type == DiskType::Differencing {
+                        header
+                            .locators()
+                            .map(|(k, l)| (k, l.data_offset, u64::from(l.data_length)))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                 for (i, &e) in batv.entries.iter().enumerate() {
                     if e == UNALLOCATED {
                         continue;
@@ -429,6 +441,14 @@ impl Vhd {
                         Some("overlaps the dynamic disk header".to_string())
                     } else if overlaps(start, len, table_off, table_bytes) {
                         Some("overlaps the BAT".to_string())
+                    } else if let Some((k, off, n)) = locators
+                        .iter()
+                        .find(|&&(_, off, n)| overlaps(start, len, off, n))
+                    {
+                        Some(format!(
+                            "overlaps the data of parent locator {k} ({n} bytes at {off:#x}): a \
+                             write to it would change the parent link (open it read-only)"
+                        ))
                     } else {
                         None
                     };
@@ -441,27 +461,6 @@ impl Vhd {
                         .in_file(&name, 0));
                     }
                     max_end = max_end.max(start + len);
-                }
-                if writable && footer.disk_type == DiskType::Differencing {
-                    // A write to such a block would change the parent link.
-                    for (k, l) in header.locators() {
-                        let (off, len) = (l.data_offset, u64::from(l.data_length));
-                        let hit = batv.entries.iter().enumerate().find(|&(_, &e)| {
-                            e != UNALLOCATED && overlaps(u64::from(e) * SECTOR, bm + bs, off, len)
-                        });
-                        if let Some((i, &e)) = hit {
-                            return Err(Error::corrupt(
-                                "VHD BAT",
-                                table_off + i as u64 * 4,
-                                format!(
-                                    "block {i} at sector {e:#x} overlaps the data of parent \
-                                     locator {k} ({len} bytes at {off:#x}): a write to it would \
-                                     change the parent link (open it read-only)"
-                                ),
-                            )
-                            .in_file(&name, 0));
-                        }
-                    }
                 }
                 if writable {
                     if let Some((i, j)) = overlapping_blocks(&batv.entries, bm + bs) {

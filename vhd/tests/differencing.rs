@@ -515,7 +515,7 @@ fn a_block_over_a_parent_locator_is_refused_writable_and_read_read_only() {
         msg.contains("child.vhd")
             && msg.contains(&format!("VHD BAT at offset {entry:#x}"))
             && msg.contains(&format!(
-                "block 10 at sector {sector:#x} overlaps the data of parent locator {k}"
+                "block 10 at sector {sector:#x} (offset {loc:#x}) overlaps the data of parent locator {k}"
             )),
         "{msg}"
     );
