@@ -516,7 +516,6 @@ pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)
     let Some((tail, head)) = pick_sequence(&valid) else {
         return Vec::new();
     };
-    let next = |s: usize| successor(&valid, s);
     let mut out = Vec::new();
     let mut cur = tail;
     loop {
@@ -528,7 +527,7 @@ pub fn find_active_sequence(log: &[u8], log_guid: Uuid) -> Vec<(usize, LogEntry)
         if cur == head {
             return out;
         }
-        match next(cur) {
+        match successor(&valid, cur) {
             Some(t) if out.len() < n => cur = t,
             _ => return Vec::new(),
         }
