@@ -389,7 +389,7 @@ fn main() {
 
 /// Client sessions for `nbd_session` (byte 0: 1 = writable export).
 fn nbd_seeds() {
-    use nbd::proto::{cflag, cmd, opt, Request, IHAVEOPT};
+    use nbd::proto::{cflag, cmd, info, opt, Request, IHAVEOPT};
     fn option(v: &mut Vec<u8>, option: u32, data: &[u8]) {
         v.extend_from_slice(&IHAVEOPT.to_be_bytes());
         v.extend_from_slice(&option.to_be_bytes());
@@ -414,7 +414,7 @@ fn nbd_seeds() {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(name);
         d.extend_from_slice(&1u16.to_be_bytes());
-        d.extend_from_slice(&3u16.to_be_bytes()); // NBD_INFO_BLOCK_SIZE
+        d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
         d
     };
     let mut meta = 1u32.to_be_bytes().to_vec();
