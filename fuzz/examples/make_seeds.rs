@@ -439,7 +439,13 @@ fn nbd_seeds() {
     request(&mut full, cflag::REQ_ONE, cmd::BLOCK_STATUS, 4096, 4096);
     request(&mut full, 0, cmd::TRIM, 0, 65536);
     request(&mut full, 0, cmd::WRITE_ZEROES, 131072, 65536);
-    request(&mut full, cflag::FAST_ZERO | cflag::NO_HOLE, cmd::WRITE_ZEROES, 0, 4096);
+    request(
+        &mut full,
+        cflag::FAST_ZERO | cflag::NO_HOLE,
+        cmd::WRITE_ZEROES,
+        0,
+        4096,
+    );
     request(&mut full, 0, cmd::FLUSH, 0, 0);
     request(&mut full, 0, cmd::CACHE, 0, 4096);
     request(&mut full, 0, cmd::READ, (1 << 20) - 512, 1024); // past the end

@@ -19,9 +19,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((&mode, input)) = data.split_first() else {
         return;
     };
-    let disk = Arc::new(
-        RawDisk::new(MemStorage::from_vec("fuzz", vec![0u8; SIZE as usize])).unwrap(),
-    );
+    let disk =
+        Arc::new(RawDisk::new(MemStorage::from_vec("fuzz", vec![0u8; SIZE as usize])).unwrap());
     let export = Export {
         name: "d".into(),
         description: "fuzz".into(),
