@@ -112,8 +112,7 @@ impl Fixture {
         let mut c = self.client();
         let (e, data) = c.read(1 << 20, 4096, 0);
         assert_eq!(e, 0);
-        let want: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
-        assert_eq!(data, want);
+        assert_eq!(data, pattern(1 << 20, 4096));
         c.disconnect();
     }
 }
